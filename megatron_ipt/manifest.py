@@ -1,0 +1,158 @@
+"""Stage manifests and atomic outputs: the contract between stages.
+
+Every stage writes its outputs into a temporary sibling folder and renames it to the final name only
+when everything, ``manifest.json`` last, is written. So a crash never leaves a half-written stage folder
+under the final name, and a stage folder with a manifest is complete by construction.
+
+A manifest records: the stage name, the resolved config of the whole experiment, the stage's own
+``fingerprint`` (a hash of its config section and of its inputs' fingerprints), input files with their
+SHA-256, counts, timings and package versions. A rerun skips a stage whose folder has a manifest with the
+same fingerprint, and redoes it (replacing the folder) when the fingerprint differs.
+
+This module imports only the standard library; both ``data_prep`` and the trainer use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("megatron-ipt", "torch", "megatron-core", "transformers", "tokenizers", "pydantic", "numpy", "vllm")
+
+
+class ManifestError(RuntimeError):
+    """A stage input is missing, incomplete or inconsistent; the message names the file."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of JSON-serialisable parts (config sections, upstream fingerprints)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temporary sibling and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder that replaces ``final`` only if the block finishes without error.
+
+    On error the temporary folder is removed and ``final`` (if any) is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_manifest(
+    out_dir: str | Path,
+    *,
+    stage: str,
+    fingerprint: str,
+    config: dict,
+    inputs: dict[str, str | Path] | None = None,
+    outputs: list[str] | None = None,
+    counts: dict | None = None,
+    started: float | None = None,
+    **extra: Any,
+) -> dict:
+    """Write ``out_dir/manifest.json`` (atomically) and return it.
+
+    ``inputs`` maps a name to a file whose SHA-256 is recorded; ``outputs`` lists files (relative to
+    ``out_dir``) whose SHA-256 is recorded too; ``started`` is a ``time.time()`` stamp for the duration.
+    """
+    out_dir = Path(out_dir)
+    now = time.time()
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "seconds": round(now - started, 3) if started is not None else None,
+        "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in (inputs or {}).items()},
+        "outputs": {name: sha256_file(out_dir / name) for name in (outputs or [])},
+        "counts": counts or {},
+        **extra,
+        "config": config,
+        "versions": package_versions(),
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    return manifest
+
+
+def read_manifest(stage_dir: str | Path, stage: str | None = None) -> dict:
+    """Read a stage folder's manifest, checking it exists, parses, and is of the expected stage.
+
+    Raises ManifestError naming the file.
+    """
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; run the '{stage or 'previous'}' stage first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if stage is not None and manifest.get("stage") != stage:
+        raise ManifestError(f"{path}: is a '{manifest.get('stage')}' manifest, expected '{stage}'")
+    for name, digest in manifest.get("outputs", {}).items():
+        if not (Path(stage_dir) / name).is_file():
+            raise ManifestError(f"{path}: lists output '{name}', which is missing")
+    return manifest
+
+
+def is_done(stage_dir: str | Path, fp: str) -> bool:
+    """True when ``stage_dir`` holds a finished stage with fingerprint ``fp``."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == fp
+    except (OSError, json.JSONDecodeError):
+        return False
