@@ -1,0 +1,138 @@
+"""The ``ipt`` command: every stage of Instruction Pre-Training, alone or all together.
+
+    ipt run examples/quickstart.yaml                 # corpus -> synthesize -> format -> tokenize -> train
+    ipt synthesize examples/quickstart.yaml --set synthesis.max_new_tokens=64
+    ipt train examples/quickstart.yaml --set train.train_iters=50 --force
+    ipt config examples/quickstart.yaml              # print the resolved config
+
+Imports of torch, transformers and megatron-core happen inside the stages, so ``--help`` is instant.
+Errors the user can fix (config, missing inputs, bad data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+STAGE_HELP = {
+    "corpus": "Read the raw corpus (corpus section) and hold out a share of documents for evaluation.",
+    "synthesize": "Generate instruction-response pairs per document with an LLM (synthesis section).",
+    "format": "Render instruction-augmented texts: each document followed by its pairs under templates (format section).",
+    "tokenize": "Tokenize raw and augmented texts into Megatron indexed datasets, PREFIX.bin/.idx, one EOD per document.",
+    "train": "Train with Megatron-Core on the raw : instruction-augmented blend; evaluates held-out loss before and after.",
+}
+
+EPILOG = """\
+Every stage reads the previous stage's folder under the run folder (run_dir, default runs/<name>) and writes
+its own with a manifest.json. Finished stages are reused on rerun; --force redoes the named stage.
+Override any config key with --set section.key=value (repeatable), e.g. --set train.train_iters=50.
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment YAML (e.g. examples/quickstart.yaml); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.train_iters=50 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo the stage(s) even if a finished output exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipt",
+        description="megatron-ipt: Instruction Pre-Training with Megatron-Core. Turn raw text into instruction-augmented "
+        "pre-training data and continually pre-train on it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="Run every stage in order, reusing finished ones, and print a summary.",
+                       description="Run corpus, synthesize, format, tokenize and train in order. " + EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--until", choices=["corpus", "synthesize", "format", "tokenize", "train"], default="train",
+                   help="stop after this stage")
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text + "\n\n" + EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+    p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.")
+    _add_common(p)
+    return parser
+
+
+def summary_table(results) -> "Table":
+    """A rich table of what the run produced, read from the stage manifests."""
+    from rich.table import Table
+
+    t = Table(title="megatron-ipt run summary", show_header=True, header_style="bold")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+
+    def row(k, v):
+        t.add_row(k, v if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else f"{v:.4g}")
+
+    if "corpus" in results:
+        c = results["corpus"].manifest["counts"]
+        row("documents (train / held-out)", f"{c['train_documents']} / {c['heldout_documents']}")
+    if "synthesize" in results:
+        c = results["synthesize"].manifest["counts"]
+        row("pairs kept", c["pairs_kept"])
+        row("pairs dropped", sum(c["pairs_dropped"].values()))
+        for reason, n in sorted(c["pairs_dropped"].items()):
+            row(f"  dropped: {reason}", n)
+        row("documents with pairs", f"{c['documents_with_pairs']} / {c['documents']}")
+    if "tokenize" in results:
+        for name, c in results["tokenize"].manifest["counts"].items():
+            row(f"tokens {name}", c["tokens"])
+    if "train" in results:
+        m = results["train"].manifest
+        c = m.get("counts", {})
+        for key in ("iterations", "consumed_samples", "tokens_per_second", "final_train_loss"):
+            if key in c and c[key] is not None:
+                row(key.replace("_", " "), c[key])
+        for name, loss in m.get("losses", {}).items():
+            if loss.get("before") is not None and loss.get("after") is not None:
+                row(f"held-out loss {name}", f"{loss['before']:.3f} -> {loss['after']:.3f}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_ipt.config import ConfigError, load_config, resolved
+    from megatron_ipt.manifest import ManifestError
+
+    known_errors: tuple[type[BaseException], ...] = (ConfigError, ManifestError)
+    try:
+        from data_prep.errors import DataPrepError
+
+        known_errors += (DataPrepError,)
+    except ImportError:  # pragma: no cover - data side not installed
+        pass
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            import yaml
+
+            print(yaml.safe_dump(resolved(cfg), sort_keys=False), end="")
+            return 0
+        from megatron_ipt import pipeline
+
+        if args.command == "run":
+            results = pipeline.run_all(cfg, force=args.force, until=args.until)
+            from rich.console import Console
+
+            Console().print(summary_table(results))
+            Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
+        else:
+            pipeline.RUNNERS[args.command](cfg, force=args.force)
+        return 0
+    except known_errors as e:
+        print(f"ipt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ipt {args.command}: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

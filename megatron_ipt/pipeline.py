@@ -1,0 +1,241 @@
+"""The stages of an experiment, each reading the previous stage's folder and writing its own.
+
+Run folder layout (``cfg.run_path``)::
+
+    corpus/       documents.jsonl                      {"id", "split", "text"}
+    synthesis/    pairs.jsonl                          {"id", "split", "text", "pairs", "raw_output", "dropped"}
+    formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs .jsonl   {"id", "text"}
+    tokenized/    the same four names as Megatron indexed datasets (.bin/.idx)
+    train/        checkpoints/, metrics.jsonl
+    config.yaml   the resolved experiment config
+
+Each folder ends with a ``manifest.json`` (see :mod:`megatron_ipt.manifest`). A stage whose manifest
+fingerprint matches its config and inputs is skipped on rerun; data stages are written to a temporary
+folder and renamed when complete. Heavy imports (torch, transformers, megatron-core) happen inside the
+stage functions, so ``ipt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megatron_ipt.config import ExperimentConfig, resolved
+from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
+
+STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
+STAGE_DIRS = {"corpus": "corpus", "synthesize": "synthesis", "format": "formatted", "tokenize": "tokenized", "train": "train"}
+DATASETS = ("train_raw", "train_ipt", "heldout_raw", "heldout_pairs")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    path: Path
+    manifest: dict
+    skipped: bool
+
+
+def stage_path(cfg: ExperimentConfig, stage: str) -> Path:
+    return cfg.run_path / STAGE_DIRS[stage]
+
+
+def _log(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg)
+
+
+def _write_jsonl(path: Path, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _upstream(cfg: ExperimentConfig, stage: str) -> dict:
+    return read_manifest(stage_path(cfg, stage), stage)
+
+
+def _skip(cfg: ExperimentConfig, stage: str, fp: str, force: bool) -> StageResult | None:
+    path = stage_path(cfg, stage)
+    if not force and is_done(path, fp):
+        _log(f"[dim]{stage}: up to date in {path}, reusing it[/dim]")
+        return StageResult(stage, path, read_manifest(path, stage), True)
+    return None
+
+
+def save_resolved_config(cfg: ExperimentConfig) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (what a relaunched process reads)."""
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_path / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(resolved(cfg), sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
+    """Read the raw corpus and split it into train and held-out documents."""
+    fp = fingerprint("corpus", cfg.corpus.model_dump(mode="json"))
+    if done := _skip(cfg, "corpus", fp, force):
+        return done
+    from data_prep.corpus import read_corpus
+
+    started = time.time()
+    documents, counts = read_corpus(cfg.corpus)
+    with atomic_dir(stage_path(cfg, "corpus")) as out:
+        _write_jsonl(out / "documents.jsonl", documents)
+        manifest = write_manifest(out, stage="corpus", fingerprint=fp, config=resolved(cfg), outputs=["documents.jsonl"],
+                                  counts=counts, started=started)
+    _log(f"corpus: {counts['train_documents']} train + {counts['heldout_documents']} held-out documents")
+    return StageResult("corpus", stage_path(cfg, "corpus"), manifest, False)
+
+
+def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
+    """Synthesize instruction-response pairs for every document (train and held-out)."""
+    corpus = _upstream(cfg, "corpus")
+    fp = fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), corpus["fingerprint"])
+    if done := _skip(cfg, "synthesize", fp, force):
+        return done
+    from data_prep.synthesize import synthesize_documents
+
+    started = time.time()
+    src = stage_path(cfg, "corpus") / "documents.jsonl"
+    documents = _read_jsonl(src)
+    with atomic_dir(stage_path(cfg, "synthesize")) as out:
+        counts = synthesize_documents(cfg.synthesis, documents, out / "pairs.jsonl")
+        manifest = write_manifest(out, stage="synthesize", fingerprint=fp, config=resolved(cfg), inputs={"documents": src},
+                                  outputs=["pairs.jsonl"], counts=counts, started=started)
+    _log(f"synthesize: {counts['pairs_kept']} pairs kept from {counts['documents']} documents, dropped {counts['pairs_dropped']}")
+    return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
+
+
+def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
+    """Build instruction-augmented texts and the raw / held-out text sets."""
+    synth = _upstream(cfg, "synthesize")
+    fp = fingerprint("format", cfg.format.model_dump(mode="json"), synth["fingerprint"])
+    if done := _skip(cfg, "format", fp, force):
+        return done
+    from data_prep.format import format_documents
+
+    started = time.time()
+    src = stage_path(cfg, "synthesize") / "pairs.jsonl"
+    outputs, counts = format_documents(_read_jsonl(src), seed=cfg.format.seed)
+    with atomic_dir(stage_path(cfg, "format")) as out:
+        for name in DATASETS:
+            _write_jsonl(out / f"{name}.jsonl", outputs[name])
+        manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs={"pairs": src},
+                                  outputs=[f"{n}.jsonl" for n in DATASETS], counts=counts, started=started)
+    _log(f"format: {counts['augmented_documents']} augmented training documents")
+    return StageResult("format", stage_path(cfg, "format"), manifest, False)
+
+
+def tokenizer_path(cfg: ExperimentConfig) -> Path:
+    """The tokenizer folder: ``tokenize.tokenizer`` if set, else the synthesizer model's folder."""
+    if cfg.tokenize.tokenizer:
+        return Path(cfg.tokenize.tokenizer)
+    from data_prep.models import resolve_model
+
+    return resolve_model(cfg.synthesis.model)
+
+
+def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
+    """Tokenize the four text sets into Megatron indexed datasets, one EOD per document."""
+    fmt = _upstream(cfg, "format")
+    fp = fingerprint("tokenize", cfg.tokenize.model_dump(mode="json"), cfg.synthesis.model, fmt["fingerprint"])
+    if done := _skip(cfg, "tokenize", fp, force):
+        return done
+    from data_prep.tokenize import eod_id, load_tokenizer, read_texts, token_dtype, write_indexed_dataset
+
+    started = time.time()
+    tok_path = tokenizer_path(cfg)
+    tokenizer = load_tokenizer(tok_path)
+    src_dir = stage_path(cfg, "format")
+    counts = {}
+    with atomic_dir(stage_path(cfg, "tokenize")) as out:
+        for name in DATASETS:
+            counts[name] = write_indexed_dataset(read_texts(src_dir / f"{name}.jsonl"), tokenizer, out / name,
+                                                 append_eod=cfg.tokenize.append_eod)
+        tok_info = {"path": str(tok_path), "vocab_size": len(tokenizer), "eod_id": eod_id(tokenizer),
+                    "dtype": token_dtype(len(tokenizer)).__name__}
+        manifest = write_manifest(out, stage="tokenize", fingerprint=fp, config=resolved(cfg),
+                                  inputs={n: src_dir / f"{n}.jsonl" for n in DATASETS},
+                                  outputs=[f"{n}.{ext}" for n in DATASETS for ext in ("bin", "idx")],
+                                  counts=counts, tokenizer=tok_info, started=started)
+    _log("tokenize: " + ", ".join(f"{n} {c['tokens']:,} tokens" for n, c in counts.items()))
+    return StageResult("tokenize", stage_path(cfg, "tokenize"), manifest, False)
+
+
+def train_fingerprint(cfg: ExperimentConfig, tokenized: dict) -> str:
+    return fingerprint("train", cfg.model.model_dump(mode="json"), cfg.parallel.model_dump(mode="json"),
+                       cfg.train.model_dump(mode="json"), cfg.blend.model_dump(mode="json"), tokenized["fingerprint"])
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or ("SLURM_PROCID" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
+    """Train on the blend with Megatron-Core; resumes from the stage folder's latest checkpoint.
+
+    The train folder is not replaced atomically (its checkpoints are what a rerun resumes from); the
+    manifest, written last, marks it finished. A folder left by a run with a different fingerprint is moved
+    aside to ``train.replaced-<time>`` rather than deleted.
+    """
+    tokenized = _upstream(cfg, "tokenize")
+    fp = train_fingerprint(cfg, tokenized)
+    if done := _skip(cfg, "train", fp, force):
+        return done
+    out = stage_path(cfg, "train")
+    rank = int(os.environ.get("RANK", "0"))
+    stamp = out / "fingerprint"
+    if rank == 0:  # folder housekeeping happens once, before any process group exists
+        if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+            aside = out.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)
+            _log(f"[yellow]train: {out} held a different run; moved it to {aside}[/yellow]")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, fp + "\n")
+
+    if cfg.parallel.nproc_per_node > 1 and not _under_launcher():
+        config_file = save_resolved_config(cfg)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.parallel.nproc_per_node}",
+               "-m", "megatron_ipt.cli", "train", str(config_file)]
+        _log(f"train: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise RuntimeError(f"training processes exited with status {rc}; see the output above")
+    else:
+        from megatron_ipt.train import train_stage
+
+        summary = train_stage(cfg, stage_path(cfg, "tokenize"), out, fp)
+        if rank != 0:  # rank 0 writes the manifest
+            return StageResult("train", out, {"counts": summary}, False)
+    return StageResult("train", out, read_manifest(out, "train"), False)
+
+
+RUNNERS = {"corpus": run_corpus, "synthesize": run_synthesize, "format": run_format, "tokenize": run_tokenize, "train": run_train}
+
+
+def run_all(cfg: ExperimentConfig, force: bool = False, until: str = "train") -> dict[str, StageResult]:
+    """Run every stage in order (up to and including ``until``), reusing finished ones."""
+    save_resolved_config(cfg)
+    results = {}
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        _log(f"[bold cyan]== {stage}[/bold cyan]")
+        results[stage] = RUNNERS[stage](cfg, force=force)
+    return results
+

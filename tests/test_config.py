@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from megatron_ipt.config import ConfigError, ExperimentConfig, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_example_validates():
+    cfg = load_config(EXAMPLES / "quickstart.yaml")
+    assert cfg.name == "quickstart"
+    assert cfg.run_path == Path("runs/quickstart")
+    assert cfg.synthesis.model == "smollm2-135m-instruct"
+
+
+def test_dotted_override_is_parsed_as_yaml_value():
+    cfg = load_config(EXAMPLES / "quickstart.yaml", ["train.train_iters=7", "blend.raw_weight=0.25", "corpus.max_documents=null"])
+    assert cfg.train.train_iters == 7
+    assert cfg.blend.raw_weight == 0.25
+    assert cfg.corpus.max_documents is None
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  train_itters: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.train_itters'"):
+        load_config(p)
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"train.train_iters = 'many'"):
+        load_config(None, ["train.train_iters=many"])
+
+
+def test_out_of_range_value_is_rejected():
+    with pytest.raises(ConfigError, match=r"corpus.heldout_fraction"):
+        load_config(None, ["corpus.heldout_fraction=1.5"])
+
+
+def test_zero_blend_weights_are_rejected():
+    with pytest.raises(ConfigError, match="blend"):
+        load_config(None, ["blend.raw_weight=0", "blend.instruct_weight=0"])
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.train_iters"])
+
+
+def test_defaults_build_without_file():
+    assert isinstance(load_config(None), ExperimentConfig)

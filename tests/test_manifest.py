@@ -1,0 +1,54 @@
+import hashlib
+import json
+
+import pytest
+
+from megatron_ipt.manifest import ManifestError, atomic_dir, fingerprint, is_done, read_manifest, write_manifest
+
+
+def test_atomic_dir_leaves_nothing_on_error(tmp_path):
+    final = tmp_path / "stage"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as out:
+            (out / "half.jsonl").write_text("{}\n")
+            raise RuntimeError("crash mid-stage")
+    assert not final.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_previous_output(tmp_path):
+    final = tmp_path / "stage"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with atomic_dir(final) as out:
+        (out / "new.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+def test_manifest_records_checksums_and_is_done(tmp_path):
+    (tmp_path / "out.jsonl").write_text('{"a": 1}\n')
+    fp = fingerprint("stage", {"x": 1})
+    write_manifest(tmp_path, stage="format", fingerprint=fp, config={"k": 1}, outputs=["out.jsonl"], counts={"n": 1})
+    m = read_manifest(tmp_path, "format")
+    assert m["outputs"]["out.jsonl"] == hashlib.sha256(b'{"a": 1}\n').hexdigest()
+    assert m["counts"] == {"n": 1} and m["config"] == {"k": 1}
+    assert is_done(tmp_path, fp)
+    assert not is_done(tmp_path, fingerprint("stage", {"x": 2}))
+
+
+def test_read_manifest_names_missing_file(tmp_path):
+    with pytest.raises(ManifestError, match=str(tmp_path / "manifest.json")):
+        read_manifest(tmp_path, "tokenize")
+
+
+def test_read_manifest_rejects_wrong_stage(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "corpus"}))
+    with pytest.raises(ManifestError, match="expected 'tokenize'"):
+        read_manifest(tmp_path, "tokenize")
+
+
+def test_read_manifest_rejects_missing_output(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "format", "outputs": {"gone.jsonl": "0" * 64}}))
+    with pytest.raises(ManifestError, match="gone.jsonl"):
+        read_manifest(tmp_path, "format")
