@@ -1,0 +1,52 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ipt(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "megatron_ipt.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_help_lists_every_stage():
+    r = ipt("--help")
+    assert r.returncode == 0
+    for stage in ("run", "corpus", "synthesize", "format", "tokenize", "train"):
+        assert stage in r.stdout
+
+
+def test_stage_help_explains_overrides():
+    r = ipt("train", "--help")
+    assert r.returncode == 0 and "--set" in r.stdout and "train.train_iters" in r.stdout
+
+
+def test_config_prints_resolved_yaml_with_overrides():
+    r = ipt("config", "examples/quickstart.yaml", "--set", "train.train_iters=9")
+    assert r.returncode == 0
+    assert yaml.safe_load(r.stdout)["train"]["train_iters"] == 9
+
+
+def test_unknown_key_is_one_line_error_with_status_2():
+    r = ipt("config", "examples/quickstart.yaml", "--set", "train.itres=9")
+    assert r.returncode == 2
+    assert "unknown key 'train.itres'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stage_without_its_input_names_the_missing_manifest(tmp_path):
+    r = ipt("format", "examples/quickstart.yaml", "--set", f"run_dir={tmp_path}/run")
+    assert r.returncode == 2
+    assert f"{tmp_path}/run/synthesis/manifest.json: missing" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corpus_stage_writes_documents_and_manifest_and_is_reused(tmp_path):
+    run = tmp_path / "run"
+    r = ipt("corpus", "examples/quickstart.yaml", "--set", f"run_dir={run}")
+    assert r.returncode == 0, r.stderr
+    assert (run / "corpus" / "documents.jsonl").is_file() and (run / "corpus" / "manifest.json").is_file()
+    r2 = ipt("corpus", "examples/quickstart.yaml", "--set", f"run_dir={run}")
+    assert r2.returncode == 0 and "reusing" in r2.stderr
