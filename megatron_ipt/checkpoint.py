@@ -1,0 +1,217 @@
+"""Distributed checkpoints (torch_dist format) of model, optimizer, scheduler, progress and RNG.
+
+Layout: ``out/checkpoints/iter_{N:07d}/`` written by ``megatron.core.dist_checkpointing.save`` and a
+``out/checkpoints/latest`` text file holding ``N``, replaced atomically only after every rank finished
+the save; a crash mid-save therefore leaves ``latest`` pointing at the previous complete checkpoint.
+
+What is saved (mirroring Megatron-LM's ``generate_state_dict``):
+- ``model``: ``model.sharded_state_dict()`` (resharded on load when TP/PP change);
+- ``optimizer``: ``optimizer.sharded_state_dict(..., metadata={"distrib_optim_sharding_type":
+  "dp_reshardable"})`` (the default format fails for the distributed optimizer);
+- ``opt_param_scheduler``, ``iteration``, ``consumed_samples``, ``extra`` (common, saved once);
+- ``rng_state``: python / numpy / torch / cuda RNG and megatron's RNG tracker, one object per rank.
+
+Saves are synchronous. megatron's torch_dist writer collects write results through a queue that it
+creates, on first use, in a *spawned* ``multiprocessing.Manager`` process; spawning re-imports the
+caller's main module, which breaks any script without an ``if __name__ == "__main__":`` guard (and
+costs seconds). A synchronous save runs that collection in this process, so :func:`save_checkpoint`
+hands the writer a plain in-process ``queue.Queue`` for the duration of the save instead
+(:func:`_in_process_write_results_queue`); the file writers themselves are forked, which needs no guard. All calls into ``dist_checkpointing`` use keywords only (its positional
+parameters moved between versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from megatron_ipt.manifest import atomic_write_text
+
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+LATEST = "latest"
+
+
+@dataclass
+class Progress:
+    """Training progress restored from a checkpoint: iterations done and samples consumed."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    extra: dict | None = None
+
+
+def checkpoint_dir(root: Path, iteration: int) -> Path:
+    """``root/iter_{iteration:07d}``."""
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: Path) -> int | None:
+    """The iteration named by ``root/latest``, or None when there is no finished checkpoint.
+
+    Raises ValueError naming the file when it does not hold an integer or its folder is missing.
+    """
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not checkpoint_dir(root, iteration).is_dir():
+        raise ValueError(f"{path}: names iteration {iteration}, but {checkpoint_dir(root, iteration)} is missing")
+    return iteration
+
+
+def _ranks() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    from megatron.core import parallel_state as ps
+
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return shape, offset
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model: torch.nn.Module, optimizer, scheduler, progress: Progress, *, is_loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = model.sharded_state_dict()
+    shape, offset = _ranks()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA)),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "iteration": progress.iteration,
+        "consumed_samples": progress.consumed_samples,
+        "extra": progress.extra or {},
+        "rng_state": ShardedObject(
+            key="rng_state", data=_rng_state(), global_shape=shape, global_offset=offset, replica_id=0
+        ),
+    }
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that owns ``sharded_state_dict`` (inside DDP; Float16Module delegates itself)."""
+    return model.module if hasattr(model, "module") and hasattr(model, "ddp_config") else model
+
+
+@contextlib.contextmanager
+def _in_process_write_results_queue() -> Iterator[None]:
+    """Give megatron's FileSystemWriterAsync an in-process results queue while a synchronous save runs.
+
+    Leaves megatron alone when the module or its ``_results_queue`` global is absent (other versions)
+    or already set (an async save set it up).
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        yield
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        yield
+        return
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
+
+
+def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, progress: Progress) -> float:
+    """Save ``root/iter_{N:07d}`` (torch_dist) then atomically point ``root/latest`` at it; returns seconds.
+
+    Must be called on every rank. ``model`` may be DDP-wrapped. Mirrors Megatron-LM's
+    ``save_checkpoint`` with ``--ckpt-format torch_dist`` and synchronous saving.
+    """
+    from megatron.core import dist_checkpointing
+
+    start = time.perf_counter()
+    directory = checkpoint_dir(root, progress.iteration)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    state = _sharded_state_dict(_unwrap(model), optimizer, scheduler, progress, is_loading=False)
+    with _in_process_write_results_queue():
+        dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(directory))
+    torch.distributed.barrier()
+    if rank == 0:
+        atomic_write_text(Path(root) / LATEST, f"{progress.iteration}\n")
+    torch.distributed.barrier()
+    return time.perf_counter() - start
+
+
+def _init_optimizer_states(optimizer) -> None:
+    """Give a fresh distributed optimizer real state tensors to load into (else it asserts on load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None:
+            init()
+
+
+def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *, iteration: int | None = None) -> Progress:
+    """Load ``root/iter_{N:07d}`` (``N`` from ``root/latest`` by default) into model, optimizer, scheduler, RNG.
+
+    Returns the restored :class:`Progress`. Raises FileNotFoundError when there is nothing to load.
+    Must be called on every rank, after the optimizer is built. Mirrors Megatron-LM's
+    ``load_checkpoint`` for torch_dist: optimizer states are initialised first and the optimizer
+    state is loaded under ``torch.no_grad()``.
+    """
+    from megatron.core import dist_checkpointing
+
+    if iteration is None:
+        iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"no checkpoint to load: {Path(root) / LATEST} is missing")
+    directory = checkpoint_dir(root, iteration)
+    _init_optimizer_states(optimizer)
+    module = _unwrap(model)
+    template = _sharded_state_dict(module, optimizer, scheduler, Progress(iteration), is_loading=True)
+    state = dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory))
+    module.load_state_dict(state["model"], strict=True)
+    with torch.no_grad():
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    _set_rng_state(state["rng_state"])
+    return Progress(
+        iteration=int(state["iteration"]),
+        consumed_samples=int(state["consumed_samples"]),
+        extra=state.get("extra") or {},
+    )

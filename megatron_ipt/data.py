@@ -1,0 +1,203 @@
+"""Training blend and held-out sets over Megatron indexed datasets, and the micro-batch iterators.
+
+Datasets are megatron-core's: ``BlendedMegatronDatasetBuilder`` + ``GPTDatasetConfig`` build a
+``BlendedDataset`` of ``GPTDataset`` s over the ``train_raw`` and ``train_ipt`` prefixes, weighted by
+``cfg.blend.raw_weight`` / ``instruct_weight``; a held-out prefix becomes one ``GPTDataset`` covering the
+whole prefix for one epoch, in a fixed (seeded) order. Each sample is a dict of ``tokens``, ``labels``,
+``loss_mask``, ``position_ids`` (int64 / float32 tensors of shape ``[seq_length]``) and, when
+``create_attention_mask`` is on, ``attention_mask`` (bool ``[1, seq_length, seq_length]``, True = masked).
+
+The builder needs a process group (it coordinates the index cache across ranks); index caches go to
+``cache_dir`` (the train output's ``blend_cache/``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+TRAIN_PREFIXES = ("train_raw", "train_ipt")
+HELDOUT_PREFIXES = ("heldout_raw", "heldout_pairs")
+
+
+@dataclass
+class DatasetTokenizer:
+    """The few tokenizer facts megatron's datasets need: vocabulary size and end-of-document id.
+
+    Stands in for megatron's tokenizer classes (the legacy ``MegatronLegacyTokenizer`` module is gone in
+    newer megatron-core). ``unique_identifiers`` is serialised into the dataset cache key
+    (``datasets/megatron_dataset.py``), so two tokenizers with the same path, size and EOD share caches.
+    """
+
+    vocab_size: int
+    eod: int
+    path: str = ""
+    unique_identifiers: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.unique_identifiers = {
+            "class": type(self).__name__,
+            "path": self.path,
+            "vocab_size": self.vocab_size,
+            "eod": self.eod,
+        }
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "DatasetTokenizer":
+        """From a tokenize-stage manifest's ``"tokenizer": {"path", "vocab_size", "eod_id"}``.
+
+        Raises KeyError naming the missing field.
+        """
+        tok = manifest.get("tokenizer")
+        if not isinstance(tok, dict):
+            raise KeyError("tokenize manifest has no 'tokenizer' section")
+        for key in ("vocab_size", "eod_id"):
+            if key not in tok:
+                raise KeyError(f"tokenize manifest: 'tokenizer.{key}' is missing")
+        return cls(vocab_size=int(tok["vocab_size"]), eod=int(tok["eod_id"]), path=str(tok.get("path", "")))
+
+
+def check_prefixes(tokenized_dir: Path, prefixes: tuple[str, ...]) -> None:
+    """Raise FileNotFoundError naming the first missing ``PREFIX.bin`` / ``PREFIX.idx``."""
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            path = Path(tokenized_dir) / f"{prefix}{suffix}"
+            if not path.is_file():
+                raise FileNotFoundError(f"indexed dataset file missing: {path}")
+
+
+def _gpt_config(
+    *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path, **kwargs
+):
+    import dataclasses
+
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    base = dict(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        path_to_cache=str(cache_dir),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal mask built inside the attention; saves S*S bytes per sample
+        mmap_bin_files=True,
+        **kwargs,
+    )
+    names = {f.name for f in dataclasses.fields(GPTDatasetConfig)}
+    return GPTDatasetConfig(**{k: v for k, v in base.items() if k in names})
+
+
+def build_train_dataset(
+    tokenized_dir: Path,
+    *,
+    tokenizer: DatasetTokenizer,
+    raw_weight: float,
+    instruct_weight: float,
+    num_samples: int,
+    seq_length: int,
+    split: str,
+    seed: int,
+    cache_dir: Path,
+):
+    """The weighted blend of ``train_raw`` and ``train_ipt`` (``BlendedMegatronDatasetBuilder``).
+
+    ``num_samples`` is the train split's size in sequences (iterations * global batch). A prefix with
+    weight 0 is left out. Returns the train split's dataset (a ``BlendedDataset`` or, with one
+    prefix, a ``GPTDataset``). Must be called on every rank.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    check_prefixes(tokenized_dir, TRAIN_PREFIXES)
+    prefixes, weights = [], []
+    for prefix, weight in zip(TRAIN_PREFIXES, (raw_weight, instruct_weight)):
+        if weight > 0:
+            prefixes.append(str(Path(tokenized_dir) / prefix))
+            weights.append(float(weight))
+    config = _gpt_config(
+        tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+        blend=(prefixes, weights if len(prefixes) > 1 else None), split=split,
+    )
+    # With blend weights every split needs a number, not None (blended_megatron_dataset_builder.py).
+    sizes = [num_samples, 0, 0]
+    train, _valid, _test = BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, lambda: True, config
+    ).build()
+    return train
+
+
+def build_heldout_dataset(
+    tokenized_dir: Path, prefix: str, *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path
+):
+    """One ``GPTDataset`` over the whole ``prefix`` (one epoch, every document, a seeded fixed order)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    check_prefixes(tokenized_dir, (prefix,))
+    config = _gpt_config(
+        tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+        blend=([str(Path(tokenized_dir) / prefix)], None), split="100,0,0",
+    )
+    dataset, _valid, _test = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()
+    return dataset
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack per-sample tensors into a micro-batch: each key gets a leading ``[micro_batch]`` dim."""
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
+
+
+def micro_batches(
+    dataset, *, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int, start_sample: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training micro-batches for one data-parallel rank (Megatron's pretraining sampler).
+
+    Global samples are consumed in order from ``start_sample`` (the consumed-samples count, for exact
+    resume); each block of ``micro_batch_size * data_parallel_size`` samples is split into contiguous
+    per-rank slices. Stops when the dataset is exhausted.
+    """
+    block = micro_batch_size * data_parallel_size
+    for first in itertools.count(start_sample, block):
+        if first + block > len(dataset):
+            return
+        lo = first + data_parallel_rank * micro_batch_size
+        yield collate([dataset[i] for i in range(lo, lo + micro_batch_size)])
+
+
+def eval_micro_batches(
+    dataset, *, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int, max_batches: int | None = None
+) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+    """Micro-batches covering the whole held-out ``dataset`` once; returns ``(count, iterator)``.
+
+    Every rank gets the same number of micro-batches; samples are dealt round-robin over ranks and the
+    last micro-batches are padded with copies whose ``loss_mask`` is zero, so each sample counts exactly
+    once in a per-token mean. ``max_batches`` caps the micro-batches per rank (``train.eval_iters``).
+    """
+    n = len(dataset)
+    block = micro_batch_size * data_parallel_size
+    count = max((n + block - 1) // block, 1)
+    if max_batches is not None:
+        count = min(count, max_batches)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for b in range(count):
+            samples = []
+            for j in range(micro_batch_size):
+                index = b * block + j * data_parallel_size + data_parallel_rank
+                sample = dict(dataset[min(index, n - 1)])
+                if index >= n:
+                    sample["loss_mask"] = torch.zeros_like(torch.as_tensor(sample["loss_mask"]))
+                samples.append(sample)
+            yield collate(samples)
+
+    return count, batches()

@@ -1,0 +1,142 @@
+"""Build a megatron-core ``GPTModel`` (Llama architecture) from a preset, a layout and a device.
+
+The model code is megatron-core's; this module only maps our config onto ``TransformerConfig`` and
+picks the layer spec: Transformer Engine's (``get_gpt_layer_with_transformer_engine_spec``) when the
+device is cuda and ``transformer_engine`` imports, else the local spec (``get_gpt_layer_local_spec``),
+which is what runs on CPU. Calls use keyword arguments only and ``TransformerConfig`` kwargs are filtered
+through ``dataclasses.fields()`` so that the module works across megatron-core versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ipt.parallel import Layout
+from megatron_ipt.presets import ModelPreset
+
+
+def _filtered(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the kwargs that are fields of dataclass ``cls`` (version tolerance)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def transformer_engine_available() -> bool:
+    """True when the ``transformer_engine`` package can be imported (GPU stacks only)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.device, precision: str):
+    """megatron-core ``TransformerConfig`` for a Llama model: RMSNorm, SwiGLU, no linear biases, GQA.
+
+    On CPU adds the settings CPU needs (``use_cpu_initialization``, no fusions). ``precision`` is
+    ``fp32`` or ``bf16``; ``pipeline_dtype`` is set for pipeline parallel runs.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    on_cpu = device.type == "cpu"
+    kwargs = dict(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups,
+        kv_channels=preset.kv_channels,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        pipeline_dtype=dtype,
+        sequence_parallel=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=preset.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=preset.init_method_std,
+        bf16=bf16,
+        params_dtype=dtype,
+        # CPU: weights initialised on the host, no CUDA fused kernels.
+        use_cpu_initialization=on_cpu,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False if on_cpu else True,
+        persist_layer_norm=not on_cpu,
+        bias_activation_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+    )
+    return TransformerConfig(**_filtered(TransformerConfig, kwargs))
+
+
+def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None):
+    """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec.
+
+    ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade).
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine is None:
+        use_transformer_engine = device.type == "cuda" and transformer_engine_available()
+    if use_transformer_engine:
+        if device.type != "cuda" or not transformer_engine_available():
+            raise RuntimeError("the Transformer Engine layer spec needs a cuda device and transformer_engine installed")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+
+
+def build_model(
+    preset: ModelPreset,
+    layout: Layout,
+    *,
+    vocab_size: int,
+    seq_length: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.nn.Module:
+    """Build this rank's pipeline stage of a ``GPTModel`` (RoPE, untied embeddings) on ``device``.
+
+    ``vocab_size`` must already be padded (:func:`megatron_ipt.presets.padded_vocab_size`). Needs
+    megatron's parallel state initialised. With ``precision="bf16"`` the model is wrapped in
+    ``Float16Module`` as Megatron-LM does. Returns the (possibly wrapped) module, not yet DDP-wrapped.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(preset, layout, device=device, precision=precision)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(device),
+        vocab_size=vocab_size,
+        max_sequence_length=max(seq_length, preset.max_position_embeddings),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(preset.rotary_base),
+    )
+    model.to(device)
+    if config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters held by this rank (shards of tensor-parallel weights count once per shard)."""
+    return sum(p.numel() for p in model.parameters())

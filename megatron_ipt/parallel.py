@@ -1,0 +1,219 @@
+"""Process groups and the parallel layout: torch.distributed plus megatron-core's ``parallel_state``.
+
+The layout is checked before anything starts: data parallel size is derived as
+``world_size / (TP * PP)`` and every divisibility rule is checked up front, with one error listing
+every broken rule and its numbers (:class:`ParallelLayoutError`).
+
+World size 1 works in-process without torchrun (a free TCP port on 127.0.0.1 is picked), so tests can
+set up and tear down several runs in one process; under torchrun (``RANK``/``WORLD_SIZE`` in the
+environment) the usual ``env://`` rendezvous is used.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from megatron_ipt.config import ParallelConfig
+
+
+class ParallelLayoutError(ValueError):
+    """The parallel layout does not divide the world, the batch or the model; the message names the numbers."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checked parallel layout.
+
+    ``num_microbatches`` is the gradient-accumulation steps per iteration:
+    ``global_batch_size / (micro_batch_size * data_parallel_size)``.
+    """
+
+    world_size: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_layout(
+    parallel: ParallelConfig,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+) -> Layout:
+    """Derive the data parallel size and check every divisibility rule of a Megatron layout.
+
+    Rules (mirroring Megatron-LM's argument validation): world size divisible by TP * PP; global batch
+    divisible by micro batch * DP; layers divisible by PP; attention heads and query groups divisible
+    by TP. Raises :class:`ParallelLayoutError` with one line per broken rule.
+    """
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size {tp} * "
+            f"pipeline_model_parallel_size {pp} = {tp * pp}"
+        )
+    dp = max(world_size // (tp * pp), 1)
+    if global_batch_size % (micro_batch_size * dp):
+        problems.append(
+            f"global_batch_size {global_batch_size} is not divisible by micro_batch_size {micro_batch_size} * "
+            f"data parallel size {dp} = {micro_batch_size * dp}"
+        )
+    if num_layers % pp:
+        problems.append(f"num_layers {num_layers} is not divisible by pipeline_model_parallel_size {pp}")
+    if num_attention_heads % tp:
+        problems.append(f"num_attention_heads {num_attention_heads} is not divisible by tensor_model_parallel_size {tp}")
+    if num_query_groups % tp:
+        problems.append(f"num_query_groups {num_query_groups} is not divisible by tensor_model_parallel_size {tp}")
+    if num_attention_heads % num_query_groups:
+        problems.append(f"num_attention_heads {num_attention_heads} is not divisible by num_query_groups {num_query_groups}")
+    if problems:
+        raise ParallelLayoutError("invalid parallel layout:\n  " + "\n  ".join(problems))
+    return Layout(
+        world_size=world_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        data_parallel_size=dp,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        num_microbatches=global_batch_size // (micro_batch_size * dp),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when ``torch.cuda.is_available()`` else cpu (never ``torch.version.cuda``).
+
+    Raises RuntimeError when ``cuda`` is asked for and no GPU is available.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process was started by torchrun / srun (``WORLD_SIZE`` or ``LOCAL_RANK`` set)."""
+    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device: torch.device, *, timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and return ``(rank, world_size)``.
+
+    Under torchrun uses ``env://``; otherwise starts a world of size 1 on a free local TCP port.
+    Does nothing but report when a process group already exists.
+    """
+    dist = torch.distributed
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    if launched_by_torchrun():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def initialize_model_parallel(layout: Layout, device: torch.device) -> None:
+    """Create megatron's tensor/pipeline/data parallel groups (``parallel_state.initialize_model_parallel``).
+
+    Keyword arguments only, so it works across megatron-core versions. ``pipeline_dtype`` is a
+    TransformerConfig matter, not set here.
+    """
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's RNG tracker the way Megatron-LM does.
+
+    The seed is offset by ``100 * pipeline rank`` so pipeline stages initialise differently; tensor
+    parallel ranks share it (weights are initialised on CPU from the full master weight). Mirrors
+    Megatron-LM's ``_set_random_seed`` and ``tensor_parallel.model_parallel_cuda_manual_seed``.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def setup(
+    parallel: ParallelConfig,
+    device: torch.device,
+    *,
+    micro_batch_size: int,
+    global_batch_size: int,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    seed: int,
+) -> Layout:
+    """Initialise the process group, check the layout, build megatron's groups and seed. Returns the layout.
+
+    On CPU call it with :mod:`megatron_ipt.cpu_backend` active (megatron seeds its "CUDA" RNG tracker).
+    Call :func:`teardown` when done. On a layout error the process group is left as it was found
+    (destroyed again if this call created it), and :class:`ParallelLayoutError` is raised.
+    """
+    created = not torch.distributed.is_initialized()
+    _, world_size = init_process_group(device)
+    try:
+        layout = check_layout(
+            parallel,
+            world_size=world_size,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size,
+            num_layers=num_layers,
+            num_attention_heads=num_attention_heads,
+            num_query_groups=num_query_groups,
+        )
+        initialize_model_parallel(layout, device)
+        set_seed(seed)
+    except BaseException:
+        if created:
+            teardown()
+        raise
+    return layout
+
+
+def teardown() -> None:
+    """Destroy megatron's parallel groups and the torch.distributed process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

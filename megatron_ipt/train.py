@@ -1,0 +1,374 @@
+"""The ``train`` stage: continual pre-training of a megatron-core GPT model on the IPT blend.
+
+Reads top to bottom: set up devices and process groups -> build model, DDP, optimizer, scheduler ->
+build the blend and the held-out sets -> resume if a checkpoint exists -> evaluate held-out loss ->
+train (megatron's ``get_forward_backward_func`` schedule, so pipeline parallel works) -> evaluate ->
+save a checkpoint -> write ``metrics.jsonl`` lines and the stage manifest.
+
+Everything megatron-specific is megatron-core's public API (``get_megatron_optimizer``,
+``OptimizerParamScheduler``, ``DistributedDataParallel``, ``finalize_model_grads``); config objects are
+built with fields filtered through ``dataclasses.fields()`` so newer megatron-core versions work too.
+On CPU the whole stage runs inside :func:`megatron_ipt.cpu_backend.cpu_backend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from megatron_ipt import checkpoint, cpu_backend, data, parallel
+from megatron_ipt.config import ExperimentConfig
+from megatron_ipt.manifest import read_manifest, write_manifest
+from megatron_ipt.model import build_model, count_parameters
+from megatron_ipt.presets import padded_vocab_size, resolve_preset
+
+METRICS = "metrics.jsonl"
+
+
+def _filtered(cls: type, **kwargs: Any):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
+    """megatron's optimizer (``get_megatron_optimizer``: Adam with decoupled weight decay, grad clipping,
+    the distributed optimizer when ``parallel.use_distributed_optimizer``) and its
+    ``OptimizerParamScheduler`` (linear warmup, then cosine / linear / constant decay to ``min_lr``,
+    stepped once per iteration)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    bf16 = t.precision == "bf16"
+    opt_config = _filtered(
+        OptimizerConfig,
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8, clip_grad=t.clip_grad,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config=opt_config, model_chunks=[model])
+    decay_iters = max(t.train_iters - t.lr_warmup_iters, 1) + t.lr_warmup_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def wrap_ddp(cfg: ExperimentConfig, model: torch.nn.Module):
+    """megatron-core's ``DistributedDataParallel`` around the model, wired into the model config the way
+    Megatron-LM does (``no_sync_func``, ``finalize_model_grads_func``) so the schedule reduces grads."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    config = model.config
+    ddp_config = _filtered(
+        DistributedDataParallelConfig,
+        grad_reduce_in_fp32=cfg.train.precision == "bf16",
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+# ------------------------------------------------------------------------------------------ one step
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean per-token loss of a micro-batch, plus its (sum, tokens) for exact token-weighted reporting.
+
+    The schedule divides the returned loss in place, so the reported numbers are detached clones.
+    """
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    tokens = mask.sum()
+    loss = loss_sum / tokens.clamp(min=1.0)
+    return loss, {"loss_sum": loss_sum.detach().clone(), "tokens": tokens.detach().clone()}
+
+
+def _forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """The schedule's ``forward_step_func``: one micro-batch through the model (per-token losses)."""
+    batch = next(data_iterator)
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        labels=batch["labels"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
+    """Sum (loss_sum, tokens) over micro-batches and data-parallel ranks; the same result on every rank.
+
+    Only the last pipeline stage has losses, and tensor-parallel ranks hold copies, so only
+    (last stage, TP rank 0) ranks contribute to a world all-reduce.
+    """
+    from megatron.core import parallel_state as ps
+
+    totals = torch.zeros(2, dtype=torch.float64)
+    contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        for out in outputs:
+            totals[0] += float(out["loss_sum"])
+            totals[1] += float(out["tokens"])
+    torch.distributed.all_reduce(totals)
+    return float(totals[0]), float(totals[1])
+
+
+def evaluate(model, forward_backward: Callable, dataset, cfg: ExperimentConfig, layout: parallel.Layout) -> float:
+    """Mean per-token loss (nats) over the whole held-out ``dataset`` (or ``train.eval_iters`` batches)."""
+    from megatron.core import parallel_state as ps
+
+    count, batches = data.eval_micro_batches(
+        dataset, micro_batch_size=layout.micro_batch_size,
+        data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=layout.data_parallel_size,
+        max_batches=cfg.train.eval_iters,
+    )
+    model.eval()
+    with torch.no_grad():
+        outputs = forward_backward(
+            forward_step_func=_forward_step, data_iterator=batches, model=[model], num_microbatches=count,
+            seq_length=cfg.model.seq_length, micro_batch_size=layout.micro_batch_size, forward_only=True,
+        )
+    model.train()
+    loss_sum, tokens = _reduce_losses(outputs or [])
+    return loss_sum / max(tokens, 1.0)
+
+
+def train_step(model, optimizer, scheduler, forward_backward: Callable, batches: Iterator[dict],
+               cfg: ExperimentConfig, layout: parallel.Layout) -> dict:
+    """One iteration (Megatron-LM's ``train_step``): zero grads, forward/backward over the micro-batches,
+    optimizer step, scheduler step. Returns loss (token-weighted mean), lr, grad norm, skipped flag."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = forward_backward(
+        forward_step_func=_forward_step, data_iterator=batches, model=[model],
+        num_microbatches=layout.num_microbatches, seq_length=cfg.model.seq_length,
+        micro_batch_size=layout.micro_batch_size, forward_only=False,
+    )
+    ok, grad_norm, _num_zeros = optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+    scheduler.step(increment=1)
+    loss_sum, tokens = _reduce_losses(outputs or [])
+    return {"loss": loss_sum / max(tokens, 1.0), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok}
+
+
+# ----------------------------------------------------------------------------------------- reporting
+def _parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model: this rank's non-duplicated params summed over TP and PP ranks."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    local = sum(p.numel() for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p))
+    total = torch.tensor([local], dtype=torch.int64)
+    torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
+    return int(total.item())
+
+
+class _Reporter:
+    """Rank 0's rich progress bar, log lines and ``metrics.jsonl``; silent on other ranks."""
+
+    def __init__(self, out_dir: Path, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.metrics = Path(out_dir) / METRICS
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.progress.add_task("train", total=total, completed=start, status="")
+            self.progress.start()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "iteration" in record:
+            self.progress.update(
+                self.task, completed=record["iteration"],
+                status=f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm'] or 0:.3f} "
+                f"{record['tokens_per_s']:.0f} tok/s",
+            )
+        self.progress.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def advance(self, iteration: int) -> None:
+        if self.enabled:
+            self.progress.update(self.task, completed=iteration)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------------------- the stage
+def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint: str,
+                *, exit_after_iterations: int | None = None) -> dict:
+    """Train ``cfg.model`` on the blend of ``train_raw`` / ``train_ipt`` in ``tokenized_dir``; returns the summary.
+
+    ``tokenized_dir`` holds Megatron indexed datasets ``train_raw``, ``train_ipt``, ``heldout_raw``,
+    ``heldout_pairs`` and a tokenize ``manifest.json`` with ``tokenizer.{path, vocab_size, eod_id}``.
+    Resumes from ``out_dir/checkpoints/latest`` when present (exact: same losses as an uninterrupted run).
+    Held-out losses are measured before training (stored in the checkpoint on resume) and after.
+    ``exit_after_iterations`` stops early after that many total iterations, saving a checkpoint and
+    writing no manifest (Megatron-LM's ``--exit-interval``; used to test resume).
+    On rank 0 writes ``out_dir/metrics.jsonl`` and, when finished, ``out_dir/manifest.json``.
+    Must be called on every rank. Raises ManifestError / FileNotFoundError for bad inputs and
+    ParallelLayoutError for a layout that does not divide.
+    """
+    device = parallel.resolve_device(cfg.train.device)
+    with cpu_backend.cpu_backend(enabled=device.type == "cpu"):
+        try:
+            return _run(cfg, Path(tokenized_dir), Path(out_dir), fingerprint, device, exit_after_iterations)
+        finally:
+            parallel.teardown()
+
+
+def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint: str,
+         device: torch.device, exit_after: int | None) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    started = time.time()
+    t = cfg.train
+    tokenize_manifest = read_manifest(tokenized_dir, "tokenize")
+    tokenizer = data.DatasetTokenizer.from_manifest(tokenize_manifest)
+    data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
+    preset = resolve_preset(cfg.model)
+
+    # Process groups and layout (every divisibility rule checked before anything is built).
+    layout = parallel.setup(
+        cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+        num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups, seed=t.seed,
+    )
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Model, DDP, optimizer, schedule.
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, layout.tensor_model_parallel_size)
+    model = build_model(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
+                        device=device, precision=t.precision)
+    model = wrap_ddp(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    forward_backward = get_forward_backward_func()
+    parameters = _parameter_count(model)
+
+    # Data: the weighted blend for training, whole held-out prefixes for evaluation.
+    cache_dir = out_dir / "blend_cache"
+    common = dict(tokenizer=tokenizer, seq_length=cfg.model.seq_length, seed=t.seed, cache_dir=cache_dir)
+    train_set = data.build_train_dataset(
+        tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
+        num_samples=t.train_iters * t.global_batch_size, split=t.split, **common,
+    )
+    heldout = {name.removeprefix("heldout_"): data.build_heldout_dataset(tokenized_dir, name, **common)
+               for name in data.HELDOUT_PREFIXES}
+
+    # Resume, or measure the held-out losses before training.
+    ckpt_root = out_dir / "checkpoints"
+    if checkpoint.latest_iteration(ckpt_root) is not None:
+        progress = checkpoint.load_checkpoint(ckpt_root, model, optimizer, scheduler)
+        before = progress.extra["heldout_before"]
+    else:
+        before = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout) for k, ds in heldout.items()}
+        progress = checkpoint.Progress(iteration=0, consumed_samples=0)
+    progress.extra = {"heldout_before": before}
+    batches = data.micro_batches(
+        train_set, micro_batch_size=layout.micro_batch_size, data_parallel_rank=ps.get_data_parallel_rank(),
+        data_parallel_size=layout.data_parallel_size, start_sample=progress.consumed_samples,
+    )
+
+    # Train.
+    stop = min(t.train_iters, exit_after) if exit_after is not None else t.train_iters
+    tokens_per_iteration = t.global_batch_size * cfg.model.seq_length
+    reporter = _Reporter(out_dir, t.train_iters, progress.iteration, enabled=rank0)
+    resumed_from = progress.iteration
+    train_seconds, first_seconds, last, window = 0.0, 0.0, {}, []
+    try:
+        if resumed_from == 0:
+            reporter.log({"event": "heldout_before", **before})
+        while progress.iteration < stop:
+            tick = time.perf_counter()
+            last = train_step(model, optimizer, scheduler, forward_backward, batches, cfg, layout)
+            seconds = time.perf_counter() - tick
+            train_seconds += seconds
+            first_seconds = first_seconds or seconds
+            window.append(seconds)
+            progress.iteration += 1
+            progress.consumed_samples += t.global_batch_size
+            if not math.isfinite(last["loss"]):
+                raise FloatingPointError(f"iteration {progress.iteration}: loss is {last['loss']}")
+            if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
+                step_s = sum(window) / len(window)
+                reporter.log({
+                    "iteration": progress.iteration, "loss": last["loss"], "lr": last["lr"],
+                    "grad_norm": last["grad_norm"], "skipped": last["skipped"],
+                    "consumed_samples": progress.consumed_samples, "ms_per_iteration": 1000 * step_s,
+                    "tokens_per_s": tokens_per_iteration / step_s,
+                })
+                window = []
+            else:
+                reporter.advance(progress.iteration)
+    finally:
+        reporter.close()
+
+    save_seconds = None
+    if t.save_checkpoint or stop < t.train_iters:
+        save_seconds = checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
+    trained = progress.iteration - resumed_from
+    # Steady state: the first iteration of a run pays for warm-up (allocations, lazy init).
+    steady_iters, steady_seconds = (trained - 1, train_seconds - first_seconds) if trained > 1 else (trained, train_seconds)
+    summary = {
+        "completed": progress.iteration >= t.train_iters,
+        "iterations": progress.iteration,
+        "iterations_this_run": trained,
+        "resumed_from_iteration": resumed_from,
+        "consumed_samples": progress.consumed_samples,
+        "tokens_trained": progress.consumed_samples * cfg.model.seq_length,
+        "final_train_loss": last.get("loss"),
+        "tokens_per_s": steady_iters * tokens_per_iteration / steady_seconds if steady_seconds > 0 else None,
+        "ms_per_iteration": 1000 * steady_seconds / steady_iters if steady_iters else None,
+        "train_seconds": train_seconds,
+        "checkpoint_save_seconds": save_seconds,
+        "parameters": parameters,
+        "padded_vocab_size": vocab_size,
+        "device": device.type,
+        "parallel": layout.as_dict(),
+    }
+    if not summary["completed"]:
+        return summary
+
+    after = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout) for k, ds in heldout.items()}
+    summary["losses"] = {k: {"before": before[k], "after": after[k]} for k in after}
+    if rank0:
+        reporter.log({"event": "heldout_after", **after})
+        write_manifest(
+            out_dir, stage="train", fingerprint=fingerprint, config=cfg.model_dump(mode="json"),
+            inputs={"tokenize_manifest": tokenized_dir / "manifest.json"},
+            counts={k: summary[k] for k in ("iterations", "consumed_samples", "tokens_trained", "parameters")},
+            started=started, losses=summary["losses"],
+            train={k: v for k, v in summary.items() if k not in ("losses", "parallel")},
+            parallel=summary["parallel"], checkpoint=str(checkpoint.checkpoint_dir(ckpt_root, progress.iteration)),
+        )
+    return summary

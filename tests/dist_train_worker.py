@@ -1,0 +1,50 @@
+"""Run ``train_stage`` from the command line, relaunching itself under torchrun (used by the dist tests).
+
+    python tests/dist_train_worker.py TOKENIZED_DIR OUT_DIR --procs 2 --tp 2 --pp 1 [--distopt] [--iters 4]
+
+Rank 0 writes ``OUT_DIR/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from train_fixtures import tiny_config  # noqa: E402
+
+from megatron_ipt.launch import relaunch_under_torchrun  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("tokenized_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--distopt", action="store_true")
+    p.add_argument("--iters", type=int, default=4)
+    args = p.parse_args()
+    cfg = tiny_config(train_iters=args.iters, eval_iters=2)
+    cfg.parallel.nproc_per_node = args.procs
+    cfg.parallel.tensor_model_parallel_size = args.tp
+    cfg.parallel.pipeline_model_parallel_size = args.pp
+    cfg.parallel.use_distributed_optimizer = args.distopt
+    relaunch_under_torchrun([__file__, *sys.argv[1:]], cfg.parallel.nproc_per_node)
+
+    import torch
+
+    from megatron_ipt.train import train_stage
+
+    summary = train_stage(cfg, args.tokenized_dir, args.out_dir, "dist-test")
+    if int(__import__("os").environ.get("RANK", 0)) == 0:
+        (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    del torch
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Parallel layout checks, presets, and process-group setup/teardown in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ipt import parallel
+from megatron_ipt.config import ModelConfig, ParallelConfig
+from megatron_ipt.presets import PRESETS, padded_vocab_size, resolve_preset
+
+
+def layout(tp=1, pp=1, world=1, mb=4, gb=8, layers=4, heads=4, groups=2):
+    return parallel.check_layout(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        world_size=world, micro_batch_size=mb, global_batch_size=gb,
+        num_layers=layers, num_attention_heads=heads, num_query_groups=groups,
+    )
+
+
+def test_data_parallel_size_and_microbatches_are_derived():
+    got = layout(tp=2, pp=2, world=8, mb=2, gb=16)
+    assert (got.data_parallel_size, got.num_microbatches) == (2, 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tp=2, world=3), "world size 3 is not divisible by tensor_model_parallel_size 2 * pipeline_model_parallel_size 1 = 2"),
+    (dict(world=2, mb=4, gb=12), "global_batch_size 12 is not divisible by micro_batch_size 4 * data parallel size 2 = 8"),
+    (dict(pp=2, world=2, layers=3), "num_layers 3 is not divisible by pipeline_model_parallel_size 2"),
+    (dict(tp=4, world=4, heads=6, groups=6), "num_attention_heads 6 is not divisible by tensor_model_parallel_size 4"),
+    (dict(tp=2, world=2, heads=4, groups=1), "num_query_groups 1 is not divisible by tensor_model_parallel_size 2"),
+])
+def test_layout_errors_name_the_numbers(kwargs, message):
+    with pytest.raises(parallel.ParallelLayoutError) as err:
+        layout(**kwargs)
+    assert message in str(err.value)
+
+
+def test_every_broken_rule_is_reported_at_once():
+    with pytest.raises(parallel.ParallelLayoutError) as err:
+        layout(tp=2, pp=2, world=4, layers=3, heads=4, groups=1, gb=3)
+    assert str(err.value).count("\n") == 3
+
+
+def test_vocabulary_is_padded_to_128_times_tp():
+    assert padded_vocab_size(49152, 1) == 49152
+    assert padded_vocab_size(250, 2) == 256
+    assert padded_vocab_size(128257, 8) == 129024
+
+
+def test_model_overrides_apply_on_top_of_the_preset():
+    preset = resolve_preset(ModelConfig(preset="llama3-8b", num_layers=2))
+    assert (preset.num_layers, preset.hidden_size, preset.num_query_groups) == (2, 4096, 8)
+    assert PRESETS["qwen2.5-7b"].add_qkv_bias and not PRESETS["llama3-70b"].add_qkv_bias
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="llama-tiny"):
+        resolve_preset(ModelConfig(preset="gpt-5"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
+def test_setup_and_teardown_can_repeat_in_one_process():
+    from megatron.core import parallel_state
+
+    from megatron_ipt.cpu_backend import cpu_backend
+
+    for _ in range(2):
+        with cpu_backend():
+            got = parallel.setup(ParallelConfig(), torch.device("cpu"), micro_batch_size=2, global_batch_size=4,
+                                 num_layers=2, num_attention_heads=4, num_query_groups=2, seed=1)
+            assert got.num_microbatches == 2 and parallel_state.model_parallel_is_initialized()
+            parallel.teardown()
+        assert not torch.distributed.is_initialized()
+
+
+def test_a_layout_error_leaves_no_process_group_behind():
+    with pytest.raises(parallel.ParallelLayoutError):
+        parallel.setup(ParallelConfig(tensor_model_parallel_size=2), torch.device("cpu"), micro_batch_size=2,
+                       global_batch_size=4, num_layers=2, num_attention_heads=4, num_query_groups=2, seed=1)
+    assert not torch.distributed.is_initialized()
+
+
+def test_relaunch_only_when_several_processes_and_not_under_torchrun(monkeypatch):
+    from megatron_ipt import launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert launch.needs_relaunch(2) and not launch.needs_relaunch(1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not launch.needs_relaunch(2)
+    cmd = launch.torchrun_command(["-m", "megatron_ipt.cli", "train"], 2, python="python")
+    assert cmd == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_ipt.cli", "train"]
