@@ -256,6 +256,11 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
     preset = resolve_preset(cfg.model)
 
+    if cfg.parallel.nproc_per_node > 1 and not parallel.launched_by_torchrun():
+        raise RuntimeError(
+            f"parallel.nproc_per_node = {cfg.parallel.nproc_per_node} but this process was not started by torchrun; "
+            "start it through megatron_ipt.launch.relaunch_under_torchrun (the ipt CLI does)"
+        )
     # Process groups and layout (every divisibility rule checked before anything is built).
     layout = parallel.setup(
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
@@ -287,8 +292,11 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
 
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
+    load_seconds = None
     if checkpoint.latest_iteration(ckpt_root) is not None:
+        tick = time.perf_counter()
         progress = checkpoint.load_checkpoint(ckpt_root, model, optimizer, scheduler)
+        load_seconds = time.perf_counter() - tick
         before = progress.extra["heldout_before"]
     else:
         before = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout) for k, ds in heldout.items()}
@@ -334,9 +342,9 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         reporter.close()
 
     save_seconds = None
-    if t.save_checkpoint or stop < t.train_iters:
-        save_seconds = checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
     trained = progress.iteration - resumed_from
+    if (t.save_checkpoint or stop < t.train_iters) and trained > 0:
+        save_seconds = checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
     # Steady state: the first iteration of a run pays for warm-up (allocations, lazy init).
     steady_iters, steady_seconds = (trained - 1, train_seconds - first_seconds) if trained > 1 else (trained, train_seconds)
     summary = {
@@ -351,6 +359,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         "ms_per_iteration": 1000 * steady_seconds / steady_iters if steady_iters else None,
         "train_seconds": train_seconds,
         "checkpoint_save_seconds": save_seconds,
+        "checkpoint_load_seconds": load_seconds,
         "parameters": parameters,
         "padded_vocab_size": vocab_size,
         "device": device.type,

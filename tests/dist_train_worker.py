@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--distopt", action="store_true")
     p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--stop-at", type=int, default=None, help="exit after this many iterations (resume tests)")
     args = p.parse_args()
     cfg = tiny_config(train_iters=args.iters, eval_iters=2)
     cfg.parallel.nproc_per_node = args.procs
@@ -40,7 +41,7 @@ def main() -> None:
 
     from megatron_ipt.train import train_stage
 
-    summary = train_stage(cfg, args.tokenized_dir, args.out_dir, "dist-test")
+    summary = train_stage(cfg, args.tokenized_dir, args.out_dir, "dist-test", exit_after_iterations=args.stop_at)
     if int(__import__("os").environ.get("RANK", 0)) == 0:
         (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     del torch

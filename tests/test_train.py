@@ -93,8 +93,7 @@ def run_two_processes(tokenized_dir: Path, out: Path, *flags: str) -> dict:
 @pytest.mark.parametrize("flags, layout", [
     (("--tp", "2"), {"tensor_model_parallel_size": 2, "data_parallel_size": 1}),
     (("--pp", "2"), {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}),
-    (("--distopt",), {"data_parallel_size": 2, "num_microbatches": 1}),
-], ids=["tp2", "pp2", "dp2-distopt"])
+], ids=["tp2", "pp2"])
 def test_two_gloo_processes_train(tokenized_dir, tmp_path, flags, layout):
     summary = run_two_processes(tokenized_dir, tmp_path / "out", *flags)
     assert summary["completed"] and summary["iterations"] == 4
@@ -102,3 +101,22 @@ def test_two_gloo_processes_train(tokenized_dir, tmp_path, flags, layout):
     losses = losses_by_iteration(tmp_path / "out")
     assert losses[4] < losses[1]
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.dist
+def test_data_parallel_with_distributed_optimizer_trains_and_resumes_exactly(tokenized_dir, tmp_path):
+    straight = run_two_processes(tokenized_dir, tmp_path / "straight", "--distopt")
+    assert straight["completed"] and straight["parallel"]["data_parallel_size"] == 2
+    expected = losses_by_iteration(tmp_path / "straight")
+    assert expected[4] < expected[1]
+    first = run_two_processes(tokenized_dir, tmp_path / "resumed", "--distopt", "--stop-at", "2")
+    assert not first["completed"]
+    second = run_two_processes(tokenized_dir, tmp_path / "resumed", "--distopt")
+    assert second["resumed_from_iteration"] == 2
+    got = losses_by_iteration(tmp_path / "resumed")
+    # The first step after reload uses exactly the saved parameters.
+    assert got[3] == pytest.approx(expected[3], rel=1e-6, abs=1e-6)
+    # Known gap: with the distributed optimizer the step after that differs by ~3e-5 relative (the
+    # reloaded optimizer state is not bit-identical; world size 1 without it is exact). Kept loose
+    # here until that is found.
+    assert got[4] == pytest.approx(expected[4], rel=1e-3)
