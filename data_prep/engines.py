@@ -1,0 +1,129 @@
+"""Generation engines for synthesis: batched greedy decoding behind one small interface.
+
+An engine has ``.tokenizer`` (a Hugging Face tokenizer) and
+``.generate(prompts, max_new_tokens, batch_size, add_special_tokens, stop=None) -> list[GenerationResult]``.
+:class:`TransformersEngine` runs ``transformers``' ``generate`` (CPU or one GPU); a vLLM engine with the
+same interface is meant for GPU clusters (the reference decodes greedily with vLLM, ``max_tokens=400``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from data_prep.errors import DataPrepError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's output: the decoded new text (special tokens skipped; it ends with the stop string
+    when one ended it) and the number of generated tokens (not counting the final EOS and padding)."""
+
+    text: str
+    num_generated_tokens: int
+
+
+def resolve_device(device: Device) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``. Raises DataPrepError for ``cuda`` without a GPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DataPrepError("synthesis.device is 'cuda' but torch sees no GPU: use 'cpu' or 'auto'")
+    if device not in ("cpu", "cuda"):
+        raise DataPrepError(f"synthesis.device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    return device
+
+
+class TransformersEngine:
+    """Greedy batched generation with ``transformers`` (``AutoModelForCausalLM.generate``).
+
+    ``model_path``: a Hugging Face model folder (see ``data_prep.models.resolve_model``); ``device``:
+    auto/cpu/cuda; ``dtype``: the compute dtype the weights are cast to (``float32``, ``bfloat16``,
+    ``float16``); ``seed``: seeds torch (greedy decoding does not depend on it; kept for engines that sample).
+    Prompts are left-padded; a tokenizer without a pad token gets its EOS token as pad.
+    Raises DataPrepError when the tokenizer has neither a pad nor an EOS token.
+    """
+
+    def __init__(self, model_path: str | Path, device: Device = "auto", dtype: str = "float32", seed: int = 0):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(seed)
+        self.device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise DataPrepError(f"tokenizer of {model_path} has neither a pad nor an EOS token: cannot pad batches")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos_ids)
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        batch_size: int,
+        add_special_tokens: bool = True,
+        stop: list[str] | None = None,
+    ) -> list[GenerationResult]:
+        """Greedy continuation of every prompt, returned in input order.
+
+        Prompts are sorted by token length (longest first) and generated ``batch_size`` at a time; a
+        batch stops early once every sequence has produced EOS or one of the ``stop`` strings. No
+        repetition penalty, no sampling. ``add_special_tokens`` is passed to the tokenizer (False for
+        prompts that carry their own BOS text, e.g. the lmops format).
+        """
+        import torch
+
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1 (got {batch_size}, {max_new_tokens})")
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        pad_id = self.tokenizer.pad_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenizer(
+                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            ).to(self.device)
+            extra = {"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    repetition_penalty=None,
+                    eos_token_id=self.eos_token_ids,
+                    pad_token_id=pad_id,
+                    **extra,
+                )
+            new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+            for i, ids in zip(idx, new_tokens):
+                n = _generated_length(ids, set(self.eos_token_ids) | {pad_id})
+                results[i] = GenerationResult(self.tokenizer.decode(ids[:n], skip_special_tokens=True), n)
+        return results  # type: ignore[return-value]
+
+
+def _generated_length(ids: list[int], end_ids: set[int]) -> int:
+    """Tokens before the first EOS; if there is none, tokens before trailing padding (a stop string ended it)."""
+    for n, t in enumerate(ids):
+        if t in end_ids:
+            # EOS, or the first pad after a stop string: everything after is padding
+            return n
+    return len(ids)

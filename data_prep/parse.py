@@ -1,0 +1,171 @@
+"""Parse the synthesizer's output into instruction-response pairs (paper section 2.1; LMOps reference).
+
+The output format is ``<QUE> {question} <ANS> {answer} </END>`` per pair, pairs separated by ``\\n\\n``.
+
+Two modes:
+
+- ``strict``: the reference parser exactly (LMOps ``instruction_pretrain``): split on ``</END>``; if the
+  output does not end with ``</END>`` drop the last piece; keep a piece only if it has exactly one
+  ``<ANS>``, its question starts with ``<QUE>`` and its answer is non-empty; drop duplicate questions
+  (case-insensitive). Question and answer are stripped, ``<QUE>`` is removed from the question.
+- ``lenient``: for small models that rarely write ``</END>`` (SmolLM2-135M): a pair also ends at a blank
+  line or where the next ``<QUE>`` starts; a trailing unfinished pair is kept if its answer is non-empty;
+  parsing stops at the first ``<CON>`` or ``</CON>`` (the model started writing a document of its own;
+  pairs after it are dropped as ``after_new_context``); empty questions are dropped.
+
+Every dropped piece is counted under a named reason (see ``DROP_REASONS``); whitespace-only pieces are
+not pairs and are not counted. :func:`grounding` and :func:`filter_grounded` implement the project's
+grounding filter (not in the reference): the share of an answer's content words found in the document.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+QUE, ANS, END, CON, CON_CLOSE = "<QUE>", "<ANS>", "</END>", "<CON>", "</CON>"
+
+ParseMode = Literal["strict", "lenient"]
+
+DROP_REASONS = {
+    "no_end_tag": "strict: the trailing piece was not closed by </END>",
+    "no_answer_tag": "the piece has no <ANS>",
+    "multiple_answer_tags": "the piece has more than one <ANS>",
+    "no_question_tag": "the question does not start with <QUE>",
+    "empty_answer": "nothing after <ANS>",
+    "empty_question": "lenient: nothing between <QUE> and <ANS>",
+    "duplicate_question": "the same question (case-insensitive) was already kept",
+    "after_new_context": "lenient: a pair written after the model wrote <CON> or </CON> (a document of its own)",
+    "ungrounded": "the answer's grounding in the document is below min_grounding",
+}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One instruction-response pair: the question (instruction) and its answer (response), stripped."""
+
+    question: str
+    answer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"question": self.question, "answer": self.answer}
+
+
+@dataclass
+class ParseResult:
+    """Pairs kept, in output order, and the count of dropped pieces per reason (keys of DROP_REASONS)."""
+
+    pairs: list[Pair]
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_BEFORE_QUE = re.compile(r"(?=<QUE>)")
+
+
+def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
+    """Parse one synthesizer output (including any prefilled ``<QUE>``) into pairs.
+
+    ``mode`` is ``"strict"`` (the reference rules) or ``"lenient"`` (see the module docstring).
+    Raises ValueError for another mode.
+    """
+    if mode not in ("strict", "lenient"):
+        raise ValueError(f"parse mode must be 'strict' or 'lenient', not {mode!r}")
+    dropped: Counter[str] = Counter()
+    if mode == "strict":
+        pieces = output.split(END)
+        if not output.endswith(END):
+            last = pieces.pop()
+            if last.strip():
+                dropped["no_end_tag"] += 1
+    else:
+        cut = min((i for i in (output.find(CON), output.find(CON_CLOSE)) if i >= 0), default=len(output))
+        head, tail = output[:cut], output[cut:]
+        if tail.count(QUE):
+            dropped["after_new_context"] += tail.count(QUE)
+        pieces = [
+            sub
+            for closed in head.split(END)
+            for para in _BLANK_LINE.split(closed)
+            for sub in _BEFORE_QUE.split(para)
+        ]
+    pairs: list[Pair] = []
+    seen: set[str] = set()
+    for piece in pieces:
+        if not piece.strip():
+            continue
+        reason, pair = _check_piece(piece, mode)
+        if pair is not None and pair.question.lower() in seen:
+            reason, pair = "duplicate_question", None
+        if pair is None:
+            dropped[reason] += 1
+            continue
+        seen.add(pair.question.lower())
+        pairs.append(pair)
+    return ParseResult(pairs, dropped)
+
+
+def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:
+    """Apply the reference's per-piece checks; return (drop reason, None) or ("", pair)."""
+    parts = piece.split(ANS)
+    if len(parts) == 1:
+        return "no_answer_tag", None
+    if len(parts) > 2:
+        return "multiple_answer_tags", None
+    question, answer = parts[0].strip(), parts[1].strip()
+    if not question.startswith(QUE):
+        return "no_question_tag", None
+    if not answer:
+        return "empty_answer", None
+    question = question.replace(QUE, "").strip()
+    if mode == "lenient" and not question:
+        return "empty_question", None
+    return "", Pair(question, answer)
+
+
+# A small English stopword list: function words that say nothing about grounding.
+STOPWORDS = frozenset(
+    """
+    the and for are but not you all any can had her was one our out has him his how its may new now old
+    see two who did get let say she too use that with have this will your from they know want been good
+    much some time very when come here just like long make many more most only over such take than them
+    well were what which while would there their then these those into also each other about after again
+    being both could does doing down during further few itself just more once same should through under
+    until where why yes because before between above below off own same so very can will shall might must
+    """.split()
+)
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def content_words(text: str) -> set[str]:
+    """Lowercase alphanumeric words of length >= 3 that are not in STOPWORDS."""
+    return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in STOPWORDS}
+
+
+def grounding(answer: str, document: str) -> float:
+    """Share (0..1) of the answer's distinct content words that occur as words in the document.
+
+    An answer without content words (e.g. "No", "42") scores 1.0: nothing in it is ungrounded.
+    """
+    words = content_words(answer)
+    if not words:
+        return 1.0
+    doc_words = set(_WORD.findall(document.lower()))
+    return sum(w in doc_words for w in words) / len(words)
+
+
+def filter_grounded(result: ParseResult, document: str, min_grounding: float) -> ParseResult:
+    """Drop pairs whose answer grounding in ``document`` is below ``min_grounding`` (0 disables).
+
+    Returns a new ParseResult; each removed pair adds one ``ungrounded`` drop.
+    """
+    if min_grounding <= 0:
+        return ParseResult(list(result.pairs), Counter(result.dropped))
+    kept = [p for p in result.pairs if grounding(p.answer, document) >= min_grounding]
+    dropped = Counter(result.dropped)
+    if len(kept) < len(result.pairs):
+        dropped["ungrounded"] += len(result.pairs) - len(kept)
+    return ParseResult(kept, dropped)

@@ -1,0 +1,119 @@
+"""Synthesizer prompts: the released synthesizer's exact format, and a few-shot format for small models.
+
+Formats (``SynthesisConfig.prompt_format``):
+
+- ``lmops``: ``<s> <CON> {text} </CON>\\n\\n``, byte for byte the prompt of the released
+  instruction-synthesizer (LMOps ``instruction_pretrain``); the literal ``<s>`` is the BOS, so it is
+  tokenized with ``add_special_tokens=False`` (default special tokens would give a double BOS).
+- ``fewshot``: for instruct models not tuned on the format (SmolLM2): short demonstrations in the tag
+  format, then ``<CON> {text} </CON>\\n\\n<QUE>``; the trailing ``<QUE>`` is prefilled, so the parser must
+  see ``prefill + output``; tokenized with the tokenizer's default special tokens (a BOS for
+  Llama/Mistral tokenizers, nothing for SmolLM2). Raw continuation works better than chat turns for SmolLM2-135M
+  (shared/notes/offline-assets.md).
+
+Documents are cut to ``max_context_tokens`` tokens of the synthesizer's tokenizer before they go into a
+prompt (the reference does not cut; long texts overflow its 4096-token context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from data_prep.parse import ANS, CON, CON_CLOSE, END, QUE, Pair
+
+PromptFormat = Literal["lmops", "fewshot"]
+
+
+def lmops_prompt(text: str) -> str:
+    """The released synthesizer's prompt for one raw text: ``<s> <CON> {text} </CON>\\n\\n``."""
+    return f"<s> <CON> {text} </CON>\n\n"
+
+
+def render_pairs(pairs: Iterable[Pair]) -> str:
+    """Pairs in the synthesizer's output format: ``<QUE> q <ANS> a </END>`` joined by ``\\n\\n``."""
+    return "\n\n".join(f"{QUE} {p.question} {ANS} {p.answer} {END}" for p in pairs)
+
+
+# Few-shot demonstrations: short technical-documentation texts (hard-wrapped, quoted names, like
+# pydoc topics), two pairs each whose short answers reuse the text's wording. Tuned on SmolLM2-135M and
+# 16 pydoc topics: these gave about 0.75 grounded pairs per document; longer one-sentence answers made
+# it loop more, chat-style prompts gave none.
+FEWSHOT_DEMONSTRATIONS: tuple[tuple[str, tuple[Pair, ...]], ...] = (
+    (
+        'The "while" statement\n*********************\n\nThe "while" statement is used for repeated execution as long as an\n'
+        'expression is true.  If the expression is false, the suite of the\n"else" clause, if present, is executed and the '
+        "loop terminates.",
+        (
+            Pair('What is the "while" statement used for?', "Repeated execution as long as an expression is true."),
+            Pair('When does a "while" loop run its "else" clause?', "When the expression is false; then the loop terminates."),
+        ),
+    ),
+    (
+        "Sets\n****\n\nA set object is an unordered collection of distinct hashable objects.\nCommon uses include membership "
+        "testing and removing duplicates from a\nsequence.  Sets do not record element position, so sets do not\nsupport "
+        "indexing or slicing.",
+        (
+            Pair("What is a set object?", "An unordered collection of distinct hashable objects."),
+            Pair("Why do sets not support slicing?", "Because sets do not record element position."),
+        ),
+    ),
+    (
+        "The tar command\n***************\n\nThe tar command stores many files in one archive file.  The option\n"
+        '"-x" extracts files from an archive, and "-z" compresses the archive\nwith gzip.',
+        (
+            Pair("Which tar option extracts files?", 'The option "-x" extracts files from an archive.'),
+            Pair('What does the option "-z" do?', "It compresses the archive with gzip."),
+        ),
+    ),
+)
+
+
+def fewshot_prefix() -> str:
+    """The demonstrations, each as ``<CON> text </CON>\\n\\n`` + its rendered pairs + ``\\n\\n``."""
+    return "".join(f"{CON} {text} {CON_CLOSE}\n\n{render_pairs(pairs)}\n\n" for text, pairs in FEWSHOT_DEMONSTRATIONS)
+
+
+
+def fewshot_prompt(text: str) -> str:
+    """Demonstrations, then ``<CON> {text} </CON>\\n\\n<QUE>`` (the ``<QUE>`` is prefilled)."""
+    return f"{fewshot_prefix()}{CON} {text.strip()} {CON_CLOSE}\n\n{QUE}"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One synthesizer prompt.
+
+    ``text``: the prompt string; ``prefill``: the start of the expected output already in the prompt
+    (prepend it to the generated text before parsing); ``add_special_tokens``: how to tokenize ``text``.
+    """
+
+    text: str
+    prefill: str
+    add_special_tokens: bool
+
+
+def truncate_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
+    """The longest prefix of ``text`` that is at most ``max_tokens`` tokens of ``tokenizer``.
+
+    Cuts at a token boundary (tokens counted without special tokens) and decodes back; a text that
+    fits is returned unchanged. A character split by the cut (a lone replacement character) is removed.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens]).rstrip("\ufffd")
+
+
+def build_prompt(text: str, prompt_format: PromptFormat, tokenizer, max_context_tokens: int) -> Prompt:
+    """The prompt for one document in ``prompt_format``, the document cut to ``max_context_tokens``.
+
+    Raises ValueError for an unknown format.
+    """
+    context = truncate_to_tokens(text, tokenizer, max_context_tokens)
+    if prompt_format == "lmops":
+        return Prompt(lmops_prompt(context), prefill="", add_special_tokens=False)
+    if prompt_format == "fewshot":
+        return Prompt(fewshot_prompt(context), prefill=QUE, add_special_tokens=True)
+    raise ValueError(f"prompt format must be 'lmops' or 'fewshot', not {prompt_format!r}")

@@ -1,0 +1,122 @@
+from data_prep.parse import Pair, ParseResult, filter_grounded, grounding, parse_pairs
+
+# A released-synthesizer-style output: two well-formed pairs, the second one multiple choice.
+WELL_FORMED = (
+    "<QUE> What does the assert statement do? <ANS> It raises AssertionError when its expression is false. </END>\n\n"
+    "<QUE> Is assert removed under -O?\nOptions:\n- yes\n- no <ANS> yes </END>"
+)
+# A small model's output: no </END>, pairs separated by blank lines, cut off by max_new_tokens.
+SMALL_MODEL = (
+    "<QUE> What is the \"break\" statement? <ANS> It terminates the nearest enclosing loop.\n\n"
+    "<QUE> What does \"continue\" do? <ANS> It continues with the next cycle of the loop.\n\n"
+    "<QUE> What happens to the else clause? <ANS> It is skipped when the loop"
+)
+
+
+def test_strict_keeps_pairs_closed_by_end_tags():
+    result = parse_pairs(WELL_FORMED, "strict")
+    assert result.pairs == [
+        Pair("What does the assert statement do?", "It raises AssertionError when its expression is false."),
+        Pair("Is assert removed under -O?\nOptions:\n- yes\n- no", "yes"),
+    ]
+    assert result.dropped == {}
+
+
+def test_strict_drops_the_trailing_piece_without_end_tag():
+    result = parse_pairs(WELL_FORMED + "\n\n<QUE> Unfinished? <ANS> Because", "strict")
+    assert len(result.pairs) == 2
+    assert result.dropped == {"no_end_tag": 1}
+
+
+def test_strict_keeps_nothing_from_output_without_end_tags():
+    result = parse_pairs(SMALL_MODEL, "strict")
+    assert result.pairs == []
+    assert result.dropped == {"no_end_tag": 1}
+
+
+def test_lenient_splits_pairs_at_blank_lines_and_keeps_unfinished_last_pair():
+    result = parse_pairs(SMALL_MODEL, "lenient")
+    assert [p.question for p in result.pairs] == [
+        'What is the "break" statement?', 'What does "continue" do?', "What happens to the else clause?",
+    ]
+    assert result.pairs[2].answer == "It is skipped when the loop"
+
+
+def test_lenient_ends_a_pair_at_the_next_question_tag():
+    result = parse_pairs("<QUE> q1 <ANS> a1 <QUE> q2 <ANS> a2", "lenient")
+    assert result.pairs == [Pair("q1", "a1"), Pair("q2", "a2")]
+
+
+def test_lenient_stops_at_a_new_context_tag():
+    output = "<QUE> q1 <ANS> a1 </CON>\n\n<CON> invented text </CON>\n\n<QUE> q2 <ANS> a2"
+    result = parse_pairs(output, "lenient")
+    assert result.pairs == [Pair("q1", "a1")]
+    assert result.dropped == {"after_new_context": 1}
+
+
+def test_lenient_keeps_well_formed_output_like_strict():
+    assert parse_pairs(WELL_FORMED, "lenient").pairs == parse_pairs(WELL_FORMED, "strict").pairs
+
+
+def test_duplicate_questions_are_dropped_case_insensitively():
+    output = "<QUE> What is X? <ANS> a </END>\n\n<QUE> what is x? <ANS> b </END>"
+    for mode in ("strict", "lenient"):
+        result = parse_pairs(output, mode)
+        assert result.pairs == [Pair("What is X?", "a")]
+        assert result.dropped == {"duplicate_question": 1}
+
+
+def test_piece_without_answer_tag_is_dropped():
+    result = parse_pairs("<QUE> What is X?  X is a thing. </END>", "strict")
+    assert result.pairs == [] and result.dropped == {"no_answer_tag": 1}
+
+
+def test_piece_with_two_answer_tags_is_dropped():
+    result = parse_pairs("<QUE> q <ANS> a <ANS> b </END>", "strict")
+    assert result.pairs == [] and result.dropped == {"multiple_answer_tags": 1}
+
+
+def test_empty_answer_is_dropped():
+    result = parse_pairs("<QUE> q <ANS>   </END>", "strict")
+    assert result.pairs == [] and result.dropped == {"empty_answer": 1}
+
+
+def test_question_must_start_with_question_tag():
+    result = parse_pairs("Question: q <ANS> a </END>", "strict")
+    assert result.pairs == [] and result.dropped == {"no_question_tag": 1}
+
+
+def test_strict_keeps_an_empty_question_like_the_reference_but_lenient_drops_it():
+    assert parse_pairs("<QUE> <ANS> a </END>", "strict").pairs == [Pair("", "a")]
+    assert parse_pairs("<QUE> <ANS> a </END>", "lenient").dropped == {"empty_question": 1}
+
+
+def test_whitespace_between_pairs_is_not_counted_as_a_drop():
+    assert parse_pairs("<QUE> q <ANS> a </END>\n\n", "strict").dropped == {}
+
+
+def test_pair_to_dict_names_question_and_answer():
+    assert Pair("q", "a").to_dict() == {"question": "q", "answer": "a"}
+
+
+def test_grounding_is_the_share_of_answer_content_words_in_the_document():
+    document = "The break statement terminates the nearest enclosing loop."
+    # content words: break, terminates, loop, immediately -> 3 of 4 in the document
+    assert grounding("The break terminates the loop immediately.", document) == 0.75
+
+
+def test_grounding_of_an_answer_without_content_words_is_one():
+    assert grounding("No.", "anything") == 1.0
+
+
+def test_filter_grounded_drops_pairs_below_the_threshold_and_counts_them():
+    document = "The break statement terminates the nearest enclosing loop."
+    parsed = ParseResult([Pair("q1", "It terminates the enclosing loop."), Pair("q2", "Bananas grow on trees.")])
+    result = filter_grounded(parsed, document, 0.5)
+    assert [p.question for p in result.pairs] == ["q1"]
+    assert result.dropped == {"ungrounded": 1}
+
+
+def test_min_grounding_zero_keeps_every_pair():
+    parsed = ParseResult([Pair("q", "Bananas grow on trees.")])
+    assert filter_grounded(parsed, "unrelated", 0.0).pairs == parsed.pairs
