@@ -64,12 +64,12 @@ def summary_table(results) -> "Table":
     """A rich table of what the run produced, read from the stage manifests."""
     from rich.table import Table
 
-    t = Table(title="megatron-ipt run summary", show_header=True, header_style="bold")
-    t.add_column("what")
-    t.add_column("value", justify="right")
+    table = Table(title="megatron-ipt run summary", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("value", justify="right")
 
     def row(k, v):
-        t.add_row(k, v if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else f"{v:.4g}")
+        table.add_row(k, v if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else f"{v:.4g}")
 
     if "corpus" in results:
         c = results["corpus"].manifest["counts"]
@@ -86,18 +86,29 @@ def summary_table(results) -> "Table":
             row(f"tokens {name}", c["tokens"])
     if "train" in results:
         m = results["train"].manifest
-        c = m.get("counts", {})
-        for key in ("iterations", "consumed_samples", "tokens_per_second", "final_train_loss"):
-            if key in c and c[key] is not None:
-                row(key.replace("_", " "), c[key])
+        t = m.get("train", {})
+        for label, key in (("iterations", "iterations"), ("tokens trained", "tokens_trained"),
+                           ("tokens/s", "tokens_per_s"), ("ms/iteration", "ms_per_iteration"),
+                           ("final train loss", "final_train_loss"), ("parameters", "parameters")):
+            if t.get(key) is not None:
+                row(label, t[key])
         for name, loss in m.get("losses", {}).items():
             if loss.get("before") is not None and loss.get("after") is not None:
                 row(f"held-out loss {name}", f"{loss['before']:.3f} -> {loss['after']:.3f}")
-    return t
+    return table
+
+
+def _quiet_known_warnings() -> None:
+    """Silence megatron-core's import-time notices about optional GPU packages (TE, apex) and a config notice."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_known_warnings()
     from megatron_ipt.config import ConfigError, load_config, resolved
     from megatron_ipt.manifest import ManifestError
 

@@ -142,7 +142,6 @@ class TrainConfig(_Section):
     log_interval: int = Field(10, ge=1)
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
     save_checkpoint: bool = True
-    split: str = Field("98,2,0", description="Megatron train/valid/test split of each blended dataset.")
 
 
 class ExperimentConfig(_Section):

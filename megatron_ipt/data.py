@@ -74,6 +74,14 @@ def check_prefixes(tokenized_dir: Path, prefixes: tuple[str, ...]) -> None:
                 raise FileNotFoundError(f"indexed dataset file missing: {path}")
 
 
+def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
+    """Number of tokens in the indexed dataset ``tokenized_dir/prefix`` (read from its ``.idx``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(Path(tokenized_dir) / prefix))  # keep it alive: its arrays view its mmap
+    return int(dataset.sequence_lengths.sum())
+
+
 def _gpt_config(
     *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path, **kwargs
 ):
@@ -105,7 +113,6 @@ def build_train_dataset(
     instruct_weight: float,
     num_samples: int,
     seq_length: int,
-    split: str,
     seed: int,
     cache_dir: Path,
 ):
@@ -126,9 +133,11 @@ def build_train_dataset(
             weights.append(float(weight))
     config = _gpt_config(
         tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
-        blend=(prefixes, weights if len(prefixes) > 1 else None), split=split,
+        blend=(prefixes, weights if len(prefixes) > 1 else None), split="100,0,0",
     )
-    # With blend weights every split needs a number, not None (blended_megatron_dataset_builder.py).
+    # Held-out evaluation uses whole held-out documents (corpus stage), so every training document goes to
+    # the train split. A valid/test split with no document makes GPTDataset._get_num_epochs loop forever
+    # (megatron-core 0.16.1), which small corpora hit. With blend weights every split needs a number.
     sizes = [num_samples, 0, 0]
     train, _valid, _test = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, config

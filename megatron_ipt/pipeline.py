@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,10 +183,6 @@ def train_fingerprint(cfg: ExperimentConfig, tokenized: dict) -> str:
                        cfg.train.model_dump(mode="json"), cfg.blend.model_dump(mode="json"), tokenized["fingerprint"])
 
 
-def _under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or ("SLURM_PROCID" in os.environ and "WORLD_SIZE" in os.environ)
-
-
 def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Train on the blend with Megatron-Core; resumes from the stage folder's latest checkpoint.
 
@@ -210,10 +205,11 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, fp + "\n")
 
-    if cfg.parallel.nproc_per_node > 1 and not _under_launcher():
+    from megatron_ipt.launch import needs_relaunch, torchrun_command
+
+    if needs_relaunch(cfg.parallel.nproc_per_node):
         config_file = save_resolved_config(cfg)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.parallel.nproc_per_node}",
-               "-m", "megatron_ipt.cli", "train", str(config_file)]
+        cmd = torchrun_command(["-m", "megatron_ipt.cli", "train", str(config_file)], cfg.parallel.nproc_per_node)
         _log(f"train: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
         rc = subprocess.call(cmd)
         if rc != 0:

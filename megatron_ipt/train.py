@@ -285,10 +285,12 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     common = dict(tokenizer=tokenizer, seq_length=cfg.model.seq_length, seed=t.seed, cache_dir=cache_dir)
     train_set = data.build_train_dataset(
         tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
-        num_samples=t.train_iters * t.global_batch_size, split=t.split, **common,
+        num_samples=t.train_iters * t.global_batch_size, **common,
     )
+    # A held-out set shorter than one sequence (e.g. no held-out document got pairs) cannot be evaluated.
+    heldout_tokens = {name: data.prefix_tokens(tokenized_dir, name) for name in data.HELDOUT_PREFIXES}
     heldout = {name.removeprefix("heldout_"): data.build_heldout_dataset(tokenized_dir, name, **common)
-               for name in data.HELDOUT_PREFIXES}
+               for name, n in heldout_tokens.items() if n > cfg.model.seq_length}
 
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
