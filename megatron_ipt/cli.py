@@ -109,10 +109,10 @@ def _quiet_known_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_known_warnings()
-    from megatron_ipt.config import ConfigError, load_config, resolved
-    from megatron_ipt.manifest import ManifestError
+    from megatron_ipt.config import load_config, resolved
+    from megatron_ipt.errors import IptError
 
-    known_errors: tuple[type[BaseException], ...] = (ConfigError, ManifestError)
+    known_errors: tuple[type[BaseException], ...] = (IptError,)
     try:
         from data_prep.errors import DataPrepError
 

@@ -19,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from megatron_ipt.errors import IptError
 
-class ConfigError(ValueError):
+
+class ConfigError(IptError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
 

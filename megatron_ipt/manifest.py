@@ -25,11 +25,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_ipt.errors import IptError
+
 MANIFEST = "manifest.json"
 _PACKAGES = ("megatron-ipt", "torch", "megatron-core", "transformers", "tokenizers", "pydantic", "numpy", "vllm")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(IptError, RuntimeError):
     """A stage input is missing, incomplete or inconsistent; the message names the file."""
 
 

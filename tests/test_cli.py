@@ -50,3 +50,14 @@ def test_corpus_stage_writes_documents_and_manifest_and_is_reused(tmp_path):
     assert (run / "corpus" / "documents.jsonl").is_file() and (run / "corpus" / "manifest.json").is_file()
     r2 = ipt("corpus", "examples/quickstart.yaml", "--set", f"run_dir={run}")
     assert r2.returncode == 0 and "reusing" in r2.stderr
+
+
+def test_parallel_layout_that_does_not_divide_is_a_one_line_error(tmp_path):
+    from train_fixtures import make_tokenized_dir
+
+    make_tokenized_dir(tmp_path / "run" / "tokenized", train_docs=20, heldout_docs=4)
+    r = ipt("train", "--set", f"run_dir={tmp_path}/run", "--set", "train.device=cpu",
+            "--set", "model.preset=llama-test", "--set", "parallel.tensor_model_parallel_size=3")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "tensor" in r.stderr.lower() and "3" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,14 @@
+"""User-facing errors of the training side and the CLI.
+
+Anything raised as an :class:`IptError` is a problem the user can fix (a config key, a missing input, a
+layout that does not divide); the ``ipt`` command prints its one-line message and exits with status 2
+instead of a traceback. Plain Python, no torch: imported by the CLI before any heavy import.
+"""
+
+
+class IptError(Exception):
+    """Base of errors whose message is meant for the user."""
+
+
+class LaunchError(IptError, RuntimeError):
+    """Worker processes of a launched stage failed; their own output says why."""
