@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     log_interval: int = Field(10, ge=1)
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
     save_checkpoint: bool = True
+    save_interval: int | None = Field(
+        None, ge=1, description="Also save a checkpoint every this many iterations (a rerun resumes from the latest)."
+    )
 
 
 class ExperimentConfig(_Section):

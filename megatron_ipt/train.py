@@ -183,6 +183,7 @@ class _Reporter:
 
     def __init__(self, out_dir: Path, total: int, start: int, enabled: bool) -> None:
         self.enabled = enabled
+        self.total = total
         self.metrics = Path(out_dir) / METRICS
         self.progress = None
         if enabled:
@@ -206,7 +207,7 @@ class _Reporter:
                 status=f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm {record['grad_norm'] or 0:.3f} "
                 f"{record['tokens_per_s']:.0f} tok/s",
             )
-        self.progress.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+        self.progress.console.print(_log_line(record, self.total), soft_wrap=True, highlight=False)
 
     def advance(self, iteration: int) -> None:
         if self.enabled:
@@ -219,6 +220,19 @@ class _Reporter:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _log_line(record: dict, total: int) -> str:
+    """One console line: Megatron-LM's iteration log fields, or an event with its values."""
+    if "iteration" not in record:
+        return " | ".join(f"{k} {_fmt(v)}" for k, v in record.items())
+    parts = [f"iteration {record['iteration']:>{len(str(total))}}/{total}", f"loss {record['loss']:.4f}",
+             f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm'] or 0:.3f}",
+             f"consumed samples {record['consumed_samples']}", f"{record['ms_per_iteration']:.0f} ms/it",
+             f"{record['tokens_per_s']:.0f} tokens/s"]
+    if record.get("skipped"):
+        parts.append("skipped (inf/nan grad)")
+    return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------- the stage
@@ -329,6 +343,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             progress.consumed_samples += t.global_batch_size
             if not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"iteration {progress.iteration}: loss is {last['loss']}")
+            if t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
+                checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
                 step_s = sum(window) / len(window)
                 reporter.log({

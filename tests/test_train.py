@@ -89,6 +89,13 @@ def run_two_processes(tokenized_dir: Path, out: Path, *flags: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def test_save_interval_leaves_intermediate_checkpoints_and_points_latest_at_the_last(tokenized_dir, tmp_path):
+    train_stage(tiny_config(train_iters=6, save_interval=2, eval_iters=1), tokenized_dir, tmp_path, "fp-save")
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert saved == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "6"
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("flags, layout", [
     (("--tp", "2"), {"tensor_model_parallel_size": 2, "data_parallel_size": 1}),
