@@ -16,6 +16,8 @@ Two modes:
 Every dropped piece is counted under a named reason (see ``DROP_REASONS``); whitespace-only pieces are
 not pairs and are not counted. :func:`grounding` and :func:`filter_grounded` implement the project's
 grounding filter (not in the reference): the share of an answer's content words found in the document.
+:func:`repetition` and :func:`filter_repetitive` drop answers that loop on one phrase (small greedy models
+do this until they run out of tokens); also not in the reference.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ DROP_REASONS = {
     "duplicate_question": "the same question (case-insensitive) was already kept",
     "after_new_context": "lenient: a pair written after the model wrote <CON> or </CON> (a document of its own)",
     "ungrounded": "the answer's grounding in the document is below min_grounding",
+    "repetitive": "the answer repeats itself: its share of repeated word trigrams is above max_repetition",
 }
 
 
@@ -168,4 +171,30 @@ def filter_grounded(result: ParseResult, document: str, min_grounding: float) ->
     dropped = Counter(result.dropped)
     if len(kept) < len(result.pairs):
         dropped["ungrounded"] += len(result.pairs) - len(kept)
+    return ParseResult(kept, dropped)
+
+
+def repetition(answer: str, n: int = 3) -> float:
+    """Share (0..1) of the answer's word n-grams that repeat an earlier n-gram of the same answer.
+
+    0.0 for an answer with no repeated n-gram (or fewer than ``n`` words); approaches 1.0 for a loop.
+    """
+    words = _WORD.findall(answer.lower())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def filter_repetitive(result: ParseResult, max_repetition: float) -> ParseResult:
+    """Drop pairs whose answer :func:`repetition` is above ``max_repetition`` (1.0 disables).
+
+    Returns a new ParseResult; each removed pair adds one ``repetitive`` drop.
+    """
+    if max_repetition >= 1.0:
+        return ParseResult(list(result.pairs), Counter(result.dropped))
+    kept = [p for p in result.pairs if repetition(p.answer) <= max_repetition]
+    dropped = Counter(result.dropped)
+    if len(kept) < len(result.pairs):
+        dropped["repetitive"] += len(result.pairs) - len(kept)
     return ParseResult(kept, dropped)

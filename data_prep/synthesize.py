@@ -24,7 +24,7 @@ from pathlib import Path
 from data_prep.engines import TransformersEngine
 from data_prep.errors import DataPrepError
 from data_prep.models import resolve_model
-from data_prep.parse import CON, CON_CLOSE, filter_grounded, parse_pairs
+from data_prep.parse import CON, CON_CLOSE, filter_grounded, filter_repetitive, parse_pairs
 from data_prep.prompts import build_prompt
 
 REQUIRED_FIELDS = ("id", "split", "text")
@@ -96,6 +96,7 @@ def synthesize_documents(
             for doc, prompt, result in zip(documents, prompts, outputs):
                 raw = prompt.prefill + result.text
                 parsed = filter_grounded(parse_pairs(raw, cfg.parse_mode), doc["text"], cfg.min_grounding)
+                parsed = filter_repetitive(parsed, cfg.max_repetition)
                 pairs_dropped.update(parsed.dropped)
                 pairs_kept += len(parsed.pairs)
                 documents_with_pairs += bool(parsed.pairs)

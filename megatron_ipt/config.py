@@ -69,6 +69,10 @@ class SynthesisConfig(_Section):
         0.0, ge=0.0, le=1.0,
         description="Drop pairs whose answer shares less than this fraction of its content words with the document (0 disables).",
     )
+    max_repetition: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Drop pairs whose answer repeats itself: share of repeated word trigrams above this (1 disables).",
+    )
     max_context_tokens: int = Field(512, ge=16, description="Document tokens shown to the synthesizer; longer texts are truncated.")
     max_new_tokens: int = Field(160, ge=1, description="Generated tokens per document.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call.")

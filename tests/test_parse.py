@@ -1,3 +1,5 @@
+from collections import Counter
+
 from data_prep.parse import Pair, ParseResult, filter_grounded, grounding, parse_pairs
 
 # A released-synthesizer-style output: two well-formed pairs, the second one multiple choice.
@@ -120,3 +122,34 @@ def test_filter_grounded_drops_pairs_below_the_threshold_and_counts_them():
 def test_min_grounding_zero_keeps_every_pair():
     parsed = ParseResult([Pair("q", "Bananas grow on trees.")])
     assert filter_grounded(parsed, "unrelated", 0.0).pairs == parsed.pairs
+
+
+def test_repetition_is_zero_for_an_answer_without_repeated_trigrams():
+    from data_prep.parse import repetition
+
+    assert repetition("The augmented assignment combines a binary operation and an assignment.") == 0.0
+    assert repetition("Yes.") == 0.0
+
+
+def test_repetition_is_high_for_a_looping_answer():
+    from data_prep.parse import repetition
+
+    loop = 'It is a method of the "Attribute" class.  It is a method of the "Attribute" class.  It is a method of the'
+    assert repetition(loop) > 0.5
+
+
+def test_filter_repetitive_drops_looping_answers_and_counts_them():
+    from data_prep.parse import Pair, ParseResult, filter_repetitive
+
+    good = Pair("What does break do?", "It exits the nearest enclosing loop.")
+    bad = Pair("What is a tuple?", "A tuple is a sequence. A tuple is a sequence. A tuple is a sequence. A tuple is a")
+    result = filter_repetitive(ParseResult([good, bad], Counter({"no_answer_tag": 2})), 0.5)
+    assert result.pairs == [good]
+    assert result.dropped == Counter({"no_answer_tag": 2, "repetitive": 1})
+
+
+def test_filter_repetitive_at_one_keeps_everything():
+    from data_prep.parse import Pair, ParseResult, filter_repetitive
+
+    loop = Pair("q", "a b c a b c a b c a b c")
+    assert filter_repetitive(ParseResult([loop], Counter()), 1.0).pairs == [loop]
