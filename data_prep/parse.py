@@ -9,7 +9,8 @@ Two modes:
   ``<ANS>``, its question starts with ``<QUE>`` and its answer is non-empty; drop duplicate questions
   (case-insensitive). Question and answer are stripped, ``<QUE>`` is removed from the question.
 - ``lenient``: for small models that rarely write ``</END>`` (SmolLM2-135M): a pair also ends at a blank
-  line or where the next ``<QUE>`` starts; a trailing unfinished pair is kept if its answer is non-empty;
+  line or where the next ``<QUE>`` starts; a trailing unfinished pair is kept if its answer is non-empty,
+  and answers are cut where they start repeating a sentence or trail off (:func:`trim_repeated_sentences`);
   parsing stops at the first ``<CON>`` or ``</CON>`` (the model started writing a document of its own;
   pairs after it are dropped as ``after_new_context``); empty questions are dropped.
 
@@ -123,9 +124,37 @@ def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:
     if not answer:
         return "empty_answer", None
     question = question.replace(QUE, "").strip()
-    if mode == "lenient" and not question:
-        return "empty_question", None
+    if mode == "lenient":
+        if not question:
+            return "empty_question", None
+        answer = trim_repeated_sentences(answer)
     return "", Pair(question, answer)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def trim_repeated_sentences(answer: str) -> str:
+    """Lenient mode: cut an answer where it starts repeating itself or trails off unfinished.
+
+    Sentences (split after ``.``, ``!`` or ``?``) are kept up to the first one that repeats an earlier
+    sentence (case- and whitespace-insensitive); an unfinished last sentence (no final punctuation, as
+    when generation hit ``max_new_tokens``) is cut when a finished one precedes it. Small greedy models
+    loop ("X is a Y. X is a Y. X is a") until they run out of tokens; this keeps the first statement.
+    Returns the answer unchanged when it is one sentence.
+    """
+    sentences = _SENTENCE_END.split(answer.strip())
+    kept: list[str] = []
+    seen: set[str] = set()
+    for sentence in sentences:
+        key = " ".join(sentence.lower().split())
+        if key in seen:
+            break
+        seen.add(key)
+        kept.append(sentence)
+    if len(kept) > 1 and not kept[-1].rstrip().endswith((".", "!", "?")):
+        kept.pop()
+    return " ".join(kept) if len(kept) < len(sentences) else answer.strip()
 
 
 # A small English stopword list: function words that say nothing about grounding.

@@ -153,3 +153,30 @@ def test_filter_repetitive_at_one_keeps_everything():
 
     loop = Pair("q", "a b c a b c a b c a b c")
     assert filter_repetitive(ParseResult([loop], Counter()), 1.0).pairs == [loop]
+
+
+def test_lenient_trims_an_answer_that_starts_repeating_itself():
+    from data_prep.parse import trim_repeated_sentences
+
+    looped = 'The "break" statement is used to exit a loop.  The "break" statement is used to exit a loop.  The "break'
+    assert trim_repeated_sentences(looped) == 'The "break" statement is used to exit a loop.'
+
+
+def test_trim_cuts_an_unfinished_last_sentence_after_a_finished_one():
+    from data_prep.parse import trim_repeated_sentences
+
+    assert trim_repeated_sentences("A tuple is immutable. It can hold any") == "A tuple is immutable."
+    assert trim_repeated_sentences("The syntax for the assignment statement is") == "The syntax for the assignment statement is"
+
+
+def test_trim_keeps_an_answer_without_repetition_unchanged():
+    from data_prep.parse import trim_repeated_sentences
+
+    text = "It exits the loop.\nThe else clause is skipped."
+    assert trim_repeated_sentences(text) == text
+
+
+def test_strict_mode_does_not_trim_answers():
+    out = "<QUE> q? <ANS> A b. A b. </END>"
+    assert parse_pairs(out, "strict").pairs[0].answer == "A b. A b."
+    assert parse_pairs(out, "lenient").pairs[0].answer == "A b."
