@@ -305,6 +305,10 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     heldout_tokens = {name: data.prefix_tokens(tokenized_dir, name) for name in data.HELDOUT_PREFIXES}
     heldout = {name.removeprefix("heldout_"): data.build_heldout_dataset(tokenized_dir, name, **common)
                for name, n in heldout_tokens.items() if n > cfg.model.seq_length}
+    for name, n in heldout_tokens.items():
+        if n <= cfg.model.seq_length and torch.distributed.get_rank() == 0:
+            print(f"train: {name} has {n} tokens, not more than one sequence of {cfg.model.seq_length}: not evaluated",
+                  flush=True)
 
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
