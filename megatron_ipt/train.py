@@ -30,6 +30,13 @@ from megatron_ipt.model import build_model, count_parameters
 from megatron_ipt.presets import padded_vocab_size, resolve_preset
 
 METRICS = "metrics.jsonl"
+MIN_EVAL_SEQ_LENGTH = 16  # tokens; a held-out set shorter than this is not evaluated
+
+
+def _say(message: str) -> None:
+    """Print a notice once (rank 0)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
 
 
 def _filtered(cls: type, **kwargs: Any):
@@ -127,8 +134,12 @@ def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
     return float(totals[0]), float(totals[1])
 
 
-def evaluate(model, forward_backward: Callable, dataset, cfg: ExperimentConfig, layout: parallel.Layout) -> float:
-    """Mean per-token loss (nats) over the whole held-out ``dataset`` (or ``train.eval_iters`` batches)."""
+def evaluate(model, forward_backward: Callable, dataset, cfg: ExperimentConfig, layout: parallel.Layout,
+             seq_length: int | None = None) -> float:
+    """Mean per-token loss (nats) over the whole held-out ``dataset`` (or ``train.eval_iters`` batches).
+
+    ``seq_length``: the dataset's sequence length (default ``model.seq_length``; shorter for small sets).
+    """
     from megatron.core import parallel_state as ps
 
     count, batches = data.eval_micro_batches(
@@ -140,7 +151,7 @@ def evaluate(model, forward_backward: Callable, dataset, cfg: ExperimentConfig, 
     with torch.no_grad():
         outputs = forward_backward(
             forward_step_func=_forward_step, data_iterator=batches, model=[model], num_microbatches=count,
-            seq_length=cfg.model.seq_length, micro_batch_size=layout.micro_batch_size, forward_only=True,
+            seq_length=seq_length or cfg.model.seq_length, micro_batch_size=layout.micro_batch_size, forward_only=True,
         )
     model.train()
     loss_sum, tokens = _reduce_losses(outputs or [])
@@ -301,14 +312,20 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
         num_samples=t.train_iters * t.global_batch_size, **common,
     )
-    # A held-out set shorter than one sequence (e.g. no held-out document got pairs) cannot be evaluated.
-    heldout_tokens = {name: data.prefix_tokens(tokenized_dir, name) for name in data.HELDOUT_PREFIXES}
-    heldout = {name.removeprefix("heldout_"): data.build_heldout_dataset(tokenized_dir, name, **common)
-               for name, n in heldout_tokens.items() if n > cfg.model.seq_length}
-    for name, n in heldout_tokens.items():
-        if n <= cfg.model.seq_length and torch.distributed.get_rank() == 0:
-            print(f"train: {name} has {n} tokens, not more than one sequence of {cfg.model.seq_length}: not evaluated",
-                  flush=True)
+    # A held-out set shorter than one training sequence (few held-out documents got pairs) is evaluated as
+    # one shorter sequence; one under MIN_EVAL_SEQ_LENGTH tokens is not evaluated.
+    heldout, eval_seq = {}, {}
+    for name in data.HELDOUT_PREFIXES:
+        n = data.prefix_tokens(tokenized_dir, name)
+        seq = min(cfg.model.seq_length, n - 1)
+        key = name.removeprefix("heldout_")
+        if seq < MIN_EVAL_SEQ_LENGTH:
+            _say(f"train: {name} has {n} tokens, too few to evaluate")
+            continue
+        if seq < cfg.model.seq_length:
+            _say(f"train: {name} has {n} tokens, less than one sequence: evaluated as one sequence of {seq}")
+        heldout[key] = data.build_heldout_dataset(tokenized_dir, name, **{**common, "seq_length": seq})
+        eval_seq[key] = seq
 
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
@@ -319,7 +336,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         load_seconds = time.perf_counter() - tick
         before = progress.extra["heldout_before"]
     else:
-        before = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout) for k, ds in heldout.items()}
+        before = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
         progress = checkpoint.Progress(iteration=0, consumed_samples=0)
     progress.extra = {"heldout_before": before}
     batches = data.micro_batches(
@@ -390,8 +407,9 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     if not summary["completed"]:
         return summary
 
-    after = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout) for k, ds in heldout.items()}
-    summary["losses"] = {k: {"before": before[k], "after": after[k]} for k in after}
+    after = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
+    summary["losses"] = {f"heldout_{k}": {"before": before[f"heldout_{k}"], "after": after[f"heldout_{k}"],
+                                          "sequence_length": eval_seq[k]} for k in heldout}
     if rank0:
         reporter.log({"event": "heldout_after", **after})
         write_manifest(

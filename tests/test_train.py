@@ -96,6 +96,17 @@ def test_save_interval_leaves_intermediate_checkpoints_and_points_latest_at_the_
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "6"
 
 
+def test_a_held_out_set_shorter_than_a_sequence_is_evaluated_as_one_shorter_sequence(tmp_path):
+    import numpy as np
+    from train_fixtures import write_indexed
+
+    tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=40, heldout_docs=4)
+    write_indexed(tokenized / "heldout_pairs", [np.arange(1, 31, dtype=np.int32)])  # 30 tokens < seq 64
+    summary = train_stage(tiny_config(train_iters=2), tokenized, tmp_path / "out", "fp-short")
+    assert summary["losses"]["heldout_pairs"]["sequence_length"] == 29
+    assert summary["losses"]["heldout_raw"]["sequence_length"] == 64
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("flags, layout", [
     (("--tp", "2"), {"tensor_model_parallel_size": 2, "data_parallel_size": 1}),
