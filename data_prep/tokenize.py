@@ -1,112 +1,331 @@
-"""Tokenize JSONL texts into Megatron indexed datasets (``PREFIX.bin`` / ``PREFIX.idx``).
+"""Streaming, parallel tokenization of text corpora into Megatron indexed datasets (``PREFIX.bin`` / ``.idx``).
 
-The output is exactly the format of megatron-core's ``IndexedDatasetBuilder`` (the writer behind
-Megatron-LM's ``tools/preprocess_data.py``), so megatron-core's ``IndexedDataset`` and Megatron-LM read it:
-one sequence per document, one EOD token appended to each document, token dtype ``uint16`` for
-vocabularies under 65,500 ids and ``int32`` above (``DType.optimal_dtype``).
+The replacement for Megatron-LM's ``tools/preprocess_data.py``, with the same output format:
 
-The EOD token is the tokenizer's end-of-text token (``<|end_of_text|>``, ``<|endoftext|>`` or ``</s>``,
-first found), else its EOS token. Both files are written under temporary names and renamed when complete.
+- inputs: globs of JSONL (plain, ``.gz``, ``.zst``), Parquet and text files (``data_prep.readers``); the text
+  field is configurable;
+- tokenizers: Hugging Face, sentencepiece, tiktoken-style BPE files (``data_prep.encoders``); optional BOS,
+  EOD appended per document; token dtype from the vocabulary size (``uint16`` below 65,500, else ``int32``);
+- parallel: the main process reads raw lines in batches; worker processes decode, parse JSON and batch-encode,
+  and return numpy arrays; at most ``2 × workers`` batches are in flight, so memory stays bounded whatever
+  the input size; results are written in input order;
+- output: one indexed dataset per input file under ``PREFIX.shards/``, merged into ``PREFIX.bin/.idx``
+  (``data_prep.indexed``: exactly megatron-core's format); ``PREFIX.manifest.json`` with documents, tokens,
+  the tokenizer fingerprint, source checksums and skipped records by reason;
+- resumable and atomic: a finished shard (``.done.json`` next to it, written last, matching the source's
+  size and mtime and the settings) is skipped on rerun; every file is written under a ``.tmp`` name first;
+- bad input (malformed JSON, a missing or non-string field, non-UTF-8 bytes, empty text): ``bad_input``
+  ``skip`` (counted by reason, the first few reported as file:line) or ``fail`` (DataPrepError at file:line).
+  A token id beyond the dtype is always an error.
+
+Command line (for your own corpora; the pipeline's ``tokenize`` stage calls :func:`tokenize_corpus`)::
+
+    python -m data_prep.tokenize --input 'data/*.jsonl.zst' --tokenizer path/to/tokenizer.json \\
+        --output-prefix out/corpus --workers 16
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import multiprocessing as mp
 import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
+from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
+from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
+from data_prep.readers import Batch, expand_inputs, read_batches
 
-EOD_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>")
-BATCH = 256
-
-
-def load_tokenizer(path: str | Path):
-    """Load a Hugging Face tokenizer from a local folder; DataPrepError with the path if it cannot be loaded."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
-        raise DataPrepError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+REASONS = {"malformed_json": "not valid JSON", "missing_field": "no string field", "not_utf8": "not UTF-8",
+           "empty_text": "empty text"}
 
 
-def eod_id(tokenizer) -> int:
-    """The id appended after every document: an end-of-text token if the vocabulary has one, else EOS."""
-    vocab = tokenizer.get_vocab()
-    for tok in EOD_CANDIDATES:
-        if tok in vocab:
-            return vocab[tok]
-    if tokenizer.eos_token_id is None:
-        raise DataPrepError("tokenizer has neither an end-of-text nor an EOS token to use as EOD")
-    return tokenizer.eos_token_id
+@dataclass
+class TokenizeOptions:
+    text_field: str = "text"
+    append_eod: bool = True
+    append_bos: bool = False
+    bad_input: str = "skip"  # or "fail"
+    workers: int = 0  # 0: one per CPU core
+    batch_docs: int = 1024
+    batch_bytes: int = 1 << 22
+    min_parallel_bytes: int = 8 << 20  # smaller inputs are tokenized in-process
+    merge: bool = True
+    max_examples: int = 5
+
+    def key(self) -> dict:
+        """The settings that change a shard's content."""
+        return {"text_field": self.text_field, "append_eod": self.append_eod, "append_bos": self.append_bos}
 
 
-def token_dtype(vocab_size: int) -> type[np.number]:
-    """Token dtype for a vocabulary size, as megatron-core's ``DType.optimal_dtype``."""
-    return np.uint16 if vocab_size < 65500 else np.int32
+@dataclass
+class Encoded:
+    ids: np.ndarray
+    lengths: np.ndarray
+    skipped: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
 
 
-def read_texts(path: Path) -> Iterator[str]:
-    """Texts of a JSONL file with a ``text`` field; DataPrepError naming file:line for a malformed line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+# ---- worker side ---------------------------------------------------------------------------------------------
+
+_W: dict = {}
+
+
+def _init_worker(tokenizer: str, opts: TokenizeOptions) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no Rust thread pool on top
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    enc = load_encoder(tokenizer)
+    _setup(enc, opts)
+
+
+def _setup(enc: Encoder, opts: TokenizeOptions) -> None:
+    if opts.append_eod and enc.eod_id is None:
+        raise DataPrepError(f"tokenizer {enc.path} has neither an end-of-text nor an EOS token to use as EOD")
+    if opts.append_bos and enc.bos_id is None:
+        raise DataPrepError(f"tokenizer {enc.path} has no BOS token (append_bos is set)")
+    _W.update(enc=enc, opts=opts, dtype=token_dtype(enc.vocab_size))
+
+
+def _texts(batch: Batch, opts: TokenizeOptions, skip) -> tuple[list[str], list[int]]:
+    texts, lines = [], []
+    for i, item in enumerate(batch.items):
+        lineno = batch.first + i
+        if batch.format == "values":
+            text = item
+            if not isinstance(text, str):
+                skip("missing_field", lineno)
                 continue
+        else:
+            if not item.strip():
+                continue  # a blank line is no record
             try:
-                yield json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataPrepError(f"{path}:{lineno}: not a JSON object with a 'text' field") from None
+                line = item.decode("utf-8")
+            except UnicodeDecodeError:
+                skip("not_utf8", lineno)
+                continue
+            if batch.format == "text":
+                text = line.rstrip("\r\n")
+            else:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    skip("malformed_json", lineno)
+                    continue
+                text = obj.get(opts.text_field) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    skip("missing_field", lineno)
+                    continue
+        if not text.strip():
+            skip("empty_text", lineno)
+            continue
+        texts.append(text)
+        lines.append(lineno)
+    return texts, lines
 
 
-def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def encode_batch(batch: Batch) -> Encoded:
+    """Decode, parse, filter and tokenize one batch (in a worker): token ids back to back plus lengths."""
+    enc, opts, dtype = _W["enc"], _W["opts"], _W["dtype"]
+    skipped: Counter = Counter()
+    examples: list[str] = []
 
+    def skip(reason: str, lineno: int) -> None:
+        where = f"{batch.source}:{lineno}"
+        if opts.bad_input == "fail":
+            raise DataPrepError(f"{where}: {REASONS[reason]} (tokenize bad_input=fail)")
+        skipped[reason] += 1
+        if len(examples) < opts.max_examples:
+            examples.append(f"{where}: {REASONS[reason]}")
 
-def write_indexed_dataset(texts: Iterable[str], tokenizer, prefix: str | Path, append_eod: bool = True) -> dict:
-    """Tokenize ``texts`` (no special tokens added) and write ``prefix.bin`` / ``prefix.idx``.
-
-    Returns ``{"documents": int, "tokens": int}`` (tokens include the EOD tokens).
-    Raises DataPrepError if a token id does not fit the dtype chosen from ``len(tokenizer)``.
-    """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(prefix)
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    eod = eod_id(tokenizer)
-    tmp_bin, tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    documents = tokens = 0
+    texts, lines = _texts(batch, opts, skip)
     try:
-        for batch in _batches(texts, BATCH):
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                if append_eod:
-                    ids = ids + [eod]
-                arr = np.asarray(ids, dtype=np.int64)
-                if arr.size and (arr.max() > np.iinfo(dtype).max or arr.min() < 0):
-                    raise DataPrepError(f"token id {arr.max()} does not fit {np.dtype(dtype).name} (vocabulary {vocab_size})")
-                builder.add_document(arr, [arr.size])
-                documents += 1
-                tokens += arr.size
-        builder.finalize(tmp_idx)
+        encoded = enc.encode_batch(texts)
+    except Exception:  # one bad text (e.g. lone surrogates from a JSON escape) fails the whole batch call
+        encoded = []
+        for text, lineno in zip(texts, lines):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                skip("not_utf8", lineno)
+                continue
+            encoded.append(enc.encode_batch([text])[0])
+    flat: list[int] = []
+    bos, eod = [enc.bos_id] if opts.append_bos else [], [enc.eod_id] if opts.append_eod else []
+    for ids in encoded:
+        flat += bos
+        flat += ids
+        flat += eod
+    extra = len(bos) + len(eod)
+    lengths = np.fromiter((len(ids) + extra for ids in encoded), dtype=np.int32, count=len(encoded))
+    arr = np.array(flat, dtype=np.int64)
+    if arr.size and (arr.max() > np.iinfo(dtype).max or arr.min() < 0):
+        raise DataPrepError(f"{batch.source}: token id {arr.max()} does not fit {np.dtype(dtype).name} "
+                            f"(vocabulary {enc.vocab_size}): tokenizer and dtype do not match")
+    return Encoded(arr.astype(dtype), lengths, skipped, examples)
+
+
+# ---- main side -----------------------------------------------------------------------------------------------
+
+
+def _shard_name(path: Path) -> str:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{path.name.split('.')[0]}-{digest}"
+
+
+def _source_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, workers: int = 1) -> dict:
+    """Tokenize one input file into ``prefix.bin/.idx`` through ``pool`` (None: in-process)."""
+    writer = IndexedDatasetWriter(prefix, dtype)
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    checksum: dict = {}
+
+    def consume(result: Encoded) -> None:
+        writer.add_documents(result.ids, result.lengths)
+        skipped.update(result.skipped)
+        examples.extend(result.examples[: opts.max_examples - len(examples)])
+
+    batches = read_batches(path, opts.text_field, opts.batch_docs, opts.batch_bytes, checksum)
+    try:
+        if pool is None:
+            for batch in batches:
+                consume(encode_batch(batch))
+        else:
+            in_flight: deque = deque()
+            limit = 2 * workers  # bounded: never more than this many batches read ahead
+            for batch in batches:
+                in_flight.append(pool.apply_async(encode_batch, (batch,)))
+                if len(in_flight) >= limit:
+                    consume(in_flight.popleft().get())
+            while in_flight:
+                consume(in_flight.popleft().get())
+        writer.finalize()
     except BaseException:
-        builder.data_file.close()
-        for p in (tmp_bin, tmp_idx):
-            if os.path.exists(p):
-                os.remove(p)
+        writer.abort()
         raise
-    os.replace(tmp_bin, f"{prefix}.bin")
-    os.replace(tmp_idx, f"{prefix}.idx")
-    return {"documents": documents, "tokens": tokens}
+    return {"documents": writer.documents, "tokens": writer.tokens, "sha256": checksum.get("sha256"),
+            "skipped": dict(skipped), "skipped_examples": examples}
+
+
+def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokenizer: str | Path,
+                    opts: TokenizeOptions | None = None, log=print) -> dict:
+    """Tokenize input files (paths or globs) into ``output_prefix`` and return its manifest (see module doc)."""
+    opts = opts or TokenizeOptions()
+    if opts.bad_input not in ("skip", "fail"):
+        raise DataPrepError(f"bad_input must be 'skip' or 'fail', not {opts.bad_input!r}")
+    started = time.time()
+    files = expand_inputs([str(p) for p in inputs])
+    encoder = load_encoder(tokenizer)
+    _setup(encoder, opts)  # checks EOD/BOS here, before any worker starts
+    dtype = token_dtype(encoder.vocab_size)
+    prefix = Path(output_prefix)
+    shard_dir = prefix.with_name(prefix.name + ".shards")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"tokenizer": encoder.fingerprint, **opts.key()}
+    workers = opts.workers or os.cpu_count() or 1
+    if sum(f.stat().st_size for f in files) < opts.min_parallel_bytes:
+        workers = 1
+    pool = None
+    sources, shard_prefixes, resumed = [], [], 0
+    try:
+        for path in files:
+            shard = shard_dir / _shard_name(path)
+            done_file = shard.with_name(shard.name + ".done.json")
+            stamp = _source_stamp(path)
+            done = json.loads(done_file.read_text()) if done_file.is_file() else None
+            if (done and done["source"] == stamp and done["settings"] == settings
+                    and Path(f"{shard}.bin").is_file() and Path(f"{shard}.idx").is_file()):
+                stats, resumed = done["stats"], resumed + 1
+            else:
+                if pool is None and workers > 1:
+                    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+                    pool = ctx.Pool(workers, _init_worker, (str(tokenizer), opts))
+                t0 = time.time()
+                stats = tokenize_file(path, shard, pool, opts, dtype, workers)
+                stats["seconds"] = round(time.time() - t0, 3)
+                _atomic_json(done_file, {"source": stamp, "settings": settings, "stats": stats})
+                log(f"tokenize: {path} -> {stats['documents']:,} documents, {stats['tokens']:,} tokens"
+                    + (f", skipped {stats['skipped']}" if stats["skipped"] else ""))
+            sources.append({"path": str(path), "shard": str(shard), **stats})
+            shard_prefixes.append(shard)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    merged = None
+    if opts.merge:
+        merged = merge_datasets(shard_prefixes, prefix)
+    skipped: Counter = Counter()
+    for s in sources:
+        skipped.update(s["skipped"])
+    seconds = time.time() - started
+    tokens = sum(s["tokens"] for s in sources)
+    manifest = {
+        "output_prefix": str(prefix) if opts.merge else None,
+        "documents": sum(s["documents"] for s in sources),
+        "tokens": tokens,
+        "tokenizer": {**encoder.info(), "dtype": np.dtype(dtype).name},
+        "options": asdict(opts),
+        "workers": workers,
+        "sources": sources,
+        "shards_resumed": resumed,
+        "skipped": dict(skipped),
+        "skipped_examples": [e for s in sources for e in s["skipped_examples"]][: opts.max_examples],
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+    }
+    if merged is not None:
+        assert merged["documents"] == manifest["documents"] and merged["tokens"] == tokens
+    _atomic_json(prefix.with_name(prefix.name + ".manifest.json"), manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", action="append", required=True, metavar="GLOB",
+                   help="input files: JSONL (.gz/.zst), Parquet, .txt (one document per line); repeatable")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a Hugging Face folder, a sentencepiece "
+                   ".model or a tiktoken BPE file (Llama-3 tokenizer.model)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX.shards/, PREFIX.manifest.json")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument("--append-bos", action="store_true")
+    p.add_argument("--no-eod", action="store_true", help="do not append the EOD token to each document")
+    p.add_argument("--bad-input", choices=["skip", "fail"], default="skip")
+    p.add_argument("--no-merge", action="store_true", help="keep only the per-file shards")
+    a = p.parse_args(argv)
+    opts = TokenizeOptions(text_field=a.text_field, workers=a.workers, append_bos=a.append_bos,
+                           append_eod=not a.no_eod, bad_input=a.bad_input, merge=not a.no_merge)
+    try:
+        m = tokenize_corpus(a.input, a.output_prefix, a.tokenizer, opts)
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{m['documents']:,} documents, {m['tokens']:,} tokens in {m['seconds']} s "
+          f"({m['tokens_per_s']:,} tokens/s); skipped {m['skipped'] or 'none'}")
+    for e in m["skipped_examples"]:
+        print(f"  skipped {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Tokenization speed and memory: ``data_prep.tokenize`` against the way Megatron-LM's preprocess_data works.
+
+Both tokenize the same JSONL with the same tokenizer and the same number of worker processes:
+
+- ``baseline``: a reimplementation of Megatron-LM ``tools/preprocess_data.py``'s approach (written here, not
+  copied): ``multiprocessing.Pool.imap`` over the file's lines with chunksize 25, each worker parsing one JSON
+  line and tokenizing one document with the transformers tokenizer, the main process writing each document
+  through megatron-core's ``IndexedDatasetBuilder.add_document``;
+- ``ours``: ``data_prep.tokenize.tokenize_corpus`` (batched raw lines to workers, batch encoding with the
+  ``tokenizers`` library, bounded in-flight batches, numpy writes).
+
+Each run is a fresh Python process; its peak memory is sampled every 0.1 s over the process and its
+children (PSS, proportional set size, so pages shared by forked workers count once; RSS summed is reported
+too). The outputs of both are compared byte for byte.
+
+Input: real text from Debian's ``python3.11-doc`` (the Python manual as info, split into nodes) and
+``linux-doc-6.1`` (kernel documentation, ``.rst.gz``), about 36 MB of text; ``apt-get download`` +
+``dpkg-deb -x`` into ``DATA_DIR`` (nothing installed). Inputs larger than that repeat the documents in
+order (real text, repeated). Files are cached in ``DATA_DIR``.
+
+    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench            # 100 MB both, 1 GB ours
+    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench --sizes-mb 10,100 --baseline-max-mb 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEBS = ("python3.11-doc", "linux-doc-6.1")
+
+
+# ---- input -----------------------------------------------------------------------------------------------
+
+
+def real_documents(data_dir: Path) -> list[str]:
+    """Documents from the two Debian doc packages (downloaded and unpacked once into data_dir)."""
+    root = data_dir / "debs"
+    root.mkdir(parents=True, exist_ok=True)
+    for name in DEBS:
+        if not list(root.glob(f"{name}_*.deb")):
+            subprocess.run(["apt-get", "download", name], cwd=root, check=True, capture_output=True)
+        deb = sorted(root.glob(f"{name}_*.deb"))[-1]
+        if not (root / name).is_dir():
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root / name)], check=True)
+    docs = []
+    for info in sorted(glob.glob(str(root / "python3.11-doc/usr/share/info/python3.11.info*.gz"))):
+        docs += gzip.open(info, "rt", encoding="utf-8", errors="replace").read().split("\x1f")
+    for rst in sorted(glob.glob(str(root / "linux-doc-6.1/usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz"),
+                                recursive=True)):
+        if "/translations/" not in rst:
+            docs.append(gzip.open(rst, "rt", encoding="utf-8", errors="replace").read())
+    return [d.strip() for d in docs if len(d.strip()) > 200]
+
+
+def build_jsonl(data_dir: Path, size_mb: int) -> Path:
+    path = data_dir / f"docs-{size_mb}mb.jsonl"
+    if path.is_file():
+        return path
+    docs = real_documents(data_dir)
+    target, written, i = size_mb * 1_000_000, 0, 0
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < target:
+            line = json.dumps({"id": i, "text": docs[i % len(docs)]}) + "\n"
+            f.write(line)
+            written += len(line.encode())
+            i += 1
+    os.replace(tmp, path)
+    return path
+
+
+# ---- the two tokenizers (run in a child process) ------------------------------------------------------------
+
+_TOK = None
+
+
+def _baseline_init(tokenizer_dir: str) -> None:
+    global _TOK
+    from transformers import AutoTokenizer
+
+    _TOK = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _baseline_encode(line: str):
+    """One JSON line -> (token ids with EOD, bytes read): one document per call, as preprocess_data does."""
+    text = json.loads(line)["text"]
+    ids = _TOK(text, add_special_tokens=False)["input_ids"]
+    return ids + [_EOD], len(line)
+
+
+def run_baseline(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict:
+    import multiprocessing
+
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    global _EOD
+    from data_prep.encoders import load_encoder
+
+    enc = load_encoder(tokenizer_dir)
+    _EOD = enc.eod_id
+    dtype = np.uint16 if enc.vocab_size < 65500 else np.int32
+    builder = IndexedDatasetBuilder(f"{out}.bin", dtype=dtype)
+    docs = tokens = 0
+    with open(inp, encoding="utf-8") as fin:
+        pool = multiprocessing.Pool(workers, initializer=_baseline_init, initargs=(tokenizer_dir,))
+        for ids, _ in pool.imap(_baseline_encode, fin, 25):
+            builder.add_document(torch.IntTensor(ids), [len(ids)])
+            docs += 1
+            tokens += len(ids)
+        pool.close()
+        pool.join()
+    builder.finalize(f"{out}.idx")
+    return {"documents": docs, "tokens": tokens}
+
+
+def run_ours(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict:
+    from data_prep.tokenize import TokenizeOptions, tokenize_corpus
+
+    m = tokenize_corpus([inp], out, tokenizer_dir, TokenizeOptions(workers=workers, min_parallel_bytes=0),
+                        log=lambda _: None)
+    return {"documents": m["documents"], "tokens": m["tokens"]}
+
+
+def child_main(args) -> None:
+    t0 = time.perf_counter()
+    fn = run_ours if args.child == "ours" else run_baseline
+    result = fn(Path(args.input), Path(args.output), args.tokenizer, args.workers)
+    result["seconds"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+
+
+def measure(which: str, inp: Path, out: Path, tokenizer: str, workers: int) -> dict:
+    """Run one tokenizer in a fresh process; sample peak PSS/RSS of it and its children."""
+    import psutil
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--input", str(inp), "--output", str(out),
+           "--tokenizer", tokenizer, "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    ps = psutil.Process(proc.pid)
+    peak_pss = peak_rss = 0
+    while proc.poll() is None:
+        pss = rss = 0
+        try:
+            for p in [ps] + ps.children(recursive=True):
+                try:
+                    mem = p.memory_full_info()
+                    pss += mem.pss
+                    rss += mem.rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        except psutil.NoSuchProcess:
+            break
+        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        time.sleep(0.1)
+    stdout = proc.communicate()[0]
+    if proc.returncode != 0:
+        raise SystemExit(f"{which} failed on {inp} (exit {proc.returncode})")
+    result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:])
+    result.update(peak_pss_mb=round(peak_pss / 2**20, 1), peak_rss_mb=round(peak_rss / 2**20, 1),
+                  tokens_per_s=round(result["tokens"] / result["seconds"]))
+    return result
+
+
+def same_files(a: Path, b: Path) -> bool:
+    import filecmp
+
+    return all(filecmp.cmp(f"{a}.{e}", f"{b}.{e}", shallow=False) for e in ("bin", "idx"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="/tmp/ipt-bench", help="cache for the Debian packages, inputs and outputs")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SmolLM2-135M-Instruct's)")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--sizes-mb", default="100,1000", help="input sizes in MB (comma-separated)")
+    p.add_argument("--baseline-max-mb", type=int, default=100, help="run the baseline only up to this size")
+    p.add_argument("--json", default=None, help="where to save the results (default: DATA_DIR/results.json)")
+    p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child_main(args)
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if args.tokenizer is None:
+        sys.path.insert(0, str(HERE.parent))
+        from data_prep.models import resolve_model
+
+        args.tokenizer = str(resolve_model("smollm2-135m-instruct"))
+    rows = []
+    for size in [int(s) for s in args.sizes_mb.split(",")]:
+        inp = build_jsonl(data_dir, size)
+        row = {"input_mb": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
+        shutil.rmtree(data_dir / f"ours-{size}.shards", ignore_errors=True)  # no resume: time the whole run
+        row["ours"] = measure("ours", inp, data_dir / f"ours-{size}", args.tokenizer, args.workers)
+        if size <= args.baseline_max_mb:
+            row["baseline"] = measure("baseline", inp, data_dir / f"baseline-{size}", args.tokenizer, args.workers)
+            row["speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
+            row["identical_output"] = same_files(data_dir / f"ours-{size}", data_dir / f"baseline-{size}")
+            os.remove(data_dir / f"baseline-{size}.bin")
+        os.remove(data_dir / f"ours-{size}.bin")
+        shutil.rmtree(data_dir / f"ours-{size}.shards")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"tokenize: {Path(args.tokenizer).name}, {args.workers} workers, {os.cpu_count()} cores")
+    for col in ("input", "tokens", "ours tok/s", "baseline tok/s", "speedup", "ours peak PSS", "baseline peak PSS",
+                "ours peak RSS (sum)", "baseline peak RSS (sum)", "identical"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        o, b = r["ours"], r.get("baseline")
+        t.add_row(f"{r['input_bytes'] / 1e6:,.0f} MB", f"{o['tokens']:,}", f"{o['tokens_per_s']:,}",
+                  f"{b['tokens_per_s']:,}" if b else "-", f"{r['speedup']}x" if b else "-", f"{o['peak_pss_mb']} MB",
+                  f"{b['peak_pss_mb']} MB" if b else "-", f"{o['peak_rss_mb']} MB", f"{b['peak_rss_mb']} MB" if b else "-",
+                  str(r.get("identical_output", "-")))
+    Console(width=200).print(t)
+    out = Path(args.json or data_dir / "results.json")
+    out.write_text(json.dumps({"tokenizer": args.tokenizer, "cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Megatron indexed datasets (``PREFIX.bin`` / ``PREFIX.idx``) written and merged in bounded memory.
+
+The bytes are exactly those of megatron-core's ``IndexedDatasetBuilder`` (the writer behind Megatron-LM's
+``tools/preprocess_data.py``) for one sequence per document: ``.bin`` holds the token ids back to back;
+``.idx`` holds the header (``MMIDIDX``, version 1, dtype code), the sequence and document counts, the
+int32 sequence lengths, the int64 byte offsets of the sequences and the int64 document indices. The
+builder keeps Python lists of every length and computes the offsets in a Python loop; here the lengths are
+numpy chunks and the ``.idx`` is written chunk by chunk, so a merge of many shards never holds a whole
+index. ``tests/test_indexed.py`` checks the bytes against the builder's.
+
+Both files are written under ``.tmp`` names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
+# megatron.core.datasets.indexed_dataset.DType codes
+DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+CHUNK = 1 << 20  # sequences per chunk when writing or merging an index
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """Token dtype for a vocabulary size, as megatron-core's ``DType.optimal_dtype``."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def write_index(idx_path: str | Path, dtype, count: int, length_chunks: Callable[[], Iterable[np.ndarray]]) -> None:
+    """Write a ``.idx`` for ``count`` single-sequence documents; ``length_chunks()`` yields their lengths (twice)."""
+    itemsize = np.dtype(dtype).itemsize
+    with open(idx_path, "wb") as f:
+        f.write(INDEX_HEADER)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", DTYPE_CODES[dtype]))
+        f.write(struct.pack("<Q", count))
+        f.write(struct.pack("<Q", count + 1))
+        for chunk in length_chunks():
+            np.asarray(chunk, dtype=np.int32).tofile(f)
+        start = 0
+        for chunk in length_chunks():
+            nbytes = np.asarray(chunk, dtype=np.int64) * itemsize
+            if len(nbytes):
+                ends = np.cumsum(nbytes) + start
+                (ends - nbytes).tofile(f)
+                start = int(ends[-1])
+        for lo in range(0, count + 1, CHUNK):
+            np.arange(lo, min(lo + CHUNK, count + 1), dtype=np.int64).tofile(f)
+
+
+class IndexedDatasetWriter:
+    """Append documents (token-id arrays) to ``prefix.bin.tmp``; ``finalize()`` writes the ``.idx`` and renames."""
+
+    def __init__(self, prefix: str | Path, dtype) -> None:
+        self.prefix = str(prefix)
+        self.dtype = dtype
+        self.bin_tmp, self.idx_tmp = f"{self.prefix}.bin.tmp", f"{self.prefix}.idx.tmp"
+        self._bin = open(self.bin_tmp, "wb", buffering=1 << 22)
+        self._lengths: list[np.ndarray] = []
+        self.documents = 0
+        self.tokens = 0
+
+    def add_documents(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``len(lengths)`` documents whose ids lie back to back in ``ids`` (already of the dtype)."""
+        assert ids.dtype == self.dtype
+        ids.tofile(self._bin)
+        self._lengths.append(np.asarray(lengths, dtype=np.int32))
+        self.documents += len(lengths)
+        self.tokens += int(ids.size)
+
+    def finalize(self) -> None:
+        self._bin.close()
+        write_index(self.idx_tmp, self.dtype, self.documents, lambda: self._lengths)
+        os.replace(self.bin_tmp, f"{self.prefix}.bin")
+        os.replace(self.idx_tmp, f"{self.prefix}.idx")
+
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (self.bin_tmp, self.idx_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def read_index_header(prefix: str | Path) -> tuple[type[np.number], int, int]:
+    """``(dtype, sequence_count, document_count)`` of ``prefix.idx``."""
+    with open(f"{prefix}.idx", "rb") as f:
+        head = f.read(9 + 8 + 1 + 8 + 8)
+    if head[:9] != INDEX_HEADER:
+        raise ValueError(f"{prefix}.idx is not a Megatron index")
+    dtype = CODE_DTYPES[head[17]]
+    seqs, docs = struct.unpack("<QQ", head[18:34])
+    return dtype, seqs, docs
+
+
+def _lengths(prefix: str | Path) -> np.ndarray:
+    _, seqs, _ = read_index_header(prefix)
+    return np.memmap(f"{prefix}.idx", dtype=np.int32, mode="r", offset=34, shape=(seqs,))
+
+
+def merge_datasets(prefixes: list[str | Path], out_prefix: str | Path) -> dict:
+    """Concatenate single-sequence-per-document datasets into ``out_prefix`` (streamed; atomic rename)."""
+    out_prefix = str(out_prefix)
+    dtypes = {read_index_header(p)[0] for p in prefixes}
+    if len(dtypes) > 1:
+        raise ValueError(f"cannot merge datasets of different token dtypes: {sorted(d.__name__ for d in dtypes)}")
+    dtype = dtypes.pop() if dtypes else np.int32
+    for p in prefixes:
+        _, seqs, docs = read_index_header(p)
+        if docs != seqs + 1:
+            raise ValueError(f"{p}: not one sequence per document")
+    count = sum(read_index_header(p)[1] for p in prefixes)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for p in prefixes:
+            lengths = _lengths(p)
+            for lo in range(0, len(lengths), CHUNK):
+                yield np.array(lengths[lo:lo + CHUNK])
+
+    bin_tmp, idx_tmp = f"{out_prefix}.bin.tmp", f"{out_prefix}.idx.tmp"
+    try:
+        with open(bin_tmp, "wb") as out:
+            for p in prefixes:
+                with open(f"{p}.bin", "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+        write_index(idx_tmp, dtype, count, chunks)
+    except BaseException:
+        for p in (bin_tmp, idx_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    os.replace(bin_tmp, f"{out_prefix}.bin")
+    os.replace(idx_tmp, f"{out_prefix}.idx")
+    tokens = os.path.getsize(f"{out_prefix}.bin") // np.dtype(dtype).itemsize
+    return {"documents": count, "tokens": int(tokens)}
