@@ -82,20 +82,34 @@ class SynthesisConfig(_Section):
 
 
 class FormatConfig(_Section):
-    """Stage ``format``: instruction-augmented texts (document followed by its pairs under templates)."""
+    """Stage ``format``: instruction-augmented texts (chains of documents with their pairs under the template bank),
+    mixed with general instructions at a token ratio."""
 
-    seed: int = Field(0, description="Seed of the per-document template draw.")
+    seed: int = Field(0, description="Seed of the per-chain template draw (with the chain's first document id).")
+    mode_weights: dict[Literal["classic", "dialog", "numbered", "fewshot", "next_turn"], float] = Field(
+        default_factory=lambda: {"classic": 0.8, "dialog": 0.05, "numbered": 0.05, "fewshot": 0.05, "next_turn": 0.05},
+        description="Mode frequencies for chains whose documents all have at least 2 pairs.")
+    dialog_share_few_pairs: float = Field(0.05, ge=0.0, le=1.0, description="Dialog share for other chains (rest classic).")
+    inversion: float = Field(0.05, ge=0.0, le=1.0, description="Share of chains with pairs placed before the text.")
+    read_wrapper: float = Field(0.5, ge=0.0, le=1.0, description="Share of documents wrapped by a read prefix.")
+    lead_in: float = Field(0.5, ge=0.0, le=1.0, description="Share of chains with a lead-in line before the questions.")
+    group_consecutive: int = Field(1, ge=1, description="Without synthesis prev_id links: chains of up to this many "
+                                   "consecutive training documents (1: each document alone).")
+    raw_replay: float = Field(0.0, ge=0.0, le=1.0, description="Share of augmented chains also added as plain text.")
+    general_instructions: str | None = Field(None, description="JSONL of general instructions to mix in; none: no mixing.")
+    general_ratio: float = Field(1.0, ge=0.0, description="General-instruction tokens per instruction-augmented domain token.")
+    general_max_passes: int = Field(1, ge=1, description="Times the general set may be gone through to reach the ratio.")
+    general_fields: dict[Literal["question", "response", "conversations", "role", "content"], str] = Field(
+        default_factory=dict, description="Field names in the general JSONL (defaults: question, response, "
+        "conversations, from, value).")
+    workers: int = Field(1, ge=1, description="Rendering processes (the output does not depend on it).")
 
 
 class TokenizeConfig(_Section):
     """Stage ``tokenize``: Megatron indexed datasets (PREFIX.bin / PREFIX.idx), one EOD per document."""
 
-    tokenizer: str | None = Field(None, description="Tokenizer: a Hugging Face folder or tokenizer.json, a sentencepiece "
-                                  ".model or a tiktoken BPE file; default: the synthesizer's tokenizer.")
+    tokenizer: str | None = Field(None, description="Hugging Face tokenizer folder; default: the synthesizer's tokenizer.")
     append_eod: bool = Field(True, description="Append the EOD token after every document.")
-    append_bos: bool = Field(False, description="Put the BOS token before every document.")
-    bad_input: Literal["skip", "fail"] = Field("skip", description="Malformed/empty records: skip (counted) or fail.")
-    workers: int = Field(0, ge=0, description="Tokenizer worker processes; 0: one per CPU core (small inputs run in-process).")
 
 
 class BlendConfig(_Section):

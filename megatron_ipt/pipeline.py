@@ -125,21 +125,37 @@ def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 
 def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Build instruction-augmented texts and the raw / held-out text sets."""
+    from hashlib import sha256
+
     synth = _upstream(cfg, "synthesize")
-    fp = fingerprint("format", cfg.format.model_dump(mode="json"), synth["fingerprint"])
+    fc = cfg.format
+    general = Path(fc.general_instructions) if fc.general_instructions else None
+    fp = fingerprint("format", fc.model_dump(mode="json", exclude={"workers"}), synth["fingerprint"],
+                     sha256(general.read_bytes()).hexdigest() if general and general.is_file() else None,
+                     cfg.tokenize.tokenizer, cfg.synthesis.model)
     if done := _skip(cfg, "format", fp, force):
         return done
-    from data_prep.format import format_documents
+    from data_prep.format import FormatOptions, format_documents, summary_lines
+    from data_prep.instructions import InstructionFields, read_instructions
+    from data_prep.mixing import token_counter
 
     started = time.time()
     src = stage_path(cfg, "synthesize") / "pairs.jsonl"
-    outputs, counts = format_documents(_read_jsonl(src), seed=cfg.format.seed)
+    opts = FormatOptions(mode_weights=dict(fc.mode_weights), dialog_share_few_pairs=fc.dialog_share_few_pairs,
+                         inversion=fc.inversion, read_wrapper=fc.read_wrapper, lead_in=fc.lead_in,
+                         group_consecutive=fc.group_consecutive, raw_replay=fc.raw_replay)
+    outputs, counts = format_documents(
+        _read_jsonl(src), seed=fc.seed, options=opts, workers=fc.workers, count_tokens=token_counter(tokenizer_path(cfg)),
+        general=read_instructions(general, InstructionFields(**fc.general_fields)) if general else None,
+        general_ratio=fc.general_ratio, general_max_passes=fc.general_max_passes)
+    inputs = {"pairs": src, **({"general_instructions": general} if general else {})}
     with atomic_dir(stage_path(cfg, "format")) as out:
         for name in DATASETS:
             _write_jsonl(out / f"{name}.jsonl", outputs[name])
-        manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs={"pairs": src},
+        manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs=inputs,
                                   outputs=[f"{n}.jsonl" for n in DATASETS], counts=counts, started=started)
-    _log(f"format: {counts['augmented_documents']} augmented training documents")
+    for line in summary_lines(counts):
+        _log(line)
     return StageResult("format", stage_path(cfg, "format"), manifest, False)
 
 
@@ -155,23 +171,22 @@ def tokenizer_path(cfg: ExperimentConfig) -> Path:
 def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Tokenize the four text sets into Megatron indexed datasets, one EOD per document."""
     fmt = _upstream(cfg, "format")
-    fp = fingerprint("tokenize", cfg.tokenize.model_dump(mode="json", exclude={"workers"}), cfg.synthesis.model,
-                     fmt["fingerprint"])
+    fp = fingerprint("tokenize", cfg.tokenize.model_dump(mode="json"), cfg.synthesis.model, fmt["fingerprint"])
     if done := _skip(cfg, "tokenize", fp, force):
         return done
-    from data_prep.tokenize import TokenizeOptions, tokenize_corpus
+    from data_prep.tokenize import eod_id, load_tokenizer, read_texts, token_dtype, write_indexed_dataset
 
     started = time.time()
     tok_path = tokenizer_path(cfg)
-    opts = TokenizeOptions(append_eod=cfg.tokenize.append_eod, append_bos=cfg.tokenize.append_bos,
-                           bad_input=cfg.tokenize.bad_input, workers=cfg.tokenize.workers)
+    tokenizer = load_tokenizer(tok_path)
     src_dir = stage_path(cfg, "format")
     counts = {}
     with atomic_dir(stage_path(cfg, "tokenize")) as out:
         for name in DATASETS:
-            m = tokenize_corpus([src_dir / f"{name}.jsonl"], out / name, tok_path, opts, log=lambda _: None)
-            counts[name] = {"documents": m["documents"], "tokens": m["tokens"], "skipped": m["skipped"]}
-        tok_info = {k: m["tokenizer"][k] for k in ("path", "kind", "vocab_size", "eod_id", "bos_id", "dtype", "fingerprint")}
+            counts[name] = write_indexed_dataset(read_texts(src_dir / f"{name}.jsonl"), tokenizer, out / name,
+                                                 append_eod=cfg.tokenize.append_eod)
+        tok_info = {"path": str(tok_path), "vocab_size": len(tokenizer), "eod_id": eod_id(tokenizer),
+                    "dtype": token_dtype(len(tokenizer)).__name__}
         manifest = write_manifest(out, stage="tokenize", fingerprint=fp, config=resolved(cfg),
                                   inputs={n: src_dir / f"{n}.jsonl" for n in DATASETS},
                                   outputs=[f"{n}.{ext}" for n in DATASETS for ext in ("bin", "idx")],
