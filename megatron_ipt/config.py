@@ -108,8 +108,12 @@ class FormatConfig(_Section):
 class TokenizeConfig(_Section):
     """Stage ``tokenize``: Megatron indexed datasets (PREFIX.bin / PREFIX.idx), one EOD per document."""
 
-    tokenizer: str | None = Field(None, description="Hugging Face tokenizer folder; default: the synthesizer's tokenizer.")
+    tokenizer: str | None = Field(None, description="Tokenizer: a Hugging Face folder or tokenizer.json, a sentencepiece "
+                                  ".model or a tiktoken BPE file; default: the synthesizer's tokenizer.")
     append_eod: bool = Field(True, description="Append the EOD token after every document.")
+    append_bos: bool = Field(False, description="Put the BOS token before every document.")
+    bad_input: Literal["skip", "fail"] = Field("skip", description="Malformed/empty records: skip (counted) or fail.")
+    workers: int = Field(0, ge=0, description="Tokenizer worker processes; 0: one per CPU core (small inputs run in-process).")
 
 
 class BlendConfig(_Section):

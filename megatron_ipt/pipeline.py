@@ -171,22 +171,23 @@ def tokenizer_path(cfg: ExperimentConfig) -> Path:
 def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Tokenize the four text sets into Megatron indexed datasets, one EOD per document."""
     fmt = _upstream(cfg, "format")
-    fp = fingerprint("tokenize", cfg.tokenize.model_dump(mode="json"), cfg.synthesis.model, fmt["fingerprint"])
+    fp = fingerprint("tokenize", cfg.tokenize.model_dump(mode="json", exclude={"workers"}), cfg.synthesis.model,
+                     fmt["fingerprint"])
     if done := _skip(cfg, "tokenize", fp, force):
         return done
-    from data_prep.tokenize import eod_id, load_tokenizer, read_texts, token_dtype, write_indexed_dataset
+    from data_prep.tokenize import TokenizeOptions, tokenize_corpus
 
     started = time.time()
     tok_path = tokenizer_path(cfg)
-    tokenizer = load_tokenizer(tok_path)
+    opts = TokenizeOptions(append_eod=cfg.tokenize.append_eod, append_bos=cfg.tokenize.append_bos,
+                           bad_input=cfg.tokenize.bad_input, workers=cfg.tokenize.workers)
     src_dir = stage_path(cfg, "format")
     counts = {}
     with atomic_dir(stage_path(cfg, "tokenize")) as out:
         for name in DATASETS:
-            counts[name] = write_indexed_dataset(read_texts(src_dir / f"{name}.jsonl"), tokenizer, out / name,
-                                                 append_eod=cfg.tokenize.append_eod)
-        tok_info = {"path": str(tok_path), "vocab_size": len(tokenizer), "eod_id": eod_id(tokenizer),
-                    "dtype": token_dtype(len(tokenizer)).__name__}
+            m = tokenize_corpus([src_dir / f"{name}.jsonl"], out / name, tok_path, opts, log=lambda _: None)
+            counts[name] = {"documents": m["documents"], "tokens": m["tokens"], "skipped": m["skipped"]}
+        tok_info = {k: m["tokenizer"][k] for k in ("path", "kind", "vocab_size", "eod_id", "bos_id", "dtype", "fingerprint")}
         manifest = write_manifest(out, stage="tokenize", fingerprint=fp, config=resolved(cfg),
                                   inputs={n: src_dir / f"{n}.jsonl" for n in DATASETS},
                                   outputs=[f"{n}.{ext}" for n in DATASETS for ext in ("bin", "idx")],
