@@ -16,8 +16,12 @@ creates, on first use, in a *spawned* ``multiprocessing.Manager`` process; spawn
 caller's main module, which breaks any script without an ``if __name__ == "__main__":`` guard (and
 costs seconds). A synchronous save runs that collection in this process, so :func:`save_checkpoint`
 hands the writer a plain in-process ``queue.Queue`` for the duration of the save instead
-(:func:`_in_process_write_results_queue`); the file writers themselves are forked, which needs no guard. All calls into ``dist_checkpointing`` use keywords only (its positional
-parameters moved between versions).
+(:func:`_in_process_write_results_queue`); the file writers themselves are forked, which needs no guard.
+
+Cross-version: every call into ``dist_checkpointing`` goes through :mod:`megatron_ipt.mcore` (keywords
+only; its positional parameters moved between versions), which also writes the ``common.pt`` file that
+megatron-core 0.16.1 needs and 0.17+ no longer write, so a checkpoint saved with either end of the
+supported range resumes on the other (tested by ``tests/test_crossversion.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from megatron_ipt import mcore
 from megatron_ipt.manifest import atomic_write_text
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -71,8 +76,7 @@ def latest_iteration(root: Path) -> int | None:
 
 
 def _ranks() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    from megatron.core import parallel_state as ps
-
+    ps = mcore.parallel_state()
     shape = (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
@@ -87,31 +91,25 @@ def _ranks() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 
 
 def _rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "tracker": mcore.cuda_rng_tracker().get_states(),
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    mcore.cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _sharded_state_dict(model: torch.nn.Module, optimizer, scheduler, progress: Progress, *, is_loading: bool) -> dict:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     model_sd = model.sharded_state_dict()
     shape, offset = _ranks()
     return {
@@ -121,7 +119,7 @@ def _sharded_state_dict(model: torch.nn.Module, optimizer, scheduler, progress: 
         "iteration": progress.iteration,
         "consumed_samples": progress.consumed_samples,
         "extra": progress.extra or {},
-        "rng_state": ShardedObject(
+        "rng_state": mcore.sharded_object(
             key="rng_state", data=_rng_state(), global_shape=shape, global_offset=offset, replica_id=0
         ),
     }
@@ -139,9 +137,8 @@ def _in_process_write_results_queue() -> Iterator[None]:
     Leaves megatron alone when the module or its ``_results_queue`` global is absent (other versions)
     or already set (an async save set it up).
     """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:
+    filesystem_async = mcore.filesystem_async_module()
+    if filesystem_async is None:
         yield
         return
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
@@ -160,8 +157,6 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
     Must be called on every rank. ``model`` may be DDP-wrapped. Mirrors Megatron-LM's
     ``save_checkpoint`` with ``--ckpt-format torch_dist`` and synchronous saving.
     """
-    from megatron.core import dist_checkpointing
-
     start = time.perf_counter()
     directory = checkpoint_dir(root, progress.iteration)
     rank = torch.distributed.get_rank()
@@ -170,7 +165,7 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
     torch.distributed.barrier()
     state = _sharded_state_dict(_unwrap(model), optimizer, scheduler, progress, is_loading=False)
     with _in_process_write_results_queue():
-        dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(directory))
+        mcore.save_distributed(state, directory)
     torch.distributed.barrier()
     if rank == 0:
         atomic_write_text(Path(root) / LATEST, f"{progress.iteration}\n")
@@ -194,8 +189,6 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
     ``load_checkpoint`` for torch_dist: optimizer states are initialised first and the optimizer
     state is loaded under ``torch.no_grad()``.
     """
-    from megatron.core import dist_checkpointing
-
     if iteration is None:
         iteration = latest_iteration(root)
     if iteration is None:
@@ -204,7 +197,7 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
     _init_optimizer_states(optimizer)
     module = _unwrap(model)
     template = _sharded_state_dict(module, optimizer, scheduler, Progress(iteration), is_loading=True)
-    state = dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory))
+    state = mcore.load_distributed(template, directory)
     module.load_state_dict(state["model"], strict=True)
     with torch.no_grad():
         optimizer.load_state_dict(state["optimizer"])

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_ipt import mcore
+
 __all__ = ["activate", "deactivate", "is_active", "cpu_backend", "CudaToCpuMode"]
 
 
@@ -185,11 +187,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (cuda, "empty_cache", lambda *a, **k: None),
     ]
     # megatron-core's own copies of the CUDA RNG accessors (imported by name elsewhere too).
-    for module_name in (
-        "megatron.core.tensor_parallel.random",
-        "megatron.core.tensor_parallel",
-        "megatron.core.transformer.cuda_graphs",
-    ):
+    for module_name in mcore.CUDA_RNG_MODULES:
         try:
             module = importlib.import_module(module_name)
         except Exception:  # an optional megatron module that does not import here

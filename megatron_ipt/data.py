@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 
+from megatron_ipt import mcore
+
 TRAIN_PREFIXES = ("train_raw", "train_ipt")
 HELDOUT_PREFIXES = ("heldout_raw", "heldout_pairs")
 
@@ -76,20 +78,14 @@ def check_prefixes(tokenized_dir: Path, prefixes: tuple[str, ...]) -> None:
 
 def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
     """Number of tokens in the indexed dataset ``tokenized_dir/prefix`` (read from its ``.idx``)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(str(Path(tokenized_dir) / prefix))  # keep it alive: its arrays view its mmap
+    dataset = mcore.indexed_dataset(str(Path(tokenized_dir) / prefix))  # keep it alive: its arrays view its mmap
     return int(dataset.sequence_lengths.sum())
 
 
 def _gpt_config(
     *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path, **kwargs
 ):
-    import dataclasses
-
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
-    base = dict(
+    return mcore.gpt_dataset_config(
         random_seed=seed,
         sequence_length=seq_length,
         tokenizer=tokenizer,
@@ -101,8 +97,6 @@ def _gpt_config(
         mmap_bin_files=True,
         **kwargs,
     )
-    names = {f.name for f in dataclasses.fields(GPTDatasetConfig)}
-    return GPTDatasetConfig(**{k: v for k, v in base.items() if k in names})
 
 
 def build_train_dataset(
@@ -122,9 +116,6 @@ def build_train_dataset(
     weight 0 is left out. Returns the train split's dataset (a ``BlendedDataset`` or, with one
     prefix, a ``GPTDataset``). Must be called on every rank.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     check_prefixes(tokenized_dir, TRAIN_PREFIXES)
     prefixes, weights = [], []
     for prefix, weight in zip(TRAIN_PREFIXES, (raw_weight, instruct_weight)):
@@ -139,9 +130,7 @@ def build_train_dataset(
     # the train split. A valid/test split with no document makes GPTDataset._get_num_epochs loop forever
     # (megatron-core 0.16.1), which small corpora hit. With blend weights every split needs a number.
     sizes = [num_samples, 0, 0]
-    train, _valid, _test = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, config
-    ).build()
+    train, _valid, _test = mcore.build_gpt_datasets(sizes, config)
     return train
 
 
@@ -149,15 +138,12 @@ def build_heldout_dataset(
     tokenized_dir: Path, prefix: str, *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path
 ):
     """One ``GPTDataset`` over the whole ``prefix`` (one epoch, every document, a seeded fixed order)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     check_prefixes(tokenized_dir, (prefix,))
     config = _gpt_config(
         tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
         blend=([str(Path(tokenized_dir) / prefix)], None), split="100,0,0",
     )
-    dataset, _valid, _test = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()
+    dataset, _valid, _test = mcore.build_gpt_datasets([None, None, None], config)
     return dataset
 
 

@@ -3,27 +3,20 @@
 The model code is megatron-core's; this module only maps our config onto ``TransformerConfig`` and
 picks the layer spec: Transformer Engine's (``get_gpt_layer_with_transformer_engine_spec``) when the
 device is cuda and ``transformer_engine`` imports, else the local spec (``get_gpt_layer_local_spec``),
-which is what runs on CPU. Calls use keyword arguments only and ``TransformerConfig`` kwargs are filtered
-through ``dataclasses.fields()`` so that the module works across megatron-core versions.
+which is what runs on CPU. Every megatron-core call goes through :mod:`megatron_ipt.mcore` (keywords only,
+``TransformerConfig`` built from its actual fields), so the module works across megatron-core versions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from megatron_ipt import mcore
 from megatron_ipt.parallel import Layout
 from megatron_ipt.presets import ModelPreset
-
-
-def _filtered(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keep only the kwargs that are fields of dataclass ``cls`` (version tolerance)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def transformer_engine_available() -> bool:
@@ -43,8 +36,6 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
     On CPU adds the settings CPU needs (``use_cpu_initialization``, no fusions). ``precision`` is
     ``fp32`` or ``bf16``; ``pipeline_dtype`` is set for pipeline parallel runs.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     on_cpu = device.type == "cpu"
@@ -79,7 +70,7 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
         bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=not on_cpu,
     )
-    return TransformerConfig(**_filtered(TransformerConfig, kwargs))
+    return mcore.transformer_config(**kwargs)
 
 
 def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None):
@@ -87,15 +78,13 @@ def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = No
 
     ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade).
     """
-    from megatron.core.models.gpt import gpt_layer_specs
-
     if use_transformer_engine is None:
         use_transformer_engine = device.type == "cuda" and transformer_engine_available()
     if use_transformer_engine:
         if device.type != "cuda" or not transformer_engine_available():
             raise RuntimeError("the Transformer Engine layer spec needs a cuda device and transformer_engine installed")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+        return mcore.transformer_engine_layer_spec(qk_layernorm=False)
+    return mcore.local_layer_spec(qk_layernorm=False, normalization="RMSNorm")
 
 
 def build_model(
@@ -113,17 +102,15 @@ def build_model(
     megatron's parallel state initialised. With ``precision="bf16"`` the model is wrapped in
     ``Float16Module`` as Megatron-LM does. Returns the (possibly wrapped) module, not yet DDP-wrapped.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
+    ps = mcore.parallel_state()
     config = transformer_config(preset, layout, device=device, precision=precision)
-    model = GPTModel(
+    model = mcore.gpt_model(
         config=config,
         transformer_layer_spec=layer_spec(device),
         vocab_size=vocab_size,
         max_sequence_length=max(seq_length, preset.max_position_embeddings),
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
         parallel_output=True,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
@@ -131,9 +118,7 @@ def build_model(
     )
     model.to(device)
     if config.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(config, model)
+        model = mcore.float16_module(config, model)
     return model
 
 

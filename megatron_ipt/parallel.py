@@ -20,6 +20,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from megatron_ipt import mcore
 from megatron_ipt.config import ConfigError, ParallelConfig
 
 
@@ -148,9 +149,7 @@ def initialize_model_parallel(layout: Layout, device: torch.device) -> None:
     Keyword arguments only, so it works across megatron-core versions. ``pipeline_dtype`` is a
     TransformerConfig matter, not set here.
     """
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(
+    mcore.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
     )
@@ -163,13 +162,11 @@ def set_seed(seed: int) -> None:
     parallel ranks share it (weights are initialised on CPU from the full master weight). Mirrors
     Megatron-LM's ``_set_random_seed`` and ``tensor_parallel.model_parallel_cuda_manual_seed``.
     """
-    from megatron.core import parallel_state, tensor_parallel
-
-    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    seed = seed + 100 * mcore.parallel_state().get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    mcore.model_parallel_cuda_manual_seed(seed)
 
 
 def setup(
@@ -212,8 +209,6 @@ def setup(
 
 def teardown() -> None:
     """Destroy megatron's parallel groups and the torch.distributed process group (safe to call twice)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
+    mcore.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -6,14 +6,14 @@ train (megatron's ``get_forward_backward_func`` schedule, so pipeline parallel w
 save a checkpoint -> write ``metrics.jsonl`` lines and the stage manifest.
 
 Everything megatron-specific is megatron-core's public API (``get_megatron_optimizer``,
-``OptimizerParamScheduler``, ``DistributedDataParallel``, ``finalize_model_grads``); config objects are
-built with fields filtered through ``dataclasses.fields()`` so newer megatron-core versions work too.
+``OptimizerParamScheduler``, ``DistributedDataParallel``, ``finalize_model_grads``), called through
+:mod:`megatron_ipt.mcore` (keywords only, config objects built from their actual fields), so every
+megatron-core version in ``mcore.SUPPORTED`` runs the same code.
 On CPU the whole stage runs inside :func:`megatron_ipt.cpu_backend.cpu_backend`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megatron_ipt import checkpoint, cpu_backend, data, parallel
+from megatron_ipt import checkpoint, cpu_backend, data, mcore, parallel
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import read_manifest, write_manifest
 from megatron_ipt.model import build_model, count_parameters
@@ -39,32 +39,22 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _filtered(cls: type, **kwargs: Any):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in kwargs.items() if k in names})
-
-
 # ---------------------------------------------------------------------------------------------- setup
 def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
     """megatron's optimizer (``get_megatron_optimizer``: Adam with decoupled weight decay, grad clipping,
     the distributed optimizer when ``parallel.use_distributed_optimizer``) and its
     ``OptimizerParamScheduler`` (linear warmup, then cosine / linear / constant decay to ``min_lr``,
     stepped once per iteration)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     t = cfg.train
     bf16 = t.precision == "bf16"
-    opt_config = _filtered(
-        OptimizerConfig,
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+    optimizer = mcore.optimizer(
+        model=model, optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8, clip_grad=t.clip_grad,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config=opt_config, model_chunks=[model])
     decay_iters = max(t.train_iters - t.lr_warmup_iters, 1) + t.lr_warmup_iters
-    scheduler = OptimizerParamScheduler(
+    scheduler = mcore.param_scheduler(
         optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
         lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
@@ -75,16 +65,13 @@ def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
 def wrap_ddp(cfg: ExperimentConfig, model: torch.nn.Module):
     """megatron-core's ``DistributedDataParallel`` around the model, wired into the model config the way
     Megatron-LM does (``no_sync_func``, ``finalize_model_grads_func``) so the schedule reduces grads."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
     config = model.config
-    ddp_config = _filtered(
-        DistributedDataParallelConfig,
+    ddp, finalize_model_grads = mcore.distributed_data_parallel(
+        config=config, module=model,
         grad_reduce_in_fp32=cfg.train.precision == "bf16",
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return ddp
@@ -122,7 +109,7 @@ def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
     Only the last pipeline stage has losses, and tensor-parallel ranks hold copies, so only
     (last stage, TP rank 0) ranks contribute to a world all-reduce.
     """
-    from megatron.core import parallel_state as ps
+    ps = mcore.parallel_state()
 
     totals = torch.zeros(2, dtype=torch.float64)
     contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -140,7 +127,7 @@ def evaluate(model, forward_backward: Callable, dataset, cfg: ExperimentConfig, 
 
     ``seq_length``: the dataset's sequence length (default ``model.seq_length``; shorter for small sets).
     """
-    from megatron.core import parallel_state as ps
+    ps = mcore.parallel_state()
 
     count, batches = data.eval_micro_batches(
         dataset, micro_batch_size=layout.micro_batch_size,
@@ -180,10 +167,9 @@ def train_step(model, optimizer, scheduler, forward_backward: Callable, batches:
 # ----------------------------------------------------------------------------------------- reporting
 def _parameter_count(model: torch.nn.Module) -> int:
     """Parameters of the whole model: this rank's non-duplicated params summed over TP and PP ranks."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    ps = mcore.parallel_state()
 
-    local = sum(p.numel() for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p))
+    local = sum(p.numel() for p in model.parameters() if mcore.param_is_not_tensor_parallel_duplicate(p))
     total = torch.tensor([local], dtype=torch.int64)
     torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
     return int(total.item())
@@ -271,10 +257,10 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
 
 def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint: str,
          device: torch.device, exit_after: int | None) -> dict:
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    ps = mcore.parallel_state()
 
     started = time.time()
+    mcore.warn_if_unsupported()
     t = cfg.train
     tokenize_manifest = read_manifest(tokenized_dir, "tokenize")
     tokenizer = data.DatasetTokenizer.from_manifest(tokenize_manifest)
@@ -302,7 +288,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
                         device=device, precision=t.precision)
     model = wrap_ddp(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, model)
-    forward_backward = get_forward_backward_func()
+    forward_backward = mcore.forward_backward_func()
     parameters = _parameter_count(model)
 
     # Data: the weighted blend for training, whole held-out prefixes for evaluation.

@@ -2,14 +2,16 @@
 # Create (or reuse) the project's virtual environment and install the CPU stack into it.
 # Usage: source scripts/setup_env.sh [extras]     (extras default: cpu; tests use cpu,dev)
 # Environment: IPT_VENV (default .venv), IPT_PYTHON (default python3.11, else python3).
+# The Python version picks the pinned stack (pyproject's `cpu` extra): 3.11 -> torch 2.13.0 (CPU build) +
+# megatron-core 0.16.1; 3.12 -> torch 2.14.1 + megatron-core 0.19.2 (scripts/test_py312.sh).
 # pip's output goes to $IPT_VENV/install.log and is shown only when an install fails.
 set -euo pipefail
 extras="${1:-cpu}"
 venv="${IPT_VENV:-.venv}"
 case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 py="${IPT_PYTHON:-$(command -v python3.11 || command -v python3)}"
-if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)'; then
-  echo "megatron-ipt's CPU stack (torch 2.13.0 CPU build, megatron-core 0.16.1) needs Python 3.11; got $("$py" --version). Set IPT_PYTHON." >&2
+if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else 1)'; then
+  echo "megatron-ipt's pinned stacks need Python 3.11 (torch 2.13.0 CPU build, megatron-core 0.16.1) or 3.12 (torch 2.14.1, megatron-core 0.19.2); got $("$py" --version). Set IPT_PYTHON." >&2
   exit 2
 fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"

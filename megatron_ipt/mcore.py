@@ -1,0 +1,266 @@
+"""The project's one seam into megatron-core: every call the trainer makes into it goes through here.
+
+Supported: megatron-core >= 0.16.1 and < 0.20 (:data:`SUPPORTED`); tested with 0.16.1 (Python 3.11)
+and 0.19.2 (Python 3.12). The rules that let one code path serve every version in that range:
+
+- calls use keyword arguments only (positional parameters moved between releases, e.g. ``common_strategy``
+  of ``dist_checkpointing.save`` / ``load`` and ``moe_use_legacy_grouped_gemm`` of the layer specs);
+- config dataclasses (``TransformerConfig``, ``OptimizerConfig``, ``DistributedDataParallelConfig``,
+  ``GPTDatasetConfig``) are built from their actual fields (:func:`make_config`): a setting a version
+  does not have is left out, never an error;
+- functions whose parameters changed (``initialize_model_parallel``) get only the keywords they accept
+  (:func:`call_with_accepted`);
+- checkpoints are written so that every supported version can read them: 0.17+ no longer writes the
+  ``common.pt`` file that 0.16.1's loader needs, so :func:`save_distributed` writes it when missing.
+
+No version branches: each helper asks the installed megatron-core what it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+SUPPORTED = ">=0.16.1,<0.20"
+TESTED = ("0.16.1", "0.19.2")
+COMMON_STATE_FILE = "common.pt"  # megatron.core.dist_checkpointing.core.COMMON_STATE_FNAME in 0.16.1
+
+
+@lru_cache(maxsize=1)
+def version() -> str:
+    """The installed megatron-core version string (``metadata.version("megatron-core")``)."""
+    return metadata.version("megatron-core")
+
+
+def is_supported(v: str | None = None) -> bool:
+    """True when ``v`` (default: the installed version) lies in :data:`SUPPORTED`."""
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(SUPPORTED).contains(v or version(), prereleases=True)
+
+
+def warn_if_unsupported() -> None:
+    """Warn once (UserWarning) when the installed megatron-core is outside :data:`SUPPORTED`."""
+    if not is_supported():
+        warnings.warn(
+            f"megatron-core {version()} is outside the supported range {SUPPORTED} (tested: {', '.join(TESTED)})",
+            UserWarning, stacklevel=2,
+        )
+
+
+# ------------------------------------------------------------------------------------------ generic
+def field_names(cls: type) -> set[str]:
+    """Names of the dataclass fields of ``cls``."""
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def make_config(cls: type, **kwargs: Any):
+    """``cls(**kwargs)`` keeping only the kwargs that are fields of dataclass ``cls`` in this version."""
+    names = field_names(cls)
+    return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def accepted_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``fn`` accepts by name (all of them when it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def call_with_accepted(fn: Callable, **kwargs: Any) -> Any:
+    """``fn(**kwargs)`` with the keywords ``fn`` does not accept in this version left out."""
+    return fn(**accepted_kwargs(fn, kwargs))
+
+
+# ---------------------------------------------------------------------------------- parallel state
+def parallel_state():
+    """``megatron.core.parallel_state``."""
+    from megatron.core import parallel_state as ps
+
+    return ps
+
+
+def initialize_model_parallel(**kwargs: Any) -> None:
+    """``parallel_state.initialize_model_parallel`` with keywords only (its parameters moved in 0.17+)."""
+    call_with_accepted(parallel_state().initialize_model_parallel, **kwargs)
+
+
+def destroy_model_parallel() -> None:
+    parallel_state().destroy_model_parallel()
+
+
+def model_parallel_cuda_manual_seed(seed: int) -> None:
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def cuda_rng_tracker():
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.get_cuda_rng_tracker()
+
+
+def param_is_not_tensor_parallel_duplicate(param) -> bool:
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate as fn
+
+    return fn(param)
+
+
+# Modules holding megatron's own copies of the CUDA RNG accessors, for the CPU backend to redirect.
+CUDA_RNG_MODULES = (
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel",
+    "megatron.core.transformer.cuda_graphs",
+)
+
+
+# ------------------------------------------------------------------------------------------- model
+def transformer_config(**kwargs: Any):
+    """``TransformerConfig`` from the fields this version has."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return make_config(TransformerConfig, **kwargs)
+
+
+def local_layer_spec(**kwargs: Any):
+    """``get_gpt_layer_local_spec`` (keywords only; keywords this version lacks are left out)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return call_with_accepted(gpt_layer_specs.get_gpt_layer_local_spec, **kwargs)
+
+
+def transformer_engine_layer_spec(**kwargs: Any):
+    """``get_gpt_layer_with_transformer_engine_spec`` (keywords only)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return call_with_accepted(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, **kwargs)
+
+
+def gpt_model(**kwargs: Any):
+    """``GPTModel(**kwargs)`` (keywords only)."""
+    from megatron.core.models.gpt import GPTModel
+
+    with warnings.catch_warnings():  # 0.19 logs a deprecation in favour of HybridModel
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return GPTModel(**kwargs)
+
+
+def float16_module(config, module):
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(config, module)
+
+
+# ------------------------------------------------------------------------------- optimizer and DDP
+def optimizer(**config_kwargs: Any):
+    """``get_megatron_optimizer`` over one model chunk, its ``OptimizerConfig`` built from the fields this
+    version has. ``model`` is taken from ``config_kwargs['model']``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = config_kwargs.pop("model")
+    return get_megatron_optimizer(config=make_config(OptimizerConfig, **config_kwargs), model_chunks=[model])
+
+
+def param_scheduler(**kwargs: Any):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return call_with_accepted(OptimizerParamScheduler, **kwargs)
+
+
+def distributed_data_parallel(*, config, module, **ddp_kwargs: Any):
+    """megatron's ``DistributedDataParallel`` with a ``DistributedDataParallelConfig`` built from the fields
+    this version has; returns ``(ddp, finalize_model_grads)``."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = make_config(DistributedDataParallelConfig, **ddp_kwargs)
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module), finalize_model_grads
+
+
+def forward_backward_func():
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()
+
+
+# -------------------------------------------------------------------------------------------- data
+def gpt_dataset_config(**kwargs: Any):
+    """``GPTDatasetConfig`` from the fields this version has."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return make_config(GPTDatasetConfig, **kwargs)
+
+
+def build_gpt_datasets(sizes: list, config) -> tuple:
+    """``BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, config).build()`` on every rank."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def indexed_dataset(path_prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(path_prefix)
+
+
+def indexed_dataset_builder(bin_path: str, *, dtype):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    return IndexedDatasetBuilder(bin_path, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------- checkpointing
+def sharded_object(**kwargs: Any):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(**kwargs)
+
+
+def save_distributed(state: dict, directory: Path | str) -> None:
+    """``dist_checkpointing.save`` (default torch_dist strategy, keywords only), readable by every supported
+    version: when this version wrote no ``common.pt`` (0.17+ keep the common state elsewhere), rank 0
+    writes it from the checkpoint's own common state, which is what 0.16.1 loads. Call on every rank."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(directory))
+    common = Path(directory) / COMMON_STATE_FILE
+    if torch.distributed.get_rank() == 0 and not common.exists():
+        state_dict = load_common_state(directory)
+        tmp = common.with_name(common.name + ".tmp")
+        torch.save(state_dict, tmp)
+        tmp.replace(common)
+    torch.distributed.barrier()
+
+
+def load_common_state(directory: Path | str) -> dict:
+    """The checkpoint's common (non-sharded) state, as this version's loader sees it."""
+    from megatron.core import dist_checkpointing
+
+    with warnings.catch_warnings():  # deprecated in newer versions, still the public way
+        warnings.simplefilter("ignore")
+        return dist_checkpointing.load_common_state_dict(checkpoint_dir=str(directory))
+
+
+def load_distributed(template: dict, directory: Path | str) -> dict:
+    """``dist_checkpointing.load`` (keywords only; the strategy is read from the checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory))
+
+
+def filesystem_async_module():
+    """``dist_checkpointing.strategies.filesystem_async`` or None where this version lacks it."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return None
+    return filesystem_async
