@@ -15,11 +15,10 @@ too). The outputs of both are compared byte for byte.
 
 Input: real text from Debian's ``python3.11-doc`` (the Python manual as info, split into nodes) and
 ``linux-doc-6.1`` (kernel documentation, ``.rst.gz``), about 36 MB of text; ``apt-get download`` +
-``dpkg-deb -x`` into ``DATA_DIR`` (nothing installed). Inputs larger than that repeat the documents in
-order (real text, repeated). Files are cached in ``DATA_DIR``.
+``dpkg-deb -x`` into ``DATA_DIR`` (nothing installed). Input ``xN`` is every document N times over (real text,
+repeated), so the 1x and 10x inputs have the same documents, only more of them. Files are cached in ``DATA_DIR``.
 
-    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench            # 100 MB both, 1 GB ours
-    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench --sizes-mb 10,100 --baseline-max-mb 100
+    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench            # x1 and x10 (about 36 and 360 MB)
 """
 
 from __future__ import annotations
@@ -62,19 +61,17 @@ def real_documents(data_dir: Path) -> list[str]:
     return [d.strip() for d in docs if len(d.strip()) > 200]
 
 
-def build_jsonl(data_dir: Path, size_mb: int) -> Path:
-    path = data_dir / f"docs-{size_mb}mb.jsonl"
+def build_jsonl(data_dir: Path, copies: int) -> Path:
+    """JSONL of the real documents, ``copies`` times over (1 copy: every document once, about 36 MB)."""
+    path = data_dir / f"docs-x{copies}.jsonl"
     if path.is_file():
         return path
     docs = real_documents(data_dir)
-    target, written, i = size_mb * 1_000_000, 0, 0
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        while written < target:
-            line = json.dumps({"id": i, "text": docs[i % len(docs)]}) + "\n"
-            f.write(line)
-            written += len(line.encode())
-            i += 1
+        for c in range(copies):
+            for i, doc in enumerate(docs):
+                f.write(json.dumps({"id": f"{c}-{i}", "text": doc}) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -188,8 +185,8 @@ def main() -> None:
     p.add_argument("--data-dir", default="/tmp/ipt-bench", help="cache for the Debian packages, inputs and outputs")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SmolLM2-135M-Instruct's)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--sizes-mb", default="100,1000", help="input sizes in MB (comma-separated)")
-    p.add_argument("--baseline-max-mb", type=int, default=100, help="run the baseline only up to this size")
+    p.add_argument("--copies", default="1,10", help="input sizes as copies of the real corpus (comma-separated)")
+    p.add_argument("--baseline-max-copies", type=int, default=10, help="run the baseline only up to this size")
     p.add_argument("--json", default=None, help="where to save the results (default: DATA_DIR/results.json)")
     p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -206,12 +203,12 @@ def main() -> None:
 
         args.tokenizer = str(resolve_model("smollm2-135m-instruct"))
     rows = []
-    for size in [int(s) for s in args.sizes_mb.split(",")]:
+    for size in [int(s) for s in args.copies.split(",")]:
         inp = build_jsonl(data_dir, size)
-        row = {"input_mb": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
+        row = {"copies": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
         shutil.rmtree(data_dir / f"ours-{size}.shards", ignore_errors=True)  # no resume: time the whole run
         row["ours"] = measure("ours", inp, data_dir / f"ours-{size}", args.tokenizer, args.workers)
-        if size <= args.baseline_max_mb:
+        if size <= args.baseline_max_copies:
             row["baseline"] = measure("baseline", inp, data_dir / f"baseline-{size}", args.tokenizer, args.workers)
             row["speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
             row["identical_output"] = same_files(data_dir / f"ours-{size}", data_dir / f"baseline-{size}")
@@ -225,12 +222,12 @@ def main() -> None:
     from rich.table import Table
 
     t = Table(title=f"tokenize: {Path(args.tokenizer).name}, {args.workers} workers, {os.cpu_count()} cores")
-    for col in ("input", "tokens", "ours tok/s", "baseline tok/s", "speedup", "ours peak PSS", "baseline peak PSS",
+    for col in ("input", "MB", "tokens", "ours tok/s", "baseline tok/s", "speedup", "ours peak PSS", "baseline peak PSS",
                 "ours peak RSS (sum)", "baseline peak RSS (sum)", "identical"):
         t.add_column(col, justify="right")
     for r in rows:
         o, b = r["ours"], r.get("baseline")
-        t.add_row(f"{r['input_bytes'] / 1e6:,.0f} MB", f"{o['tokens']:,}", f"{o['tokens_per_s']:,}",
+        t.add_row(f"x{r['copies']}", f"{r['input_bytes'] / 1e6:,.0f}", f"{o['tokens']:,}", f"{o['tokens_per_s']:,}",
                   f"{b['tokens_per_s']:,}" if b else "-", f"{r['speedup']}x" if b else "-", f"{o['peak_pss_mb']} MB",
                   f"{b['peak_pss_mb']} MB" if b else "-", f"{o['peak_rss_mb']} MB", f"{b['peak_rss_mb']} MB" if b else "-",
                   str(r.get("identical_output", "-")))
