@@ -17,7 +17,8 @@ import sys
 STAGE_HELP = {
     "corpus": "Read the raw corpus (corpus section) and hold out a share of documents for evaluation.",
     "synthesize": "Generate instruction-response pairs per document with an LLM (synthesis section).",
-    "format": "Render instruction-augmented texts: each document followed by its pairs under templates (format section).",
+    "format": "Render instruction-augmented texts: chains of documents, each followed by its pairs under the template "
+              "bank (modes, pair families, inversion), plus general instructions mixed in at a token ratio (format section).",
     "tokenize": "Tokenize raw and augmented texts into Megatron indexed datasets, PREFIX.bin/.idx, one EOD per document.",
     "train": "Train with Megatron-Core on the raw : instruction-augmented blend; evaluates held-out loss before and after.",
 }
