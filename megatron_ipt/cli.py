@@ -12,6 +12,7 @@ Errors the user can fix (config, missing inputs, bad data) print one line and ex
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 STAGE_HELP = {
@@ -22,6 +23,9 @@ STAGE_HELP = {
     "tokenize": "Tokenize raw and augmented texts into Megatron indexed datasets, PREFIX.bin/.idx, one EOD per document.",
     "train": "Train with Megatron-Core on the raw : instruction-augmented blend; evaluates held-out loss before and after.",
 }
+
+# Modules that register a file-level tool as a subcommand (light imports only at module level).
+TOOL_MODULES = ("megatron_ipt.residual_cli",)
 
 EPILOG = """\
 Every stage reads the previous stage's folder under the run folder (run_dir, default runs/<name>) and writes
@@ -58,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
     p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.")
     _add_common(p)
+    # Tools that work on files rather than on an experiment's stages: each module adds its own subcommand
+    # with ``add_parser(sub)`` and sets ``handler`` (args -> exit status) through ``set_defaults``.
+    for module in TOOL_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - data side not installed
         pass
     try:
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             import yaml
