@@ -59,6 +59,7 @@ class TokenizeOptions:
     batch_bytes: int = 1 << 22
     min_parallel_bytes: int = 8 << 20  # smaller inputs are tokenized in-process
     merge: bool = True
+    merge_only: bool = False  # tokenize nothing: merge shards that earlier runs (e.g. array tasks) finished
     max_examples: int = 5
 
     def key(self) -> dict:
@@ -254,6 +255,9 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
             if (done and done["source"] == stamp and done["settings"] == settings
                     and Path(f"{shard}.bin").is_file() and Path(f"{shard}.idx").is_file()):
                 stats, resumed = done["stats"], resumed + 1
+            elif opts.merge_only:
+                raise DataPrepError(f"{path}: no finished shard for this input and these settings under {shard_dir} "
+                                    "(--merge-only merges only what earlier runs finished; tokenize it first)")
             else:
                 if pool is None and workers > 1:
                     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -298,33 +302,51 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True, metavar="GLOB",
+def add_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The standalone tokenizer's options (shared by ``python -m data_prep.tokenize`` and ``ipt tokenize``)."""
+    g = p.add_argument_group("standalone tokenizing (no experiment file)")
+    g.add_argument("--input", action="append", required=required, metavar="GLOB",
                    help="input files: JSONL (.gz/.zst), Parquet, .txt (one document per line); repeatable")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a Hugging Face folder, a sentencepiece "
+    g.add_argument("--tokenizer", required=required, help="tokenizer.json, a Hugging Face folder, a sentencepiece "
                    ".model or a tiktoken BPE file (Llama-3 tokenizer.model)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX.shards/, PREFIX.manifest.json")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
-    p.add_argument("--append-bos", action="store_true")
-    p.add_argument("--no-eod", action="store_true", help="do not append the EOD token to each document")
-    p.add_argument("--bad-input", choices=["skip", "fail"], default="skip")
-    p.add_argument("--no-merge", action="store_true", help="keep only the per-file shards")
-    a = p.parse_args(argv)
+    g.add_argument("--output-prefix", required=required,
+                   help="writes PREFIX.bin/.idx, PREFIX.shards/, PREFIX.manifest.json")
+    g.add_argument("--text-field", default="text", help="JSON/Parquet field holding the text (default: text)")
+    g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    g.add_argument("--append-bos", action="store_true", help="prepend the BOS token to each document")
+    g.add_argument("--no-eod", action="store_true", help="do not append the EOD token to each document")
+    g.add_argument("--bad-input", choices=["skip", "fail"], default="skip",
+                   help="malformed/empty/non-UTF-8 records: skip and count them (default) or stop at the first")
+    g.add_argument("--no-merge", action="store_true",
+                   help="keep only the per-file shards (e.g. one Slurm array task per file; merge later)")
+    g.add_argument("--merge-only", action="store_true",
+                   help="tokenize nothing: check that every input's shard is finished and merge them into PREFIX")
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the standalone tokenizer from parsed :func:`add_arguments` options; returns the exit status."""
+    if a.no_merge and a.merge_only:
+        raise DataPrepError("--no-merge and --merge-only exclude each other")
     opts = TokenizeOptions(text_field=a.text_field, workers=a.workers, append_bos=a.append_bos,
-                           append_eod=not a.no_eod, bad_input=a.bad_input, merge=not a.no_merge)
-    try:
-        m = tokenize_corpus(a.input, a.output_prefix, a.tokenizer, opts)
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                           append_eod=not a.no_eod, bad_input=a.bad_input, merge=not a.no_merge,
+                           merge_only=a.merge_only)
+    m = tokenize_corpus(a.input, a.output_prefix, a.tokenizer, opts)
     print(f"{m['documents']:,} documents, {m['tokens']:,} tokens in {m['seconds']} s "
           f"({m['tokens_per_s']:,} tokens/s); skipped {m['skipped'] or 'none'}")
     for e in m["skipped_examples"]:
         print(f"  skipped {e}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ Override any config key with --set section.key=value (repeatable), e.g. --set tr
 """
 
 
+STAGE_EPILOG = {
+    "tokenize": """
+Standalone (no experiment file): give --input, --tokenizer and --output-prefix instead of CONFIG, e.g.
+  ipt tokenize --input 'corpus/*.jsonl.zst' --tokenizer Meta-Llama-3-8B --output-prefix data/corpus --workers 16
+  ipt tokenize --input 'corpus/part-07.jsonl.zst' ... --no-merge    # one Slurm array task per file
+  ipt tokenize --input 'corpus/*.jsonl.zst' ... --merge-only        # then merge the finished shards
+""",
+}
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (e.g. examples/quickstart.yaml); defaults when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -57,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=["corpus", "synthesize", "format", "tokenize", "train"], default="train",
                    help="stop after this stage")
     for name, text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=text, description=text + "\n\n" + EPILOG,
+        p = sub.add_parser(name, help=text, description=text + "\n\n" + EPILOG + STAGE_EPILOG.get(name, ""),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(p)
+        if name == "tokenize":
+            from data_prep.tokenize import add_arguments
+
+            add_arguments(p, required=False)
     p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.")
     _add_common(p)
     # Tools that work on files rather than on an experiment's stages: each module adds its own subcommand
@@ -131,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "handler", None) is not None:
             return args.handler(args)
+        if args.command == "tokenize" and (args.input or args.tokenizer or args.output_prefix):
+            if args.config or args.overrides:
+                raise IptError("ipt tokenize: give either an experiment file (the pipeline stage) or --input/"
+                               "--tokenizer/--output-prefix (standalone), not both")
+            if not (args.input and args.tokenizer and args.output_prefix):
+                raise IptError("standalone ipt tokenize needs --input, --tokenizer and --output-prefix")
+            from data_prep.tokenize import run as tokenize_standalone
+
+            return tokenize_standalone(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             import yaml

@@ -184,3 +184,28 @@ def test_command_line_tokenizes_a_glob(tmp_path, tiny_tokenizer_dir, capsys):
     assert rc == 0 and "4 documents" in capsys.readouterr().out
     assert main(["--input", str(tmp_path / "none*.jsonl"), "--tokenizer", str(tiny_tokenizer_dir),
                  "--output-prefix", str(tmp_path / "c")]) == 2
+
+
+def test_ipt_tokenize_standalone_array_tasks_then_merge_only(tmp_path, tiny_tokenizer_dir, capsys):
+    from megatron_ipt.cli import main as ipt
+
+    for i in range(3):
+        write_jsonl(tmp_path / f"part-{i}.jsonl", [f"{t} {i}" for t in TEXTS])
+    glob = str(tmp_path / "part-*.jsonl")
+    common = ["--tokenizer", str(tiny_tokenizer_dir), "--output-prefix", str(tmp_path / "out")]
+    # merge-only before the shards exist names the first unfinished input
+    assert ipt(["tokenize", "--input", glob, *common, "--merge-only"]) == 2
+    assert "part-0.jsonl: no finished shard" in capsys.readouterr().err
+    for i in range(3):  # one "array task" per file
+        assert ipt(["tokenize", "--input", str(tmp_path / f"part-{i}.jsonl"), *common, "--no-merge"]) == 0
+    assert not (tmp_path / "out.bin").exists()
+    assert ipt(["tokenize", "--input", glob, *common, "--merge-only"]) == 0
+    assert ipt(["tokenize", "--input", glob, "--tokenizer", str(tiny_tokenizer_dir),
+                "--output-prefix", str(tmp_path / "direct")]) == 0
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"out.{ext}").read_bytes() == (tmp_path / f"direct.{ext}").read_bytes()
+    # a config and standalone options together, or an incomplete standalone call, are one-line errors
+    assert ipt(["tokenize", "examples/quickstart.yaml", "--input", glob, *common]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert ipt(["tokenize", "--input", glob]) == 2
+    assert "needs --input, --tokenizer and --output-prefix" in capsys.readouterr().err
