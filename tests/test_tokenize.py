@@ -209,3 +209,33 @@ def test_ipt_tokenize_standalone_array_tasks_then_merge_only(tmp_path, tiny_toke
     assert "not both" in capsys.readouterr().err
     assert ipt(["tokenize", "--input", glob]) == 2
     assert "needs --input, --tokenizer and --output-prefix" in capsys.readouterr().err
+
+
+def test_tokenize_sbatch_script_array_tasks_and_merge(tmp_path, tiny_tokenizer_dir):
+    """The sbatch script's own logic, run as Slurm would run its tasks (without a cluster: the
+    array index comes from the environment); file names with spaces and quotes stay intact."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "my corpus"
+    data.mkdir()
+    for i in range(2):
+        write_jsonl(data / f"part '{i}'.jsonl", [f"{t} {i}" for t in TEXTS])
+    venv = Path(sys.executable).parents[1]
+    env = {**os.environ, "INPUT_GLOB": str(data / "part*.jsonl"), "TOKENIZER": str(tiny_tokenizer_dir),
+           "OUTPUT_PREFIX": str(tmp_path / "out $(x)"), "IPT_VENV": str(venv), "SLURM_CPUS_PER_TASK": "1",
+           "SLURM_SUBMIT_DIR": str(repo)}
+    env.pop("SLURM_ARRAY_JOB_ID", None)
+    for task in ("0", "1", "2"):  # task 2 has no file: nothing to do
+        r = subprocess.run(["bash", str(repo / "slurm/tokenize.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": task},
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "out $(x).bin").exists()
+    r = subprocess.run(["bash", str(repo / "slurm/tokenize.sbatch")], env={**env, "IPT_TOKENIZE_MERGE": "1"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out $(x).manifest.json").read_text())
+    assert m["documents"] == 2 * len(TEXTS) and m["shards_resumed"] == 2
