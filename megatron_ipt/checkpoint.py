@@ -208,3 +208,62 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
         consumed_samples=int(state["consumed_samples"]),
         extra=state.get("extra") or {},
     )
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest ``keep_last`` ``iter_*`` folders under ``root``; the one ``latest`` names is
+    always kept. Call on rank 0 after a save finished. Returns the removed folders."""
+    import shutil
+
+    keep = latest_iteration(root)
+    folders = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    removed = []
+    for p in folders[: max(0, len(folders) - keep_last)]:
+        if keep is not None and p == checkpoint_dir(root, keep):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The torch_dist folder to load from ``path``: a checkpoints folder with ``latest`` (its newest
+    checkpoint) or an ``iter_*`` / converted folder holding megatron's ``metadata.json``.
+    Raises FileNotFoundError naming the path when it is neither."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return checkpoint_dir(path, latest_iteration(path))  # type: ignore[arg-type]
+    if (path / "metadata.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path}: not a torch_dist checkpoint (no 'latest' file and no metadata.json)")
+
+
+def save_model_weights(root: Path, model: torch.nn.Module, iteration: int = 0) -> Path:
+    """Save the model's weights only (``{"model": sharded_state_dict}``, torch_dist) to ``root/iter_N`` and
+    point ``root/latest`` at it: the layout :func:`load_model_weights` and ``train.init_from`` read (e.g. a
+    checkpoint converted from Hugging Face). Must be called on every rank; returns the folder."""
+    directory = checkpoint_dir(root, iteration)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    with _in_process_write_results_queue():
+        mcore.save_distributed({"model": _unwrap(model).sharded_state_dict()}, directory)
+    torch.distributed.barrier()
+    if rank == 0:
+        atomic_write_text(Path(root) / LATEST, f"{iteration}\n")
+    torch.distributed.barrier()
+    return directory
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
+    """Load model weights only from a torch_dist checkpoint (see :func:`resolve_checkpoint_dir`) into
+    ``model`` (any tensor/pipeline layout: the checkpoint is resharded on load); optimizer state, scheduler,
+    iteration and RNG are not read. Continual pre-training's starting point (Megatron-LM's
+    ``--finetune --no-load-optim --no-load-rng``). Must be called on every rank; returns the folder read.
+    Raises FileNotFoundError when ``path`` holds no checkpoint."""
+    directory = resolve_checkpoint_dir(path)
+    module = _unwrap(model)
+    state = mcore.load_distributed({"model": module.sharded_state_dict()}, directory)
+    module.load_state_dict(state["model"], strict=True)
+    return directory

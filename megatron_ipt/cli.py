@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.RUNNERS[args.command](cfg, force=args.force)
         return 0
     except known_errors as e:
-        print(f"ipt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)
+        print(f"ipt {args.command}: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"ipt {args.command}: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
         return 130

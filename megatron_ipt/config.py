@@ -161,7 +161,11 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0)
     min_lr: float = Field(3e-4, ge=0)
     lr_warmup_iters: int = Field(20, ge=0)
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_style: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="After warmup: cosine / linear decay to min_lr, constant, or wsd (warmup-stable-decay: "
+        "constant until the last lr_wsd_decay_fraction of the run, then lr_wsd_decay_style down to min_lr).")
+    lr_wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of train_iters spent decaying.")
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
     weight_decay: float = Field(0.1, ge=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -173,6 +177,15 @@ class TrainConfig(_Section):
     save_interval: int | None = Field(
         None, ge=1, description="Also save a checkpoint every this many iterations (a rerun resumes from the latest)."
     )
+    keep_last: int | None = Field(
+        None, ge=1, description="Keep only the newest this many checkpoints (the one 'latest' names is always kept).")
+    exit_duration_minutes: float | None = Field(
+        None, gt=0, description="Save and stop once this many minutes of training passed (e.g. below a Slurm time "
+        "limit); the next run resumes.")
+    init_from: str | None = Field(
+        None, description="Continual pre-training: load model weights only (no optimizer, scheduler or iteration) "
+        "from this torch_dist checkpoint folder (an iter_* folder, or a checkpoints folder with 'latest', e.g. from "
+        "ipt convert hf-to-megatron); the learning rate warms up again. Ignored when the run resumes its own checkpoint.")
 
 
 class ExperimentConfig(_Section):

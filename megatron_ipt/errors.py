@@ -12,3 +12,11 @@ class IptError(Exception):
 
 class LaunchError(IptError, RuntimeError):
     """Worker processes of a launched stage failed; their own output says why."""
+
+
+class TrainingStopped(IptError):
+    """Training saved a checkpoint and stopped early on request (SIGTERM/SIGUSR1, exit_duration_minutes);
+    rerunning the same command resumes. ``ipt`` exits with :attr:`exit_code` (3), distinct from errors (2),
+    so a job script can requeue on it."""
+
+    exit_code = 3

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from megatron_ipt.config import ExperimentConfig, resolved
-from megatron_ipt.errors import LaunchError
+from megatron_ipt.errors import LaunchError, TrainingStopped
 from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
 
 STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
@@ -230,15 +230,29 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         cmd = torchrun_command(["-m", "megatron_ipt.cli", "train", str(config_file)], cfg.parallel.nproc_per_node)
         _log(f"train: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
         rc = subprocess.call(cmd)
+        _raise_if_stopped(out)
         if rc != 0:
             raise LaunchError(f"training processes exited with status {rc}; see their output above")
     else:
         from megatron_ipt.train import train_stage
 
         summary = train_stage(cfg, stage_path(cfg, "tokenize"), out, fp)
+        if summary.get("stopped_by"):
+            raise TrainingStopped(f"training stopped at iteration {summary['iterations']} ({summary['stopped_by']}); "
+                                  "a checkpoint was saved: rerun the same command to resume")
         if rank != 0:  # rank 0 writes the manifest
             return StageResult("train", out, {"counts": summary}, False)
     return StageResult("train", out, read_manifest(out, "train"), False)
+
+
+def _raise_if_stopped(out: Path) -> None:
+    """Raise TrainingStopped when the (relaunched) training processes saved and stopped early on request."""
+    from megatron_ipt.train import STOPPED
+
+    if (out / STOPPED).is_file():
+        info = json.loads((out / STOPPED).read_text())
+        raise TrainingStopped(f"training stopped at iteration {info['iteration']} ({info['reason']}); a checkpoint "
+                              "was saved: rerun the same command to resume")
 
 
 RUNNERS = {"corpus": run_corpus, "synthesize": run_synthesize, "format": run_format, "tokenize": run_tokenize, "train": run_train}

@@ -23,13 +23,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megatron_ipt import checkpoint, cpu_backend, data, mcore, parallel
+from megatron_ipt import checkpoint, cpu_backend, data, mcore, parallel, signals
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import read_manifest, write_manifest
 from megatron_ipt.model import build_model, count_parameters
 from megatron_ipt.presets import padded_vocab_size, resolve_preset
 
 METRICS = "metrics.jsonl"
+STOPPED = "stopped.json"  # written by rank 0 when a run saved and stopped early on request (signal, time budget)
 MIN_EVAL_SEQ_LENGTH = 16  # tokens; a held-out set shorter than this is not evaluated
 
 
@@ -53,13 +54,28 @@ def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    decay_iters = max(t.train_iters - t.lr_warmup_iters, 1) + t.lr_warmup_iters
     scheduler = mcore.param_scheduler(
-        optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
+        optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, **lr_schedule(t),
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def lr_schedule(t) -> dict[str, Any]:
+    """``OptimizerParamScheduler`` arguments for the configured schedule (iterations are scheduler steps).
+
+    Linear warmup over ``lr_warmup_iters`` from 0 to ``lr``, then until ``train_iters``: ``cosine`` or
+    ``linear`` decay to ``min_lr``; ``constant`` at ``lr``; ``wsd`` (warmup-stable-decay, Hu et al., MiniCPM,
+    arXiv 2404.06395 §4): ``lr`` until the last ``lr_wsd_decay_fraction`` of the iterations, then
+    ``lr_wsd_decay_style`` down to ``min_lr`` (megatron-core's ``WSD`` style)."""
+    decay_iters = max(t.train_iters - t.lr_warmup_iters, 1) + t.lr_warmup_iters
+    out: dict[str, Any] = {"lr_warmup_steps": t.lr_warmup_iters, "lr_decay_steps": decay_iters,
+                           "lr_decay_style": t.lr_decay_style, "wd_incr_steps": decay_iters}
+    if t.lr_decay_style == "wsd":
+        out["lr_decay_style"] = "WSD"
+        out["wsd_decay_steps"] = max(1, min(decay_iters - t.lr_warmup_iters, round(t.lr_wsd_decay_fraction * t.train_iters)))
+        out["lr_wsd_decay_style"] = t.lr_wsd_decay_style
+    return out
 
 
 def wrap_ddp(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -316,6 +332,16 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
     load_seconds = None
+    initialized_from = None
+    if rank0:
+        (out_dir / STOPPED).unlink(missing_ok=True)
+    if checkpoint.latest_iteration(ckpt_root) is None and t.init_from:
+        # Continual pre-training: weights only; optimizer, schedule (LR warms up again) and data start fresh.
+        initialized_from = str(checkpoint.load_model_weights(t.init_from, model))
+        reload = getattr(optimizer, "reload_model_params", None)
+        if reload is not None:  # main (fp32) copies of bf16 params were taken when the optimizer was built
+            reload()
+        _say(f"train: initialised model weights from {initialized_from}")
     if checkpoint.latest_iteration(ckpt_root) is not None:
         tick = time.perf_counter()
         progress = checkpoint.load_checkpoint(ckpt_root, model, optimizer, scheduler)
@@ -336,7 +362,17 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     reporter = _Reporter(out_dir, t.train_iters, progress.iteration, enabled=rank0)
     resumed_from = progress.iteration
     train_seconds, first_seconds, last, window = 0.0, 0.0, {}, []
+    stopper = signals.StopRequest(t.exit_duration_minutes, device=device)
+    stopped_by = None
+
+    def save() -> float:
+        seconds = checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
+        if rank0 and t.keep_last:
+            checkpoint.prune_checkpoints(ckpt_root, t.keep_last)
+        return seconds
+
     try:
+        stopper.__enter__()
         if resumed_from == 0:
             reporter.log({"event": "heldout_before", **before})
         while progress.iteration < stop:
@@ -350,8 +386,12 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             progress.consumed_samples += t.global_batch_size
             if not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"iteration {progress.iteration}: loss is {last['loss']}")
+            if stopper.should_stop() and progress.iteration < stop:
+                stopped_by = stopper.reason
+                _say(f"train: {stopped_by} received: saving at iteration {progress.iteration} and stopping")
+                break
             if t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
-                checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
+                save()
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
                 step_s = sum(window) / len(window)
                 reporter.log({
@@ -364,12 +404,17 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             else:
                 reporter.advance(progress.iteration)
     finally:
+        stopper.__exit__()
         reporter.close()
 
     save_seconds = None
     trained = progress.iteration - resumed_from
-    if (t.save_checkpoint or stop < t.train_iters) and trained > 0:
-        save_seconds = checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
+    if (t.save_checkpoint or stop < t.train_iters or stopped_by) and trained > 0:
+        save_seconds = save()
+    if stopped_by and rank0:
+        from megatron_ipt.manifest import atomic_write_text
+
+        atomic_write_text(out_dir / STOPPED, json.dumps({"iteration": progress.iteration, "reason": stopped_by}) + "\n")
     # Steady state: the first iteration of a run pays for warm-up (allocations, lazy init).
     steady_iters, steady_seconds = (trained - 1, train_seconds - first_seconds) if trained > 1 else (trained, train_seconds)
     summary = {
@@ -377,6 +422,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         "iterations": progress.iteration,
         "iterations_this_run": trained,
         "resumed_from_iteration": resumed_from,
+        "stopped_by": stopped_by,
+        "initialized_from": initialized_from,
         "consumed_samples": progress.consumed_samples,
         "tokens_trained": progress.consumed_samples * cfg.model.seq_length,
         "final_train_loss": last.get("loss"),

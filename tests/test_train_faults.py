@@ -1,0 +1,117 @@
+"""Trainer faults and lifecycle on CPU with real megatron-core: stop on SIGTERM and resume to the same
+final loss, keep the last K checkpoints, continual pre-training from weights only, LR schedules wired."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megatron_ipt import checkpoint
+from megatron_ipt.train import train_stage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path tests")
+
+
+@pytest.fixture(scope="module")
+def tokenized_dir(tmp_path_factory):
+    return make_tokenized_dir(tmp_path_factory.mktemp("tokenized"))
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {m["iteration"]: m["loss"] for m in rows if "iteration" in m}
+
+
+def test_keep_last_keeps_the_newest_checkpoints(tokenized_dir, tmp_path):
+    train_stage(tiny_config(train_iters=8, save_interval=2, keep_last=2, eval_iters=1), tokenized_dir, tmp_path, "fp")
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*"))
+    assert saved == ["iter_0000006", "iter_0000008"]
+    assert checkpoint.latest_iteration(tmp_path / "checkpoints") == 8
+
+
+def test_init_from_loads_weights_only_and_rewarms(tokenized_dir, tmp_path):
+    first = train_stage(tiny_config(train_iters=6, eval_iters=2), tokenized_dir, tmp_path / "a", "fp-a")
+    cpt = train_stage(tiny_config(train_iters=3, eval_iters=2, init_from=str(tmp_path / "a" / "checkpoints")),
+                      tokenized_dir, tmp_path / "b", "fp-b")
+    # the continual run starts from the first run's final weights: its "before" is the first run's "after"
+    for name in ("heldout_raw", "heldout_pairs"):
+        assert cpt["losses"][name]["before"] == pytest.approx(first["losses"][name]["after"], rel=1e-6)
+    assert cpt["initialized_from"].endswith("iter_0000006")
+    # ... but not its optimizer, schedule or progress: iteration 1 is a warmup step again
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["iteration"]: r["lr"] for r in rows if "iteration" in r}
+    assert lr[1] == 0.0 and lr[2] == pytest.approx(tiny_config().train.lr / 2)  # warmup over 2 iterations
+    assert cpt["consumed_samples"] == 12
+    with pytest.raises(FileNotFoundError, match="not a torch_dist checkpoint"):
+        train_stage(tiny_config(train_iters=1, init_from=str(tmp_path)), tokenized_dir, tmp_path / "c", "fp-c")
+
+
+def _experiment(tmp_path: Path, tokenized_dir: Path, iters: int, name: str) -> Path:
+    """An experiment whose tokenize stage is already done (a copy of the tiny tokenized folder)."""
+    import shutil
+
+    run = tmp_path / name
+    shutil.copytree(tokenized_dir, run / "tokenized")
+    cfg = tiny_config(train_iters=iters, eval_iters=1, save_checkpoint=True)
+    data = cfg.model_dump(mode="json")
+    data["name"], data["run_dir"] = name, str(run)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _ipt(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.e2e
+def test_sigterm_saves_and_stops_and_the_rerun_ends_with_the_same_loss(tokenized_dir, tmp_path):
+    iters = 30
+    straight = _experiment(tmp_path, tokenized_dir, iters, "straight")
+    preempted = _experiment(tmp_path, tokenized_dir, iters, "preempted")
+    proc = _ipt("train", str(preempted))
+    metrics = tmp_path / "preempted" / "train" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"iteration": 3' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-2000:]
+    assert "SIGTERM" in err and "rerun the same command to resume" in err
+    stopped_at = checkpoint.latest_iteration(tmp_path / "preempted" / "train" / "checkpoints")
+    assert 3 <= stopped_at < iters
+    assert not (tmp_path / "preempted" / "train" / "manifest.json").exists()
+    proc = _ipt("train", str(preempted))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    proc = _ipt("train", str(straight))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    got, expected = losses(tmp_path / "preempted" / "train"), losses(tmp_path / "straight" / "train")
+    assert got[iters] == pytest.approx(expected[iters], rel=1e-6, abs=1e-6)
+    manifest = json.loads((tmp_path / "preempted" / "train" / "manifest.json").read_text())
+    assert manifest["train"]["resumed_from_iteration"] == stopped_at
+
+
+def test_exit_duration_saves_and_stops(tokenized_dir, tmp_path):
+    summary = train_stage(tiny_config(train_iters=50, exit_duration_minutes=1e-9, eval_iters=1), tokenized_dir,
+                          tmp_path, "fp")
+    assert summary["stopped_by"] == "exit_duration_minutes" and summary["iterations"] == 1
+    assert checkpoint.latest_iteration(tmp_path / "checkpoints") == 1
+    assert json.loads((tmp_path / "stopped.json").read_text())["iteration"] == 1
