@@ -133,6 +133,9 @@ class ModelConfig(_Section):
     """Model architecture: a preset name plus optional overrides of its fields."""
 
     preset: str = Field("llama-tiny", description="A preset from megatron_ipt.presets (llama-tiny, llama3-8b, ...).")
+    hf_config: str | None = Field(
+        None, description="Take the architecture from a Hugging Face Llama/Qwen2 folder or config.json instead of "
+        "the preset (the model a converted checkpoint came from; see ipt convert).")
     num_layers: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=1)
     ffn_hidden_size: int | None = Field(None, ge=1)

@@ -96,7 +96,7 @@ def build_model(
     device: torch.device,
     precision: str = "fp32",
 ) -> torch.nn.Module:
-    """Build this rank's pipeline stage of a ``GPTModel`` (RoPE, untied embeddings) on ``device``.
+    """Build this rank's pipeline stage of a ``GPTModel`` (RoPE; embeddings tied when the preset says so) on ``device``.
 
     ``vocab_size`` must already be padded (:func:`megatron_ipt.presets.padded_vocab_size`). Needs
     megatron's parallel state initialised. With ``precision="bf16"`` the model is wrapped in
@@ -112,9 +112,11 @@ def build_model(
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=preset.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(preset.rotary_base),
+        **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
+           if preset.rope_scaling_factor else {}),
     )
     model.to(device)
     if config.bf16:

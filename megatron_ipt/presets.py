@@ -10,7 +10,9 @@ tokenizer's vocabulary padded by :func:`padded_vocab_size`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from megatron_ipt.config import ModelConfig
 
@@ -30,6 +32,8 @@ class ModelPreset:
     norm_epsilon: float = 1e-5
     add_qkv_bias: bool = False
     init_method_std: float = 0.02
+    tie_word_embeddings: bool = False  # output layer shares the input embedding (small Qwen2 models)
+    rope_scaling_factor: float | None = None  # Llama-3.1 RoPE scaling (megatron-core's rope_scaling; factor 8)
 
     @property
     def kv_channels(self) -> int:
@@ -66,6 +70,52 @@ PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
+PRESETS["llama3.1-8b"] = dataclasses.replace(PRESETS["llama3-8b"], max_position_embeddings=131072,
+                                             rope_scaling_factor=8.0)
+
+
+def preset_from_hf_config(path: str | Path) -> ModelPreset:
+    """The architecture of a Hugging Face Llama / Qwen2 checkpoint (its ``config.json``, or the folder holding
+    it) as a preset: sizes, GQA groups, RoPE theta, RMSNorm epsilon, QKV bias (Qwen2), tied embeddings and
+    Llama-3.1 RoPE scaling (``rope_scaling.rope_type == "llama3"``; megatron-core implements the published
+    low/high frequency factors 1/4 and original context 8,192, so only the factor is carried).
+    Raises ValueError naming the file for other architectures or missing fields."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        c = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read a Hugging Face config ({e})") from None
+    model_type = c.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+        raise ValueError(f"{file}: model_type {model_type!r} is not supported (llama, qwen2)")
+    # transformers < 5 writes rope_theta / rope_scaling at the top level; 5.x one rope_parameters dict
+    rope = c.get("rope_parameters") or {}
+    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else {})
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(f"{file}: rope_scaling {scaling} is not supported (only Llama-3.1's 'llama3')")
+    if scaling and (scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0),
+                    scaling.get("original_max_position_embeddings", 8192)) != (1.0, 4.0, 8192):
+        raise ValueError(f"{file}: rope_scaling {scaling}: megatron-core implements low/high frequency factors 1/4 "
+                         "and original context 8192 only")
+    try:
+        heads = c["num_attention_heads"]
+        if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+            raise ValueError(f"{file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+        return ModelPreset(
+            num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
+            num_attention_heads=heads, num_query_groups=c.get("num_key_value_heads") or heads,
+            vocab_size=c["vocab_size"], max_position_embeddings=c.get("max_position_embeddings", 4096),
+            rotary_base=float(theta), norm_epsilon=c.get("rms_norm_eps", 1e-6),
+            add_qkv_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            rope_scaling_factor=float(scaling["factor"]) if scaling else None,
+        )
+    except KeyError as e:
+        raise ValueError(f"{file}: missing field {e}") from None
+
+
 _OVERRIDABLE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
 
@@ -75,10 +125,14 @@ def resolve_preset(model: ModelConfig) -> ModelPreset:
     Raises ValueError naming the unknown preset and listing the known ones, or when the overrides
     leave ``hidden_size`` not divisible by ``num_attention_heads``.
     """
-    if model.preset not in PRESETS:
+    if getattr(model, "hf_config", None):
+        base = preset_from_hf_config(model.hf_config)
+    elif model.preset not in PRESETS:
         raise ValueError(f"model.preset = {model.preset!r}: unknown; choose one of {sorted(PRESETS)}")
+    else:
+        base = PRESETS[model.preset]
     overrides = {k: getattr(model, k) for k in _OVERRIDABLE if getattr(model, k) is not None}
-    preset = dataclasses.replace(PRESETS[model.preset], **overrides)
+    preset = dataclasses.replace(base, **overrides)
     if preset.hidden_size % preset.num_attention_heads:
         raise ValueError(
             f"model: hidden_size {preset.hidden_size} is not divisible by num_attention_heads {preset.num_attention_heads}"

@@ -299,7 +299,9 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # Model, DDP, optimizer, schedule.
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, layout.tensor_model_parallel_size)
+    # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
+    model_vocab = max(tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else tokenizer.vocab_size
+    vocab_size = padded_vocab_size(model_vocab, layout.tensor_model_parallel_size)
     model = build_model(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
                         device=device, precision=t.precision)
     model = wrap_ddp(cfg, model)

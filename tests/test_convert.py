@@ -1,0 +1,116 @@
+"""Hugging Face <-> Megatron conversion on tiny random Llama / Qwen2 models: megatron-core's logits (CPU
+backend, fp32) equal transformers' within 1e-4, and HF -> Megatron -> HF is bit-identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_ipt import checkpoint, convert
+from megatron_ipt.cli import main
+from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
+
+transformers = pytest.importorskip("transformers")
+
+SIZES = dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+CASES = {
+    "llama3": lambda: transformers.LlamaConfig(**SIZES, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama3.1-rope-scaling": lambda: transformers.LlamaConfig(
+        **SIZES, rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}),
+    "qwen2-bias": lambda: transformers.Qwen2Config(**SIZES, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen2-tied": lambda: transformers.Qwen2Config(**SIZES, rope_theta=1000000.0, tie_word_embeddings=True),
+}
+
+
+def hf_model(path, case):
+    torch.manual_seed(0)
+    cfg = CASES[case]()
+    model = (transformers.LlamaForCausalLM if cfg.model_type == "llama" else transformers.Qwen2ForCausalLM)(cfg)
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor cannot pass
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    model.save_pretrained(path, max_shard_size="60KB")
+    return model.eval()
+
+
+def megatron_logits(ckpt, hf_folder, tokens):
+    preset = preset_from_hf_config(hf_folder)
+    world = convert._SingleProcessModel(preset, padded_vocab_size(preset.vocab_size, 1), torch.float32)
+    try:
+        checkpoint.load_model_weights(ckpt, world.model)
+        world.gpt.eval()
+        with torch.no_grad():
+            pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+            return world.gpt(input_ids=tokens, position_ids=pos, attention_mask=None)[..., : preset.vocab_size].clone()
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_and_round_trip_is_bit_identical(case, tmp_path):
+    model = hf_model(tmp_path / "hf", case)
+    manifest = convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    assert manifest["padded_vocab_size"] == 256 and (tmp_path / "mg" / "latest").read_text().strip() == "0"
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    got = megatron_logits(tmp_path / "mg", tmp_path / "hf", tokens)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+    convert.megatron_to_hf(tmp_path / "mg", tmp_path / "back")
+    back = type(model).from_pretrained(tmp_path / "back")
+    a, b = model.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    files = json.loads((tmp_path / "back" / convert.CONVERT_MANIFEST).read_text())["hf_files"]
+    assert "config.json" in files
+
+
+def test_tensor_parallel_padding_and_errors(tmp_path, capsys):
+    hf_model(tmp_path / "hf", "llama3")
+    assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "mg"),
+                 "--tensor-parallel-size", "2"]) == 0
+    assert json.loads((tmp_path / "mg" / convert.CONVERT_MANIFEST).read_text())["padded_vocab_size"] == 256
+    assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "mg")]) == 2
+    assert "exists" in capsys.readouterr().err
+    # a tensor missing from the source is named
+    (tmp_path / "bad").mkdir()
+    for f in (tmp_path / "hf").iterdir():
+        (tmp_path / "bad" / f.name).write_bytes(f.read_bytes())
+    index = json.loads((tmp_path / "bad" / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (tmp_path / "bad" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["convert", "hf-to-megatron", str(tmp_path / "bad"), str(tmp_path / "mg2")]) == 2
+    assert "model.layers.1.mlp.up_proj.weight is missing" in capsys.readouterr().err
+    assert not (tmp_path / "mg2").exists()
+
+
+def test_continual_pretraining_flow_convert_train_export(tmp_path):
+    """HF model -> Megatron -> train.init_from (weights only) + model.hf_config -> HF export that loads."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import VOCAB, make_tokenized_dir, tiny_config
+
+    from megatron_ipt.train import train_stage
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**SIZES, "vocab_size": VOCAB})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=60, heldout_docs=4)
+    summary = train_stage(tiny_config(train_iters=3, eval_iters=1, init_from=str(tmp_path / "mg"),
+                                      model__hf_config=str(tmp_path / "mg" / "hf")), tokenized, tmp_path / "run", "fp")
+    assert summary["completed"] and summary["initialized_from"].endswith("iter_0000000")
+    assert summary["padded_vocab_size"] == 256
+    convert.megatron_to_hf(tmp_path / "run" / "checkpoints", tmp_path / "cpt", hf_config_from=tmp_path / "mg" / "hf")
+    before = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    after = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "cpt").state_dict()
+    assert set(before) == set(after)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
