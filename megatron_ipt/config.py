@@ -142,6 +142,9 @@ class ModelConfig(_Section):
     num_attention_heads: int | None = Field(None, ge=1)
     num_query_groups: int | None = Field(None, ge=1)
     seq_length: int = Field(256, ge=8, description="Training sequence length in tokens.")
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = Field(
+        "auto", description="Layer implementation: Transformer Engine (GPU), megatron-core's local modules (what runs "
+        "on CPU), or auto (TE on a GPU when it imports).")
 
 
 class ParallelConfig(_Section):
@@ -158,6 +161,13 @@ class TrainConfig(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    fp8: Literal["hybrid", "e4m3"] | None = Field(
+        None, description="FP8 through Transformer Engine on a GPU (on top of bf16): hybrid = e4m3 forward, e5m2 grads.")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(
+        "delayed", description="FP8 scaling recipe (megatron-core's fp8_recipe; mxfp8 needs Blackwell).")
+    fp8_amax_history_len: int = Field(1024, ge=1, description="delayed scaling: amax history length.")
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    fp8_bf16_layers: int = Field(0, ge=0, description="Keep this many first and last layers in bf16 (not with delayed).")
     train_iters: int = Field(300, ge=1)
     micro_batch_size: int = Field(4, ge=1)
     global_batch_size: int = Field(8, ge=1)

@@ -30,11 +30,14 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.device, precision: str):
+def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.device, precision: str,
+                       precision_fields: dict | None = None):
     """megatron-core ``TransformerConfig`` for a Llama model: RMSNorm, SwiGLU, no linear biases, GQA.
 
     On CPU adds the settings CPU needs (``use_cpu_initialization``, no fusions). ``precision`` is
-    ``fp32`` or ``bf16``; ``pipeline_dtype`` is set for pipeline parallel runs.
+    ``fp32`` or ``bf16``; ``pipeline_dtype`` is set for pipeline parallel runs. ``precision_fields`` (from
+    :func:`megatron_ipt.precision.precision_fields`: FP8 format, recipe, amax history, bf16 first/last
+    layers) are passed through.
     """
     bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -70,6 +73,7 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
         bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=not on_cpu,
     )
+    kwargs.update({k: v for k, v in (precision_fields or {}).items() if k != "bf16"})
     return mcore.transformer_config(**kwargs)
 
 
@@ -95,6 +99,8 @@ def build_model(
     seq_length: int,
     device: torch.device,
     precision: str = "fp32",
+    transformer_impl: str = "auto",
+    precision_fields: dict | None = None,
 ) -> torch.nn.Module:
     """Build this rank's pipeline stage of a ``GPTModel`` (RoPE; embeddings tied when the preset says so) on ``device``.
 
@@ -103,10 +109,11 @@ def build_model(
     ``Float16Module`` as Megatron-LM does. Returns the (possibly wrapped) module, not yet DDP-wrapped.
     """
     ps = mcore.parallel_state()
-    config = transformer_config(preset, layout, device=device, precision=precision)
+    config = transformer_config(preset, layout, device=device, precision=precision, precision_fields=precision_fields)
+    use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
     model = mcore.gpt_model(
         config=config,
-        transformer_layer_spec=layer_spec(device),
+        transformer_layer_spec=layer_spec(device, use_transformer_engine=use_te),
         vocab_size=vocab_size,
         max_sequence_length=max(seq_length, preset.max_position_embeddings),
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),

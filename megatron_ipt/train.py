@@ -302,8 +302,14 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
     model_vocab = max(tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else tokenizer.vocab_size
     vocab_size = padded_vocab_size(model_vocab, layout.tensor_model_parallel_size)
+    from megatron_ipt.model import transformer_engine_available
+    from megatron_ipt.precision import precision_fields, resolve_transformer_impl
+
+    te = transformer_engine_available()
+    impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
+    fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
     model = build_model(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
-                        device=device, precision=t.precision)
+                        device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
     model = wrap_ddp(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, model)
     forward_backward = mcore.forward_backward_func()
