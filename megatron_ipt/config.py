@@ -185,6 +185,7 @@ class TrainConfig(_Section):
     clip_grad: float = Field(1.0, ge=0)
     seed: int = 1234
     log_interval: int = Field(10, ge=1)
+    tensorboard: bool = Field(False, description="Also write the logged scalars to TensorBoard (train/tensorboard/).")
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
     save_checkpoint: bool = True
     save_interval: int | None = Field(

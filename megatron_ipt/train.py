@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megatron_ipt import checkpoint, cpu_backend, data, mcore, parallel, signals
+from megatron_ipt import checkpoint, cpu_backend, data, mcore, metrics, parallel, signals
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import read_manifest, write_manifest
 from megatron_ipt.model import build_model, count_parameters
@@ -181,6 +181,18 @@ def train_step(model, optimizer, scheduler, forward_backward: Callable, batches:
 
 
 # ----------------------------------------------------------------------------------------- reporting
+def _memory(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory allocated (GiB) on cuda; this process's resident memory (GiB) on CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    try:
+        import psutil
+
+        return {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    except ImportError:
+        return {}
+
+
 def _parameter_count(model: torch.nn.Module) -> int:
     """Parameters of the whole model: this rank's non-duplicated params summed over TP and PP ranks."""
     ps = mcore.parallel_state()
@@ -243,6 +255,12 @@ def _log_line(record: dict, total: int) -> str:
              f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm'] or 0:.3f}",
              f"consumed samples {record['consumed_samples']}", f"{record['ms_per_iteration']:.0f} ms/it",
              f"{record['tokens_per_s']:.0f} tokens/s"]
+    if "tflops_per_device" in record:
+        parts.append(f"{record['tflops_per_device']:.3g} TFLOP/s per device")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "peak_memory_gib" in record:
+        parts.append(f"mem {record['peak_memory_gib']:.1f} GiB")
     if record.get("skipped"):
         parts.append("skipped (inf/nan grad)")
     return " | ".join(parts)
@@ -314,6 +332,10 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     optimizer, scheduler = build_optimizer(cfg, model)
     forward_backward = mcore.forward_backward_func()
     parameters = _parameter_count(model)
+    # Throughput in model FLOPs (megatron_ipt.metrics documents the formula); MFU where the device peak is known.
+    flops_token = metrics.flops_per_token(preset, cfg.model.seq_length, vocab_size)
+    peak = metrics.peak_tflops(torch.cuda.get_device_name() if device.type == "cuda" else None,
+                               "fp8" if t.fp8 else "bf16") if t.precision == "bf16" else None
 
     # Data: the weighted blend for training, whole held-out prefixes for evaluation.
     cache_dir = out_dir / "blend_cache"
@@ -368,6 +390,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     stop = min(t.train_iters, exit_after) if exit_after is not None else t.train_iters
     tokens_per_iteration = t.global_batch_size * cfg.model.seq_length
     reporter = _Reporter(out_dir, t.train_iters, progress.iteration, enabled=rank0)
+    tensorboard = metrics.TensorBoard(out_dir / "tensorboard", enabled=rank0 and t.tensorboard)
     resumed_from = progress.iteration
     train_seconds, first_seconds, last, window = 0.0, 0.0, {}, []
     stopper = signals.StopRequest(t.exit_duration_minutes, device=device)
@@ -402,18 +425,23 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
                 save()
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
                 step_s = sum(window) / len(window)
-                reporter.log({
+                record = {
                     "iteration": progress.iteration, "loss": last["loss"], "lr": last["lr"],
                     "grad_norm": last["grad_norm"], "skipped": last["skipped"],
                     "consumed_samples": progress.consumed_samples, "ms_per_iteration": 1000 * step_s,
                     "tokens_per_s": tokens_per_iteration / step_s,
-                })
+                    **metrics.throughput(tokens_per_iteration / step_s, flops_token, layout.world_size, peak),
+                    **_memory(device),
+                }
+                reporter.log(record)
+                tensorboard.log(record, progress.iteration)
                 window = []
             else:
                 reporter.advance(progress.iteration)
     finally:
         stopper.__exit__()
         reporter.close()
+        tensorboard.close()
 
     save_seconds = None
     trained = progress.iteration - resumed_from
@@ -438,9 +466,12 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         "tokens_per_s": steady_iters * tokens_per_iteration / steady_seconds if steady_seconds > 0 else None,
         "ms_per_iteration": 1000 * steady_seconds / steady_iters if steady_iters else None,
         "train_seconds": train_seconds,
+        **({f"{k}": v for k, v in metrics.throughput(steady_iters * tokens_per_iteration / steady_seconds, flops_token,
+                                                      layout.world_size, peak).items()} if steady_seconds > 0 else {}),
         "checkpoint_save_seconds": save_seconds,
         "checkpoint_load_seconds": load_seconds,
         "parameters": parameters,
+        "flops_per_token": flops_token,
         "padded_vocab_size": vocab_size,
         "device": device.type,
         "parallel": layout.as_dict(),

@@ -1,0 +1,48 @@
+"""Model FLOPs, TFLOP/s, MFU and TensorBoard output."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_ipt.metrics import flops_per_token, peak_tflops, throughput
+from megatron_ipt.presets import PRESETS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
+
+
+def test_llama3_8b_flops_per_token_by_hand():
+    # h 4096, 32 layers, 8 groups x 128, SwiGLU 14336, vocabulary 128256, sequence 8192:
+    # per layer 2*4096*(8192 + 2048) + 6*4096*14336 + 4*8192*4096 = 570,425,344; logits 2*4096*128256
+    expected = 3 * (32 * 570_425_344 + 1_050_673_152)
+    assert flops_per_token(PRESETS["llama3-8b"], 8192, 128256) == expected == pytest.approx(57.91e9, rel=1e-3)
+    # the published ~13.5k tokens/s per H100 (Llama-3-8B, FP8) is ~782 TFLOP/s: 39.5% MFU against the FP8 peak
+    t = throughput(13_500, expected, 1, peak_tflops("NVIDIA H100 80GB HBM3", "fp8"))
+    assert t["tflops_per_device"] == pytest.approx(781.8, rel=1e-3) and t["mfu"] == pytest.approx(0.395, abs=1e-3)
+
+
+def test_device_peaks():
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp8") is None
+    assert peak_tflops(None, "bf16") is None
+    assert "mfu" not in throughput(1000, 1e9, 2, None)
+
+
+def test_tensorboard_and_logged_throughput(tmp_path):
+    from megatron_ipt.train import train_stage
+
+    tokenized = make_tokenized_dir(tmp_path / "tok", train_docs=40, heldout_docs=4)
+    summary = train_stage(tiny_config(train_iters=3, eval_iters=1, tensorboard=True), tokenized, tmp_path / "out", "fp")
+    assert summary["tflops_per_device"] > 0 and "mfu" not in summary  # CPU: no peak, no MFU
+    events = list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/tflops_per_device"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
