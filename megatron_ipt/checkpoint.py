@@ -27,6 +27,7 @@ supported range resumes on the other (tested by ``tests/test_crossversion.py``).
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import random
 import time
@@ -42,6 +43,7 @@ from megatron_ipt.manifest import atomic_write_text
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 LATEST = "latest"
+LAYOUT = "layout.json"  # the (pipeline, tensor, data) parallel sizes a checkpoint was saved with
 
 
 @dataclass
@@ -168,6 +170,8 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
         mcore.save_distributed(state, directory)
     torch.distributed.barrier()
     if rank == 0:
+        shape, _ = _ranks()
+        atomic_write_text(directory / LAYOUT, json.dumps(dict(zip(("pipeline", "tensor", "data"), shape))) + "\n")
         atomic_write_text(Path(root) / LATEST, f"{progress.iteration}\n")
     torch.distributed.barrier()
     return time.perf_counter() - start
@@ -197,12 +201,23 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
     _init_optimizer_states(optimizer)
     module = _unwrap(model)
     template = _sharded_state_dict(module, optimizer, scheduler, Progress(iteration), is_loading=True)
+    saved_layout = json.loads((directory / LAYOUT).read_text()) if (directory / LAYOUT).is_file() else None
+    shape, _ = _ranks()
+    same_layout = saved_layout is None or tuple(saved_layout.values()) == shape
+    if not same_layout:
+        # Model and optimizer are resharded by megatron; per-rank RNG states have no counterpart in another
+        # layout (Megatron-LM also drops them when TP/PP change): training continues with freshly seeded RNG.
+        del template["rng_state"]
+        if torch.distributed.get_rank() == 0:
+            print(f"checkpoint: saved with layout {saved_layout}, loading into "
+                  f"{dict(zip(('pipeline', 'tensor', 'data'), shape))}: resharding; RNG states not restored", flush=True)
     state = mcore.load_distributed(template, directory)
     module.load_state_dict(state["model"], strict=True)
     with torch.no_grad():
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    _set_rng_state(state["rng_state"])
+    if same_layout:
+        _set_rng_state(state["rng_state"])
     return Progress(
         iteration=int(state["iteration"]),
         consumed_samples=int(state["consumed_samples"]),

@@ -115,3 +115,23 @@ def test_exit_duration_saves_and_stops(tokenized_dir, tmp_path):
     assert summary["stopped_by"] == "exit_duration_minutes" and summary["iterations"] == 1
     assert checkpoint.latest_iteration(tmp_path / "checkpoints") == 1
     assert json.loads((tmp_path / "stopped.json").read_text())["iteration"] == 1
+
+
+@pytest.mark.dist
+def test_a_tp2_checkpoint_resumed_with_tp1_continues_the_same_curve(tokenized_dir, tmp_path):
+    worker = Path(__file__).parent / "dist_train_worker.py"
+
+    def run(out, *flags):
+        r = subprocess.run([sys.executable, str(worker), str(tokenized_dir), str(out), "--iters", "6", *flags],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    run(tmp_path / "straight", "--procs", "2", "--tp", "2")
+    first = run(tmp_path / "resharded", "--procs", "2", "--tp", "2", "--stop-at", "3")
+    assert not first["completed"]
+    second = run(tmp_path / "resharded", "--procs", "1", "--tp", "1")  # the TP=2 checkpoint, loaded with TP=1
+    assert second["resumed_from_iteration"] == 3 and second["parallel"]["tensor_model_parallel_size"] == 1
+    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "resharded")
+    for it in (4, 5, 6):  # same weights, optimizer state and data; only the TP split of the matmuls differs
+        assert got[it] == pytest.approx(expected[it], rel=1e-4), it
