@@ -55,3 +55,16 @@ def test_override_without_equals_is_rejected():
 
 def test_defaults_build_without_file():
     assert isinstance(load_config(None), ExperimentConfig)
+
+
+def test_the_large_model_examples_validate():
+    from pathlib import Path
+
+    from megatron_ipt.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for name, tp, pp in (("llama3-8b-cpt.yaml", 2, 1), ("llama3-70b-cpt.yaml", 8, 4)):
+        cfg = load_config(root / name)
+        assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (tp, pp)
+        assert cfg.train.fp8 == "hybrid" and cfg.train.precision == "bf16" and cfg.train.lr_decay_style == "wsd"
+        assert cfg.train.init_from and cfg.model.hf_config and cfg.synthesis.prompt_format == "lmops"
