@@ -61,12 +61,30 @@ def real_documents(data_dir: Path) -> list[str]:
     return [d.strip() for d in docs if len(d.strip()) > 200]
 
 
-def build_jsonl(data_dir: Path, copies: int) -> Path:
-    """JSONL of the real documents, ``copies`` times over (1 copy: every document once, about 36 MB)."""
-    path = data_dir / f"docs-x{copies}.jsonl"
+def paragraphs(docs: list[str], min_chars: int = 400) -> list[str]:
+    """The same text as shorter documents: each document cut at blank lines into runs of consecutive
+    paragraphs of at least ``min_chars`` characters (web-page or forum-post sized records)."""
+    out = []
+    for doc in docs:
+        run = ""
+        for para in doc.split("\n\n"):
+            run = f"{run}\n\n{para}" if run else para
+            if len(run) >= min_chars:
+                out.append(run)
+                run = ""
+        if run.strip():
+            out.append(run)
+    return out
+
+
+def build_jsonl(data_dir: Path, copies: int, corpus: str = "docs") -> Path:
+    """JSONL of the real documents (``docs``) or of their paragraph runs (``paragraphs``), ``copies`` times over."""
+    path = data_dir / f"{corpus}-x{copies}.jsonl"
     if path.is_file():
         return path
     docs = real_documents(data_dir)
+    if corpus == "paragraphs":
+        docs = paragraphs(docs)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for c in range(copies):
@@ -148,6 +166,9 @@ def measure(which: str, inp: Path, out: Path, tokenizer: str, workers: int) -> d
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--input", str(inp), "--output", str(out),
            "--tokenizer", tokenizer, "--workers", str(workers)]
+    import resource
+
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     ps = psutil.Process(proc.pid)
     peak_pss = peak_rss = 0
@@ -166,11 +187,14 @@ def measure(which: str, inp: Path, out: Path, tokenizer: str, workers: int) -> d
         peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
         time.sleep(0.1)
     stdout = proc.communicate()[0]
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its (joined) workers
+    cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed on {inp} (exit {proc.returncode})")
     result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:])
     result.update(peak_pss_mb=round(peak_pss / 2**20, 1), peak_rss_mb=round(peak_rss / 2**20, 1),
-                  tokens_per_s=round(result["tokens"] / result["seconds"]))
+                  tokens_per_s=round(result["tokens"] / result["seconds"]), cpu_seconds=round(cpu_seconds, 2),
+                  tokens_per_cpu_s=round(result["tokens"] / cpu_seconds) if cpu_seconds > 0 else None)
     return result
 
 
@@ -187,6 +211,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--copies", default="1,10", help="input sizes as copies of the real corpus (comma-separated)")
     p.add_argument("--baseline-max-copies", type=int, default=10, help="run the baseline only up to this size")
+    p.add_argument("--corpus", choices=["docs", "paragraphs"], default="docs",
+                   help="docs: whole documents (median ~1,900 characters); paragraphs: the same text cut into runs of "
+                   "paragraphs of at least 400 characters")
     p.add_argument("--json", default=None, help="where to save the results (default: DATA_DIR/results.json)")
     p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -204,13 +231,14 @@ def main() -> None:
         args.tokenizer = str(resolve_model("smollm2-135m-instruct"))
     rows = []
     for size in [int(s) for s in args.copies.split(",")]:
-        inp = build_jsonl(data_dir, size)
-        row = {"copies": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
+        inp = build_jsonl(data_dir, size, args.corpus)
+        row = {"corpus": args.corpus, "copies": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
         shutil.rmtree(data_dir / f"ours-{size}.shards", ignore_errors=True)  # no resume: time the whole run
         row["ours"] = measure("ours", inp, data_dir / f"ours-{size}", args.tokenizer, args.workers)
         if size <= args.baseline_max_copies:
             row["baseline"] = measure("baseline", inp, data_dir / f"baseline-{size}", args.tokenizer, args.workers)
             row["speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
+            row["cpu_speedup"] = round(row["ours"]["tokens_per_cpu_s"] / row["baseline"]["tokens_per_cpu_s"], 2)
             row["identical_output"] = same_files(data_dir / f"ours-{size}", data_dir / f"baseline-{size}")
             os.remove(data_dir / f"baseline-{size}.bin")
         os.remove(data_dir / f"ours-{size}.bin")
@@ -222,13 +250,15 @@ def main() -> None:
     from rich.table import Table
 
     t = Table(title=f"tokenize: {Path(args.tokenizer).name}, {args.workers} workers, {os.cpu_count()} cores")
-    for col in ("input", "MB", "tokens", "ours tok/s", "baseline tok/s", "speedup", "ours peak PSS", "baseline peak PSS",
+    for col in ("input", "MB", "tokens", "ours tok/s", "baseline tok/s", "speedup", "tok/CPU-s ratio", "ours peak PSS",
+                "baseline peak PSS",
                 "ours peak RSS (sum)", "baseline peak RSS (sum)", "identical"):
         t.add_column(col, justify="right")
     for r in rows:
         o, b = r["ours"], r.get("baseline")
-        t.add_row(f"x{r['copies']}", f"{r['input_bytes'] / 1e6:,.0f}", f"{o['tokens']:,}", f"{o['tokens_per_s']:,}",
-                  f"{b['tokens_per_s']:,}" if b else "-", f"{r['speedup']}x" if b else "-", f"{o['peak_pss_mb']} MB",
+        t.add_row(f"{r['corpus']} x{r['copies']}", f"{r['input_bytes'] / 1e6:,.0f}", f"{o['tokens']:,}",
+                  f"{o['tokens_per_s']:,}", f"{b['tokens_per_s']:,}" if b else "-", f"{r['speedup']}x" if b else "-",
+                  f"{r['cpu_speedup']}x" if b else "-", f"{o['peak_pss_mb']} MB",
                   f"{b['peak_pss_mb']} MB" if b else "-", f"{o['peak_rss_mb']} MB", f"{b['peak_rss_mb']} MB" if b else "-",
                   str(r.get("identical_output", "-")))
     Console(width=200).print(t)
