@@ -116,16 +116,33 @@ class TokenizeConfig(_Section):
     workers: int = Field(0, ge=0, description="Tokenizer worker processes; 0: one per CPU core (small inputs run in-process).")
 
 
+class BlendComponent(_Section):
+    """An extra Megatron indexed dataset in the training blend (e.g. an existing general corpus)."""
+
+    prefix: str = Field(description="Path prefix of PREFIX.bin / PREFIX.idx (relative paths: to the working directory).")
+    weight: float = Field(gt=0.0, description="Blend weight, normalised together with raw_weight / instruct_weight.")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in logs and metrics.")
+    valid_prefix: str | None = Field(
+        None, description="Optional held-out indexed dataset for this component; its loss is reported as heldout_<name>.")
+
+
 class BlendConfig(_Section):
-    """Training blend of raw domain text and instruction-augmented text (weights, normalised)."""
+    """Training blend of raw domain text, instruction-augmented text and extra prefixes (weights, normalised)."""
 
     raw_weight: float = Field(0.5, ge=0.0)
     instruct_weight: float = Field(0.5, ge=0.0)
+    extra: list[BlendComponent] = Field(
+        default_factory=list, description="More indexed datasets in the blend: [{prefix, weight, name, valid_prefix}].")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "BlendConfig":
-        if self.raw_weight + self.instruct_weight <= 0:
+        if self.raw_weight + self.instruct_weight + sum(c.weight for c in self.extra) <= 0:
             raise ValueError("blend weights must not all be zero")
+        names = [c.name for c in self.extra]
+        reserved = {"raw", "ipt", "pairs"}
+        for n in names:
+            if names.count(n) > 1 or n in reserved:
+                raise ValueError(f"blend.extra name {n!r} is used twice or reserved (raw, ipt, pairs)")
         return self
 
 
@@ -148,12 +165,16 @@ class ModelConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    """Parallel layout; data parallel size is derived: world size / (TP * PP)."""
+    """Parallel layout; data parallel size is derived: world size / (TP * PP * CP)."""
 
     tensor_model_parallel_size: int = Field(1, ge=1)
     pipeline_model_parallel_size: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1, description="Processes to start on this machine (torchrun) when not launched by one.")
     use_distributed_optimizer: bool = False
+    virtual_pipeline_model_parallel_size: int | None = Field(
+        None, ge=1, description="Model chunks per pipeline stage (interleaved 1F1B); checked and mapped, not yet trained.")
+    context_parallel_size: int = Field(1, ge=1, description="Split the sequence across GPUs in attention (GPU + TE only).")
+    sequence_parallel: bool = Field(False, description="Shard norm/dropout activations along the sequence over TP ranks (GPU only).")
 
 
 class TrainConfig(_Section):
@@ -187,6 +208,9 @@ class TrainConfig(_Section):
     log_interval: int = Field(10, ge=1)
     tensorboard: bool = Field(False, description="Also write the logged scalars to TensorBoard (train/tensorboard/).")
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
+    eval_interval: int | None = Field(
+        None, ge=1, description="Also evaluate every held-out component (raw, pairs, each blend.extra valid_prefix) every "
+        "this many iterations (metrics.jsonl event 'eval'); before and after training always.")
     save_checkpoint: bool = True
     save_interval: int | None = Field(
         None, ge=1, description="Also save a checkpoint every this many iterations (a rerun resumes from the latest)."

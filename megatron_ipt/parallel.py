@@ -1,7 +1,7 @@
 """Process groups and the parallel layout: torch.distributed plus megatron-core's ``parallel_state``.
 
 The layout is checked before anything starts: data parallel size is derived as
-``world_size / (TP * PP)`` and every divisibility rule is checked up front, with one error listing
+``world_size / (TP * PP * CP)`` and every divisibility rule is checked up front, with one error listing
 every broken rule and its numbers (:class:`ParallelLayoutError`).
 
 World size 1 works in-process without torchrun (a free TCP port on 127.0.0.1 is picked), so tests can
@@ -43,6 +43,9 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     num_microbatches: int
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,21 +60,38 @@ def check_layout(
     num_layers: int,
     num_attention_heads: int,
     num_query_groups: int,
+    seq_length: int | None = None,
 ) -> Layout:
     """Derive the data parallel size and check every divisibility rule of a Megatron layout.
 
-    Rules (mirroring Megatron-LM's argument validation): world size divisible by TP * PP; global batch
-    divisible by micro batch * DP; layers divisible by PP; attention heads and query groups divisible
-    by TP. Raises :class:`ParallelLayoutError` with one line per broken rule.
+    Rules (mirroring Megatron-LM's argument validation): world size divisible by TP * PP * CP; global
+    batch divisible by micro batch * DP; layers divisible by PP (by PP * VPP with virtual stages, which
+    need PP >= 2); attention heads and query groups divisible by TP; with context parallel the sequence
+    length divisible by 2 * CP (causal load balancing); sequence parallel needs TP >= 2 and a sequence
+    length divisible by TP. Raises :class:`ParallelLayoutError` with one line per broken rule.
     """
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    cp, vpp, sp = parallel.context_parallel_size, parallel.virtual_pipeline_model_parallel_size, parallel.sequence_parallel
     problems = []
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         problems.append(
             f"world size {world_size} is not divisible by tensor_model_parallel_size {tp} * "
-            f"pipeline_model_parallel_size {pp} = {tp * pp}"
+            f"pipeline_model_parallel_size {pp}" + (f" * context_parallel_size {cp}" if cp > 1 else "")
+            + f" = {tp * pp * cp}"
         )
-    dp = max(world_size // (tp * pp), 1)
+    dp = max(world_size // (tp * pp * cp), 1)
+    if vpp is not None:
+        if pp < 2:
+            problems.append(f"virtual_pipeline_model_parallel_size {vpp} needs pipeline_model_parallel_size >= 2 (is {pp})")
+        elif num_layers % (pp * vpp):
+            problems.append(f"num_layers {num_layers} is not divisible by pipeline_model_parallel_size {pp} * "
+                            f"virtual_pipeline_model_parallel_size {vpp} = {pp * vpp}")
+    if cp > 1 and seq_length is not None and seq_length % (2 * cp):
+        problems.append(f"seq_length {seq_length} is not divisible by 2 * context_parallel_size {cp} = {2 * cp}")
+    if sp and tp < 2:
+        problems.append(f"sequence_parallel needs tensor_model_parallel_size >= 2 (is {tp})")
+    elif sp and seq_length is not None and seq_length % tp:
+        problems.append(f"sequence_parallel: seq_length {seq_length} is not divisible by tensor_model_parallel_size {tp}")
     if global_batch_size % (micro_batch_size * dp):
         problems.append(
             f"global_batch_size {global_batch_size} is not divisible by micro_batch_size {micro_batch_size} * "
@@ -95,7 +115,31 @@ def check_layout(
         micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size,
         num_microbatches=global_batch_size // (micro_batch_size * dp),
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        sequence_parallel=sp,
     )
+
+
+def check_runnable(layout: Layout, device_type: str) -> None:
+    """Refuse layouts this trainer cannot run on ``device_type`` (before any group is built).
+
+    Context parallel needs Transformer Engine's attention on CUDA; sequence parallel's reduce-scatter /
+    all-gather of activations is not run on CPU (gloo); virtual pipeline stages (model chunks with the
+    interleaved schedule) are checked and mapped into megatron-core's config, but the training loop does
+    not build model chunks yet. Raises :class:`ParallelLayoutError` naming the setting.
+    """
+    problems = []
+    if layout.virtual_pipeline_model_parallel_size is not None:
+        problems.append(f"virtual_pipeline_model_parallel_size {layout.virtual_pipeline_model_parallel_size}: "
+                        "the trainer does not build interleaved model chunks yet; leave it unset")
+    if device_type != "cuda" and layout.context_parallel_size > 1:
+        problems.append(f"context_parallel_size {layout.context_parallel_size} needs CUDA GPUs with Transformer Engine "
+                        f"(device is {device_type}); set it to 1")
+    if device_type != "cuda" and layout.sequence_parallel:
+        problems.append(f"sequence_parallel runs on CUDA GPUs only (device is {device_type}); set it to false")
+    if problems:
+        raise ParallelLayoutError("parallel layout cannot run here:\n  " + "\n  ".join(problems))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,6 +196,8 @@ def initialize_model_parallel(layout: Layout, device: torch.device) -> None:
     mcore.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
     )
 
 
@@ -179,6 +225,7 @@ def setup(
     num_attention_heads: int,
     num_query_groups: int,
     seed: int,
+    seq_length: int | None = None,
 ) -> Layout:
     """Initialise the process group, check the layout, build megatron's groups and seed. Returns the layout.
 
@@ -197,7 +244,9 @@ def setup(
             num_layers=num_layers,
             num_attention_heads=num_attention_heads,
             num_query_groups=num_query_groups,
+            seq_length=seq_length,
         )
+        check_runnable(layout, device.type)
         initialize_model_parallel(layout, device)
         set_seed(seed)
     except BaseException:

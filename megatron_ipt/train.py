@@ -203,6 +203,36 @@ def _parameter_count(model: torch.nn.Module) -> int:
     return int(total.item())
 
 
+def truncate_metrics(path: Path, iteration: int) -> int:
+    """Drop ``metrics.jsonl`` records written after ``iteration`` (a resumed run rewrites them); returns how many.
+
+    Kept: training records up to ``iteration``, ``eval`` events at or before it and, when resuming
+    (``iteration > 0``), the ``heldout_before`` event; dropped: anything later, including a previous
+    attempt's ``heldout_after``. A fresh start (``iteration == 0``) empties the file. Atomic rewrite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            dropped += 1
+            continue
+        at = record.get("iteration", record.get("at_iteration"))
+        keep = iteration > 0 and (record.get("event") == "heldout_before" if at is None else at <= iteration)
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        from megatron_ipt.manifest import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
 class _Reporter:
     """Rank 0's rich progress bar, log lines and ``metrics.jsonl``; silent on other ranks."""
 
@@ -212,6 +242,7 @@ class _Reporter:
         self.metrics = Path(out_dir) / METRICS
         self.progress = None
         if enabled:
+            truncate_metrics(self.metrics, start)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
@@ -299,6 +330,10 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     tokenize_manifest = read_manifest(tokenized_dir, "tokenize")
     tokenizer = data.DatasetTokenizer.from_manifest(tokenize_manifest)
     data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
+    for i, component in enumerate(cfg.blend.extra):  # before any process group or model is built
+        data.check_extra_prefix(component.prefix, f"blend.extra[{i}].prefix")
+        if component.valid_prefix:
+            data.check_extra_prefix(component.valid_prefix, f"blend.extra[{i}].valid_prefix")
     preset = resolve_preset(cfg.model)
 
     if cfg.parallel.nproc_per_node > 1 and not parallel.launched_by_torchrun():
@@ -310,7 +345,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     layout = parallel.setup(
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-        num_query_groups=preset.num_query_groups, seed=t.seed,
+        num_query_groups=preset.num_query_groups, seed=t.seed, seq_length=cfg.model.seq_length,
     )
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
@@ -342,21 +377,26 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     common = dict(tokenizer=tokenizer, seq_length=cfg.model.seq_length, seed=t.seed, cache_dir=cache_dir)
     train_set = data.build_train_dataset(
         tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
+        extra=[(c.prefix, c.weight) for c in cfg.blend.extra],
         num_samples=t.train_iters * t.global_batch_size, **common,
     )
     # A held-out set shorter than one training sequence (few held-out documents got pairs) is evaluated as
     # one shorter sequence; one under MIN_EVAL_SEQ_LENGTH tokens is not evaluated.
+    # Held-out components: the tokenize stage's heldout_raw / heldout_pairs, then each blend.extra valid_prefix.
     heldout, eval_seq = {}, {}
-    for name in data.HELDOUT_PREFIXES:
-        n = data.prefix_tokens(tokenized_dir, name)
+    sources = [(tokenized_dir, name) for name in data.HELDOUT_PREFIXES]
+    sources += [(Path(c.valid_prefix).parent, Path(c.valid_prefix).name) for c in cfg.blend.extra if c.valid_prefix]
+    keys = [name.removeprefix("heldout_") for name in data.HELDOUT_PREFIXES] + [
+        c.name for c in cfg.blend.extra if c.valid_prefix]
+    for (folder, name), key in zip(sources, keys):
+        n = data.prefix_tokens(folder, name)
         seq = min(cfg.model.seq_length, n - 1)
-        key = name.removeprefix("heldout_")
         if seq < MIN_EVAL_SEQ_LENGTH:
             _say(f"train: {name} has {n} tokens, too few to evaluate")
             continue
         if seq < cfg.model.seq_length:
             _say(f"train: {name} has {n} tokens, less than one sequence: evaluated as one sequence of {seq}")
-        heldout[key] = data.build_heldout_dataset(tokenized_dir, name, **{**common, "seq_length": seq})
+        heldout[key] = data.build_heldout_dataset(folder, name, **{**common, "seq_length": seq})
         eval_seq[key] = seq
 
     # Resume, or measure the held-out losses before training.
@@ -423,6 +463,11 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
                 break
             if t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
                 save()
+            if t.eval_interval and progress.iteration % t.eval_interval == 0 and progress.iteration < t.train_iters:
+                evals = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k])
+                         for k, ds in heldout.items()}
+                reporter.log({"event": "eval", "at_iteration": progress.iteration, **evals})
+                tensorboard.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
                 step_s = sum(window) / len(window)
                 record = {

@@ -33,6 +33,7 @@ def test_device_peaks():
 
 
 def test_tensorboard_and_logged_throughput(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard (cpu/train extra) not installed in this venv")
     from megatron_ipt.train import train_stage
 
     tokenized = make_tokenized_dir(tmp_path / "tok", train_docs=40, heldout_docs=4)

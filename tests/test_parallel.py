@@ -91,3 +91,59 @@ def test_relaunch_only_when_several_processes_and_not_under_torchrun(monkeypatch
     assert not launch.needs_relaunch(2)
     cmd = launch.torchrun_command(["-m", "megatron_ipt.cli", "train"], 2, python="python")
     assert cmd == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_ipt.cli", "train"]
+
+
+def layout_with(world=8, layers=8, seq=256, **parallel_fields):
+    return parallel.check_layout(
+        ParallelConfig(**parallel_fields), world_size=world, micro_batch_size=1, global_batch_size=16,
+        num_layers=layers, num_attention_heads=8, num_query_groups=4, seq_length=seq,
+    )
+
+
+def test_context_parallel_takes_its_share_of_the_world():
+    got = layout_with(world=16, tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2)
+    assert (got.data_parallel_size, got.num_microbatches, got.context_parallel_size) == (2, 8, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(world=6, tensor_model_parallel_size=2, context_parallel_size=2),
+     "world size 6 is not divisible by tensor_model_parallel_size 2 * pipeline_model_parallel_size 1 * context_parallel_size 2 = 4"),
+    (dict(seq=100, context_parallel_size=4), "seq_length 100 is not divisible by 2 * context_parallel_size 4 = 8"),
+    (dict(virtual_pipeline_model_parallel_size=2), "virtual_pipeline_model_parallel_size 2 needs pipeline_model_parallel_size >= 2 (is 1)"),
+    (dict(layers=12, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=4),
+     "num_layers 12 is not divisible by pipeline_model_parallel_size 2 * virtual_pipeline_model_parallel_size 4 = 8"),
+    (dict(sequence_parallel=True), "sequence_parallel needs tensor_model_parallel_size >= 2 (is 1)"),
+    (dict(seq=255, sequence_parallel=True, tensor_model_parallel_size=2),
+     "sequence_parallel: seq_length 255 is not divisible by tensor_model_parallel_size 2"),
+])
+def test_vpp_cp_sp_errors_name_the_numbers(kwargs, message):
+    with pytest.raises(parallel.ParallelLayoutError) as err:
+        layout_with(**kwargs)
+    assert message in str(err.value)
+
+
+def test_cp_sp_need_cuda_and_vpp_is_refused_before_groups_are_built():
+    got = layout_with(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2,
+                      sequence_parallel=True)
+    parallel.check_runnable(got, "cuda")  # GPU: runnable
+    with pytest.raises(parallel.ParallelLayoutError) as err:
+        parallel.check_runnable(got, "cpu")
+    assert "context_parallel_size 2 needs CUDA" in str(err.value) and "sequence_parallel runs on CUDA" in str(err.value)
+    vpp = layout_with(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    with pytest.raises(parallel.ParallelLayoutError, match="interleaved model chunks"):
+        parallel.check_runnable(vpp, "cuda")
+    with pytest.raises(parallel.ParallelLayoutError, match="context_parallel_size 2"):
+        parallel.setup(ParallelConfig(context_parallel_size=2), torch.device("cpu"), micro_batch_size=1,
+                       global_batch_size=1, num_layers=2, num_attention_heads=4, num_query_groups=2, seed=1)
+    assert not torch.distributed.is_initialized()
+
+
+def test_vpp_cp_sp_map_into_a_real_transformer_config():
+    from megatron_ipt.model import transformer_config
+
+    got = layout_with(world=16, tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2,
+                      virtual_pipeline_model_parallel_size=2, sequence_parallel=True)
+    config = transformer_config(resolve_preset(ModelConfig(preset="llama-test")), got, device=torch.device("cpu"),
+                                precision="bf16")
+    assert (config.tensor_model_parallel_size, config.pipeline_model_parallel_size, config.context_parallel_size,
+            config.virtual_pipeline_model_parallel_size, config.sequence_parallel) == (2, 2, 2, 2, True)
