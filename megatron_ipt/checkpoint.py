@@ -163,6 +163,10 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
     directory = checkpoint_dir(root, progress.iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
+        if directory.exists() and latest_iteration(root) != progress.iteration:
+            import shutil
+
+            shutil.rmtree(directory)  # left half-written by an interrupted save ('latest' never named it)
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     state = _sharded_state_dict(_unwrap(model), optimizer, scheduler, progress, is_loading=False)

@@ -21,8 +21,14 @@ from typing import Iterator
 import torch
 
 from megatron_ipt import mcore
+from megatron_ipt.errors import IptError
 
 TRAIN_PREFIXES = ("train_raw", "train_ipt")
+
+
+class DataError(IptError, ValueError):
+    """A training or held-out dataset named in the config is missing or unusable; the message names the key."""
+
 HELDOUT_PREFIXES = ("heldout_raw", "heldout_pairs")
 
 
@@ -99,6 +105,30 @@ def _gpt_config(
     )
 
 
+def check_extra_prefix(prefix: str | Path, key: str) -> Path:
+    """Check an extra dataset prefix named by config ``key``: both files exist and it holds a document.
+
+    Raises :class:`DataError` naming the key and the missing file (or the empty dataset: megatron-core
+    0.16.1's ``GPTDataset`` loops forever on a prefix without documents). Returns the prefix as a Path.
+    """
+    prefix = Path(prefix)
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise DataError(f"{key} = {str(prefix)!r}: indexed dataset file missing: {prefix}{suffix}")
+    check_not_empty(prefix, key)
+    return prefix
+
+
+def check_not_empty(prefix: str | Path, key: str) -> None:
+    """Raise :class:`DataError` when the indexed dataset ``prefix`` has no document or no token."""
+    empty = DataError(f"{key}: indexed dataset {prefix} holds no documents (megatron-core cannot sample from it)")
+    if Path(f"{prefix}.bin").stat().st_size == 0:  # (an empty .bin cannot even be memory-mapped)
+        raise empty
+    dataset = mcore.indexed_dataset(str(prefix))
+    if len(dataset) == 0 or int(dataset.sequence_lengths.sum()) < 2:
+        raise empty
+
+
 def build_train_dataset(
     tokenized_dir: Path,
     *,
@@ -109,18 +139,26 @@ def build_train_dataset(
     seq_length: int,
     seed: int,
     cache_dir: Path,
+    extra: list[tuple[str | Path, float]] = (),
 ):
-    """The weighted blend of ``train_raw`` and ``train_ipt`` (``BlendedMegatronDatasetBuilder``).
+    """The weighted blend of ``train_raw``, ``train_ipt`` and ``extra`` prefixes (``BlendedMegatronDatasetBuilder``).
 
-    ``num_samples`` is the train split's size in sequences (iterations * global batch). A prefix with
-    weight 0 is left out. Returns the train split's dataset (a ``BlendedDataset`` or, with one
-    prefix, a ``GPTDataset``). Must be called on every rank.
+    ``num_samples`` is the train split's size in sequences (iterations * global batch). ``extra`` is
+    ``[(prefix path, weight > 0)]`` (``blend.extra``). Weights are normalised by megatron-core. A prefix
+    with weight 0 is left out. Sample order is fixed by ``seed`` and the blend; index files are cached
+    in ``cache_dir`` (``path_to_cache``). Returns the train split's dataset (a ``BlendedDataset`` or,
+    with one prefix, a ``GPTDataset``). Must be called on every rank.
+    Raises :class:`DataError` for a blended prefix without documents.
     """
     check_prefixes(tokenized_dir, TRAIN_PREFIXES)
     prefixes, weights = [], []
-    for prefix, weight in zip(TRAIN_PREFIXES, (raw_weight, instruct_weight)):
+    named = [(Path(tokenized_dir) / p, w, f"blend.{k}") for p, w, k in
+             zip(TRAIN_PREFIXES, (raw_weight, instruct_weight), ("raw_weight", "instruct_weight"))]
+    named += [(Path(p), w, f"blend.extra[{i}].prefix") for i, (p, w) in enumerate(extra)]
+    for prefix, weight, key in named:
         if weight > 0:
-            prefixes.append(str(Path(tokenized_dir) / prefix))
+            check_not_empty(prefix, key)
+            prefixes.append(str(prefix))
             weights.append(float(weight))
     config = _gpt_config(
         tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,

@@ -1,0 +1,113 @@
+"""Blends with extra prefixes, per-component validation every eval_interval, metrics.jsonl on resume, a
+half-written checkpoint, and data errors that fail before any work (CPU, real megatron-core)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_ipt import checkpoint
+from megatron_ipt.config import ConfigError, load_config
+from megatron_ipt.data import DataError
+from megatron_ipt.train import truncate_metrics, train_stage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import _documents, make_tokenized_dir, tiny_config, write_indexed  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path tests")
+
+
+@pytest.fixture(scope="module")
+def tokenized_dir(tmp_path_factory):
+    return make_tokenized_dir(tmp_path_factory.mktemp("tokenized"), train_docs=120, heldout_docs=12)
+
+
+@pytest.fixture(scope="module")
+def general(tmp_path_factory):
+    """An 'existing general corpus' outside the run: stride-3 documents, train and validation prefixes."""
+    root = tmp_path_factory.mktemp("general")
+    write_indexed(root / "general_train", _documents(120, 3, seed=5))
+    write_indexed(root / "general_valid", _documents(12, 3, seed=6))
+    return root
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_extra_prefix_is_trained_on_and_evaluated_every_eval_interval(tokenized_dir, general, tmp_path):
+    extra = [{"prefix": str(general / "general_train"), "weight": 1.0, "name": "general",
+              "valid_prefix": str(general / "general_valid")}]
+    cfg = tiny_config(blend__extra=extra, blend__raw_weight=0.0, blend__instruct_weight=0.0,
+                      train_iters=6, eval_interval=2, eval_iters=2)
+    summary = train_stage(cfg, tokenized_dir, tmp_path, "fp")
+    losses = summary["losses"]
+    assert set(losses) == {"heldout_raw", "heldout_pairs", "heldout_general"}
+    # only the extra corpus was in the blend: its held-out loss drops the most
+    drop = {k: v["before"] - v["after"] for k, v in losses.items()}
+    assert drop["heldout_general"] > 0.3 and drop["heldout_general"] > drop["heldout_pairs"]
+    evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
+    assert [r["at_iteration"] for r in evals] == [2, 4]
+    assert set(evals[0]) == {"event", "at_iteration", "heldout_raw", "heldout_pairs", "heldout_general"}
+    assert evals[1]["heldout_general"] < evals[0]["heldout_general"]
+
+
+def test_missing_or_empty_extra_prefixes_fail_before_any_work(tokenized_dir, general, tmp_path):
+    cfg = tiny_config(blend__extra=[{"prefix": str(tmp_path / "nope"), "weight": 1.0, "name": "general"}])
+    with pytest.raises(DataError, match=r"blend.extra\[0\].prefix = .*nope.*missing: .*nope.bin"):
+        train_stage(cfg, tokenized_dir, tmp_path / "a", "fp")
+    assert not torch.distributed.is_initialized() and not (tmp_path / "a").exists()
+    write_indexed(tmp_path / "empty", [])
+    cfg = tiny_config(blend__extra=[{"prefix": str(general / "general_train"), "weight": 1.0, "name": "general",
+                                     "valid_prefix": str(tmp_path / "empty")}])
+    with pytest.raises(DataError, match=r"blend.extra\[0\].valid_prefix: .* holds no documents"):
+        train_stage(cfg, tokenized_dir, tmp_path / "b", "fp")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[{prefix: x, weight: 0, name: g}]", r"blend.extra.0.weight = 0"),
+    ("[{prefix: x, weight: -1, name: g}]", r"blend.extra.0.weight = -1"),
+    ("[{prefix: x, weight: 1, name: 'a b'}]", r"blend.extra.0.name"),
+    ("[{prefix: x, weight: 1, name: g}, {prefix: y, weight: 1, name: g}]", r"'g' is used twice"),
+    ("[{prefix: x, weight: 1, name: raw}]", r"reserved"),
+    ("[{weight: 1, name: g}]", r"blend.extra.0.prefix"),
+])
+def test_bad_blend_extra_entries_name_the_key(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"blend.extra={extra}"])
+
+
+def test_truncate_metrics_keeps_records_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"event": "heldout_before", "heldout_raw": 5.0}] + [{"iteration": i, "loss": 1.0} for i in range(1, 6)]
+    rows += [{"event": "eval", "at_iteration": 2}, {"event": "eval", "at_iteration": 4}, {"event": "heldout_after"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 6, "lo')  # a line cut by a crash
+    assert truncate_metrics(path, 3) == 5
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == rows[:4] + [{"event": "eval", "at_iteration": 2}]
+    assert truncate_metrics(path, 0) == 5 and path.read_text() == ""
+
+
+def test_resume_after_a_crash_mid_save_rewrites_no_iteration_twice(tokenized_dir, tmp_path):
+    cfg = tiny_config(train_iters=6, save_interval=2, save_checkpoint=False, eval_iters=1)
+    first = train_stage(cfg, tokenized_dir, tmp_path, "fp")
+    expected = {r["iteration"]: r["loss"] for r in records(tmp_path) if "iteration" in r}
+    ckpts = tmp_path / "checkpoints"
+    assert checkpoint.latest_iteration(ckpts) == 4 and first["completed"]
+    # A save of iteration 6 that died half-way: a folder with a torn metadata file, 'latest' still says 4.
+    (ckpts / "iter_0000006").mkdir()
+    (ckpts / "iter_0000006" / "metadata.json").write_text('{"sharded_backend": "torch_di')
+    second = train_stage(tiny_config(train_iters=6, save_interval=2, eval_iters=1), tokenized_dir, tmp_path, "fp")
+    assert second["resumed_from_iteration"] == 4
+    iterations = [r["iteration"] for r in records(tmp_path) if "iteration" in r]
+    assert iterations == [1, 2, 3, 4, 5, 6]
+    assert [r["event"] for r in records(tmp_path) if "event" in r] == ["heldout_before", "heldout_after"]
+    got = {r["iteration"]: r["loss"] for r in records(tmp_path) if "iteration" in r}
+    assert got[6] == pytest.approx(expected[6], rel=1e-6, abs=1e-6)
+    assert checkpoint.latest_iteration(ckpts) == 6
+    assert json.loads((ckpts / "iter_0000006" / "metadata.json").read_text())  # rewritten whole
