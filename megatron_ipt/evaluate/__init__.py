@@ -1,0 +1,1 @@
+"""Evaluation: scoring functions, reading-comprehension tasks from held-out documents, model scorers, results."""

@@ -1,0 +1,84 @@
+"""Run an evaluation: tokenise examples, score them with a model, write a results file (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from megatron_ipt.evaluate import rc, scoring
+
+
+def tokenized_example(encoder, ex: rc.RCExample, answer: str, max_length: int) -> tuple[list[int], int, bool]:
+    """``(ids, answer_start, truncated)``: demonstrations + document + question, then the answer; the document
+    tokens are cut from the end when the whole does not fit ``max_length`` tokens. Pieces are tokenized
+    separately (deterministic; boundaries may differ from tokenizing the joint string)."""
+    doc_mark = ex.prompt.rfind("\n\nQuestion: ")
+    head, question = ex.prompt[: doc_mark + 2], ex.prompt[doc_mark + 2 :]
+    h, q, a = encoder.encode_batch([head, question, rc.TEMPLATE["answer"].format(answer=answer)])
+    room = max_length - len(q) - len(a)
+    if room < 1:
+        q, a = q[-max(1, max_length // 2):], a[: max(1, max_length // 2)]
+        room = max(1, max_length - len(q) - len(a))
+    truncated = len(h) > room
+    ids = h[:room] + q + a
+    return ids, len(ids) - len(a), truncated
+
+
+def evaluate_rc(scorer, encoder, docs: list[dict], shots: int, max_length: int) -> dict:
+    """Mean answer NLL (nats/token, averaged over examples) and, where pairs have options, the accuracy of
+    choosing the reference option by lowest mean NLL. Returns ``{"metrics", "n", "truncated"}``."""
+    examples = rc.build_examples(docs, shots)
+    nlls, correct, mc, truncated = [], 0, 0, 0
+    for ex in examples:
+        ids, start, cut = tokenized_example(encoder, ex, ex.answer, max_length)
+        truncated += cut
+        lp, n = scoring.answer_logprob(scorer.logits(ids), _tensor(ids), start)
+        nlls.append(scoring.mean_nll(lp, n))
+        if ex.options and ex.answer in ex.options:
+            option_nlls = []
+            for opt in ex.options:
+                oids, ostart, _ = tokenized_example(encoder, ex, opt, max_length)
+                olp, on = scoring.answer_logprob(scorer.logits(oids), _tensor(oids), ostart)
+                option_nlls.append(scoring.mean_nll(olp, on))
+            correct += ex.options[scoring.choose_option(option_nlls)] == ex.answer
+            mc += 1
+    metrics = {"answer_nll": sum(nlls) / len(nlls)}
+    if mc:
+        metrics["mc_accuracy"] = correct / mc
+    return {"metrics": metrics, "n": len(examples), "n_multiple_choice": mc, "truncated": truncated}
+
+
+def _tensor(ids):
+    import torch
+
+    return torch.tensor(ids)
+
+
+def write_results(path: str | Path, model: dict, task: str, result: dict, settings: dict) -> dict:
+    """One results file: JSON (model fingerprint/iteration, task, metrics, n, settings) + a Markdown twin."""
+    path = Path(path)
+    record = {"model": model, "task": task, **result, "settings": settings,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown([record]))
+    return record
+
+
+def markdown(records: list[dict]) -> str:
+    """A side-by-side table: one row per (task, metric), one column per model."""
+    names = [r["model"].get("name") or r["model"].get("path", "?") for r in records]
+    rows = {}
+    for i, r in enumerate(records):
+        for metric, value in r["metrics"].items():
+            rows.setdefault((r["task"], metric), {})[i] = value
+    lines = ["| task | metric | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    for (task, metric), values in rows.items():
+        cells = [f"{values[i]:.4f}" if i in values else "" for i in range(len(records))]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    ns = [str(r.get("n", "")) for r in records]
+    lines.append("| | examples | " + " | ".join(ns) + " |")
+    return "\n".join(lines) + "\n"

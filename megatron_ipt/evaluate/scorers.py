@@ -1,0 +1,87 @@
+"""Models that give logits for a token sequence: a megatron-core checkpoint of an experiment (CPU backend on
+a CPU, world size 1) or a Hugging Face folder (transformers). Both: ``logits(ids) -> [len(ids), vocab]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_ipt import checkpoint, cpu_backend, parallel
+from megatron_ipt.config import ExperimentConfig, ParallelConfig
+from megatron_ipt.errors import IptError
+
+
+class MegatronScorer:
+    """The experiment's model (``cfg.model``; vocabulary from the tokenize manifest, padded as in training),
+    with the weights of ``checkpoint_path`` (a checkpoints folder with ``latest``, or an ``iter_*`` folder), or
+    the untrained initialisation the training run started from (same seed) when it is None.
+    Use as a context manager (sets up and tears down a one-process world). Raises IptError when the
+    checkpoint does not match the model config, naming the checkpoint."""
+
+    def __init__(self, cfg: ExperimentConfig, vocab_size: int, checkpoint_path: str | Path | None) -> None:
+        self.cfg, self.vocab_size, self.checkpoint_path = cfg, vocab_size, checkpoint_path
+        self.iteration = None
+
+    def __enter__(self) -> "MegatronScorer":
+        from megatron_ipt.model import build_model
+        from megatron_ipt.presets import padded_vocab_size, resolve_preset
+
+        self.device = parallel.resolve_device(self.cfg.train.device)
+        self._ctx = cpu_backend.cpu_backend(enabled=self.device.type == "cpu")
+        self._ctx.__enter__()
+        try:
+            preset = resolve_preset(self.cfg.model)
+            layout = parallel.setup(ParallelConfig(), self.device, micro_batch_size=1, global_batch_size=1,
+                                    num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+                                    num_query_groups=preset.num_query_groups, seed=self.cfg.train.seed)
+            vocab = max(self.vocab_size, preset.vocab_size) if self.cfg.model.hf_config else self.vocab_size
+            model = build_model(preset, layout, vocab_size=padded_vocab_size(vocab, 1),
+                                seq_length=self.cfg.model.seq_length, device=self.device, precision=self.cfg.train.precision)
+            if self.checkpoint_path is not None:
+                try:
+                    folder = checkpoint.load_model_weights(self.checkpoint_path, model)
+                except FileNotFoundError as e:
+                    raise IptError(str(e)) from None
+                except Exception as e:  # megatron's own message is long: keep its first line
+                    raise IptError(f"{self.checkpoint_path}: does not match the model config ({self.cfg.model.preset}, "
+                                   f"seq {self.cfg.model.seq_length}): {str(e).splitlines()[0][:200]}") from None
+                self.iteration = int(folder.name[5:]) if folder.name.startswith("iter_") else None
+            self.model = getattr(model, "module", model).eval()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        tokens = torch.tensor([ids], device=self.device)
+        pos = torch.arange(len(ids), device=self.device).unsqueeze(0)
+        with torch.no_grad():
+            return self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0].float().cpu()
+
+    def __exit__(self, *exc) -> None:
+        parallel.teardown()
+        self._ctx.__exit__(None, None, None)
+
+
+class HFScorer:
+    """A Hugging Face causal LM folder through transformers (float32 on CPU, the config's dtype on cuda)."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu") -> None:
+        self.folder, self.device, self.iteration = Path(folder), device, None
+
+    def __enter__(self) -> "HFScorer":
+        from transformers import AutoModelForCausalLM
+
+        if not (self.folder / "config.json").is_file():
+            raise IptError(f"{self.folder}: not a Hugging Face model folder (no config.json)")
+        dtype = torch.float32 if self.device == "cpu" else "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).to(self.device).eval()
+        return self
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+
+    def __exit__(self, *exc) -> None:
+        del self.model

@@ -1,0 +1,68 @@
+"""Evaluation scoring on hand-computed examples, task files and their errors, results tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_ipt.cli import main
+from megatron_ipt.evaluate import rc, scoring
+from megatron_ipt.evaluate.run import markdown, write_results
+
+
+def test_answer_logprob_on_known_logits():
+    # vocabulary 3; position t's logits predict token t+1. Context [0], answer [1, 2].
+    logits = torch.tensor([[0.0, math.log(3.0), 0.0],   # p(1) = 3/5
+                           [0.0, 0.0, math.log(2.0)],   # p(2) = 2/4
+                           [0.0, 0.0, 0.0]])
+    lp, n = scoring.answer_logprob(logits, torch.tensor([0, 1, 2]), start=1)
+    assert n == 2 and lp == pytest.approx(math.log(3 / 5) + math.log(2 / 4))
+    assert scoring.mean_nll(lp, n) == pytest.approx(-(math.log(0.6) + math.log(0.5)) / 2)
+    with pytest.raises(ValueError):
+        scoring.answer_logprob(logits, torch.tensor([0, 1, 2]), start=3)
+
+
+def test_option_choice_and_text_metrics():
+    assert scoring.choose_option([2.0, 0.5, 0.5, 3.0]) == 1
+    assert scoring.exact_match("The Answer!", "answer") == 1.0
+    assert scoring.token_f1("a red fox", "the red dog") == pytest.approx(0.5)
+    assert scoring.token_f1("", "x") == 0.0
+
+
+def test_task_files_and_prompt_construction(tmp_path):
+    f = tmp_path / "task.jsonl"
+    f.write_text(json.dumps({"id": "d1", "text": "T1", "question": "Q1?", "answer": "A1"}) + "\n"
+                 + json.dumps({"id": "d2", "text": "T2", "question": "Q2?", "answer": "B", "options": ["A", "B"]}) + "\n")
+    docs = rc.load_heldout_pairs(f)
+    ex = rc.build_examples(docs, shots=1)
+    assert ex[0].prompt == "Question: Q2?\nAnswer: B\n\nT1\n\nQuestion: Q1?\nAnswer:"
+    assert ex[1].options == ["A", "B"] and ex[1].prompt.startswith("Question: Q1?\nAnswer: A1\n\nT2")
+    assert rc.build_examples(docs, shots=1) == ex  # deterministic
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "t", "question": "q"}\n', r"task.jsonl:1: missing field\(s\) \['answer'\]"),
+    ('{"text": "t", "question": "q", "answer": "a"}\nnot json\n', r"task.jsonl:2: not valid JSON"),
+    ('{"id": "x", "split": "train", "text": "t", "pairs": [{"question": "q", "answer": "a"}]}\n',
+     "no held-out document"),
+])
+def test_bad_task_files_name_the_file(tmp_path, content, message):
+    (tmp_path / "task.jsonl").write_text(content)
+    with pytest.raises(rc.EvalDataError, match=message):
+        rc.load_heldout_pairs(tmp_path / "task.jsonl")
+
+
+def test_results_files_and_compare(tmp_path, capsys):
+    a = write_results(tmp_path / "a.json", {"name": "base"}, "rc_heldout_0shot", {"metrics": {"answer_nll": 3.0}, "n": 5}, {})
+    write_results(tmp_path / "b.json", {"name": "cpt"}, "rc_heldout_0shot", {"metrics": {"answer_nll": 2.5}, "n": 5}, {})
+    assert set(a) >= {"model", "task", "metrics", "n", "settings", "created"}
+    assert main(["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| task | metric | base | cpt |" in out and "| rc_heldout_0shot | answer_nll | 3.0000 | 2.5000 |" in out
+    (tmp_path / "c.json").write_text("{}")
+    assert main(["eval", "compare", str(tmp_path / "c.json")]) == 2
+    assert "not a results file" in capsys.readouterr().err
+    assert markdown([a]).count("\n") == 4
