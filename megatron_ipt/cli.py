@@ -83,8 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summary_table(results) -> "Table":
-    """A rich table of what the run produced, read from the stage manifests."""
+def _reading_comprehension(cfg) -> dict | None:
+    """Held-out reading comprehension (0-shot answer NLL) of the untrained and the trained model, for the
+    summary; None (with a note) when the run has no held-out pairs. Results go to RUN_DIR/eval/."""
+    from megatron_ipt.errors import IptError
+    from megatron_ipt.evaluate.cli import evaluate_experiment
+
+    try:
+        before, _ = evaluate_experiment(cfg, init=True)
+        after, _ = evaluate_experiment(cfg)
+    except IptError as e:
+        print(f"ipt run: reading-comprehension scoring skipped: {e}", file=sys.stderr)
+        return None
+    return {"before": before["metrics"]["answer_nll"], "after": after["metrics"]["answer_nll"], "n": after["n"]}
+
+
+def summary_table(results, rc: dict | None = None) -> "Table":
+    """A rich table of what the run produced, read from the stage manifests (plus the reading-comprehension
+    score before and after training when given)."""
     from rich.table import Table
 
     table = Table(title="megatron-ipt run summary", show_header=True, header_style="bold")
@@ -118,6 +134,8 @@ def summary_table(results) -> "Table":
         for name, loss in m.get("losses", {}).items():
             if loss.get("before") is not None and loss.get("after") is not None:
                 row(f"held-out loss {name}", f"{loss['before']:.3f} -> {loss['after']:.3f}")
+    if rc is not None:
+        row(f"held-out RC answer NLL ({rc['n']} pairs)", f"{rc['before']:.3f} -> {rc['after']:.3f}")
     return table
 
 
@@ -166,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             results = pipeline.run_all(cfg, force=args.force, until=args.until)
             from rich.console import Console
 
-            Console().print(summary_table(results))
+            rc = _reading_comprehension(cfg) if "train" in results else None
+            Console().print(summary_table(results, rc))
             Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
         else:
             pipeline.RUNNERS[args.command](cfg, force=args.force)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_ipt import checkpoint, cpu_backend, parallel
 from megatron_ipt.config import ParallelConfig
@@ -251,9 +252,9 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
     try:
         try:
             checkpoint.load_model_weights(ckpt_dir, world.model)
-        except Exception as e:  # megatron's messages for missing keys/shapes are long; keep the first line
+        except (Exception, CheckpointException) as e:  # megatron's messages for missing keys/shapes are long; keep the first line
             raise ConvertError(f"{ckpt_dir}: does not fit the model described by {cfg_dir / 'config.json'}: "
-                               f"{str(e).splitlines()[0][:300]}") from None
+                               f"{checkpoint.load_error_reason(e)}") from None
         sources = _megatron_sources(preset)
         plan = [PlannedTensor(n, out_dtype, _hf_shape(n, world.params, sources, preset)) for n in _hf_names(preset)]
         writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"producer": "megatron-ipt convert"})

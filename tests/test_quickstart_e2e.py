@@ -94,3 +94,24 @@ def test_rerun_reuses_every_finished_stage(trimmed_run):
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in STAGES.values():
         assert f"{stage}: up to date" in result.stderr
+
+
+@pytest.mark.e2e
+def test_reading_comprehension_improves_over_the_untrained_model(trimmed_run, tmp_path):
+    from megatron_ipt.config import load_config
+    from megatron_ipt.errors import IptError
+    from megatron_ipt.evaluate.cli import evaluate_experiment
+
+    run_dir, result = trimmed_run
+    assert "held-out RC answer NLL" in result.stdout  # the run's summary scores before and after training
+    cfg = load_config(run_dir / "config.yaml")
+    trained, _ = evaluate_experiment(cfg, output=tmp_path / "trained.json")
+    init, _ = evaluate_experiment(cfg, init=True, output=tmp_path / "init.json")
+    assert trained["n"] == init["n"] >= 1 and trained["model"]["iteration"] == 30
+    assert trained["metrics"]["answer_nll"] < init["metrics"]["answer_nll"] - 1.0
+    assert json.loads((tmp_path / "trained.json").read_text())["settings"]["template"]["question"]
+    assert "| rc_heldout_0shot | answer_nll |" in (tmp_path / "trained.md").read_text()
+    # a checkpoint that does not fit the model config is a one-line error naming it
+    wrong = load_config(run_dir / "config.yaml", ["model.num_layers=3"])
+    with pytest.raises(IptError, match="does not match the model config"):
+        evaluate_experiment(wrong, output=tmp_path / "wrong.json")

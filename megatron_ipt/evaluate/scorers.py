@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_ipt import checkpoint, cpu_backend, parallel
 from megatron_ipt.config import ExperimentConfig, ParallelConfig
@@ -43,9 +44,9 @@ class MegatronScorer:
                     folder = checkpoint.load_model_weights(self.checkpoint_path, model)
                 except FileNotFoundError as e:
                     raise IptError(str(e)) from None
-                except Exception as e:  # megatron's own message is long: keep its first line
+                except (Exception, CheckpointException) as e:  # megatron's own message is long: keep its first line
                     raise IptError(f"{self.checkpoint_path}: does not match the model config ({self.cfg.model.preset}, "
-                                   f"seq {self.cfg.model.seq_length}): {str(e).splitlines()[0][:200]}") from None
+                                   f"seq {self.cfg.model.seq_length}): {checkpoint.load_error_reason(e)}") from None
                 self.iteration = int(folder.name[5:]) if folder.name.startswith("iter_") else None
             self.model = getattr(model, "module", model).eval()
         except BaseException:
