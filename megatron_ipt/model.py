@@ -42,6 +42,7 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
     bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     on_cpu = device.type == "cpu"
+    fused_kernels = not on_cpu and transformer_engine_available()
     kwargs = dict(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
@@ -69,11 +70,13 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
         # CPU: weights initialised on the host, no CUDA fused kernels.
         use_cpu_initialization=on_cpu,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=False if on_cpu else True,
-        persist_layer_norm=not on_cpu,
+        # RoPE fusion, persistent LayerNorm and masked-softmax fusion are Transformer Engine / Apex kernels:
+        # megatron-core refuses apply_rope_fusion without TE, so a GPU without TE runs them unfused.
+        apply_rope_fusion=fused_kernels,
+        persist_layer_norm=fused_kernels,
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=fused_kernels,
     )
     kwargs.update({k: v for k, v in (precision_fields or {}).items() if k != "bf16"})
     return mcore.transformer_config(**kwargs)

@@ -110,6 +110,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def _forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     """The schedule's ``forward_step_func``: one micro-batch through the model (per-token losses)."""
     batch = next(data_iterator)
+    device = next(model.parameters()).device  # batches are built on the host; a no-op on CPU
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
@@ -127,7 +129,7 @@ def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
     """
     ps = mcore.parallel_state()
 
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=_collective_device())
     contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     if contributes:
         for out in outputs:
@@ -198,9 +200,16 @@ def _parameter_count(model: torch.nn.Module) -> int:
     ps = mcore.parallel_state()
 
     local = sum(p.numel() for p in model.parameters() if mcore.param_is_not_tensor_parallel_duplicate(p))
-    total = torch.tensor([local], dtype=torch.int64)
+    total = torch.tensor([local], dtype=torch.int64, device=_collective_device())
     torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
     return int(total.item())
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for torch.distributed collectives live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def truncate_metrics(path: Path, iteration: int) -> int:

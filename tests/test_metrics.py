@@ -47,3 +47,39 @@ def test_tensorboard_and_logged_throughput(tmp_path):
     acc.Reload()
     assert {"train/loss", "train/lr", "train/tflops_per_device"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def _gpu_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_throughput", Path(__file__).parents[1] / "benchmarks" / "gpu_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_builds_bf16_and_fp8_configs_and_checks_its_arguments():
+    from megatron_ipt.config import ExperimentConfig
+    from megatron_ipt.precision import precision_fields
+
+    bench = _gpu_benchmark()
+    args = bench.parse_args(["--layers", "2", "--seq-length", "2048", "--fp8-recipe", "delayed"])
+    assert args.precisions == ["bf16", "fp8"] and args.global_batch_size == 8
+    bf16, fp8 = bench.build_config(args, "bf16"), bench.build_config(args, "fp8")
+    for cfg in (bf16, fp8):
+        ExperimentConfig.model_validate(cfg.model_dump())  # a valid experiment
+        assert (cfg.model.preset, cfg.model.num_layers, cfg.model.seq_length) == ("llama3-8b", 2, 2048)
+        assert (cfg.train.device, cfg.train.precision, cfg.model.transformer_impl) == ("cuda", "bf16", "transformer_engine")
+    assert bf16.train.fp8 is None and (fp8.train.fp8, fp8.train.fp8_recipe) == ("hybrid", "delayed")
+    fields = precision_fields(fp8.train, "transformer_engine", "cuda", True, 2, 1)
+    assert fields["fp8"] == "hybrid" and fields["fp8_recipe"] == "delayed"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--transformer-impl", "local"])  # FP8 needs TE
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--micro-batch-size", "3"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_benchmark_fails_clearly_without_a_gpu(tmp_path, capsys):
+    assert _gpu_benchmark().main(["--json", str(tmp_path / "x.json")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
