@@ -225,6 +225,12 @@ class TrainConfig(_Section):
         "from this torch_dist checkpoint folder (an iter_* folder, or a checkpoints folder with 'latest', e.g. from "
         "ipt convert hf-to-megatron); the learning rate warms up again. Ignored when the run resumes its own checkpoint.")
 
+    @model_validator(mode="after")
+    def _lr_range(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr {self.min_lr} is larger than train.lr {self.lr}")
+        return self
+
 
 class ExperimentConfig(_Section):
     """One experiment: where its run folder is, and one section per stage."""

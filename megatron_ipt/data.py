@@ -27,7 +27,8 @@ TRAIN_PREFIXES = ("train_raw", "train_ipt")
 
 
 class DataError(IptError, ValueError):
-    """A training or held-out dataset named in the config is missing or unusable; the message names the key."""
+    """An input named in the config (a dataset prefix, an init_from checkpoint) is missing or unusable; the
+    message names the key."""
 
 HELDOUT_PREFIXES = ("heldout_raw", "heldout_pairs")
 

@@ -339,6 +339,11 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     tokenize_manifest = read_manifest(tokenized_dir, "tokenize")
     tokenizer = data.DatasetTokenizer.from_manifest(tokenize_manifest)
     data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
+    if t.init_from and checkpoint.latest_iteration(out_dir / "checkpoints") is None:
+        try:
+            checkpoint.resolve_checkpoint_dir(t.init_from)
+        except FileNotFoundError as err:
+            raise data.DataError(f"train.init_from = {t.init_from!r}: {err}") from None
     for i, component in enumerate(cfg.blend.extra):  # before any process group or model is built
         data.check_extra_prefix(component.prefix, f"blend.extra[{i}].prefix")
         if component.valid_prefix:

@@ -111,3 +111,8 @@ def test_resume_after_a_crash_mid_save_rewrites_no_iteration_twice(tokenized_dir
     assert got[6] == pytest.approx(expected[6], rel=1e-6, abs=1e-6)
     assert checkpoint.latest_iteration(ckpts) == 6
     assert json.loads((ckpts / "iter_0000006" / "metadata.json").read_text())  # rewritten whole
+
+
+def test_min_lr_above_lr_is_refused():
+    with pytest.raises(ConfigError, match=r"train.min_lr 0.01 is larger than train.lr 0.001"):
+        load_config(None, ["train.lr=1e-3", "train.min_lr=1e-2"])

@@ -54,8 +54,11 @@ def test_init_from_loads_weights_only_and_rewarms(tokenized_dir, tmp_path):
     lr = {r["iteration"]: r["lr"] for r in rows if "iteration" in r}
     assert lr[1] == 0.0 and lr[2] == pytest.approx(tiny_config().train.lr / 2)  # warmup over 2 iterations
     assert cpt["consumed_samples"] == 12
-    with pytest.raises(FileNotFoundError, match="not a torch_dist checkpoint"):
+    from megatron_ipt.errors import IptError
+
+    with pytest.raises(IptError, match="train.init_from = .*not a torch_dist checkpoint"):
         train_stage(tiny_config(train_iters=1, init_from=str(tmp_path)), tokenized_dir, tmp_path / "c", "fp-c")
+    assert not torch.distributed.is_initialized() and not (tmp_path / "c").exists()  # failed before any work
 
 
 def _experiment(tmp_path: Path, tokenized_dir: Path, iters: int, name: str) -> Path:
