@@ -314,12 +314,17 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
     ``tokenized_dir`` holds Megatron indexed datasets ``train_raw``, ``train_ipt``, ``heldout_raw``,
     ``heldout_pairs`` and a tokenize ``manifest.json`` with ``tokenizer.{path, vocab_size, eod_id}``.
     Resumes from ``out_dir/checkpoints/latest`` when present (exact: same losses as an uninterrupted run).
-    Held-out losses are measured before training (stored in the checkpoint on resume) and after.
+    ``cfg.blend.extra`` adds indexed datasets outside ``tokenized_dir`` to the blend; each extra's
+    ``valid_prefix`` becomes one more held-out component (``heldout_<name>``).
+    Held-out losses are measured before training (stored in the checkpoint on resume), after, and every
+    ``train.eval_interval`` iterations (``metrics.jsonl`` event ``eval``). On resume, ``metrics.jsonl``
+    records after the checkpoint's iteration are dropped (:func:`truncate_metrics`).
     ``exit_after_iterations`` stops early after that many total iterations, saving a checkpoint and
     writing no manifest (Megatron-LM's ``--exit-interval``; used to test resume).
     On rank 0 writes ``out_dir/metrics.jsonl`` and, when finished, ``out_dir/manifest.json``.
-    Must be called on every rank. Raises ManifestError / FileNotFoundError for bad inputs and
-    ParallelLayoutError for a layout that does not divide.
+    Must be called on every rank. Raises ManifestError / FileNotFoundError / ``data.DataError`` (naming the
+    config key) for bad inputs, before any process group is built, and ParallelLayoutError for a layout
+    that does not divide.
     """
     device = parallel.resolve_device(cfg.train.device)
     with cpu_backend.cpu_backend(enabled=device.type == "cpu"):
