@@ -133,6 +133,9 @@ class BlendConfig(_Section):
     instruct_weight: float = Field(0.5, ge=0.0)
     extra: list[BlendComponent] = Field(
         default_factory=list, description="More indexed datasets in the blend: [{prefix, weight, name, valid_prefix}].")
+    mock: bool = Field(
+        False, description="Train on megatron-core's MockGPTDataset (synthetic tokens) instead of the blend: a smoke or "
+        "throughput test; held-out sets are still evaluated.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "BlendConfig":

@@ -173,6 +173,15 @@ def build_train_dataset(
     return train
 
 
+def build_mock_train_dataset(*, tokenizer: DatasetTokenizer, num_samples: int, seq_length: int, seed: int,
+                             cache_dir: Path):
+    """megatron-core's ``MockGPTDataset`` (synthetic documents of token ids, no files): ``blend.mock``, for
+    smoke tests and throughput runs without data. Samples have the same keys and shapes as the real blend's."""
+    config = _gpt_config(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir, blend=None)
+    train, _valid, _test = mcore.build_mock_gpt_datasets([num_samples, 1, 1], config)
+    return train
+
+
 def build_heldout_dataset(
     tokenized_dir: Path, prefix: str, *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path
 ):

@@ -205,6 +205,14 @@ def build_gpt_datasets(sizes: list, config) -> tuple:
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
+def build_mock_gpt_datasets(sizes: list, config) -> tuple:
+    """``BlendedMegatronDatasetBuilder(MockGPTDataset, ...)``: synthetic token sequences (``config.blend`` None)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import MockGPTDataset
+
+    return BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
+
+
 def indexed_dataset(path_prefix: str):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

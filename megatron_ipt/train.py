@@ -394,11 +394,14 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     # Data: the weighted blend for training, whole held-out prefixes for evaluation.
     cache_dir = out_dir / "blend_cache"
     common = dict(tokenizer=tokenizer, seq_length=cfg.model.seq_length, seed=t.seed, cache_dir=cache_dir)
-    train_set = data.build_train_dataset(
-        tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
-        extra=[(c.prefix, c.weight) for c in cfg.blend.extra],
-        num_samples=t.train_iters * t.global_batch_size, **common,
-    )
+    if cfg.blend.mock:
+        train_set = data.build_mock_train_dataset(num_samples=t.train_iters * t.global_batch_size, **common)
+    else:
+        train_set = data.build_train_dataset(
+            tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
+            extra=[(c.prefix, c.weight) for c in cfg.blend.extra],
+            num_samples=t.train_iters * t.global_batch_size, **common,
+        )
     # A held-out set shorter than one training sequence (few held-out documents got pairs) is evaluated as
     # one shorter sequence; one under MIN_EVAL_SEQ_LENGTH tokens is not evaluated.
     # Held-out components: the tokenize stage's heldout_raw / heldout_pairs, then each blend.extra valid_prefix.

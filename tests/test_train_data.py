@@ -116,3 +116,9 @@ def test_resume_after_a_crash_mid_save_rewrites_no_iteration_twice(tokenized_dir
 def test_min_lr_above_lr_is_refused():
     with pytest.raises(ConfigError, match=r"train.min_lr 0.01 is larger than train.lr 0.001"):
         load_config(None, ["train.lr=1e-3", "train.min_lr=1e-2"])
+
+
+def test_mock_data_trains_without_the_blend(tokenized_dir, tmp_path):
+    summary = train_stage(tiny_config(blend__mock=True, train_iters=2, eval_iters=1), tokenized_dir, tmp_path, "fp")
+    assert summary["completed"] and summary["consumed_samples"] == 8
+    assert all(r["loss"] > 0 for r in records(tmp_path) if "iteration" in r)
