@@ -1,0 +1,76 @@
+"""Shard assignment, per-shard files with manifests, and merge validation (data_prep/shards.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from data_prep.errors import DataPrepError
+from data_prep.shards import merge_shards, select_shard, shard_finished, shard_of, shard_paths, write_shard
+
+DOCS = [{"id": f"doc-{i}", "split": "train", "text": f"text {i}"} for i in range(200)]
+
+
+def test_assignment_covers_every_document_once_and_is_stable_across_processes():
+    for n in (1, 2, 3, 7):
+        shards = [select_shard(DOCS, i, n) for i in range(n)]
+        ids = [d["id"] for s in shards for d in s]
+        assert sorted(ids) == sorted(d["id"] for d in DOCS)
+        assert len(ids) == len(set(ids))
+    # another interpreter (different hash salt) assigns the same shards
+    code = "from data_prep.shards import shard_of; print([shard_of(f'doc-{i}', 7) for i in range(200)])"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert json.loads(other.stdout) == [shard_of(f"doc-{i}", 7) for i in range(200)]
+    sizes = [len(select_shard(DOCS, i, 4)) for i in range(4)]
+    assert min(sizes) > 30  # roughly balanced
+
+
+def test_bad_index_and_duplicate_ids_are_errors():
+    with pytest.raises(DataPrepError, match="shard-index"):
+        select_shard(DOCS, 3, 3)
+    with pytest.raises(DataPrepError, match="duplicate document id 'doc-0'"):
+        select_shard(DOCS + [DOCS[0]], 0, 2)
+
+
+def _write_all(tmp_path, n):
+    for i in range(n):
+        recs = [dict(d, pairs=[]) for d in select_shard(DOCS, i, n)]
+        write_shard(tmp_path, i, n, recs, {"generated_tokens": 10 * len(recs), "generation_seconds": 2.0})
+
+
+def test_merge_restores_input_order(tmp_path):
+    _write_all(tmp_path, 3)
+    assert all(shard_finished(tmp_path, i, 3) for i in range(3))
+    counts = merge_shards(tmp_path, 3, DOCS, tmp_path / "pairs.jsonl")
+    merged = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in merged] == [d["id"] for d in DOCS]
+    assert counts["documents"] == 200 and counts["generated_tokens"] == 2000 and counts["generation_seconds"] == 6.0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_missing_shard_is_named(tmp_path):
+    _write_all(tmp_path, 3)
+    shard_paths(tmp_path, 1, 3)[1].unlink()
+    assert not shard_finished(tmp_path, 1, 3)
+    with pytest.raises(DataPrepError, match="shard 1 of 3 is missing or unfinished"):
+        merge_shards(tmp_path, 3, DOCS, tmp_path / "pairs.jsonl")
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    _write_all(tmp_path, 3)
+    path = shard_paths(tmp_path, 2, 3)[0]
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataPrepError, match=r"shard 2 of 3 is corrupt: .*shard-00002-of-00003.jsonl"):
+        merge_shards(tmp_path, 3, DOCS, tmp_path / "pairs.jsonl")
+
+
+def test_document_missing_from_shards_is_named(tmp_path):
+    _write_all(tmp_path, 2)
+    extra = {"id": "not-synthesized", "split": "train", "text": "x"}
+    with pytest.raises(DataPrepError, match="lacks document 'not-synthesized'"):
+        merge_shards(tmp_path, 2, DOCS + [extra], tmp_path / "pairs.jsonl")
