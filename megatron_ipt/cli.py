@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 STAGE_HELP = {
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             from data_prep.tokenize import add_arguments
 
             add_arguments(p, required=False)
+        if name == "synthesize":
+            _add_shard_arguments(p)
     p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.")
     _add_common(p)
     # Tools that work on files rather than on an experiment's stages: each module adds its own subcommand
@@ -81,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     for module in TOOL_MODULES:
         importlib.import_module(module).add_parser(sub)
     return parser
+
+
+def _add_shard_arguments(p) -> None:
+    """``ipt synthesize`` options for sharded runs (data_prep/shards.py)."""
+    env = os.environ
+    p.add_argument("--num-shards", type=int, default=int(env["SLURM_ARRAY_TASK_COUNT"]) if "SLURM_ARRAY_TASK_COUNT" in env else None,
+                   help="split the documents into N shards by a stable hash of their id (default: $SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--shard-index", type=int, default=int(env["SLURM_ARRAY_TASK_ID"]) if "SLURM_ARRAY_TASK_ID" in env else None,
+                   help="synthesize only shard I (0-based; default: $SLURM_ARRAY_TASK_ID); a finished shard is skipped")
+    p.add_argument("--merge", action="store_true",
+                   help="validate all --num-shards shards against their manifests and write synthesis/pairs.jsonl")
+
+
+def _shard_options(args) -> tuple[int, int | None]:
+    from megatron_ipt.errors import IptError
+
+    if not args.num_shards:
+        raise IptError("ipt synthesize --merge needs --num-shards N")
+    if args.shard_index is None and not args.merge:
+        raise IptError("ipt synthesize --num-shards needs --shard-index I (or --merge)")
+    return args.num_shards, args.shard_index
 
 
 def _reading_comprehension(cfg) -> dict | None:
@@ -187,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             rc = _reading_comprehension(cfg) if "train" in results else None
             Console().print(summary_table(results, rc))
             Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
+        elif args.command == "synthesize" and (args.num_shards or args.merge):
+            num_shards, shard_index = _shard_options(args)
+            pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)
         else:
             pipeline.RUNNERS[args.command](cfg, force=args.force)
         return 0

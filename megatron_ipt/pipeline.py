@@ -123,6 +123,56 @@ def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
 
 
+def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: int | None = None,
+                           merge: bool = False, force: bool = False) -> StageResult | None:
+    """Synthesize one shard (``shard_index`` of ``num_shards``) and/or merge all shards into the stage output.
+
+    Shards live in ``RUN_DIR/synthesis.shards/<fingerprint>/`` (``data_prep.shards``); a finished shard is
+    skipped on rerun unless ``force``. With ``merge``, every shard is validated against its manifest and
+    ``synthesis/pairs.jsonl`` + ``manifest.json`` are written as by :func:`run_synthesize`. Raises
+    DataPrepError naming a missing or corrupt shard.
+    """
+    from data_prep.shards import merge_shards, select_shard, shard_finished, write_shard
+
+    corpus = _upstream(cfg, "corpus")
+    fp = fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), corpus["fingerprint"])
+    if merge and (done := _skip(cfg, "synthesize", fp, force)):
+        return done
+    src = stage_path(cfg, "corpus") / "documents.jsonl"
+    documents = _read_jsonl(src)
+    shard_dir = cfg.run_path / "synthesis.shards" / fp[:16]
+    if shard_index is not None:
+        if not force and shard_finished(shard_dir, shard_index, num_shards):
+            _log(f"[dim]synthesize: shard {shard_index} of {num_shards} already finished in {shard_dir}[/dim]")
+        else:
+            from data_prep.synthesize import synthesize_documents
+
+            docs = select_shard(documents, shard_index, num_shards)
+            tmp = shard_dir / f".shard-{shard_index:05d}-of-{num_shards:05d}.work.jsonl"
+            counts = synthesize_documents(cfg.synthesis, docs, tmp) if docs else {"documents": 0}
+            records = _read_jsonl(tmp) if docs else []
+            write_shard(shard_dir, shard_index, num_shards, records, counts)
+            tmp.unlink(missing_ok=True)
+            _log(f"synthesize: shard {shard_index} of {num_shards} finished ({len(docs)} documents)")
+    if not merge:
+        return None
+    started = time.time()
+    with atomic_dir(stage_path(cfg, "synthesize")) as out:
+        counts = merge_shards(shard_dir, num_shards, documents, out / "pairs.jsonl")
+        recs = _read_jsonl(out / "pairs.jsonl")
+        counts["documents_with_pairs"] = sum(bool(r.get("pairs")) for r in recs)
+        counts["pairs_kept"] = sum(len(r.get("pairs", [])) for r in recs)
+        dropped: dict = {}
+        for r in recs:
+            for k, v in (r.get("dropped") or {}).items():
+                dropped[k] = dropped.get(k, 0) + v
+        counts["pairs_dropped"] = dict(sorted(dropped.items()))
+        manifest = write_manifest(out, stage="synthesize", fingerprint=fp, config=resolved(cfg), inputs={"documents": src},
+                                  outputs=["pairs.jsonl"], counts=counts, started=started)
+    _log(f"synthesize: merged {num_shards} shards, {counts['pairs_kept']} pairs from {counts['documents']} documents")
+    return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
+
+
 def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Build instruction-augmented texts and the raw / held-out text sets."""
     from hashlib import sha256

@@ -74,3 +74,48 @@ def test_document_missing_from_shards_is_named(tmp_path):
     extra = {"id": "not-synthesized", "split": "train", "text": "x"}
     with pytest.raises(DataPrepError, match="lacks document 'not-synthesized'"):
         merge_shards(tmp_path, 2, DOCS + [extra], tmp_path / "pairs.jsonl")
+
+
+from fixtures_synth import save_tiny_llama, tiny_llama_path  # noqa: E402,F401 (fixture)
+
+
+def _ipt(*args, cwd, env_extra=None):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    env.pop("SLURM_ARRAY_TASK_COUNT", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "megatron_ipt.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_two_shard_cli_run_then_merge_equals_unsharded_run(tiny_llama_path, tmp_path):
+    """Real tiny model, real CLI: shards by index and by Slurm array variables, rerun skips, merge == one run."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).parents[1]
+    common = ["--set", "corpus.max_documents=6", "--set", f"synthesis.model={tiny_llama_path}",
+              "--set", "synthesis.max_new_tokens=4", "--set", "synthesis.max_context_tokens=64"]
+    cfg_a = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'a'}", *common]
+    cfg_b = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'b'}", *common]
+    for cfg in (cfg_a, cfg_b):
+        r = _ipt("corpus", *cfg, cwd=repo)
+        assert r.returncode == 0, r.stderr
+    r = _ipt("synthesize", *cfg_a, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    r = _ipt("synthesize", *cfg_b, "--merge", "--num-shards", "2", cwd=repo)
+    assert r.returncode == 2 and "shard 0 of 2 is missing" in r.stderr
+    r = _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "0", cwd=repo)
+    assert r.returncode == 0, r.stderr
+    r = _ipt("synthesize", *cfg_b, cwd=repo, env_extra={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"})
+    assert r.returncode == 0, r.stderr
+    r = _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "0", cwd=repo)
+    assert r.returncode == 0 and "already finished" in r.stderr
+    r = _ipt("synthesize", *cfg_b, "--merge", "--num-shards", "2", cwd=repo)
+    assert r.returncode == 0, r.stderr
+    a = (tmp_path / "a" / "synthesis" / "pairs.jsonl").read_text()
+    b = (tmp_path / "b" / "synthesis" / "pairs.jsonl").read_text()
+    assert a == b and len(a.splitlines()) == 6
+    manifest = json.loads((tmp_path / "b" / "synthesis" / "manifest.json").read_text())
+    assert manifest["counts"]["documents"] == 6 and manifest["counts"]["shards"] == 2
