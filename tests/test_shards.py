@@ -119,3 +119,34 @@ def test_two_shard_cli_run_then_merge_equals_unsharded_run(tiny_llama_path, tmp_
     assert a == b and len(a.splitlines()) == 6
     manifest = json.loads((tmp_path / "b" / "synthesis" / "manifest.json").read_text())
     assert manifest["counts"]["documents"] == 6 and manifest["counts"]["shards"] == 2
+
+
+def test_synthesize_sbatch_runs_its_array_tasks_and_merge(tiny_llama_path, tmp_path):
+    """slurm/synthesize.sbatch is valid bash, and its ipt command lines run for real (2 array tasks, then the
+    merge step), outside Slurm, with the Slurm variables set by hand (no sbatch: SLURM_ARRAY_JOB_ID unset)."""
+    import os
+    import pathlib
+
+    repo = pathlib.Path(__file__).parents[1]
+    script = repo / "slurm" / "synthesize.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    sets = (f"--set run_dir={tmp_path / 'run'} --set corpus.max_documents=4 --set synthesis.model={tiny_llama_path} "
+            "--set synthesis.max_new_tokens=4 --set synthesis.max_context_tokens=64")
+    r = _ipt("corpus", str(repo / "examples/quickstart.yaml"), *sets.split(), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    venv = pathlib.Path(sys.executable).parents[1]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    base.update(CONFIG=str(repo / "examples/quickstart.yaml"), SYNTH_ARGS=sets, IPT_VENV=str(venv),
+                SLURM_SUBMIT_DIR=str(repo), OMP_NUM_THREADS="1")
+    for task in ("0", "1"):
+        env = dict(base, SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_COUNT="2")
+        r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run(["bash", str(script)], env=dict(base, SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="2"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--array=0-1" in r.stderr
+    r = subprocess.run(["bash", str(script)], env=dict(base, IPT_SYNTHESIZE_MERGE="1", IPT_NUM_SHARDS="2"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "run" / "synthesis" / "pairs.jsonl").read_text().splitlines()
+    assert len(lines) == 4
