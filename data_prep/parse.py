@@ -56,6 +56,84 @@ class Pair:
     def to_dict(self) -> dict[str, str]:
         return {"question": self.question, "answer": self.answer}
 
+    # Structure of the pair under the synthesizer's conventions (shared/notes/ipt-method.md): multiple-choice
+    # questions carry "\nOptions:\n- o1\n- o2"; chain-of-thought questions end with "Let's think step by
+    # step." and their answers end "Therefore, the answer is {final}". data_prep.format.parse_item sorts
+    # pairs into the same families when formatting; these properties expose it at parse time.
+
+    @property
+    def cot(self) -> bool:
+        """True when the question asks for chain-of-thought (ends with ``Let's think step by step.``)."""
+        return self.question.rstrip().endswith(COT_TRIGGER)
+
+    @property
+    def stem(self) -> str:
+        """The question without its CoT trigger and options block."""
+        q = self.question.strip()
+        if self.cot:
+            q = q[: -len(COT_TRIGGER)].rstrip()
+        m = _OPTIONS_RE.search(q)
+        return q[: m.start()].rstrip() if m else q
+
+    @property
+    def options(self) -> list[str] | None:
+        """The ``- option`` lines after ``Options:`` in the question, or None for an open question."""
+        q = self.question.strip()
+        if self.cot:
+            q = q[: -len(COT_TRIGGER)].rstrip()
+        m = _OPTIONS_RE.search(q)
+        if not m:
+            return None
+        lines = [ln.strip() for ln in q[m.end():].splitlines() if ln.strip()]
+        return [ln[1:].strip() for ln in lines if ln.startswith("-")] or None
+
+    @property
+    def final_answer(self) -> str | None:
+        """The answer after the last ``Therefore, the answer is`` for a CoT pair (None when it is missing or
+        empty), else the whole answer."""
+        if not self.cot:
+            return self.answer.strip()
+        cut = self.answer.rfind(COT_FINAL)
+        final = self.answer[cut + len(COT_FINAL):].strip() if cut >= 0 else ""
+        return final or None
+
+    @property
+    def structure_issue(self) -> str | None:
+        """Why the formatter would drop this pair (``cot_without_final_answer``,
+        ``options_answer_matches_no_option``; the names data_prep.format counts), or None."""
+        final = self.final_answer
+        if final is None:
+            return "cot_without_final_answer"
+        options = self.options
+        if options and _norm_option(final) not in {_norm_option(o) for o in options}:
+            return "options_answer_matches_no_option"
+        return None
+
+    def to_structured_dict(self) -> dict:
+        """``to_dict`` plus ``options`` (list or None), ``cot`` (bool) and ``final_answer``."""
+        return {**self.to_dict(), "options": self.options, "cot": self.cot, "final_answer": self.final_answer}
+
+
+COT_TRIGGER = "Let's think step by step."
+COT_FINAL = "Therefore, the answer is"
+_OPTIONS_RE = re.compile(r"\n\s*Options:\s*\n")
+
+
+def _norm_option(s: str) -> str:
+    return re.sub(r"\s+", " ", s.strip().strip(".").strip()).lower()
+
+
+def structure_counts(pairs) -> Counter[str]:
+    """Counts of pair families (``plain``, ``options``, ``cot``, ``options_cot``) and of structure issues
+    (``issue:<name>``) over ``pairs``, for synthesis statistics."""
+    counts: Counter[str] = Counter()
+    for p in pairs:
+        family = ("options_" if p.options else "") + ("cot" if p.cot else "")
+        counts[family.rstrip("_") or "plain"] += 1
+        if p.structure_issue:
+            counts[f"issue:{p.structure_issue}"] += 1
+    return counts
+
 
 @dataclass
 class ParseResult:

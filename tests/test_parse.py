@@ -180,3 +180,33 @@ def test_strict_mode_does_not_trim_answers():
     out = "<QUE> q? <ANS> A b. A b. </END>"
     assert parse_pairs(out, "strict").pairs[0].answer == "A b. A b."
     assert parse_pairs(out, "lenient").pairs[0].answer == "A b."
+
+
+def test_pairs_expose_options_cot_and_final_answer_like_the_formatter():
+    from data_prep.format import parse_item
+    from data_prep.parse import structure_counts
+
+    out = (
+        "<QUE> Which statement loops?\nOptions:\n- while\n- pass <ANS> while </END>\n\n"
+        "<QUE> Is a set ordered?\nOptions:\n- yes\n- no\nLet's think step by step. <ANS> Sets do not record "
+        "position.\nTherefore, the answer is no </END>\n\n"
+        "<QUE> What does pass do? Let's think step by step. <ANS> It does nothing. </END>\n\n"
+        "<QUE> What is a tuple? <ANS> An immutable sequence. </END>\n\n"
+        "<QUE> Pick one:\nOptions:\n- a\n- b <ANS> c </END>"
+    )
+    pairs = parse_pairs(out, "strict").pairs
+    assert [p.options for p in pairs] == [["while", "pass"], ["yes", "no"], None, None, ["a", "b"]]
+    assert [p.cot for p in pairs] == [False, True, True, False, False]
+    assert [p.final_answer for p in pairs] == ["while", "no", None, "An immutable sequence.", "c"]
+    assert pairs[1].stem == "Is a set ordered?"
+    assert [p.structure_issue for p in pairs] == [None, None, "cot_without_final_answer", None,
+                                                  "options_answer_matches_no_option"]
+    for p in pairs:  # the formatter's own family detection agrees
+        item, reason = parse_item(p.to_dict())
+        assert reason == p.structure_issue
+        if item is not None:
+            assert list(item.options) == (p.options or []) and item.answer == p.final_answer
+    assert structure_counts(pairs) == {"options": 2, "options_cot": 1, "cot": 1, "plain": 1,
+                                       "issue:cot_without_final_answer": 1, "issue:options_answer_matches_no_option": 1}
+    assert pairs[0].to_structured_dict() == {"question": pairs[0].question, "answer": "while",
+                                             "options": ["while", "pass"], "cot": False, "final_answer": "while"}
