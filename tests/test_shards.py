@@ -150,3 +150,50 @@ def test_synthesize_sbatch_runs_its_array_tasks_and_merge(tiny_llama_path, tmp_p
     assert r.returncode == 0, r.stderr
     lines = (tmp_path / "run" / "synthesis" / "pairs.jsonl").read_text().splitlines()
     assert len(lines) == 4
+
+
+@pytest.mark.e2e
+def test_kill_9_mid_shard_then_rerun_merges_every_document_once(tiny_llama_path, tmp_path):
+    """A shard process killed with SIGKILL leaves no shard file behind; the rerun redoes that shard only, and
+    the merged output equals an uninterrupted (unsharded) run, every document exactly once."""
+    import os
+    import pathlib
+    import signal
+    import time
+
+    from data_prep.shards import shard_paths
+
+    repo = pathlib.Path(__file__).parents[1]
+    common = ["--set", "corpus.max_documents=16", "--set", f"synthesis.model={tiny_llama_path}",
+              "--set", "synthesis.max_new_tokens=48", "--set", "synthesis.max_context_tokens=64",
+              "--set", "synthesis.batch_size=1"]
+    cfg_a = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'a'}", *common]
+    cfg_b = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'b'}", *common]
+    for cfg in (cfg_a, cfg_b):
+        assert _ipt("corpus", *cfg, cwd=repo).returncode == 0
+    assert _ipt("synthesize", *cfg_a, cwd=repo).returncode == 0
+    assert _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "0", cwd=repo).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", "synthesize", *cfg_b, "--num-shards", "2",
+                             "--shard-index", "1"], cwd=repo, env=dict(env, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)
+    killed = proc.poll() is None
+    print("killed mid-shard:", killed)
+    os.kill(proc.pid, signal.SIGKILL) if killed else None
+    proc.wait()
+    shard_dirs = list((tmp_path / "b" / "synthesis.shards").iterdir())
+    assert len(shard_dirs) == 1
+    if killed:
+        assert not shard_paths(shard_dirs[0], 1, 2)[1].exists()
+        r = _ipt("synthesize", *cfg_b, "--merge", "--num-shards", "2", cwd=repo)
+        assert r.returncode == 2 and "shard 1 of 2 is missing" in r.stderr
+    r = _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "1", cwd=repo)
+    assert r.returncode == 0, r.stderr
+    r = _ipt("synthesize", *cfg_b, "--merge", "--num-shards", "2", cwd=repo)
+    assert r.returncode == 0, r.stderr
+    a = (tmp_path / "a" / "synthesis" / "pairs.jsonl").read_text()
+    b = (tmp_path / "b" / "synthesis" / "pairs.jsonl").read_text()
+    ids = [json.loads(line)["id"] for line in b.splitlines()]
+    assert a == b and len(ids) == len(set(ids)) == 16
+    assert not [p for p in shard_dirs[0].iterdir() if p.name.startswith(".") and "tmp" in p.name]
