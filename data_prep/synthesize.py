@@ -98,7 +98,8 @@ def synthesize_documents(
                 outputs[i] = r
                 generated_tokens += r.num_generated_tokens
             if bar is not None:
-                bar.update(task, advance=len(idx), tok_s=generated_tokens / max(seconds, 1e-9))
+                bar.update(task, advance=len(idx), tok_s=generated_tokens / max(seconds, 1e-9),
+                           doc_s=(start + len(idx)) / max(seconds, 1e-9))
 
     pairs_dropped: Counter[str] = Counter()
     documents_with_pairs = pairs_kept = 0
@@ -143,17 +144,21 @@ def synthesize_documents(
 
 @contextmanager
 def _progress_bar(enabled: bool, total: int):
-    """Yield (rich Progress, task id) with a documents bar and a generated-tokens/s column, or (None, None)."""
+    """Yield (rich Progress, task id): documents bar, documents/s, generated tokens/s, elapsed and ETA; or (None, None)."""
     if not enabled:
         yield None, None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     with Progress(
         TextColumn("synthesize"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("documents  {task.fields[tok_s]:.1f} generated tokens/s"),
+        TextColumn("documents  {task.fields[doc_s]:.2f} documents/s"),
+        TextColumn("{task.fields[tok_s]:.1f} generated tokens/s"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
     ) as bar:
-        yield bar, bar.add_task("synthesize", total=total, tok_s=0.0)
+        yield bar, bar.add_task("synthesize", total=total, tok_s=0.0, doc_s=0.0)
