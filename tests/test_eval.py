@@ -66,3 +66,24 @@ def test_results_files_and_compare(tmp_path, capsys):
     assert main(["eval", "compare", str(tmp_path / "c.json")]) == 2
     assert "not a results file" in capsys.readouterr().err
     assert markdown([a]).count("\n") == 4
+
+
+def test_hf_folder_scorer_runs_the_task(tmp_path, tiny_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    from data_prep.encoders import load_encoder
+    from megatron_ipt.evaluate.run import evaluate_rc
+    from megatron_ipt.evaluate.scorers import HFScorer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    docs = [{"id": "a", "text": "The while loop repeats.", "pairs": [{"question": "What repeats?", "answer": "The loop",
+                                                                       "options": ["The loop", "Nothing"]}]},
+            {"id": "b", "text": "A class defines objects.", "pairs": [{"question": "What defines objects?", "answer": "A class"}]}]
+    with HFScorer(tmp_path / "hf") as scorer:
+        result = evaluate_rc(scorer, load_encoder(tiny_tokenizer_dir), docs, shots=1, max_length=64)
+    assert result["n"] == 2 and result["n_multiple_choice"] == 1
+    # an untrained model over 512 tokens: about log(512) nats per answer token
+    assert abs(result["metrics"]["answer_nll"] - math.log(512)) < 1.0
+    assert result["metrics"]["mc_accuracy"] in (0.0, 1.0)
