@@ -24,8 +24,8 @@ from pathlib import Path
 from data_prep.engines import TransformersEngine
 from data_prep.errors import DataPrepError
 from data_prep.models import resolve_model
-from data_prep.parse import CON, CON_CLOSE, filter_grounded, filter_repetitive, parse_pairs
-from data_prep.prompts import build_prompt
+from data_prep.parse import CON, CON_CLOSE, filter_grounded, filter_repetitive, parse_pairs, structure_counts
+from data_prep.prompts import CHAT_INSTRUCTION, build_prompt
 
 REQUIRED_FIELDS = ("id", "split", "text")
 
@@ -78,7 +78,9 @@ def synthesize_documents(
             raise DataPrepError(f"document {i} (id {doc.get('id', '?')!r}) has no field(s) {', '.join(missing)}")
     model_path = resolve_model(cfg.model)
     engine = engine or make_engine(cfg, model_path)
-    prompts = [build_prompt(d["text"], cfg.prompt_format, engine.tokenizer, cfg.max_context_tokens) for d in documents]
+    instruction = getattr(cfg, "chat_instruction", None) or CHAT_INSTRUCTION
+    prompts = [build_prompt(d["text"], cfg.prompt_format, engine.tokenizer, cfg.max_context_tokens, instruction)
+               for d in documents]
     add_special = prompts[0].add_special_tokens
     stop = [CON, CON_CLOSE] if cfg.parse_mode == "lenient" else None
     lengths = [len(ids) for ids in engine.tokenizer([p.text for p in prompts], add_special_tokens=add_special)["input_ids"]]
@@ -102,6 +104,7 @@ def synthesize_documents(
                            doc_s=(start + len(idx)) / max(seconds, 1e-9))
 
     pairs_dropped: Counter[str] = Counter()
+    structure: Counter[str] = Counter()
     documents_with_pairs = pairs_kept = 0
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,7 @@ def synthesize_documents(
                 parsed = filter_grounded(parse_pairs(raw, cfg.parse_mode), doc["text"], cfg.min_grounding)
                 parsed = filter_repetitive(parsed, cfg.max_repetition)
                 pairs_dropped.update(parsed.dropped)
+                structure.update(structure_counts(parsed.pairs))
                 pairs_kept += len(parsed.pairs)
                 documents_with_pairs += bool(parsed.pairs)
                 record = {
@@ -133,6 +137,7 @@ def synthesize_documents(
         "documents_with_pairs": documents_with_pairs,
         "pairs_kept": pairs_kept,
         "pairs_dropped": dict(sorted(pairs_dropped.items())),
+        "pair_structure": dict(sorted(structure.items())),  # plain / options / cot / options_cot, issue:<reason>
         "generated_tokens": generated_tokens,
         "generation_seconds": round(seconds, 3),
         "generated_tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else 0.0,

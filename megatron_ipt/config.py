@@ -63,6 +63,8 @@ class SynthesisConfig(_Section):
         "demonstrations then the document, for instruct models not tuned on the format; chat: the same demonstrations "
         "as turns of the model's chat template.",
     )
+    chat_instruction: str | None = Field(
+        None, description="chat format: the system instruction (default: data_prep.prompts.CHAT_INSTRUCTION).")
     parse_mode: Literal["strict", "lenient"] = Field(
         "lenient",
         description="strict: the reference parser (pairs must end with </END>); lenient: a pair may also end at a "

@@ -17,7 +17,7 @@ DOCS = [
 RECORD_KEYS = {"id", "split", "text", "pairs", "raw_output", "dropped"}
 COUNT_KEYS = {
     "documents", "documents_with_pairs", "pairs_kept", "pairs_dropped", "generated_tokens", "generation_seconds",
-    "generated_tokens_per_second", "model", "prompt_format", "parse_mode",
+    "generated_tokens_per_second", "model", "prompt_format", "parse_mode", "pair_structure",
 }
 
 
@@ -79,6 +79,8 @@ def test_synthesis_returns_counts(tiny_llama_path, tiny_engine, tmp_path):
     assert counts["documents"] == 3 and counts["model"] == str(tiny_llama_path)
     assert 0 < counts["generated_tokens"] <= 3 * 8
     assert (counts["prompt_format"], counts["parse_mode"]) == ("lmops", "lenient")
+    families = {k: v for k, v in counts["pair_structure"].items() if not k.startswith("issue:")}
+    assert sum(families.values()) == counts["pairs_kept"]  # every kept pair has one family
 
 
 def test_synthesis_loads_its_engine_from_the_config_and_shows_progress(tiny_llama_path, tmp_path):
