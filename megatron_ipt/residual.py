@@ -178,6 +178,19 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, unit="B", unit_scale=True, desc="residual", leave=False)
 
 
+def _rows(name: str, r0: int, r1: int, limit: int | None, shared: Callable[[int, int], torch.Tensor],
+          grown_source: ModelWeights, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``r0:r1`` of output tensor ``name`` in ``dtype``: ``shared(a, b)`` (float32 arithmetic) for rows every
+    input has, ``grown_source``'s own rows from ``limit`` on (a vocabulary grown in the instruct model)."""
+    if limit is not None and r0 >= limit:
+        return grown_source.read_rows(name, r0, r1).to(dtype)
+    hi = r1 if limit is None else min(r1, limit)
+    block = shared(r0, hi).to(dtype)
+    if hi < r1:
+        block = torch.cat([block, grown_source.read_rows(name, hi, r1).to(dtype)])
+    return block
+
+
 def _dtype_notes(name: str, infos: dict) -> list[str]:
     dtypes = {k: v.dtype for k, v in infos.items()}
     return [f"{name}: dtypes differ {dtypes}"] if len(set(dtypes.values())) > 1 else []
@@ -210,16 +223,11 @@ def add_instruction_residual(base: str | Path, instruct: str | Path, cpt: str | 
         plan.append(PlannedTensor(name, infos["cpt"].torch_dtype, infos["instruct"].shape))
 
     def compute(name: str, r0: int, r1: int) -> torch.Tensor:
-        out_dtype = src["cpt"].tensors[name].torch_dtype
-        limit = grown.get(name)
-        if limit is not None and r0 >= limit:  # rows the instruct model added: its own values
-            return src["instruct"].read_rows(name, r0, r1).to(out_dtype)
-        hi = r1 if limit is None else min(r1, limit)
-        delta = src["instruct"].read_rows(name, r0, hi).float() - src["base"].read_rows(name, r0, hi).float()
-        block = (src["cpt"].read_rows(name, r0, hi).float() + alpha * delta).to(out_dtype)
-        if hi < r1:
-            block = torch.cat([block, src["instruct"].read_rows(name, hi, r1).to(out_dtype)])
-        return block
+        def shared(a: int, b: int) -> torch.Tensor:
+            delta = src["instruct"].read_rows(name, a, b).float() - src["base"].read_rows(name, a, b).float()
+            return src["cpt"].read_rows(name, a, b).float() + alpha * delta
+
+        return _rows(name, r0, r1, grown.get(name), shared, src["instruct"], src["cpt"].tensors[name].torch_dtype)
 
     manifest = {"kind": "cpt + alpha * (instruct - base)", "alpha": alpha, "block_bytes": block_bytes,
                 "inputs": {k: folder_fingerprint(w) for k, w in src.items()}}
@@ -256,14 +264,10 @@ def save_instruction_residual(base: str | Path, instruct: str | Path, output: st
         plan.append(PlannedTensor(name, dtype, i.shape))
 
     def compute(name: str, r0: int, r1: int) -> torch.Tensor:
-        limit = grown.get(name)
-        if limit is not None and r0 >= limit:
-            return src["instruct"].read_rows(name, r0, r1).to(dtype)
-        hi = r1 if limit is None else min(r1, limit)
-        block = (src["instruct"].read_rows(name, r0, hi).float() - src["base"].read_rows(name, r0, hi).float()).to(dtype)
-        if hi < r1:
-            block = torch.cat([block, src["instruct"].read_rows(name, hi, r1).to(dtype)])
-        return block
+        def shared(a: int, b: int) -> torch.Tensor:
+            return src["instruct"].read_rows(name, a, b).float() - src["base"].read_rows(name, a, b).float()
+
+        return _rows(name, r0, r1, grown.get(name), shared, src["instruct"], dtype)
 
     manifest = {"kind": "instruct - base", "residual_dtype": residual_dtype, "block_bytes": block_bytes,
                 "inputs": {k: folder_fingerprint(w) for k, w in src.items()}}
@@ -303,16 +307,10 @@ def apply_residual(residual: str | Path, cpt: str | Path, output: str | Path, al
         plan.append(PlannedTensor(name, c.torch_dtype, r.shape))
 
     def compute(name: str, r0: int, r1: int) -> torch.Tensor:
-        out_dtype = src["cpt"].tensors[name].torch_dtype
-        limit = grown.get(name)
-        if limit is not None and r0 >= limit:
-            return src["residual"].read_rows(name, r0, r1).to(out_dtype)
-        hi = r1 if limit is None else min(r1, limit)
-        block = (src["cpt"].read_rows(name, r0, hi).float() + alpha * src["residual"].read_rows(name, r0, hi).float())
-        block = block.to(out_dtype)
-        if hi < r1:
-            block = torch.cat([block, src["residual"].read_rows(name, hi, r1).to(out_dtype)])
-        return block
+        def shared(a: int, b: int) -> torch.Tensor:
+            return src["cpt"].read_rows(name, a, b).float() + alpha * src["residual"].read_rows(name, a, b).float()
+
+        return _rows(name, r0, r1, grown.get(name), shared, src["residual"], src["cpt"].tensors[name].torch_dtype)
 
     manifest = {"kind": "cpt + alpha * residual", "alpha": alpha, "block_bytes": block_bytes,
                 "residual": {"path": str(residual.resolve()), "inputs": rmanifest.get("inputs"),
