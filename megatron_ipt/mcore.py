@@ -160,12 +160,13 @@ def float16_module(config, module):
 
 # ------------------------------------------------------------------------------- optimizer and DDP
 def optimizer(**config_kwargs: Any):
-    """``get_megatron_optimizer`` over one model chunk, its ``OptimizerConfig`` built from the fields this
-    version has. ``model`` is taken from ``config_kwargs['model']``."""
+    """``get_megatron_optimizer`` over the model chunks, its ``OptimizerConfig`` built from the fields this
+    version has. ``model`` (one module, or a list of model chunks) is taken from ``config_kwargs['model']``."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     model = config_kwargs.pop("model")
-    return get_megatron_optimizer(config=make_config(OptimizerConfig, **config_kwargs), model_chunks=[model])
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return get_megatron_optimizer(config=make_config(OptimizerConfig, **config_kwargs), model_chunks=chunks)
 
 
 def param_scheduler(**kwargs: Any):
