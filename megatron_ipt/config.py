@@ -33,13 +33,19 @@ class _Section(BaseModel):
 class CorpusConfig(_Section):
     """Stage ``corpus``: which raw documents to read and which to hold out for evaluation."""
 
-    source: Literal["pydoc_topics", "jsonl", "text"] = Field(
+    source: Literal["pydoc_topics", "jsonl", "parquet", "text"] = Field(
         "pydoc_topics",
         description="pydoc_topics: Python's own topic documentation (pydoc_data.topics, in every CPython); "
-        "jsonl: JSON lines with a text field; text: one document per plain-text file.",
+        "jsonl: JSON lines (.jsonl, .jsonl.gz, .jsonl.zst) with a text field; parquet: a text column; "
+        "text: one document per plain-text file (a folder: every file under it).",
     )
-    paths: list[str] = Field(default_factory=list, description="Files or globs for jsonl/text sources.")
-    text_field: str = Field("text", description="Field holding the document text in JSONL sources.")
+    paths: list[str] = Field(default_factory=list, description="Files, folders or globs for jsonl/parquet/text sources.")
+    text_field: str = Field("text", description="Field (column) holding the document text in JSONL/Parquet sources.")
+    id_field: str = Field("id", description="Field (column) holding the document id; records without one get "
+                          "'sha256:' + the first 16 hex digits of the text's SHA-256.")
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="A malformed line/row (bad JSON, no text, not UTF-8) or a repeated id: skip it (counted, "
+        "the first few reported with file:line) or stop with file:line.")
     min_chars: int = Field(500, ge=0, description="Documents shorter than this (characters) are skipped.")
     max_documents: int | None = Field(None, ge=1, description="Keep at most this many documents (after filtering).")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation.")
@@ -78,7 +84,14 @@ class SynthesisConfig(_Section):
         1.0, ge=0.0, le=1.0,
         description="Drop pairs whose answer repeats itself: share of repeated word trigrams above this (1 disables).",
     )
-    max_context_tokens: int = Field(512, ge=16, description="Document tokens shown to the synthesizer; longer texts are truncated.")
+    max_context_tokens: int = Field(
+        512, ge=16, description="Document tokens per prompt; longer texts are split into chunks of at most this many "
+        "tokens (chunking) or truncated.")
+    chunking: bool = Field(True, description="Split documents longer than max_context_tokens at paragraph/sentence "
+                           "boundaries and synthesize each chunk (pairs attributed to the document); false: truncate.")
+    rounds: int = Field(1, ge=1, description="M-shot synthesis: M rounds over M disjoint slices of the documents, "
+                        "each text prompted after the chain of earlier rounds' (text, pairs); 1: zero-shot.")
+    save_prompts: bool = Field(False, description="Keep each record's prompt(s) in the output (field 'prompts').")
     max_new_tokens: int = Field(160, ge=1, description="Generated tokens per document.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -87,7 +100,8 @@ class SynthesisConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily (the reference).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs the synthesizer is sharded over.")
-    max_model_len: int | None = Field(None, ge=64, description="vllm only: context length (default: the model's).")
+    max_model_len: int | None = Field(None, ge=64, description="Context length (default: the model's): the budget of "
+                                      "a chained prompt plus max_new_tokens; vllm: passed to vllm.LLM.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm only: share of GPU memory vLLM may take.")
 
 
