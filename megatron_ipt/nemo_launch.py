@@ -1,0 +1,334 @@
+"""Run an ``ipt`` stage as a NeMo-Run experiment: on this machine (LocalExecutor) or on Slurm (SlurmExecutor).
+
+The one seam to NeMo-Run (PyPI ``nemo-run`` 0.11, extra ``launch``): everything that imports ``nemo_run``
+lives here, so a version bump touches one file. A stage runs as a ``run.Script`` (an inline bash script that
+``cd``s to the working folder and ``exec``s ``python -m megatron_ipt.cli STAGE CONFIG --set ...``), added to a
+named ``run.Experiment`` and waited for.
+
+- ``train`` with several processes per node (``parallel.nproc_per_node``) or several nodes goes through
+  NeMo-Run's torchrun launcher: each process sees ``RANK``/``WORLD_SIZE`` and trains (no relaunch).
+  Other stages run as one task (``run``'s own train stage relaunches itself under torchrun when
+  ``nproc_per_node > 1``, on one node).
+- Slurm: ``account`` is required; a ``LocalTunnel`` (submitting from a login node) needs NeMo-Run's job
+  folder left at its default (``job_dir=""``, i.e. ``$NEMORUN_HOME/experiments``), an ``SSHTunnel`` needs
+  host, user and a job folder on the cluster. A container image (pyxis) is optional.
+- NeMo-Run returns normally when the job failed inside (source: NeMo-Run 0.11 ``Experiment.__exit__`` waits
+  and only prints the status). :func:`run_experiment` reads ``exp.status(return_dict=True)`` afterwards and
+  raises :class:`LaunchFailed` naming the task and its log file unless the task ``SUCCEEDED``.
+
+Logs: ``$NEMORUN_HOME/experiments/<title>/<title>_<id>/<task>/`` (local: ``nemo_run/<app>/<task>/0/combined.log``;
+Slurm: ``log-<account>-<account>.<task>_<jobid>_0.out``); the error message gives the path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_ipt.errors import IptError, LaunchError
+
+STAGES = ("train", "run", "synthesize", "tokenize", "eval")
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding megatron_ipt/ and data_prep/
+
+
+class LaunchFailed(LaunchError):
+    """A NeMo-Run task ended in a state other than SUCCEEDED; the message names the task and its log."""
+
+
+@dataclass
+class SlurmOptions:
+    """What ``SlurmExecutor`` needs: account (required), partition, nodes, time limit (HH:MM:SS), tunnel.
+
+    ``tunnel``: ``local`` (sbatch on this machine, e.g. a login node) or ``ssh`` (``host``, ``user`` and
+    ``job_dir``, a folder on the cluster for NeMo-Run's job files). ``container_image``: run inside this
+    image with pyxis (``container_mounts`` as ``src:dst``); none runs in the plain environment.
+    """
+
+    account: str | None = None
+    partition: str | None = None
+    nodes: int = 1
+    time: str = "01:00:00"
+    gpus_per_node: int | None = None
+    tunnel: str = "local"
+    host: str | None = None
+    user: str | None = None
+    job_dir: str | None = None
+    identity: str | None = None
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Raise IptError naming the missing or bad option."""
+        if not self.account:
+            raise IptError("the slurm executor needs --account (NeMo-Run's SlurmExecutor requires it)")
+        if self.nodes < 1:
+            raise IptError(f"--nodes {self.nodes}: must be at least 1")
+        if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", self.time):
+            raise IptError(f"--time {self.time!r}: expected HH:MM:SS (or D-HH:MM:SS)")
+        if self.tunnel not in ("local", "ssh"):
+            raise IptError(f"--tunnel {self.tunnel!r}: expected local or ssh")
+        if self.tunnel == "ssh" and not (self.host and self.user and self.job_dir):
+            raise IptError("--tunnel ssh needs --host, --user and --job-dir (a folder on the cluster for job files)")
+
+
+@dataclass
+class StageCommand:
+    """One ``ipt`` invocation: ``python -m megatron_ipt.cli STAGE CONFIG [--set K=V ...] [extra args]``, run
+    from ``workdir`` (relative paths in the config resolve there)."""
+
+    stage: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+    workdir: str = field(default_factory=os.getcwd)
+    python: str = sys.executable
+
+    def argv(self) -> list[str]:
+        sets = [a for kv in self.overrides for a in ("--set", kv)]
+        return [self.python, "-m", "megatron_ipt.cli", self.stage, self.config, *sets, *self.extra_args]
+
+    def inline(self) -> str:
+        """The bash script body: every value quoted, so config paths or overrides cannot inject commands."""
+        return f"set -euo pipefail\ncd {shlex.quote(self.workdir)}\nexec {shlex.join(self.argv())}\n"
+
+
+@dataclass
+class LaunchResult:
+    """What :func:`run_experiment` found after the task ended."""
+
+    experiment_id: str
+    task: str
+    status: str
+    job_dir: str
+    log: Path | None
+
+
+def _nemo_run():
+    try:
+        import nemo_run
+    except ImportError as e:
+        raise IptError(f"NeMo-Run is not installed ({e}); install the launch extra: pip install -e '.[launch]' "
+                       "(nemo-run 0.11 with leptonai<0.47)") from None
+    return nemo_run
+
+
+def environment(local: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Variables the task needs: on this machine's file system (local executor or local tunnel) the
+    project's folder on ``PYTHONPATH`` and the virtual environment's ``bin`` on ``PATH``; plus ``extra``."""
+    env: dict[str, str] = {}
+    if local:
+        py_path = os.environ.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + py_path if py_path else "")
+        venv = os.environ.get("VIRTUAL_ENV") or (sys.prefix if sys.prefix != sys.base_prefix else None)
+        if venv:
+            env["VIRTUAL_ENV"] = venv
+            env["PATH"] = str(Path(venv) / "bin") + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+    env.update(extra or {})
+    return env
+
+
+def build_script(command: StageCommand, env: dict[str, str] | None = None):
+    """A ``run.Script`` running ``command`` (an inline bash script; torchrun runs it with ``--no-python``)."""
+    run = _nemo_run()
+    return run.Script(inline=command.inline(), env=dict(env or {}))
+
+
+def local_executor(ntasks_per_node: int = 1, env: dict[str, str] | None = None):
+    """``run.LocalExecutor``; with more than one task, NeMo-Run's torchrun launcher starts them."""
+    run = _nemo_run()
+    launcher = "torchrun" if ntasks_per_node > 1 else None
+    return run.LocalExecutor(ntasks_per_node=ntasks_per_node, launcher=launcher, env_vars=dict(env or {}))
+
+
+def slurm_executor(opts: SlurmOptions, ntasks_per_node: int = 1, env: dict[str, str] | None = None):
+    """``run.SlurmExecutor`` for ``opts``; torchrun per node when more than one process or node is wanted."""
+    opts.check()
+    run = _nemo_run()
+    if opts.tunnel == "ssh":
+        tunnel = run.SSHTunnel(host=opts.host, user=opts.user, job_dir=opts.job_dir, identity=opts.identity)
+    else:
+        tunnel = run.LocalTunnel(job_dir="")  # a local tunnel copies nothing: keep NeMo-Run's own job folder
+    torchrun = ntasks_per_node > 1 or opts.nodes > 1
+    return run.SlurmExecutor(
+        account=opts.account, partition=opts.partition, nodes=opts.nodes, ntasks_per_node=ntasks_per_node,
+        time=opts.time, gpus_per_node=opts.gpus_per_node, tunnel=tunnel, packager=run.Packager(),
+        container_image=opts.container_image, container_mounts=list(opts.container_mounts),
+        launcher="torchrun" if torchrun else None, env_vars=dict(env or {}))
+
+
+def find_log(job_dir: str | Path) -> Path | None:
+    """The newest task log under a NeMo-Run job folder (local ``combined.log`` or Slurm ``*.out``), or None."""
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir():
+        return None
+    logs = [p for pattern in ("**/combined.log", "*.out", "**/*.out", "**/stderr.log") for p in job_dir.glob(pattern)]
+    return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+
+
+def _tail(path: Path | None, lines: int = 25) -> str:
+    if path is None:
+        return ""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_experiment(title: str, task: str, script, executor, nemo_run_home: str | Path | None = None) -> LaunchResult:
+    """Run ``script`` on ``executor`` as task ``task`` of a new experiment ``title``, wait, and check it.
+
+    Returns the LaunchResult when the task SUCCEEDED; raises :class:`LaunchFailed` (naming the task, its final
+    state and the log file; the log's last lines go to stderr) otherwise. ``nemo_run_home`` sets
+    ``$NEMORUN_HOME`` (experiments and logs go under its ``experiments/``).
+    """
+    run = _nemo_run()
+    if nemo_run_home is not None:
+        home = str(Path(nemo_run_home).resolve())
+        os.environ["NEMORUN_HOME"] = home
+        run.config.set_nemorun_home(home)
+    with run.Experiment(title, executor=executor, log_level="WARN", enable_goodbye_message=False) as exp:
+        exp.add(script, name=task, tail_logs=False)
+        exp.run(sequential=True)
+    states = exp.status(return_dict=True) or {}
+    info = states.get(task) or next(iter(states.values()), {})
+    status = getattr(info.get("status"), "name", str(info.get("status", "UNKNOWN")))
+    job_dir = info.get("local_dir") or getattr(executor, "job_dir", "")
+    log = find_log(job_dir)
+    result = LaunchResult(exp._id, task, status, job_dir, log)
+    if status != "SUCCEEDED":
+        tail = _tail(log)
+        if tail:
+            print(f"--- last lines of {log}\n{tail}\n---", file=sys.stderr)
+        raise LaunchFailed(f"NeMo-Run task '{task}' of experiment {exp._id} ended {status}; "
+                           f"log: {log or job_dir or 'not found'}")
+    return result
+
+
+def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_node: int = 1,
+                 slurm: SlurmOptions | None = None, env: dict[str, str] | None = None,
+                 title: str | None = None, nemo_run_home: str | Path | None = None) -> LaunchResult:
+    """Run one ``ipt`` stage through NeMo-Run (``executor`` local or slurm) and check that it succeeded.
+
+    ``nproc_per_node`` processes (torchrun) are started for ``train`` only; other stages run as one task.
+    Raises IptError for bad options and :class:`LaunchFailed` when the task failed.
+    """
+    if command.stage not in STAGES:
+        raise IptError(f"stage {command.stage!r}: expected one of {', '.join(STAGES)}")
+    ntasks = nproc_per_node if command.stage == "train" else 1
+    if executor == "slurm":
+        slurm = slurm or SlurmOptions()
+        if command.stage != "train" and slurm.nodes > 1:
+            raise IptError(f"--nodes {slurm.nodes}: only the train stage runs on several nodes")
+        local = slurm.tunnel == "local"
+        ex = slurm_executor(slurm, ntasks, environment(local, env))
+    elif executor == "local":
+        ex = local_executor(ntasks, environment(True, env))
+    else:
+        raise IptError(f"--executor {executor!r}: expected local or slurm")
+    script = build_script(command)
+    return run_experiment(title or f"ipt-{command.stage}", command.stage, script, ex, nemo_run_home)
+
+
+# ---------------------------------------------------------------------------------------------- ipt launch
+
+DESCRIPTION = """\
+Run an ipt stage through NeMo-Run as a named experiment, on this machine (LocalExecutor) or on a Slurm
+cluster (SlurmExecutor), wait for it, and report a failed task as failed (exit status 2, with the log path).
+The train stage starts parallel.nproc_per_node processes per node under torchrun; other stages run as one task.
+Needs the launch extra: pip install -e '.[launch]'.
+
+examples:
+  ipt launch examples/quickstart.yaml --stage train --set parallel.nproc_per_node=2     # 2 local processes
+  ipt launch examples/quickstart.yaml --stage run                                        # every stage, locally
+  ipt launch examples/llama3-8b-cpt.yaml --stage train --executor slurm --account myacct \\
+      --partition batch --nodes 2 --gpus-per-node 8 --set parallel.nproc_per_node=8 --time 04:00:00
+  ipt launch cfg.yaml --stage train --executor slurm --account a --tunnel ssh --host login.cluster \\
+      --user me --job-dir /lustre/me/nemo_run --workdir /lustre/me/megatron-ipt --python /lustre/me/venv/bin/python
+
+Logs: $NEMORUN_HOME/experiments/<name>/<name>_<id>/<task>/ (default NEMORUN_HOME: ~/.nemo_run).
+"""
+
+
+def add_executor_arguments(p) -> None:
+    """Options shared by ``ipt launch`` and ``ipt sweep``: executor, Slurm resources, tunnel, environment."""
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", choices=["local", "slurm"], default=None, help="where tasks run (default: local)")
+    g.add_argument("--account", help="Slurm account (required for --executor slurm)")
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--nodes", type=int, default=None, help="Slurm nodes for the train stage (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="Slurm GPUs per node")
+    g.add_argument("--time", default=None, help="Slurm time limit, HH:MM:SS (default 01:00:00)")
+    g.add_argument("--tunnel", choices=["local", "ssh"], default=None,
+                   help="local: sbatch on this machine; ssh: through --host/--user (default local)")
+    g.add_argument("--host", help="ssh tunnel: the cluster's login host")
+    g.add_argument("--user", help="ssh tunnel: user name on the cluster")
+    g.add_argument("--job-dir", help="ssh tunnel: folder on the cluster for NeMo-Run's job files")
+    g.add_argument("--identity", help="ssh tunnel: private key file")
+    g.add_argument("--container-image", help="run in this container image (pyxis); default: the plain environment")
+    g.add_argument("--container-mounts", action="append", default=[], metavar="SRC:DST", help="container mount (repeatable)")
+    g.add_argument("--workdir", default=None, help="folder the task runs in (default: the current folder; with "
+                   "--tunnel ssh the project's folder on the cluster)")
+    g.add_argument("--python", default=None, help="python of the task's environment (default: this one)")
+    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable (repeatable)")
+    g.add_argument("--nemo-run-home", default=None, help="NeMo-Run's home folder (default: $NEMORUN_HOME or ~/.nemo_run)")
+
+
+def slurm_options(args, defaults: dict | None = None) -> SlurmOptions:
+    """SlurmOptions from ``defaults`` (e.g. a sweep file's slurm section) overridden by the given CLI options."""
+    values = dict(defaults or {})
+    for key in ("account", "partition", "nodes", "gpus_per_node", "time", "tunnel", "host", "user", "job_dir",
+                "identity", "container_image"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    if getattr(args, "container_mounts", None):
+        values["container_mounts"] = list(args.container_mounts)
+    try:
+        return SlurmOptions(**values)
+    except TypeError as e:
+        raise IptError(f"slurm options: {e}") from None
+
+
+def env_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise IptError(f"--env {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key] = value
+    return out
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("launch", help="Run a stage through NeMo-Run (local or Slurm executor) as a named experiment.",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--stage", choices=STAGES, required=True, help="the ipt stage to run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable); passed on to the stage")
+    p.add_argument("--force", action="store_true", help="redo the stage even if finished (not for eval)")
+    p.add_argument("--name", help="experiment name (default: ipt-STAGE-<config name>)")
+    add_executor_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from megatron_ipt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fail here, not inside the job, on a bad config
+    slurm = args.executor == "slurm"
+    local_fs = not slurm or (args.tunnel or "local") == "local"
+    config = str(Path(args.config).resolve()) if local_fs else args.config
+    extra = ["--force"] if args.force and args.stage != "eval" else []
+    command = StageCommand(args.stage, config, list(args.overrides), extra,
+                           workdir=args.workdir or os.getcwd(), python=args.python or (sys.executable if local_fs else "python"))
+    result = launch_stage(command, executor=args.executor or "local", nproc_per_node=cfg.parallel.nproc_per_node,
+                          slurm=slurm_options(args) if slurm else None, env=env_options(args.env),
+                          title=args.name or f"ipt-{args.stage}-{cfg.name}", nemo_run_home=args.nemo_run_home)
+    print(f"ipt launch: task '{result.task}' of experiment {result.experiment_id} {result.status}; log: {result.log}")
+    return 0
