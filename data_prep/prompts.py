@@ -15,7 +15,15 @@ Formats (``SynthesisConfig.prompt_format``):
   after the assistant header; tokenized with ``add_special_tokens=False`` (the template has them).
 
 Documents are cut to ``max_context_tokens`` tokens of the synthesizer's tokenizer before they go into a
-prompt (the reference does not cut; long texts overflow its 4096-token context).
+prompt (the reference does not cut; long texts overflow its 4096-token context; ``synthesize`` splits long
+documents into chunks first, see ``data_prep.chunking``).
+
+Multi-round (M-shot) synthesis prompts a text after the chain of earlier rounds' entries (``history``: a
+list of ``(text, pairs)``, oldest first). In the ``lmops`` format each entry is rendered exactly as the
+reference does (LMOps ``instruction_pretrain/utils/read_compre.py``, ``get_dataset``):
+``<s> <CON> {text} </CON>\n\n`` + pairs + ``</s>``, the entries concatenated, then the new
+``<s> <CON> {text} </CON>\n\n``. In ``fewshot`` the entries follow the demonstrations in the same
+``<CON> text </CON>\n\n`` + pairs + ``\n\n`` form; in ``chat`` they are more user/assistant turns.
 """
 
 from __future__ import annotations
@@ -84,9 +92,16 @@ def fewshot_prefix() -> str:
 
 
 
-def fewshot_prompt(text: str) -> str:
-    """Demonstrations, then ``<CON> {text} </CON>\\n\\n<QUE>`` (the ``<QUE>`` is prefilled)."""
-    return f"{fewshot_prefix()}{CON} {text.strip()} {CON_CLOSE}\n\n{QUE}"
+def lmops_chain(history: Iterable[tuple[str, Iterable[Pair]]]) -> str:
+    """Earlier rounds' entries as the reference chains them: each ``<s> <CON> text </CON>\\n\\n`` + pairs + ``</s>``."""
+    return "".join(f"{lmops_prompt(text)}{render_pairs(pairs)}</s>" for text, pairs in history)
+
+
+def fewshot_prompt(text: str, history: Iterable[tuple[str, Iterable[Pair]]] = ()) -> str:
+    """Demonstrations, then the chain ``history`` rendered like them, then ``<CON> {text} </CON>\\n\\n<QUE>``
+    (the ``<QUE>`` is prefilled)."""
+    chain = "".join(f"{CON} {t.strip()} {CON_CLOSE}\n\n{render_pairs(pairs)}\n\n" for t, pairs in history)
+    return f"{fewshot_prefix()}{chain}{CON} {text.strip()} {CON_CLOSE}\n\n{QUE}"
 
 
 def chat_prompt(
@@ -94,19 +109,20 @@ def chat_prompt(
     tokenizer,
     instruction: str = CHAT_INSTRUCTION,
     demonstrations: Iterable[tuple[str, Iterable[Pair]]] = FEWSHOT_DEMONSTRATIONS,
+    history: Iterable[tuple[str, Iterable[Pair]]] = (),
 ) -> str:
     """A chat-template prompt for any instruct model, answered in the ``<QUE> q <ANS> a </END>`` format.
 
     Turns: ``instruction`` as the system message; each demonstration as a user turn
-    ``<CON> text </CON>`` and an assistant turn with its rendered pairs; then the document as the last
-    user turn. Rendered with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` and
+    ``<CON> text </CON>`` and an assistant turn with its rendered pairs; then the chain ``history`` as
+    more such turns; then the document as the last user turn. Rendered with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` and
     followed by ``<QUE>`` (prefilled), so the result already holds the template's special tokens:
     tokenize it with ``add_special_tokens=False``. Raises ValueError when the tokenizer has no chat template.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt format 'chat' needs a tokenizer with a chat template (use 'lmops' or 'fewshot')")
     messages = [{"role": "system", "content": instruction}]
-    for demo_text, pairs in demonstrations:
+    for demo_text, pairs in (*demonstrations, *history):
         messages.append({"role": "user", "content": f"{CON} {demo_text} {CON_CLOSE}"})
         messages.append({"role": "assistant", "content": render_pairs(pairs)})
     messages.append({"role": "user", "content": f"{CON} {text.strip()} {CON_CLOSE}"})
@@ -145,18 +161,21 @@ def build_prompt(
     tokenizer,
     max_context_tokens: int,
     instruction: str = CHAT_INSTRUCTION,
+    history: Iterable[tuple[str, Iterable[Pair]]] = (),
 ) -> Prompt:
     """The prompt for one document in ``prompt_format``, the document cut to ``max_context_tokens``.
 
-    ``instruction``: the system message of the ``chat`` format (ignored by the others).
+    ``instruction``: the system message of the ``chat`` format (ignored by the others). ``history``: the
+    chain of earlier rounds' ``(text, pairs)`` entries to prompt the document after, oldest first (texts
+    are used as given, not cut).
 
     Raises ValueError for an unknown format.
     """
     context = truncate_to_tokens(text, tokenizer, max_context_tokens)
     if prompt_format == "lmops":
-        return Prompt(lmops_prompt(context), prefill="", add_special_tokens=False)
+        return Prompt(lmops_chain(history) + lmops_prompt(context), prefill="", add_special_tokens=False)
     if prompt_format == "fewshot":
-        return Prompt(fewshot_prompt(context), prefill=QUE, add_special_tokens=True)
+        return Prompt(fewshot_prompt(context, history), prefill=QUE, add_special_tokens=True)
     if prompt_format == "chat":
-        return Prompt(chat_prompt(context, tokenizer, instruction), prefill=QUE, add_special_tokens=False)
+        return Prompt(chat_prompt(context, tokenizer, instruction, history=history), prefill=QUE, add_special_tokens=False)
     raise ValueError(f"prompt format must be 'lmops', 'fewshot' or 'chat', not {prompt_format!r}")

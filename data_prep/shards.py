@@ -9,8 +9,11 @@ with a manifest is complete. :func:`merge_shards` checks every shard against its
 stage output in input order; a missing, unfinished or corrupt shard is named in a one-line
 :class:`~data_prep.errors.DataPrepError`.
 
-Not wired into ``ipt synthesize`` yet (no ``--num-shards``/``--shard-index`` options, no partial-file resume
-inside a shard): see the README section "Synthesizing a real corpus on a GPU cluster" for what is done.
+A shard in progress keeps a journal beside it (:class:`ShardJournal`, ``.shard-i-of-n.partial.jsonl``): every
+finished generation batch is appended, flushed and fsynced, then a small progress record (``.progress.json``:
+bytes, batches, prompts) is replaced atomically. A rerun after a crash (even ``kill -9``) reloads the batches up
+to the last progress record and generates only the rest; the finished shard is still written whole and renamed.
+The stage drivers are ``megatron_ipt.pipeline.run_synthesize_sharded`` and ``ipt synthesize --num-shards``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -62,6 +66,11 @@ def shard_paths(shard_dir: Path, shard_index: int, num_shards: int) -> tuple[Pat
     """(records JSONL, manifest) paths of shard ``shard_index`` of ``num_shards`` under ``shard_dir``."""
     name = f"shard-{shard_index:05d}-of-{num_shards:05d}.jsonl"
     return Path(shard_dir) / name, Path(shard_dir) / (name + MANIFEST_SUFFIX)
+
+
+def journal_path(shard_dir: Path, shard_index: int, num_shards: int) -> Path:
+    """The journal (:class:`ShardJournal`) of shard ``shard_index`` of ``num_shards`` while it is in progress."""
+    return Path(shard_dir) / f".shard-{shard_index:05d}-of-{num_shards:05d}.partial.jsonl"
 
 
 def _ids_digest(ids: Iterable[str]) -> str:
@@ -150,17 +159,20 @@ def merge_shards(shard_dir: Path, num_shards: int, documents: list[dict], out_pa
     """Validate shards ``0..num_shards-1`` and write their records to ``out_path`` in the order of ``documents``.
 
     Every document id must appear in exactly one shard, the shard its id hashes to. Returns merged counts:
-    documents, generated_tokens, generation_seconds (summed over shards), shards. Raises DataPrepError naming
-    the first missing/corrupt shard, a document no shard holds, or a record in the wrong shard.
+    documents, generated_tokens, generation_seconds, pair_structure (pair families and structure issues, see
+    ``data_prep.parse.structure_counts``), each summed over shards, and shards. Raises DataPrepError naming the
+    first missing/corrupt shard, a document no shard holds, or a record in the wrong shard.
     """
     by_id: dict[str, dict] = {}
     generated = 0
     seconds = 0.0
+    structure: Counter[str] = Counter()
     for i in range(num_shards):
         records, manifest = _validate(shard_dir, i, num_shards)
         counts = manifest.get("counts") or {}
         generated += int(counts.get("generated_tokens", 0))
         seconds += float(counts.get("generation_seconds", 0.0))
+        structure.update(counts.get("pair_structure") or {})
         for r in records:
             rid = str(r["id"])
             if shard_of(rid, num_shards) != i or rid in by_id:
@@ -181,4 +193,72 @@ def merge_shards(shard_dir: Path, num_shards: int, documents: list[dict], out_pa
         "generated_tokens": generated,
         "generation_seconds": round(seconds, 3),
         "generated_tokens_per_second": round(generated / seconds, 2) if seconds > 0 else 0.0,
+        "pair_structure": dict(sorted(structure.items())),
     }
+
+
+class ShardJournal:
+    """Finished generation batches of a shard in progress, appended to ``path`` so that a rerun resumes after them.
+
+    One JSON line per batch: ``{"batch": k, "seconds": s, "results": [{"id", "chunk", "text", "tokens"}, ...]}``.
+    After each batch the file is flushed and fsynced, then ``path.progress.json`` (``bytes`` of complete batches,
+    ``batches``, ``prompts``) is written atomically. :meth:`load` trusts only the bytes the progress record
+    counts (a line cut by a crash is truncated away); a journal without a progress record starts over.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.progress_path = self.path.with_name(self.path.name + ".progress.json")
+        self.batches = 0
+        self.prompts = 0
+        self.seconds = 0.0  # generation seconds of the batches loaded
+
+    def load(self) -> dict[tuple[str, int], dict]:
+        """Results of the batches finished by earlier runs, keyed by ``(document id, chunk)``; sets ``batches``,
+        ``prompts`` and ``seconds`` (their generation time). Raises DataPrepError for a journal shorter than its
+        progress record or a corrupt line."""
+        self.batches = self.prompts = 0
+        self.seconds = 0.0
+        try:
+            progress = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            size = int(progress["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.path.unlink(missing_ok=True)
+            return {}
+        if not self.path.is_file() or self.path.stat().st_size < size:
+            raise DataPrepError(f"{self.path} is shorter than its progress record {self.progress_path.name}: "
+                                "delete both to redo the shard")
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+            data = f.read()
+        done: dict[tuple[str, int], dict] = {}
+        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            try:
+                batch = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataPrepError(f"{self.path}:{lineno}: corrupt journal line ({e}): delete it to redo the shard") from None
+            for r in batch["results"]:
+                done[(str(r["id"]), int(r["chunk"]))] = r
+            self.batches += 1
+            self.seconds += float(batch.get("seconds", 0.0))
+        self.prompts = len(done)
+        return done
+
+    def append(self, results: list[dict], seconds: float) -> None:
+        """Append one finished batch (``results``: dicts with id, chunk, text, tokens) durably, then the progress record."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"batch": self.batches, "seconds": round(seconds, 6), "results": results}, ensure_ascii=False)
+        with open(self.path, "ab") as f:
+            f.write(line.encode("utf-8") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        self.batches += 1
+        self.prompts += len(results)
+        progress = {"bytes": size, "batches": self.batches, "prompts": self.prompts}
+        _atomic_write_bytes(self.progress_path, (json.dumps(progress) + "\n").encode("utf-8"))
+
+    def remove(self) -> None:
+        """Delete the journal and its progress record (the shard is finished, or redone from scratch)."""
+        self.progress_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)

@@ -1,31 +1,57 @@
 """Synthesis driver: documents in, instruction-response pairs per document out (paper section 2.1).
 
-One round, zero-shot per document (the reference's multi-round chaining is not done here): build a
-prompt per document (``prompts``), generate greedily (``engines``), parse and filter the output
-(``parse``), and write one JSONL line per input document, in input order::
+Build prompts (``prompts``), generate (``engines``), parse and filter the outputs (``parse``), and write one
+JSONL line per input document, in input order::
 
     {"id", "split", "text", "pairs": [{"question", "answer"}, ...], "raw_output", "dropped": {reason: n}}
 
-``text`` is the full document even when the prompt showed only its first ``max_context_tokens`` tokens;
-``raw_output`` is what the parser saw: the prompt's prefill (``<QUE>`` for the fewshot format) plus the
-generated text.
+``text`` is always the full document; ``raw_output`` is what the parser saw: the prompt's prefill (``<QUE>``
+for the fewshot/chat formats) plus the generated text.
+
+Multi-round (M-shot) synthesis, ``rounds`` = M > 1, as the reference does (LMOps ``instruction_pretrain``
+README and ``utils/read_compre.py``; shared/notes/ipt-method.md section 1): the documents of each split (in
+input order) are cut into M consecutive slices of ``ceil(n / M)``; round r synthesizes slice r, and the text at
+position i of slice r is prompted after the chain that ends with the entry at position i of slice r - 1: that
+entry's (text, pairs), preceded by the entries it was itself chained after. The chain is broken, and the text
+is prompted zero-shot, when the previous entry kept no pairs or when the chained prompt plus
+``max_new_tokens`` would not fit the context (``max_model_len``, default the model's; prompt length measured
+with the synthesizer's tokenizer). A record then carries ``round`` (0-based) and ``prev_id``: the previous
+entry's id when the text was prompted after it and kept pairs itself (the reference's ``inherit_from_prev``),
+else null. ``data_prep.format`` rebuilds the chains from these links. Each round's prompts are generated
+together, ``batch_size`` per engine call (the reference: the whole round in one vLLM call; set ``batch_size``
+that large for vLLM). With one round records carry neither field (format then groups consecutive documents).
+
+Long documents (``chunking``, default on): a document longer than the chunk budget
+(``min(max_context_tokens, context - max_new_tokens - prompt overhead)`` tokens) is split at paragraph, then
+sentence boundaries (``data_prep.chunking.split_text``) and every chunk is synthesized as a prompt of its own;
+the pairs of all chunks belong to the document (a question repeated by a later chunk is dropped as
+``duplicate_question``). Such a record also has ``chunks`` (their number), each pair a ``chunk`` index, and
+``raw_output`` is a list, one output per chunk. A chunked document is always prompted zero-shot and ends a
+chain. With chunking off, documents are truncated to the budget (the reference neither chunks nor truncates).
+
+Resume: given a :class:`data_prep.shards.ShardJournal`, every finished batch is journaled and a rerun skips
+the batches already there (same batches, same greedy outputs, so the result equals an uninterrupted run).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.chunking import split_text
 from data_prep.engines import TransformersEngine
 from data_prep.errors import DataPrepError
 from data_prep.models import resolve_model
-from data_prep.parse import CON, CON_CLOSE, filter_grounded, filter_repetitive, parse_pairs, structure_counts
-from data_prep.prompts import CHAT_INSTRUCTION, build_prompt
+from data_prep.parse import (CON, CON_CLOSE, Pair, ParseResult, filter_grounded, filter_repetitive, parse_pairs,
+                             structure_counts)
+from data_prep.prompts import CHAT_INSTRUCTION, Prompt, build_prompt, truncate_to_tokens
 
 REQUIRED_FIELDS = ("id", "split", "text")
 
@@ -51,24 +77,83 @@ def make_engine(cfg, model_path: Path) -> TransformersEngine:
     raise DataPrepError(f"synthesis.engine {cfg.engine!r} is not available here (known: transformers, vllm)")
 
 
+def context_length(cfg, model_path: Path, tokenizer) -> int:
+    """The synthesizer's context in tokens: ``cfg.max_model_len``, else the model folder's ``config.json``
+    (``max_position_embeddings``), else the tokenizer's ``model_max_length``. Raises DataPrepError if none is known."""
+    if getattr(cfg, "max_model_len", None):
+        return int(cfg.max_model_len)
+    config = Path(model_path) / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(data.get(key), int):
+                return data[key]
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and n < 10**7:
+        return n
+    raise DataPrepError(f"the context length of {model_path} is unknown: set synthesis.max_model_len")
+
+
+def round_slices(documents: list[dict], rounds: int) -> list[tuple[int, int | None]]:
+    """Per document: ``(round, index of the previous round's document at the same position, or None)``.
+
+    The documents of each split, in input order, are cut into ``rounds`` consecutive slices of ``ceil(n / rounds)``
+    (the reference's ``BSZ = (N + M - 1) // M``); the text at position i of slice r follows position i of slice r - 1.
+    """
+    if rounds < 1:
+        raise DataPrepError(f"synthesis.rounds must be >= 1, got {rounds}")
+    out: list[tuple[int, int | None]] = [(0, None)] * len(documents)
+    by_split: dict[str, list[int]] = {}
+    for i, doc in enumerate(documents):
+        by_split.setdefault(doc["split"], []).append(i)
+    for idx in by_split.values():
+        size = math.ceil(len(idx) / rounds)
+        for pos, d in enumerate(idx):
+            r = pos // size
+            out[d] = (r, idx[pos - size] if r > 0 else None)
+    return out
+
+
+@dataclass
+class _Doc:
+    """One document's state during synthesis: its contexts (chunks), prompts, outputs and kept pairs per chunk."""
+
+    contexts: list[str]
+    round: int = 0
+    previous: int | None = None  # the previous round's document at the same position
+    link: int | None = None  # the document this one is chained after (prev_id), when it kept pairs
+    prompts: list[Prompt] = field(default_factory=list)
+    raws: list[str] = field(default_factory=list)
+    pairs: list[list[Pair]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> list[Pair]:
+        return [p for chunk in self.pairs for p in chunk]
+
+
 def synthesize_documents(
     cfg,
     documents: list[dict],
     out_path: Path,
     progress: bool = True,
     engine: TransformersEngine | None = None,
+    journal=None,
 ) -> dict:
     """Synthesize pairs for ``documents`` with the settings of ``cfg`` (a ``SynthesisConfig``) into ``out_path``.
 
     ``documents``: dicts ``{"id": str, "split": "train"|"heldout", "text": str}``. ``engine``: an already
-    loaded engine to reuse (default: built from ``cfg.model``/``cfg.engine``). Generation runs in batches
-    of ``cfg.batch_size`` prompts, longest first, with a rich progress bar when ``progress``. In lenient
-    mode generation also stops at ``<CON>``/``</CON>`` (the parser ignores everything after them anyway).
-    ``out_path`` is written through a temp file and ``os.replace``, so it is complete or absent.
+    loaded engine to reuse (default: built from ``cfg.model``/``cfg.engine``). ``journal``: a
+    :class:`data_prep.shards.ShardJournal` to resume from and append finished batches to. Rounds, chains and
+    chunks: see the module docstring. Generation runs in batches of ``cfg.batch_size`` prompts, longest first,
+    with a rich progress bar when ``progress``. In lenient mode generation also stops at ``<CON>``/``</CON>``
+    (the parser ignores everything after them anyway). ``out_path`` is written through a temp file and
+    ``os.replace``, so it is complete or absent.
 
-    Returns counts: documents, documents_with_pairs, pairs_kept, pairs_dropped {reason: n},
-    generated_tokens, generation_seconds, generated_tokens_per_second, model (resolved path),
-    prompt_format, parse_mode. Raises DataPrepError for an empty list or a document missing a field.
+    Returns counts: documents, documents_with_pairs, pairs_kept, pairs_dropped {reason: n}, pair_structure,
+    prompts, chunked_documents, rounds, chained_documents, resumed_prompts, generated_tokens, generation_seconds,
+    generated_tokens_per_second, model (resolved path), prompt_format, parse_mode. Raises DataPrepError for an
+    empty list, a document missing a field, or a context too small for ``max_new_tokens``.
     """
     if not documents:
         raise DataPrepError("no documents to synthesize")
@@ -78,66 +163,93 @@ def synthesize_documents(
             raise DataPrepError(f"document {i} (id {doc.get('id', '?')!r}) has no field(s) {', '.join(missing)}")
     model_path = resolve_model(cfg.model)
     engine = engine or make_engine(cfg, model_path)
+    tok = engine.tokenizer
     instruction = getattr(cfg, "chat_instruction", None) or CHAT_INSTRUCTION
-    prompts = [build_prompt(d["text"], cfg.prompt_format, engine.tokenizer, cfg.max_context_tokens, instruction)
-               for d in documents]
-    add_special = prompts[0].add_special_tokens
-    stop = [CON, CON_CLOSE] if cfg.parse_mode == "lenient" else None
-    lengths = [len(ids) for ids in engine.tokenizer([p.text for p in prompts], add_special_tokens=add_special)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    rounds = getattr(cfg, "rounds", 1)
+    empty = build_prompt("", cfg.prompt_format, tok, 1, instruction)
+    add_special = empty.add_special_tokens
 
-    outputs: list = [None] * len(prompts)
-    generated_tokens, seconds = 0, 0.0
-    with _progress_bar(progress, len(prompts)) as (bar, task):
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            t0 = time.perf_counter()
-            results = engine.generate(
-                [prompts[i].text for i in idx], cfg.max_new_tokens, cfg.batch_size, add_special, stop=stop
-            )
-            seconds += time.perf_counter() - t0
-            for i, r in zip(idx, results):
-                outputs[i] = r
-                generated_tokens += r.num_generated_tokens
-            if bar is not None:
-                bar.update(task, advance=len(idx), tok_s=generated_tokens / max(seconds, 1e-9),
-                           doc_s=(start + len(idx)) / max(seconds, 1e-9))
+    def count(texts: list[str], special: bool = add_special) -> list[int]:
+        return [len(ids) for ids in tok(texts, add_special_tokens=special)["input_ids"]]
+
+    budget = context_length(cfg, model_path, tok) - cfg.max_new_tokens  # tokens a prompt may have
+    chunk_tokens = min(cfg.max_context_tokens, budget - count([empty.text])[0])
+    if chunk_tokens < 16:
+        raise DataPrepError(f"synthesis.max_new_tokens={cfg.max_new_tokens} leaves {chunk_tokens} tokens of the "
+                            f"{budget + cfg.max_new_tokens}-token context for a document: lower it or raise max_model_len")
+
+    def one(s: str) -> int:
+        return count([s], False)[0]
+
+    docs: list[_Doc] = []
+    for doc in documents:
+        chunks = split_text(doc["text"], chunk_tokens, one) if getattr(cfg, "chunking", False) else [doc["text"]]
+        docs.append(_Doc([truncate_to_tokens(c, tok, chunk_tokens) for c in chunks]))
+    for d, (r, previous) in zip(docs, round_slices(documents, rounds)):
+        d.round, d.previous = r, previous
+
+    done = journal.load() if journal is not None else {}
+    seconds = journal.seconds if journal is not None else 0.0  # time spent on the resumed batches
+    stop = [CON, CON_CLOSE] if cfg.parse_mode == "lenient" else None
+    total = sum(len(d.contexts) for d in docs)
+    generated_tokens, finished = 0, 0
+    with _progress_bar(progress, total) as (bar, task):
+        for r in range(rounds):
+            members = [i for i, d in enumerate(docs) if d.round == r]
+            _build_round_prompts(cfg, docs, members, tok, chunk_tokens, instruction, budget, count)
+            units = [(i, c) for i in members for c in range(len(docs[i].contexts))]
+            if not units:
+                continue
+            texts = [docs[i].prompts[c].text for i, c in units]
+            lengths = count(texts)
+            order = sorted(range(len(units)), key=lambda k: -lengths[k])
+            outputs: dict[tuple[int, int], dict] = {}
+            for start in range(0, len(order), cfg.batch_size):
+                batch = order[start : start + cfg.batch_size]
+                keys = [(str(documents[units[k][0]]["id"]), units[k][1]) for k in batch]
+                if all(key in done for key in keys):
+                    results = [done[key] for key in keys]
+                else:
+                    t0 = time.perf_counter()
+                    generated = engine.generate([texts[k] for k in batch], cfg.max_new_tokens, cfg.batch_size,
+                                                add_special, stop=stop)
+                    elapsed = time.perf_counter() - t0
+                    seconds += elapsed
+                    results = [{"id": key[0], "chunk": key[1], "text": g.text, "tokens": g.num_generated_tokens}
+                               for key, g in zip(keys, generated)]
+                    if journal is not None:
+                        journal.append(results, elapsed)
+                for k, res in zip(batch, results):
+                    outputs[units[k]] = res
+                    generated_tokens += int(res["tokens"])
+                finished += len(batch)
+                if bar is not None:
+                    bar.update(task, advance=len(batch), tok_s=generated_tokens / max(seconds, 1e-9),
+                               doc_s=finished / max(seconds, 1e-9))
+            for i in members:
+                _parse_document(cfg, docs[i], documents[i]["text"], [outputs[(i, c)]["text"] for c in range(len(docs[i].contexts))])
 
     pairs_dropped: Counter[str] = Counter()
     structure: Counter[str] = Counter()
-    documents_with_pairs = pairs_kept = 0
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc, prompt, result in zip(documents, prompts, outputs):
-                raw = prompt.prefill + result.text
-                parsed = filter_grounded(parse_pairs(raw, cfg.parse_mode), doc["text"], cfg.min_grounding)
-                parsed = filter_repetitive(parsed, cfg.max_repetition)
-                pairs_dropped.update(parsed.dropped)
-                structure.update(structure_counts(parsed.pairs))
-                pairs_kept += len(parsed.pairs)
-                documents_with_pairs += bool(parsed.pairs)
-                record = {
-                    "id": doc["id"],
-                    "split": doc["split"],
-                    "text": doc["text"],
-                    "pairs": [p.to_dict() for p in parsed.pairs],
-                    "raw_output": raw,
-                    "dropped": dict(parsed.dropped),
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    records = []
+    for doc, d in zip(documents, docs):
+        kept = d.kept
+        pairs_dropped.update(d.dropped)
+        structure.update(structure_counts(kept))
+        records.append(_record(cfg, doc, d, documents, rounds))
+    _atomic_write_jsonl(Path(out_path), records)
+    resumed = sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts)) if (str(doc["id"]), c) in done)
     return {
         "documents": len(documents),
-        "documents_with_pairs": documents_with_pairs,
-        "pairs_kept": pairs_kept,
+        "documents_with_pairs": sum(bool(d.kept) for d in docs),
+        "pairs_kept": sum(len(d.kept) for d in docs),
         "pairs_dropped": dict(sorted(pairs_dropped.items())),
         "pair_structure": dict(sorted(structure.items())),  # plain / options / cot / options_cot, issue:<reason>
+        "prompts": total,
+        "chunked_documents": sum(len(d.contexts) > 1 for d in docs),
+        "rounds": rounds,
+        "chained_documents": sum(d.link is not None for d in docs),
+        "resumed_prompts": resumed,
         "generated_tokens": generated_tokens,
         "generation_seconds": round(seconds, 3),
         "generated_tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else 0.0,
@@ -147,9 +259,87 @@ def synthesize_documents(
     }
 
 
+def _chain(docs: list[_Doc], last: int) -> list[tuple[str, list[Pair]]]:
+    """The (text, pairs) entries of the chain ending with document ``last``, oldest first."""
+    entries, i = [], last
+    while i is not None:
+        entries.append((docs[i].contexts[0], docs[i].kept))
+        i = docs[i].link
+    return entries[::-1]
+
+
+def _build_round_prompts(cfg, docs, members, tok, chunk_tokens, instruction, budget, count) -> None:
+    """Set ``prompts`` of this round's documents: chained after the previous round's entry when it kept pairs,
+    neither document is chunked, and the chained prompt fits ``budget`` tokens; else zero-shot."""
+    fmt = cfg.prompt_format
+    candidates = [i for i in members if docs[i].previous is not None and len(docs[i].contexts) == 1
+                  and len(docs[docs[i].previous].contexts) == 1 and docs[docs[i].previous].kept]
+    chained = {i: build_prompt(docs[i].contexts[0], fmt, tok, chunk_tokens, instruction, _chain(docs, docs[i].previous))
+               for i in candidates}
+    fits = dict(zip(chained, count([p.text for p in chained.values()]))) if chained else {}
+    for i in members:
+        d = docs[i]
+        if i in chained and fits[i] <= budget:
+            d.prompts = [chained[i]]
+            d.link = d.previous  # kept only if this document keeps pairs (see _parse_document)
+        else:
+            d.prompts = [build_prompt(c, fmt, tok, chunk_tokens, instruction) for c in d.contexts]
+
+
+def _parse_document(cfg, d: _Doc, text: str, outputs: list[str]) -> None:
+    """Parse and filter each chunk's output; drop questions an earlier chunk already asked; settle the chain link."""
+    seen: set[str] = set()
+    for prompt, out in zip(d.prompts, outputs):
+        raw = prompt.prefill + out
+        parsed = filter_repetitive(filter_grounded(parse_pairs(raw, cfg.parse_mode), text, cfg.min_grounding),
+                                   cfg.max_repetition)
+        kept = [p for p in parsed.pairs if p.question.lower() not in seen]
+        if len(kept) < len(parsed.pairs):
+            parsed = ParseResult(kept, parsed.dropped + Counter(duplicate_question=len(parsed.pairs) - len(kept)))
+        seen.update(p.question.lower() for p in kept)
+        d.raws.append(raw)
+        d.pairs.append(kept)
+        d.dropped.update(parsed.dropped)
+    if not d.kept:
+        d.link = None  # the reference's inherit_from_prev: chained only when the text kept pairs
+
+
+def _record(cfg, doc: dict, d: _Doc, documents: list[dict], rounds: int) -> dict:
+    chunked = len(d.contexts) > 1
+    record = {
+        "id": doc["id"],
+        "split": doc["split"],
+        "text": doc["text"],
+        "pairs": [dict(p.to_dict(), chunk=c) if chunked else p.to_dict() for c, ps in enumerate(d.pairs) for p in ps],
+        "raw_output": d.raws if chunked else d.raws[0],
+        "dropped": dict(d.dropped),
+    }
+    if chunked:
+        record["chunks"] = len(d.contexts)
+    if rounds > 1:
+        record["round"] = d.round
+        record["prev_id"] = documents[d.link]["id"] if d.link is not None else None
+    if getattr(cfg, "save_prompts", False):
+        record["prompts"] = [p.text for p in d.prompts]
+    return record
+
+
+def _atomic_write_jsonl(out_path: Path, records: list[dict]) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def _progress_bar(enabled: bool, total: int):
-    """Yield (rich Progress, task id): documents bar, documents/s, generated tokens/s, elapsed and ETA; or (None, None)."""
+    """Yield (rich Progress, task id): prompts bar, prompts/s, generated tokens/s, elapsed and ETA; or (None, None)."""
     if not enabled:
         yield None, None
         return
@@ -160,7 +350,7 @@ def _progress_bar(enabled: bool, total: int):
         TextColumn("synthesize"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("documents  {task.fields[doc_s]:.2f} documents/s"),
+        TextColumn("prompts  {task.fields[doc_s]:.2f} prompts/s"),
         TextColumn("{task.fields[tok_s]:.1f} generated tokens/s"),
         TimeElapsedColumn(),
         TextColumn("ETA"),

@@ -17,7 +17,8 @@ DOCS = [
 RECORD_KEYS = {"id", "split", "text", "pairs", "raw_output", "dropped"}
 COUNT_KEYS = {
     "documents", "documents_with_pairs", "pairs_kept", "pairs_dropped", "generated_tokens", "generation_seconds",
-    "generated_tokens_per_second", "model", "prompt_format", "parse_mode", "pair_structure",
+    "generated_tokens_per_second", "model", "prompt_format", "parse_mode", "pair_structure", "prompts",
+    "chunked_documents", "rounds", "chained_documents", "resumed_prompts",
 }
 
 
@@ -27,7 +28,7 @@ def tiny_engine(tiny_llama_path):
 
 
 def _cfg(model, **kw):
-    kw = {"prompt_format": "lmops", "max_context_tokens": 32, **kw}  # short prompts keep these tests fast
+    kw = {"prompt_format": "lmops", "max_context_tokens": 32, "chunking": False, **kw}  # short prompts: fast tests
     return SynthesisConfig(model=str(model), device="cpu", max_new_tokens=8, batch_size=2, **kw)
 
 
@@ -104,7 +105,8 @@ def test_smollm2_synthesizes_pairs_for_pydoc_topics(smollm2_path, tmp_path):
     from pydoc_data.topics import topics
 
     docs = [{"id": k, "split": "train", "text": topics[k]} for k in ("break", "global", "lambda")]
-    cfg = SynthesisConfig(model="smollm2-135m-instruct", max_new_tokens=64, max_context_tokens=256, batch_size=3)
+    cfg = SynthesisConfig(model="smollm2-135m-instruct", max_new_tokens=64, max_context_tokens=256, batch_size=3,
+                          chunking=False)
     out = tmp_path / "synth.jsonl"
     counts = synthesize_documents(cfg, docs, out, progress=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
