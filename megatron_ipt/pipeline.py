@@ -3,7 +3,7 @@
 Run folder layout (``cfg.run_path``)::
 
     corpus/       documents.jsonl                      {"id", "split", "text"}
-    synthesis/    pairs.jsonl                          {"id", "split", "text", "pairs", "raw_output", "dropped"}
+    synthesis/    pairs.jsonl                          {"id", "split", "text", "pairs", "raw_output", "dropped"[, "round", "prev_id"]}
     formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs .jsonl   {"id", "text"}
     tokenized/    the same four names as Megatron indexed datasets (.bin/.idx)
     train/        checkpoints/, metrics.jsonl
@@ -128,11 +128,11 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     """Synthesize one shard (``shard_index`` of ``num_shards``) and/or merge all shards into the stage output.
 
     Shards live in ``RUN_DIR/synthesis.shards/<fingerprint>/`` (``data_prep.shards``); a finished shard is
-    skipped on rerun unless ``force``. With ``merge``, every shard is validated against its manifest and
+    skipped on rerun unless ``force``; an unfinished one resumes after the last batch in its journal. With ``merge``, every shard is validated against its manifest and
     ``synthesis/pairs.jsonl`` + ``manifest.json`` are written as by :func:`run_synthesize`. Raises
     DataPrepError naming a missing or corrupt shard.
     """
-    from data_prep.shards import merge_shards, select_shard, shard_finished, write_shard
+    from data_prep.shards import ShardJournal, journal_path, merge_shards, select_shard, shard_finished, write_shard
 
     corpus = _upstream(cfg, "corpus")
     fp = fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), corpus["fingerprint"])
@@ -149,11 +149,16 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
 
             docs = select_shard(documents, shard_index, num_shards)
             tmp = shard_dir / f".shard-{shard_index:05d}-of-{num_shards:05d}.work.jsonl"
-            counts = synthesize_documents(cfg.synthesis, docs, tmp) if docs else {"documents": 0}
+            journal = ShardJournal(journal_path(shard_dir, shard_index, num_shards))  # resume inside the shard
+            if force:
+                journal.remove()
+            counts = synthesize_documents(cfg.synthesis, docs, tmp, journal=journal) if docs else {"documents": 0}
             records = _read_jsonl(tmp) if docs else []
             write_shard(shard_dir, shard_index, num_shards, records, counts)
             tmp.unlink(missing_ok=True)
-            _log(f"synthesize: shard {shard_index} of {num_shards} finished ({len(docs)} documents)")
+            journal.remove()
+            resumed = f", {counts['resumed_prompts']} prompts resumed from its journal" if counts.get("resumed_prompts") else ""
+            _log(f"synthesize: shard {shard_index} of {num_shards} finished ({len(docs)} documents{resumed})")
     if not merge:
         return None
     started = time.time()
@@ -167,6 +172,8 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
             for k, v in (r.get("dropped") or {}).items():
                 dropped[k] = dropped.get(k, 0) + v
         counts["pairs_dropped"] = dict(sorted(dropped.items()))
+        counts["chained_documents"] = sum(r.get("prev_id") is not None for r in recs)
+        counts["chunked_documents"] = sum(r.get("chunks", 1) > 1 for r in recs)
         manifest = write_manifest(out, stage="synthesize", fingerprint=fp, config=resolved(cfg), inputs={"documents": src},
                                   outputs=["pairs.jsonl"], counts=counts, started=started)
     _log(f"synthesize: merged {num_shards} shards, {counts['pairs_kept']} pairs from {counts['documents']} documents")
@@ -230,7 +237,8 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     started = time.time()
     tok_path = tokenizer_path(cfg)
     opts = TokenizeOptions(append_eod=cfg.tokenize.append_eod, append_bos=cfg.tokenize.append_bos,
-                           bad_input=cfg.tokenize.bad_input, workers=cfg.tokenize.workers)
+                           bad_input=cfg.tokenize.bad_input, workers=cfg.tokenize.workers,
+                           bpe_backend=cfg.tokenize.bpe_backend)
     src_dir = stage_path(cfg, "format")
     counts = {}
     with atomic_dir(stage_path(cfg, "tokenize")) as out:
@@ -238,6 +246,7 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
             m = tokenize_corpus([src_dir / f"{name}.jsonl"], out / name, tok_path, opts, log=lambda _: None)
             counts[name] = {"documents": m["documents"], "tokens": m["tokens"], "skipped": m["skipped"]}
         tok_info = {k: m["tokenizer"][k] for k in ("path", "kind", "vocab_size", "eod_id", "bos_id", "dtype", "fingerprint")}
+        tok_info["bpe_backend"] = m["tokenizer"].get("bpe_backend")
         manifest = write_manifest(out, stage="tokenize", fingerprint=fp, config=resolved(cfg),
                                   inputs={n: src_dir / f"{n}.jsonl" for n in DATASETS},
                                   outputs=[f"{n}.{ext}" for n in DATASETS for ext in ("bin", "idx")],
