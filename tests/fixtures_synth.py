@@ -70,3 +70,38 @@ def save_tiny_llama(folder, eos_token_id=None, zero_lm_head=False):
 def tiny_llama_path(tmp_path_factory):
     """A tiny random Llama folder with SmolLM2's tokenizer (for engine plumbing, not for quality)."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+class ScriptedEngine:
+    """A synthesizer stand-in with predictable outputs, for the driver's rounds, chains, chunks and resume.
+
+    A real model cannot be told which documents should get pairs, so these tests script the output; the real
+    engines are tested in test_synthesis.py/test_engines.py and end to end with SmolLM2. Interface and
+    tokenizer (SmolLM2's) are the engines'. For the last ``<CON> text </CON>`` of a prompt it writes one pair,
+    ``<QUE> What does the text say about {first two words}? <ANS> {first sentence} </END>`` (without the
+    ``<QUE>`` when the prompt prefills it), or nothing when the text contains ``NOPAIRS``. ``calls`` holds
+    the prompts of every generate call; after ``fail_after`` calls it raises RuntimeError (a crash).
+    """
+
+    def __init__(self, tokenizer, fail_after: int | None = None):
+        self.tokenizer = tokenizer
+        self.fail_after = fail_after
+        self.calls: list[list[str]] = []
+
+    def generate(self, prompts, max_new_tokens, batch_size, add_special_tokens=True, stop=None):
+        from data_prep.engines import GenerationResult
+
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("scripted crash")
+        self.calls.append(list(prompts))
+        out = []
+        for prompt in prompts:
+            text = prompt.rsplit("<CON>", 1)[1].split("</CON>", 1)[0].strip()
+            if "NOPAIRS" in text:
+                reply = ""
+            else:
+                words = " ".join(text.split()[:2])
+                reply = f"<QUE> What does the text say about {words}? <ANS> {text.split('. ')[0].rstrip('.')}. </END>"
+                reply = reply[len("<QUE>"):] if prompt.endswith("<QUE>") else reply
+            out.append(GenerationResult(reply, len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])))
+        return out
