@@ -29,6 +29,18 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 LLAMA3_SPECIAL = 256
 
 
+BPE_BACKENDS = ("auto", "tokenizers", "tiktoken")
+# Texts the tiktoken view must encode exactly as tokenizers does before it is used (code, numbers, runs of
+# whitespace, contractions, non-Latin scripts, emoji, special-token strings).
+PROBES = [
+    "def f(x):\n    return x ** 2  # it's fine, isn't it?\n\n\n\tdone",
+    "Numbers: 3.14159, 1,000,000 and 2026-11-29; CAPS'LL CAN'T we'd  double  spaces   end ",
+    "Ünïcödé — “quotes” naïve café 東京 Москва مرحبا 👩‍💻🚀 \u00a0nbsp",
+    "<|endoftext|>text<|im_start|>user\nhi<|im_end|> <s></s> trailing\r\n",
+    "", " ", "\n\n", "a", "ab" * 40, "x" * 300,
+]
+
+
 def _sha256(paths: list[Path], kind: str) -> str:
     h = hashlib.sha256(kind.encode())
     for p in paths:
@@ -65,7 +77,7 @@ class Encoder:
 class HFEncoder(Encoder):
     kind = "huggingface"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, bpe_backend: str = "auto") -> None:
         from tokenizers import Tokenizer
 
         file = path / "tokenizer.json" if path.is_dir() else path
@@ -75,9 +87,31 @@ class HFEncoder(Encoder):
         super().__init__(path, self.tok.get_vocab(with_added_tokens=True),
                          self.tok.get_vocab_size(with_added_tokens=True), [file],
                          _token_name(cfg.get("eos_token")), _token_name(cfg.get("bos_token")))
+        self.fast, self.bpe_backend, self.bpe_backend_reason = None, "tokenizers", "requested"
+        if bpe_backend not in BPE_BACKENDS:
+            raise DataPrepError(f"bpe_backend {bpe_backend!r}: choose one of {', '.join(BPE_BACKENDS)}")
+        if bpe_backend != "tokenizers":
+            from data_prep.fast_bpe import from_tokenizer_json
+
+            self.fast, why = from_tokenizer_json(json.loads(file.read_text(encoding="utf-8")))
+            if self.fast is not None and self.fast.encode_batch(PROBES) != self.reference_encode_batch(PROBES):
+                self.fast, why = None, "differs from tokenizers on the built-in probe texts"
+            if self.fast is None and bpe_backend == "tiktoken":
+                raise DataPrepError(f"{file}: bpe_backend tiktoken cannot represent this tokenizer: {why}")
+            self.bpe_backend, self.bpe_backend_reason = ("tiktoken", "") if self.fast else ("tokenizers", why)
 
     def encode_batch(self, texts):
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
+        return self.reference_encode_batch(texts)
+
+    def reference_encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """The ``tokenizers`` library's ids (the reference the tiktoken view is checked against)."""
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def info(self) -> dict:
+        return {**super().info(), "bpe_backend": self.bpe_backend,
+                **({"bpe_backend_reason": self.bpe_backend_reason} if self.bpe_backend_reason else {})}
 
 
 class AutoEncoder(Encoder):
@@ -140,19 +174,23 @@ def _is_tiktoken_file(path: Path) -> bool:
     return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first) is not None
 
 
-def load_encoder(path: str | Path) -> Encoder:
-    """Load a tokenizer from a file or folder (kinds in the module docstring); DataPrepError if it cannot."""
+def load_encoder(path: str | Path, bpe_backend: str = "auto") -> Encoder:
+    """Load a tokenizer from a file or folder (kinds in the module docstring); DataPrepError if it cannot.
+
+    ``bpe_backend`` (Hugging Face ``tokenizer.json`` only): ``auto`` encodes byte-level BPE tokenizers through
+    the tiktoken view of ``data_prep.fast_bpe`` when it represents the tokenizer (same ids, ~4x faster), else
+    through ``tokenizers``; ``tokenizers`` always uses the reference library; ``tiktoken`` requires the view."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
     try:
         if path.is_dir():
             if (path / "tokenizer.json").is_file():
-                return HFEncoder(path)
+                return HFEncoder(path, bpe_backend)
             if (path / "tokenizer.model").is_file() and not (path / "tokenizer_config.json").is_file():
                 return load_encoder(path / "tokenizer.model")
             return AutoEncoder(path)
         if path.suffix == ".json":
-            return HFEncoder(path)
+            return HFEncoder(path, bpe_backend)
         if path.is_file() and _is_tiktoken_file(path):
             return TiktokenEncoder(path)
         return SentencePieceEncoder(path)

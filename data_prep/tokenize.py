@@ -61,6 +61,8 @@ class TokenizeOptions:
     merge: bool = True
     merge_only: bool = False  # tokenize nothing: merge shards that earlier runs (e.g. array tasks) finished
     max_examples: int = 5
+    bpe_backend: str = "auto"  # data_prep.encoders.BPE_BACKENDS
+    check_docs: int = 16  # per batch, documents also encoded by the reference library when the tiktoken view runs
 
     def key(self) -> dict:
         """The settings that change a shard's content."""
@@ -83,7 +85,7 @@ _W: dict = {}
 def _init_worker(tokenizer: str, opts: TokenizeOptions) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no Rust thread pool on top
     os.environ["RAYON_NUM_THREADS"] = "1"
-    enc = load_encoder(tokenizer)
+    enc = load_encoder(tokenizer, opts.bpe_backend)
     _setup(enc, opts)
 
 
@@ -150,7 +152,7 @@ def encode_batch(batch: Batch) -> Encoded:
     try:
         encoded = enc.encode_batch(texts)
     except Exception:  # one bad text (e.g. lone surrogates from a JSON escape) fails the whole batch call
-        encoded = []
+        encoded, kept = [], []
         for text, lineno in zip(texts, lines):
             try:
                 text.encode("utf-8")
@@ -158,6 +160,11 @@ def encode_batch(batch: Batch) -> Encoded:
                 skip("not_utf8", lineno)
                 continue
             encoded.append(enc.encode_batch([text])[0])
+            kept.append((text, lineno))
+        texts, lines = [t for t, _ in kept], [n for _, n in kept]
+    if getattr(enc, "fast", None) is not None and opts.check_docs:
+        n = opts.check_docs
+        _check_fast(enc, texts[:n], encoded[:n], lines[:n], batch.source)
     flat: list[int] = []
     bos, eod = [enc.bos_id] if opts.append_bos else [], [enc.eod_id] if opts.append_eod else []
     for ids in encoded:
@@ -171,6 +178,16 @@ def encode_batch(batch: Batch) -> Encoded:
         raise DataPrepError(f"{batch.source}: token id {arr.max()} does not fit {np.dtype(dtype).name} "
                             f"(vocabulary {enc.vocab_size}): tokenizer and dtype do not match")
     return Encoded(arr.astype(dtype), lengths, skipped, examples)
+
+
+def _check_fast(enc, texts: list[str], encoded: list[list[int]], lines: list[int], source: str) -> None:
+    """Stop with an error naming file:line if the tiktoken view disagrees with ``tokenizers`` on a document."""
+    reference = enc.reference_encode_batch(texts)
+    for ref, ids, lineno in zip(reference, encoded, lines):
+        if list(ids) != ref:
+            raise DataPrepError(f"{source}:{lineno}: the tiktoken view of {enc.path} gives other token ids than "
+                                "the tokenizers library for this document; rerun with bpe_backend tokenizers "
+                                "(ipt tokenize --bpe-backend tokenizers, or tokenize.bpe_backend) and report it")
 
 
 # ---- main side -----------------------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
         raise DataPrepError(f"bad_input must be 'skip' or 'fail', not {opts.bad_input!r}")
     started = time.time()
     files = expand_inputs([str(p) for p in inputs])
-    encoder = load_encoder(tokenizer)
+    encoder = load_encoder(tokenizer, opts.bpe_backend)
     _setup(encoder, opts)  # checks EOD/BOS here, before any worker starts
     dtype = token_dtype(encoder.vocab_size)
     prefix = Path(output_prefix)
@@ -315,6 +332,10 @@ def add_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     g.add_argument("--append-bos", action="store_true", help="prepend the BOS token to each document")
     g.add_argument("--no-eod", action="store_true", help="do not append the EOD token to each document")
+    g.add_argument("--bpe-backend", choices=["auto", "tokenizers", "tiktoken"], default="auto",
+                   help="Hugging Face byte-level BPE tokenizers: auto (default) encodes through an identical tiktoken "
+                   "view when it represents the tokenizer (about 4x less CPU; the first documents of every batch are "
+                   "checked against tokenizers), tokenizers forces the reference library")
     g.add_argument("--bad-input", choices=["skip", "fail"], default="skip",
                    help="malformed/empty/non-UTF-8 records: skip and count them (default) or stop at the first")
     g.add_argument("--no-merge", action="store_true",
@@ -329,7 +350,7 @@ def run(a: argparse.Namespace) -> int:
         raise DataPrepError("--no-merge and --merge-only exclude each other")
     opts = TokenizeOptions(text_field=a.text_field, workers=a.workers, append_bos=a.append_bos,
                            append_eod=not a.no_eod, bad_input=a.bad_input, merge=not a.no_merge,
-                           merge_only=a.merge_only)
+                           merge_only=a.merge_only, bpe_backend=a.bpe_backend)
     m = tokenize_corpus(a.input, a.output_prefix, a.tokenizer, opts)
     print(f"{m['documents']:,} documents, {m['tokens']:,} tokens in {m['seconds']} s "
           f"({m['tokens_per_s']:,} tokens/s); skipped {m['skipped'] or 'none'}")

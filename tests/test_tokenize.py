@@ -142,7 +142,7 @@ def test_token_ids_beyond_the_dtype_are_an_error(tmp_path, tiny_tokenizer_dir, m
     monkeypatch.setattr(encoders.HFEncoder, "encode_batch", lambda self, texts: [[70000] for _ in texts])
     with pytest.raises(DataPrepError, match="does not fit uint16"):
         tokenize_corpus([write_jsonl(tmp_path / "in.jsonl", TEXTS)], tmp_path / "out", tiny_tokenizer_dir,
-                        log=lambda _: None)
+                        TokenizeOptions(bpe_backend="tokenizers"), log=lambda _: None)
 
 
 def test_bos_is_prepended_when_asked(tmp_path):

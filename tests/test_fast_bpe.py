@@ -1,0 +1,99 @@
+"""The tiktoken view of byte-level BPE tokenizers gives exactly the tokenizers library's ids, or is not used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.encoders import PROBES, load_encoder
+from data_prep.errors import DataPrepError
+from data_prep.fast_bpe import from_tokenizer_json
+from data_prep.tokenize import TokenizeOptions, tokenize_corpus
+
+
+def _topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return list(topics.values())
+
+
+def test_view_equals_tokenizers_on_real_text(tiny_tokenizer_dir):
+    enc = load_encoder(tiny_tokenizer_dir)
+    assert enc.info()["bpe_backend"] == "tiktoken"
+    texts = _topics() + PROBES + ["<|endoftext|>" * 3 + "a<|endoftext|>b", "mixed <|endoftext|>\n\n<|endoftext|>"]
+    assert enc.encode_batch(texts) == enc.reference_encode_batch(texts)
+    # the special token inside text is recognised as one id, as tokenizers does
+    assert enc.encode_batch(["a<|endoftext|>b"])[0].count(enc.eod_id) == 1
+
+
+def test_forced_reference_backend(tiny_tokenizer_dir):
+    enc = load_encoder(tiny_tokenizer_dir, "tokenizers")
+    assert enc.fast is None and enc.info()["bpe_backend"] == "tokenizers"
+    with pytest.raises(DataPrepError, match="bpe_backend 'fast'"):
+        load_encoder(tiny_tokenizer_dir, "fast")
+
+
+def test_unsupported_shapes_say_why(tiny_tokenizer_dir, tmp_path):
+    spec = json.loads((Path(tiny_tokenizer_dir) / "tokenizer.json").read_text())
+    assert from_tokenizer_json(spec)[0] is not None
+    cases = {
+        "normalizer": ({**spec, "normalizer": {"type": "NFC"}}, "normalizer"),
+        "prefix space": ({**spec, "pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}},
+                         "add_prefix_space"),
+        "not BPE": ({**spec, "model": {**spec["model"], "type": "WordPiece"}}, "not BPE"),
+        "merge order": ({**spec, "model": {**spec["model"], "merges": list(reversed(spec["model"]["merges"]))}},
+                        "do not increase"),
+    }
+    for name, (variant, reason) in cases.items():
+        fast, why = from_tokenizer_json(variant)
+        assert fast is None and reason in why, name
+    # asking for the view where it cannot represent the tokenizer is an error naming the file and the reason
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(cases["normalizer"][0]))
+    assert load_encoder(bad).info()["bpe_backend_reason"] == "a normalizer"
+    with pytest.raises(DataPrepError, match="tokenizer.json: bpe_backend tiktoken cannot represent"):
+        load_encoder(bad, "tiktoken")
+
+
+def test_tokenize_outputs_identical_across_backends(tiny_tokenizer_dir, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _topics()[:120] + PROBES[:4]))
+    outs = {}
+    for backend in ("auto", "tokenizers"):
+        m = tokenize_corpus([src], tmp_path / backend / "docs", tiny_tokenizer_dir,
+                            TokenizeOptions(workers=1, bpe_backend=backend), log=lambda _: None)
+        assert m["tokenizer"]["bpe_backend"] == ("tiktoken" if backend == "auto" else "tokenizers")
+        outs[backend] = [(tmp_path / backend / f"docs.{ext}").read_bytes() for ext in ("bin", "idx")]
+    assert outs["auto"] == outs["tokenizers"]
+
+
+def test_disagreement_stops_with_file_and_line(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """The per-batch check is what protects a run if the view ever disagreed: make it disagree."""
+    import data_prep.fast_bpe as fb
+
+    real = fb.FastBPE.encode_batch
+    monkeypatch.setattr(fb.FastBPE, "encode_batch", lambda self, texts: [
+        ids[:-1] if "Boolean" in t else ids for t, ids in zip(texts, real(self, texts))])
+    src = tmp_path / "docs.jsonl"
+    texts = ["plain text here", "Boolean operations and more", "more text"]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with pytest.raises(DataPrepError, match=r"docs.jsonl:2: the tiktoken view .* bpe_backend tokenizers"):
+        tokenize_corpus([src], tmp_path / "out" / "docs", tiny_tokenizer_dir, TokenizeOptions(workers=1),
+                        log=lambda _: None)
+    assert not (tmp_path / "out" / "docs.bin").exists()
+
+
+@pytest.mark.e2e
+def test_view_equals_tokenizers_on_smollm2():
+    """SmolLM2's real 49,152-token vocabulary (the quickstart's tokenizer), on Python's topic docs."""
+    from data_prep.models import resolve_model
+
+    enc = load_encoder(resolve_model("smollm2-135m-instruct"))
+    assert enc.info()["bpe_backend"] == "tiktoken"
+    texts = _topics()
+    fast, ref = enc.encode_batch(texts), enc.reference_encode_batch(texts)
+    assert fast == ref and sum(map(len, ref)) > 100_000
+    assert np.array_equal(np.concatenate([np.asarray(x) for x in fast]), np.concatenate([np.asarray(x) for x in ref]))
