@@ -1,9 +1,10 @@
 import gzip
+import hashlib
 import json
 
 import pytest
 
-from data_prep.corpus import read_corpus
+from data_prep.corpus import content_id, read_corpus
 from data_prep.errors import DataPrepError
 from megatron_ipt.config import CorpusConfig
 
@@ -29,9 +30,70 @@ def test_jsonl_malformed_lines_are_skipped_and_located(tmp_path):
     p = tmp_path / "docs.jsonl"
     p.write_text('{"text": "' + "a" * 20 + '"}\n{broken\n{"body": "x"}\n{"id": "d4", "text": "' + "b" * 20 + '"}\n')
     docs, counts = read_corpus(CorpusConfig(source="jsonl", paths=[str(p)], min_chars=10, heldout_fraction=0))
-    assert [d["id"] for d in docs] == ["docs:1", "d4"]
+    assert [d["id"] for d in docs] == [content_id("a" * 20), "d4"]
     assert counts["skipped"] == {"malformed_json": 1, "missing_field_text": 1}
-    assert counts["skipped_examples"][0] == f"{p}:2: malformed_json"
+    assert counts["skipped_examples"][:2] == [f"{p}:2: malformed_json", f"{p}:3: missing_field_text"]
+
+
+def test_on_error_fail_stops_at_the_first_malformed_line_naming_it(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text('{"text": "' + "a" * 20 + '"}\n{broken\n')
+    with pytest.raises(DataPrepError, match=f"{p}:2: malformed_json"):
+        read_corpus(CorpusConfig(source="jsonl", paths=[str(p)], min_chars=10, on_error="fail"))
+
+
+def test_ids_come_from_the_id_field_or_stably_from_the_content(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"doc": "x1", "body": "first document text"}, {"body": "second document text"},
+        {"body": "second document text"},  # same text, no id: the same id, skipped as a duplicate
+        {"doc": 7, "body": "third document text"}]) + "\n")
+    cfg = CorpusConfig(source="jsonl", paths=[str(p)], text_field="body", id_field="doc", min_chars=5,
+                       heldout_fraction=0)
+    docs, counts = read_corpus(cfg)
+    assert [d["id"] for d in docs] == ["x1", content_id("second document text"), "7"]
+    assert counts["skipped"] == {"duplicate_text": 1} and counts["skipped_examples"] == [f"{p}:3: duplicate_text"]
+    assert content_id("second document text") == "sha256:" + hashlib.sha256(b"second document text").hexdigest()[:16]
+
+
+def test_zstd_jsonl_and_bad_utf8_lines(tmp_path):
+    import zstandard
+
+    lines = [json.dumps({"id": "a", "text": "alpha text here"}).encode(), b'{"id": "b", "text": "\xff\xfe"}',
+             json.dumps({"id": "c", "text": "gamma text here"}).encode()]
+    p = tmp_path / "docs.jsonl.zst"
+    p.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    docs, counts = read_corpus(CorpusConfig(source="jsonl", paths=[str(p)], min_chars=5, heldout_fraction=0))
+    assert [d["id"] for d in docs] == ["a", "c"]
+    assert counts["skipped_examples"] == [f"{p}:2: not_utf8"]
+
+
+def test_parquet_with_and_without_an_id_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "text": ["one parquet doc", None, "three parquet doc"]}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["a doc without id"]}), tmp_path / "b.parquet")
+    docs, counts = read_corpus(CorpusConfig(source="parquet", paths=[str(tmp_path / "*.parquet")], min_chars=5,
+                                            heldout_fraction=0))
+    assert [d["id"] for d in docs] == ["p1", "p3", content_id("a doc without id")]
+    assert counts["skipped_examples"] == [f"{tmp_path / 'a.parquet'}:row 2: missing_field_text"]
+    with pytest.raises(DataPrepError, match="no column 'body'"):
+        read_corpus(CorpusConfig(source="parquet", paths=[str(tmp_path / "a.parquet")], text_field="body"))
+
+
+def test_a_folder_of_text_files_is_one_document_per_file(tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "b.txt").write_text("second file\n\nwith two paragraphs")
+    (tmp_path / "docs" / "sub" / "a.md").write_text("a file in a subfolder")
+    (tmp_path / "docs" / ".hidden").write_text("not a document")
+    (tmp_path / "docs" / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    docs, counts = read_corpus(CorpusConfig(source="text", paths=[str(tmp_path / "docs")], min_chars=5,
+                                            heldout_fraction=0))
+    assert [d["id"] for d in docs] == [str(tmp_path / "docs" / "b.txt"), str(tmp_path / "docs" / "sub" / "a.md")]
+    assert docs[0]["text"] == "second file\n\nwith two paragraphs"
+    assert counts["skipped"] == {"not_utf8": 1}
 
 
 def test_gzip_jsonl_is_read(tmp_path):
