@@ -1,27 +1,37 @@
-"""``ipt eval``: reading-comprehension scoring on held-out documents; ``ipt eval compare`` for tables."""
+"""``ipt eval``: reading comprehension (default), held-out perplexity or lm-evaluation-harness tasks on one
+model of an experiment; ``ipt eval compare`` tabulates results files."""
 
 from __future__ import annotations
 
 import argparse
 
 DESCRIPTION = """\
-Score a model on reading comprehension of held-out documents: each held-out document with one of its
-synthesized questions, the reference answer scored by mean token log-likelihood (answer_nll, nats/token,
-lower is better) and, for multiple-choice pairs, option accuracy (lowest mean NLL). Demonstrations (--shots)
-are pairs of other held-out documents. Writes a results JSON and a Markdown table.
+Evaluate one model of an experiment; each evaluation writes a results JSON and a Markdown table.
+
+--task rc (default): reading comprehension of held-out documents: each held-out document with one of its
+  synthesized questions, the reference answer scored by mean token log-likelihood (answer_nll, nats/token,
+  lower is better) and, for multiple-choice pairs, option accuracy (lowest mean NLL). Demonstrations (--shots)
+  are pairs of other held-out documents. --generate adds free-form answers: greedy generation scored by exact
+  match and token F1 (SQuAD normalisation).
+--task perplexity: mean NLL/token and perplexity on each held-out component (raw, pairs, blend.extra
+  valid_prefix), windows of model.seq_length over the concatenated documents.
+--harness TASKS: lm-evaluation-harness tasks (comma-separated) on a Hugging Face folder (--hf).
 
 examples:
   ipt eval examples/quickstart.yaml                           # the run's latest checkpoint, 0-shot
   ipt eval examples/quickstart.yaml --init --name init        # the untrained initialisation (same seed)
   ipt eval examples/quickstart.yaml --hf runs/x/hf --shots 1  # a Hugging Face folder (same tokenizer)
+  ipt eval examples/quickstart.yaml --generate --max-new-tokens 24
+  ipt eval examples/quickstart.yaml --task perplexity
+  ipt eval examples/quickstart.yaml --hf runs/x/hf --harness arc_easy,my_task --include-path tasks/ --limit 100
   ipt eval compare runs/quickstart/eval/*.json                # side-by-side Markdown table
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="Reading-comprehension scoring of a checkpoint on held-out documents; "
-                       "'ipt eval compare' tabulates results.", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("eval", help="Evaluate a checkpoint or Hugging Face folder (reading comprehension, held-out "
+                       "perplexity, lm-evaluation-harness); 'ipt eval compare' tabulates results.",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="+", metavar="CONFIG | compare RESULTS...",
                    help="the experiment YAML; or 'compare' followed by results JSON files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -29,12 +39,24 @@ def add_parser(sub) -> None:
     src.add_argument("--checkpoint", help="torch_dist checkpoint (default: the run's train/checkpoints)")
     src.add_argument("--init", action="store_true", help="score the untrained initialisation (the run's seed)")
     src.add_argument("--hf", help="score a Hugging Face folder instead (it must use the experiment's tokenizer)")
-    p.add_argument("--data", help="synthesis pairs.jsonl (held-out records) or a task JSONL with text/question/answer "
-                   "(default: the run's synthesis/pairs.jsonl)")
+    p.add_argument("--task", choices=("rc", "perplexity"), default="rc",
+                   help="rc: held-out reading comprehension (default); perplexity: held-out components")
+    p.add_argument("--data", help="rc: synthesis pairs.jsonl (held-out records) or a task JSONL with "
+                   "text/question/answer (default: the run's synthesis/pairs.jsonl); perplexity: a tokenized "
+                   "folder with heldout_raw / heldout_pairs (default: the run's tokenized/)")
     p.add_argument("--shots", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: model.seq_length)")
+    p.add_argument("--max-length", type=int, default=None, help="rc: tokens per example (default: model.seq_length)")
+    p.add_argument("--generate", action="store_true", help="rc: also greedy free-form answers (exact_match, f1)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="rc --generate: answer length cap (default 16)")
+    p.add_argument("--harness", metavar="TASKS", help="lm-eval tasks, comma-separated (needs --hf)")
+    p.add_argument("--include-path", help="--harness: a folder of extra lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=1, help="--harness: lm-eval batch size")
+    p.add_argument("--limit", type=int, default=None,
+                   help="the first N held-out documents (rc), windows per component (perplexity) or documents per task (harness)")
     p.add_argument("--name", help="model name in tables (default: from the source)")
-    p.add_argument("--output", help="results JSON (default: RUN_DIR/eval/rc-NAME-Kshot.json)")
+    p.add_argument("--output", help="results JSON (default: RUN_DIR/eval/TASK-NAME.json); --harness: a folder "
+                   "(default RUN_DIR/eval), one file per task")
     p.set_defaults(handler=run)
 
 
@@ -42,69 +64,174 @@ def run(args) -> int:
     from pathlib import Path
 
     from megatron_ipt.errors import IptError
-    from megatron_ipt.evaluate import rc
     from megatron_ipt.evaluate.run import markdown
+    from megatron_ipt.evaluate.schema import read_results
 
     if args.target[0] == "compare":
-        import json
-
         if len(args.target) < 2:
             raise IptError("ipt eval compare needs results JSON files")
-        records = []
-        for f in args.target[1:]:
-            try:
-                records.append(json.loads(Path(f).read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise IptError(f"{f}: not a results file ({e})") from None
-            if not {"model", "task", "metrics"} <= set(records[-1]):
-                raise IptError(f"{f}: not a results file (needs model, task, metrics)")
-        print(markdown(records), end="")
+        print(markdown([read_results(f) for f in args.target[1:]]), end="")
         return 0
     if len(args.target) != 1:
         raise IptError("ipt eval takes one experiment file (or 'compare' and results files)")
+    if args.limit is not None and args.limit < 1:
+        raise IptError(f"--limit must be at least 1 (got {args.limit})")
     from megatron_ipt.config import load_config
 
     cfg = load_config(args.target[0], args.overrides)
-    result, out = evaluate_experiment(cfg, checkpoint=args.checkpoint, init=args.init, hf=args.hf, data=args.data,
-                                      shots=args.shots, max_length=args.max_length, name=args.name, output=args.output)
-    print(markdown([result]), end="")
-    print(f"results: {out}")
+    source = dict(checkpoint=args.checkpoint, init=args.init, hf=args.hf, name=args.name)
+    if args.harness:
+        if not args.hf:
+            raise IptError("--harness runs on a Hugging Face folder: pass --hf FOLDER (ipt convert megatron-to-hf)")
+        tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+        done = evaluate_harness(cfg, args.hf, tasks, include_path=args.include_path, limit=args.limit,
+                                num_fewshot=args.num_fewshot, batch_size=args.batch_size, name=args.name,
+                                output_dir=args.output)
+    elif args.task == "perplexity":
+        done = [evaluate_perplexity_experiment(cfg, **source, data=args.data, limit=args.limit, output=args.output)]
+    else:
+        done = [evaluate_experiment(cfg, **source, data=args.data, shots=args.shots, max_length=args.max_length,
+                                    output=args.output, max_new_tokens=args.max_new_tokens if args.generate else None,
+                                    limit=args.limit)]
+    print(markdown([record for record, _ in done]), end="")
+    for _, out in done:
+        print(f"results: {out}")
     return 0
 
 
-def evaluate_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None, shots=0, max_length=None, name=None,
-                        output=None):
-    """Score one model of an experiment on its held-out reading-comprehension examples; returns (record, path)."""
+def _scorer(cfg, vocab_size: int, *, checkpoint=None, init=False, hf=None, name=None):
+    """``(scorer, model info)`` for the source the user named: a Hugging Face folder, the untrained
+    initialisation, or a checkpoint (default: the run's train/checkpoints)."""
     from pathlib import Path
 
-    from data_prep.encoders import load_encoder
     from megatron_ipt.errors import IptError
-    from megatron_ipt.evaluate import rc
-    from megatron_ipt.evaluate.run import evaluate_rc, write_results
     from megatron_ipt.evaluate.scorers import HFScorer, MegatronScorer
-    from megatron_ipt.manifest import read_manifest
     from megatron_ipt.pipeline import stage_path
 
-    tok_manifest = read_manifest(stage_path(cfg, "tokenize"), "tokenize")
-    tok = tok_manifest["tokenizer"]
-    encoder = load_encoder(tok["path"])
-    docs = rc.load_heldout_pairs(data or stage_path(cfg, "synthesize") / "pairs.jsonl")
-    max_length = max_length or cfg.model.seq_length
     if hf:
         scorer, model = HFScorer(hf, "cuda" if cfg.train.device == "cuda" else "cpu"), {"kind": "hf", "path": str(hf)}
     elif init:
-        scorer, model = MegatronScorer(cfg, tok["vocab_size"], None), {"kind": "megatron-init", "seed": cfg.train.seed}
+        scorer, model = MegatronScorer(cfg, vocab_size, None), {"kind": "megatron-init", "seed": cfg.train.seed}
     else:
         ckpt = Path(checkpoint) if checkpoint else stage_path(cfg, "train") / "checkpoints"
         if not ckpt.exists():
             raise IptError(f"{ckpt}: no checkpoint to evaluate (train first, or pass --checkpoint / --init / --hf)")
-        scorer, model = MegatronScorer(cfg, tok["vocab_size"], ckpt), {"kind": "megatron", "path": str(ckpt)}
+        scorer, model = MegatronScorer(cfg, vocab_size, ckpt), {"kind": "megatron", "path": str(ckpt)}
     model["name"] = name or ("init" if init else Path(hf).name if hf else cfg.name)
+    return scorer, model
+
+
+def _fingerprint(cfg, tok: dict, hf=None) -> dict:
+    """What identifies the model: preset / hf_config / tokenizer; for a Hugging Face folder also the SHA-256 of
+    its config.json and the sizes of its weight files (hashing the weights themselves would take minutes)."""
+    import hashlib
+    from pathlib import Path
+
+    fp = {"preset": cfg.model.preset, "hf_config": cfg.model.hf_config,
+          "tokenizer": tok.get("fingerprint") or tok.get("path")}
+    if hf:
+        folder = Path(hf)
+        fp["hf_config_sha256"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+        fp["hf_weights"] = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+    return fp
+
+
+def _tokenizer(cfg) -> dict:
+    from megatron_ipt.manifest import read_manifest
+    from megatron_ipt.pipeline import stage_path
+
+    return read_manifest(stage_path(cfg, "tokenize"), "tokenize")["tokenizer"]
+
+
+def _run_scorer(scorer, model: dict, fn):
     with scorer:
-        result = evaluate_rc(scorer, encoder, docs, shots, max_length)
+        result = fn(scorer)
         if scorer.iteration is not None:
             model["iteration"] = scorer.iteration
-    model["fingerprint"] = {"preset": cfg.model.preset, "hf_config": cfg.model.hf_config,
-                            "tokenizer": tok.get("fingerprint") or tok.get("path")}
+    return result
+
+
+def evaluate_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None, shots=0, max_length=None, name=None,
+                        output=None, max_new_tokens=None, limit=None):
+    """Score one model of an experiment on its held-out reading-comprehension examples (``max_new_tokens``: also
+    free-form answers by greedy generation, exact match and F1; ``limit``: the first N documents' examples);
+    returns (record, path)."""
+    from pathlib import Path
+
+    from data_prep.encoders import load_encoder
+    from megatron_ipt.evaluate import rc
+    from megatron_ipt.evaluate.run import evaluate_rc, write_results
+    from megatron_ipt.pipeline import stage_path
+
+    tok = _tokenizer(cfg)
+    encoder = load_encoder(tok["path"])
+    docs = rc.load_heldout_pairs(data or stage_path(cfg, "synthesize") / "pairs.jsonl")[:limit]
+    max_length = max_length or cfg.model.seq_length
+    scorer, model = _scorer(cfg, tok["vocab_size"], checkpoint=checkpoint, init=init, hf=hf, name=name)
+    result = _run_scorer(scorer, model, lambda s: evaluate_rc(s, encoder, docs, shots, max_length, max_new_tokens))
+    model["fingerprint"] = _fingerprint(cfg, tok, hf)
+    settings = rc.settings(shots, max_length)
+    if max_new_tokens:
+        settings["generate"] = {"max_new_tokens": max_new_tokens, "decoding": "greedy",
+                                "answer": "first line of the generation, stripped",
+                                "normalisation": "SQuAD: lower case, no punctuation, no articles a/an/the, single spaces"}
+    if limit:
+        settings["limit_documents"] = limit
     out = Path(output) if output else cfg.run_path / "eval" / f"rc-{model['name']}-{shots}shot.json"
-    return write_results(out, model, f"rc_heldout_{shots}shot", result, rc.settings(shots, max_length)), out
+    return write_results(out, model, f"rc_heldout_{shots}shot", result, settings), out
+
+
+def evaluate_perplexity_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None, name=None, output=None,
+                                   limit=None):
+    """Held-out perplexity per component (:mod:`megatron_ipt.evaluate.perplexity`) of one model; ``data``: a
+    tokenized folder (default: the run's); ``limit``: windows per component. Returns (record, path)."""
+    from pathlib import Path
+
+    from megatron_ipt.evaluate import perplexity
+    from megatron_ipt.evaluate.run import write_results
+    from megatron_ipt.manifest import read_manifest
+    from megatron_ipt.pipeline import stage_path
+
+    folder = Path(data) if data else stage_path(cfg, "tokenize")
+    tok = read_manifest(folder, "tokenize")["tokenizer"]
+    prefixes = perplexity.components(folder, cfg.blend.extra)
+    seq = cfg.model.seq_length
+    scorer, model = _scorer(cfg, tok["vocab_size"], checkpoint=checkpoint, init=init, hf=hf, name=name)
+    result = _run_scorer(scorer, model, lambda s: perplexity.evaluate_perplexity(s, prefixes, seq, limit))
+    model["fingerprint"] = _fingerprint(cfg, tok, hf)
+    out = Path(output) if output else cfg.run_path / "eval" / f"perplexity-{model['name']}.json"
+    return write_results(out, model, "heldout_perplexity", result, perplexity.settings(seq, limit)), out
+
+
+def evaluate_harness(cfg, hf, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None, batch_size=1,
+                     name=None, output_dir=None) -> list[tuple[dict, "Path"]]:
+    """lm-evaluation-harness ``tasks`` on the Hugging Face folder ``hf``; one results file per task (and group)
+    under ``output_dir`` (default RUN_DIR/eval), named ``harness-TASK-NAME.json``. Returns [(record, path)]."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from megatron_ipt.errors import IptError
+    from megatron_ipt.evaluate import harness
+    from megatron_ipt.evaluate.run import write_results
+
+    if not tasks:
+        raise IptError("--harness needs at least one task name")
+    device = "cuda" if cfg.train.device == "cuda" else "cpu"
+    results = harness.run_harness(hf, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+                                  batch_size=batch_size, device=device)
+    try:
+        tok = _tokenizer(cfg)
+    except IptError:  # a harness run needs no tokenized data; the folder carries its own tokenizer
+        tok = {"path": str(hf)}
+    model = {"kind": "hf", "path": str(hf), "name": name or Path(hf).name, "fingerprint": _fingerprint(cfg, tok, hf)}
+    common = {"harness": f"lm-eval {importlib.metadata.version('lm-eval')}", "tasks": tasks, "limit": limit,
+              "num_fewshot": num_fewshot, "batch_size": batch_size, "device": device,
+              "include_path": str(include_path) if include_path else None}
+    folder = Path(output_dir) if output_dir else cfg.run_path / "eval"
+    done = []
+    for task, metrics, n, settings in harness.records(results):
+        out = folder / f"harness-{task.replace('/', '_')}-{model['name']}.json"
+        done.append((write_results(out, model, task, {"metrics": metrics, "n": n}, {**common, **settings}), out))
+    if not done:
+        raise harness.HarnessError(f"lm-eval returned no results for {tasks}")
+    return done

@@ -25,11 +25,17 @@ def tokenized_example(encoder, ex: rc.RCExample, answer: str, max_length: int) -
     return ids, len(ids) - len(a), truncated
 
 
-def evaluate_rc(scorer, encoder, docs: list[dict], shots: int, max_length: int) -> dict:
+def evaluate_rc(scorer, encoder, docs: list[dict], shots: int, max_length: int,
+                max_new_tokens: int | None = None) -> dict:
     """Mean answer NLL (nats/token, averaged over examples) and, where pairs have options, the accuracy of
-    choosing the reference option by lowest mean NLL. Returns ``{"metrics", "n", "truncated"}``."""
+    choosing the reference option by lowest mean NLL. With ``max_new_tokens``, also free-form answers: greedy
+    generation after the prompt (at most that many tokens, up to the end of the first line), scored against the
+    reference by ``exact_match`` and token ``f1`` (SQuAD normalisation), averaged over examples.
+    Returns ``{"metrics", "n", "n_multiple_choice", "truncated"}`` (plus ``"generations"`` when generating)."""
     examples = rc.build_examples(docs, shots)
-    nlls, correct, mc, truncated = [], 0, 0, 0
+    if not examples:
+        raise rc.EvalDataError("no reading-comprehension example to evaluate (no held-out pair)")
+    nlls, correct, mc, truncated, generations = [], 0, 0, 0, []
     for ex in examples:
         ids, start, cut = tokenized_example(encoder, ex, ex.answer, max_length)
         truncated += cut
@@ -43,10 +49,30 @@ def evaluate_rc(scorer, encoder, docs: list[dict], shots: int, max_length: int) 
                 option_nlls.append(scoring.mean_nll(olp, on))
             correct += ex.options[scoring.choose_option(option_nlls)] == ex.answer
             mc += 1
+        if max_new_tokens:
+            generations.append(free_form_answer(scorer, encoder, ex, max_length, max_new_tokens))
     metrics = {"answer_nll": sum(nlls) / len(nlls)}
     if mc:
         metrics["mc_accuracy"] = correct / mc
-    return {"metrics": metrics, "n": len(examples), "n_multiple_choice": mc, "truncated": truncated}
+    result = {"metrics": metrics, "n": len(examples), "n_multiple_choice": mc, "truncated": truncated}
+    if max_new_tokens:
+        metrics["exact_match"] = sum(g["exact_match"] for g in generations) / len(generations)
+        metrics["f1"] = sum(g["f1"] for g in generations) / len(generations)
+        result["generations"] = generations
+    return result
+
+
+def free_form_answer(scorer, encoder, ex: rc.RCExample, max_length: int, max_new_tokens: int) -> dict:
+    """Greedy answer to one example's prompt (document cut so prompt + ``max_new_tokens`` fit ``max_length``),
+    scored by exact match and token F1. Returns ``{"doc_id", "prediction", "reference", "exact_match", "f1"}``."""
+    from megatron_ipt.evaluate.generate import answer_text, decode
+
+    if max_new_tokens >= max_length // 2:
+        raise rc.EvalDataError(f"max new tokens {max_new_tokens} must be under half of max_length {max_length}")
+    ids, start, _ = tokenized_example(encoder, ex, "", max_length - max_new_tokens)
+    prediction = answer_text(decode(encoder, scorer.generate(ids[:start], max_new_tokens, encoder.eod_id)))
+    return {"doc_id": ex.doc_id, "prediction": prediction, "reference": ex.answer,
+            "exact_match": scoring.exact_match(prediction, ex.answer), "f1": scoring.token_f1(prediction, ex.answer)}
 
 
 def _tensor(ids):
@@ -56,10 +82,14 @@ def _tensor(ids):
 
 
 def write_results(path: str | Path, model: dict, task: str, result: dict, settings: dict) -> dict:
-    """One results file: JSON (model fingerprint/iteration, task, metrics, n, settings) + a Markdown twin."""
+    """One results file: JSON (model fingerprint/iteration, task, metrics, n, settings) + a Markdown twin.
+    The record is checked against :mod:`megatron_ipt.evaluate.schema` first (ResultsFileError naming ``path``)."""
+    from megatron_ipt.evaluate.schema import validate_record
+
     path = Path(path)
     record = {"model": model, "task": task, **result, "settings": settings,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    validate_record(record, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

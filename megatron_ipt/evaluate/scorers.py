@@ -1,5 +1,6 @@
 """Models that give logits for a token sequence: a megatron-core checkpoint of an experiment (CPU backend on
-a CPU, world size 1) or a Hugging Face folder (transformers). Both: ``logits(ids) -> [len(ids), vocab]``."""
+a CPU, world size 1) or a Hugging Face folder (transformers). Both: ``logits(ids) -> [len(ids), vocab]`` and
+``generate(ids, max_new_tokens, stop_id) -> new ids`` (greedy)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ class MegatronScorer:
         with torch.no_grad():
             return self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0].float().cpu()
 
+    def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
+        """Greedy continuation of ``ids``: a loop over the model's forward (no KV cache; short answers)."""
+        from megatron_ipt.evaluate.generate import greedy_generate
+
+        return greedy_generate(self.logits, ids, max_new_tokens, stop_id)
+
     def __exit__(self, *exc) -> None:
         parallel.teardown()
         self._ctx.__exit__(None, None, None)
@@ -83,6 +90,15 @@ class HFScorer:
     def logits(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
+        """Greedy continuation of ``ids`` (transformers ``generate``, ``do_sample=False``), without ``stop_id``."""
+        tokens = torch.tensor([ids], device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=stop_id, pad_token_id=stop_id)
+        new = out[0, len(ids):].tolist()
+        return new[: new.index(stop_id)] if stop_id in new else new
 
     def __exit__(self, *exc) -> None:
         del self.model

@@ -1,0 +1,42 @@
+"""Greedy generation for free-form answers, and decoding token ids back to text.
+
+The answer to a reading-comprehension prompt (``...Question: Q\\nAnswer:``) is what the model generates
+greedily (argmax at every step) until the end-of-document token, ``max_new_tokens`` or the end of the first
+line, whichever comes first; it is then scored against the reference by exact match and token F1
+(:mod:`megatron_ipt.evaluate.scoring`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def greedy_generate(logits: Callable[[list[int]], torch.Tensor], ids: list[int], max_new_tokens: int,
+                    stop_id: int | None = None) -> list[int]:
+    """Greedy decoding without a KV cache: each step runs ``logits(prompt + generated)`` (``[len, vocab]``)
+    and appends the argmax of the last row. Returns the new ids, without ``stop_id`` (which ends the loop)."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits(ids + out)[-1].argmax())
+        if nxt == stop_id:
+            break
+        out.append(nxt)
+    return out
+
+
+def decode(encoder, ids: list[int]) -> str:
+    """Text of ``ids`` for any :mod:`data_prep.encoders` kind (Hugging Face, sentencepiece, tiktoken)."""
+    if hasattr(encoder, "tok"):  # tokenizers.Tokenizer or a transformers tokenizer
+        return encoder.tok.decode(ids, skip_special_tokens=True)
+    if hasattr(encoder, "sp"):
+        return encoder.sp.decode(ids)
+    if hasattr(encoder, "enc"):
+        return encoder.enc.decode(ids)
+    raise TypeError(f"cannot decode with tokenizer {getattr(encoder, 'path', encoder)!r}")
+
+
+def answer_text(generated: str) -> str:
+    """The generated answer: its first line, stripped (the prompt template puts a blank line after answers)."""
+    return generated.strip().split("\n", 1)[0].strip()
