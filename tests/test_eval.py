@@ -87,3 +87,84 @@ def test_hf_folder_scorer_runs_the_task(tmp_path, tiny_tokenizer_dir):
     # an untrained model over 512 tokens: about log(512) nats per answer token
     assert abs(result["metrics"]["answer_nll"] - math.log(512)) < 1.0
     assert result["metrics"]["mc_accuracy"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("prediction, reference, em, f1", [
+    ("  The Eiffel Tower. ", "eiffel tower", 1.0, 1.0),           # case, article, punctuation, spaces
+    ("Paris, France", "Paris", 0.0, 2 * (1 / 2) * 1 / (1 / 2 + 1)),  # precision 1/2, recall 1 -> 2/3
+    ("the cat sat on the mat", "a cat on a mat", 0.0, 2 * (3 / 4) * 1 / (3 / 4 + 1)),  # 3 common of 4 / 3
+    ("x x y", "x y y", 0.0, 2 / 3),                                 # counts clip: common {x: 1, y: 1}
+    ("An apple", "the", 0.0, 0.0),                                   # reference empty after normalisation
+])
+def test_exact_match_and_token_f1_on_hand_computed_examples(prediction, reference, em, f1):
+    assert scoring.exact_match(prediction, reference) == em
+    assert scoring.token_f1(prediction, reference) == pytest.approx(f1)
+
+
+def test_greedy_generation_stops_at_the_stop_token_and_takes_the_first_line():
+    from megatron_ipt.evaluate.generate import answer_text, greedy_generate
+
+    def next_is_plus_one(ids):  # logits whose argmax at each position is (token + 1) mod 5
+        return torch.nn.functional.one_hot((torch.tensor(ids) + 1) % 5, 5).float()
+
+    assert greedy_generate(next_is_plus_one, [1], max_new_tokens=10, stop_id=4) == [2, 3]
+    assert greedy_generate(next_is_plus_one, [1], max_new_tokens=2) == [2, 3]
+    assert answer_text(" The loop\n\nQuestion: x") == "The loop"
+
+
+def tiny_hf_model(folder, vocab=512):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_free_form_answers_by_hf_generate_match_the_greedy_loop(tmp_path, tiny_tokenizer_dir):
+    from data_prep.encoders import load_encoder
+    from megatron_ipt.evaluate.generate import greedy_generate
+    from megatron_ipt.evaluate.run import evaluate_rc
+    from megatron_ipt.evaluate.scorers import HFScorer
+
+    encoder = load_encoder(tiny_tokenizer_dir)
+    docs = [{"id": "a", "text": "The while loop repeats.", "pairs": [{"question": "What repeats?", "answer": "The loop"}]},
+            {"id": "b", "text": "A class defines objects.", "pairs": [{"question": "What defines?", "answer": "A class"}]}]
+    with HFScorer(tiny_hf_model(tmp_path / "hf")) as scorer:
+        prompt = encoder.encode_batch(["The while loop repeats.\n\nQuestion: What repeats?\nAnswer:"])[0]
+        assert scorer.generate(prompt, 8, encoder.eod_id) == greedy_generate(scorer.logits, prompt, 8, encoder.eod_id)
+        result = evaluate_rc(scorer, encoder, docs, shots=0, max_length=64, max_new_tokens=8)
+    assert len(result["generations"]) == result["n"] == 2
+    for g in result["generations"]:
+        assert g["exact_match"] == scoring.exact_match(g["prediction"], g["reference"])
+        assert g["f1"] == pytest.approx(scoring.token_f1(g["prediction"], g["reference"]))
+    assert result["metrics"]["exact_match"] == pytest.approx(sum(g["exact_match"] for g in result["generations"]) / 2)
+    assert 0.0 <= result["metrics"]["f1"] <= 1.0
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"model": {"name": "m"}, "task": "t", "metrics": {}, "n": 3}, "metrics: "),
+    ({"model": {"name": "m"}, "task": "t", "metrics": {"acc": 0.5}, "n": 0}, "n: "),
+    ({"model": {}, "task": "t", "metrics": {"acc": 0.5}, "n": 3}, "model.name: "),
+    ({"model": {"name": "m"}, "task": "t", "metrics": {"acc": "high"}, "n": 3}, "metrics.acc: "),
+    ({"model": {"name": "m"}, "task": "t", "metrics": {"nll": float("nan")}, "n": 3}, "not finite"),
+])
+def test_results_records_are_validated_on_write_and_on_compare(tmp_path, capsys, record, message):
+    from megatron_ipt.evaluate.schema import ResultsFileError, read_results
+
+    with pytest.raises(ResultsFileError, match=f"{tmp_path / 'r.json'}: not a results file .*{message}"):
+        write_results(tmp_path / "r.json", record["model"], record["task"],
+                      {"metrics": record["metrics"], "n": record["n"]}, {})
+    assert not (tmp_path / "r.json").exists()
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    with pytest.raises(ResultsFileError, match=message):
+        read_results(tmp_path / "r.json")
+    assert main(["eval", "compare", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "r.json") in err and len(err.splitlines()) == 1
+
+
+def test_an_empty_evaluation_file_names_the_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(rc.EvalDataError, match=f"{tmp_path / 'empty.jsonl'}: no held-out document"):
+        rc.load_heldout_pairs(tmp_path / "empty.jsonl")
