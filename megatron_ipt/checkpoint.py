@@ -5,7 +5,10 @@ Layout: ``out/checkpoints/iter_{N:07d}/`` written by ``megatron.core.dist_checkp
 the save; a crash mid-save therefore leaves ``latest`` pointing at the previous complete checkpoint.
 
 What is saved (mirroring Megatron-LM's ``generate_state_dict``):
-- ``model``: ``model.sharded_state_dict()`` (resharded on load when TP/PP change);
+- ``model``: ``model.sharded_state_dict()`` (resharded on load when TP/PP change); with virtual pipeline stages
+  one entry per model chunk, ``model0``, ``model1``, ... (Megatron-LM's keys). Every chunk's sharded keys are
+  global (layer ``k`` of the whole model), so a checkpoint saved with any number of chunks loads into any other
+  (e.g. PP=2 x VPP=2 -> PP=1): torch_dist matches tensors by those keys, not by the dict they sit in;
 - ``optimizer``: ``optimizer.sharded_state_dict(..., metadata={"distrib_optim_sharding_type":
   "dp_reshardable"})`` (the default format fails for the distributed optimizer);
 - ``opt_param_scheduler``, ``iteration``, ``consumed_samples``, ``extra`` (common, saved once);
@@ -111,11 +114,34 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     mcore.cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state_dict(model: torch.nn.Module, optimizer, scheduler, progress: Progress, *, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
+def _chunks(model) -> list[torch.nn.Module]:
+    """The modules that own ``sharded_state_dict``: one per model chunk (``model`` is a module or a list)."""
+    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def _model_keys(n: int) -> list[str]:
+    """``["model"]`` for one chunk, ``["model0", "model1", ...]`` for virtual pipeline chunks (Megatron-LM's keys)."""
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _model_state_dicts(chunks: list[torch.nn.Module]) -> dict:
+    """Each chunk's ``sharded_state_dict()`` under its :func:`_model_keys` key."""
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(len(chunks)), chunks)}
+
+
+def _load_model_state(chunks: list[torch.nn.Module], state: dict) -> None:
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        chunk.load_state_dict(state[key], strict=True)
+
+
+def _sharded_state_dict(chunks: list[torch.nn.Module], optimizer, scheduler, progress: Progress, *,
+                        is_loading: bool) -> dict:
+    models = _model_state_dicts(chunks)
+    # The optimizer maps its params to the models' sharded tensors (a nested dict of all chunks is walked whole).
+    model_sd = models["model"] if len(chunks) == 1 else models
     shape, offset = _ranks()
     return {
-        "model": model_sd,
+        **models,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA)),
         "opt_param_scheduler": scheduler.state_dict(),
         "optimizer_step": adam_step(optimizer),
@@ -187,8 +213,8 @@ def _in_process_write_results_queue() -> Iterator[None]:
 def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, progress: Progress) -> float:
     """Save ``root/iter_{N:07d}`` (torch_dist) then atomically point ``root/latest`` at it; returns seconds.
 
-    Must be called on every rank. ``model`` may be DDP-wrapped. Mirrors Megatron-LM's
-    ``save_checkpoint`` with ``--ckpt-format torch_dist`` and synchronous saving.
+    Must be called on every rank. ``model``: one module or the list of model chunks, DDP-wrapped or not.
+    Mirrors Megatron-LM's ``save_checkpoint`` with ``--ckpt-format torch_dist`` and synchronous saving.
     """
     start = time.perf_counter()
     directory = checkpoint_dir(root, progress.iteration)
@@ -200,13 +226,14 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
             shutil.rmtree(directory)  # left half-written by an interrupted save ('latest' never named it)
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = _sharded_state_dict(_unwrap(model), optimizer, scheduler, progress, is_loading=False)
+    state = _sharded_state_dict(_chunks(model), optimizer, scheduler, progress, is_loading=False)
     with _in_process_write_results_queue():
         mcore.save_distributed(state, directory)
     torch.distributed.barrier()
     if rank == 0:
         shape, _ = _ranks()
-        atomic_write_text(directory / LAYOUT, json.dumps(dict(zip(("pipeline", "tensor", "data"), shape))) + "\n")
+        layout = {**dict(zip(("pipeline", "tensor", "data"), shape)), "model_chunks": len(_chunks(model))}
+        atomic_write_text(directory / LAYOUT, json.dumps(layout) + "\n")
         atomic_write_text(Path(root) / LATEST, f"{progress.iteration}\n")
     torch.distributed.barrier()
     return time.perf_counter() - start
@@ -234,11 +261,12 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
         raise FileNotFoundError(f"no checkpoint to load: {Path(root) / LATEST} is missing")
     directory = checkpoint_dir(root, iteration)
     _init_optimizer_states(optimizer)
-    module = _unwrap(model)
-    template = _sharded_state_dict(module, optimizer, scheduler, Progress(iteration), is_loading=True)
+    chunks = _chunks(model)
+    template = _sharded_state_dict(chunks, optimizer, scheduler, Progress(iteration), is_loading=True)
     saved_layout = json.loads((directory / LAYOUT).read_text()) if (directory / LAYOUT).is_file() else None
     shape, _ = _ranks()
-    same_layout = saved_layout is None or tuple(saved_layout.values()) == shape
+    # Per-rank RNG states follow the (pipeline, tensor, data) grid; the number of model chunks does not matter.
+    same_layout = saved_layout is None or tuple(saved_layout[k] for k in ("pipeline", "tensor", "data")) == shape
     if not same_layout:
         # Model and optimizer are resharded by megatron; per-rank RNG states have no counterpart in another
         # layout (Megatron-LM also drops them when TP/PP change): training continues with freshly seeded RNG.
@@ -247,7 +275,7 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
             print(f"checkpoint: saved with layout {saved_layout}, loading into "
                   f"{dict(zip(('pipeline', 'tensor', 'data'), shape))}: resharding; RNG states not restored", flush=True)
     state = mcore.load_distributed(template, directory)
-    module.load_state_dict(state["model"], strict=True)
+    _load_model_state(chunks, state)
     with torch.no_grad():
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
@@ -299,7 +327,7 @@ def save_model_weights(root: Path, model: torch.nn.Module, iteration: int = 0) -
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     with _in_process_write_results_queue():
-        mcore.save_distributed({"model": _unwrap(model).sharded_state_dict()}, directory)
+        mcore.save_distributed(_model_state_dicts(_chunks(model)), directory)
     torch.distributed.barrier()
     if rank == 0:
         atomic_write_text(Path(root) / LATEST, f"{iteration}\n")
@@ -309,14 +337,15 @@ def save_model_weights(root: Path, model: torch.nn.Module, iteration: int = 0) -
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
     """Load model weights only from a torch_dist checkpoint (see :func:`resolve_checkpoint_dir`) into
-    ``model`` (any tensor/pipeline layout: the checkpoint is resharded on load); optimizer state, scheduler,
+    ``model`` (one module or the list of model chunks; any tensor/pipeline/virtual-pipeline layout: the
+    checkpoint is resharded on load); optimizer state, scheduler,
     iteration and RNG are not read. Continual pre-training's starting point (Megatron-LM's
     ``--finetune --no-load-optim --no-load-rng``). Must be called on every rank; returns the folder read.
     Raises FileNotFoundError when ``path`` holds no checkpoint."""
     directory = resolve_checkpoint_dir(path)
-    module = _unwrap(model)
-    state = mcore.load_distributed({"model": module.sharded_state_dict()}, directory)
-    module.load_state_dict(state["model"], strict=True)
+    chunks = _chunks(model)
+    state = mcore.load_distributed(_model_state_dicts(chunks), directory)
+    _load_model_state(chunks, state)
     return directory
 
 

@@ -218,19 +218,23 @@ def micro_batches(
 
 
 def eval_micro_batches(
-    dataset, *, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int, max_batches: int | None = None
+    dataset, *, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int, max_batches: int | None = None,
+    multiple_of: int = 1,
 ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
     """Micro-batches covering the whole held-out ``dataset`` once; returns ``(count, iterator)``.
 
     Every rank gets the same number of micro-batches; samples are dealt round-robin over ranks and the
     last micro-batches are padded with copies whose ``loss_mask`` is zero, so each sample counts exactly
-    once in a per-token mean. ``max_batches`` caps the micro-batches per rank (``train.eval_iters``).
+    once in a per-token mean. ``max_batches`` caps the micro-batches per rank (``train.eval_iters``);
+    ``count`` is then rounded up to a multiple of ``multiple_of`` with such zero-mask micro-batches (the
+    interleaved pipeline schedule needs a multiple of the pipeline size).
     """
     n = len(dataset)
     block = micro_batch_size * data_parallel_size
     count = max((n + block - 1) // block, 1)
     if max_batches is not None:
         count = min(count, max_batches)
+    real, count = count, -(-count // multiple_of) * multiple_of
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for b in range(count):
@@ -238,7 +242,7 @@ def eval_micro_batches(
             for j in range(micro_batch_size):
                 index = b * block + j * data_parallel_size + data_parallel_rank
                 sample = dict(dataset[min(index, n - 1)])
-                if index >= n:
+                if index >= n or b >= real:
                     sample["loss_mask"] = torch.zeros_like(torch.as_tensor(sample["loss_mask"]))
                 samples.append(sample)
             yield collate(samples)

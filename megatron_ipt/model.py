@@ -109,31 +109,67 @@ def build_model(
 ) -> torch.nn.Module:
     """Build this rank's pipeline stage of a ``GPTModel`` (RoPE; embeddings tied when the preset says so) on ``device``.
 
+    One module: for a layout without virtual pipeline stages (see :func:`build_model_chunks` for those).
     ``vocab_size`` must already be padded (:func:`megatron_ipt.presets.padded_vocab_size`). Needs
     megatron's parallel state initialised. With ``precision="bf16"`` the model is wrapped in
     ``Float16Module`` as Megatron-LM does. Returns the (possibly wrapped) module, not yet DDP-wrapped.
+    Raises ValueError for a layout with virtual pipeline stages.
+    """
+    if layout.virtual_pipeline_model_parallel_size is not None:
+        raise ValueError("build_model builds one module; use build_model_chunks with virtual pipeline stages")
+    return build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=seq_length, device=device,
+                              precision=precision, transformer_impl=transformer_impl,
+                              precision_fields=precision_fields)[0]
+
+
+def build_model_chunks(
+    preset: ModelPreset,
+    layout: Layout,
+    *,
+    vocab_size: int,
+    seq_length: int,
+    device: torch.device,
+    precision: str = "fp32",
+    transformer_impl: str = "auto",
+    precision_fields: dict | None = None,
+) -> list[torch.nn.Module]:
+    """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without virtual stages).
+
+    Mirrors Megatron-LM's ``get_model``: chunk ``i`` is built with ``vp_stage=i`` (megatron-core >= 0.13
+    takes the virtual stage as an argument; the global ``set_virtual_pipeline_model_parallel_rank`` is
+    deprecated), so it holds global layers ``i * PP * L + pp_rank * L ... + L - 1`` with ``L = num_layers /
+    (PP * VPP)``; the embedding lives in chunk 0 of the first pipeline rank and the output layer in the last
+    chunk of the last rank. All chunks share one ``TransformerConfig`` (the schedule reads the first chunk's).
+    Same arguments and wrapping as :func:`build_model`; returns the list (length VPP, or 1).
     """
     ps = mcore.parallel_state()
     config = transformer_config(preset, layout, device=device, precision=precision, precision_fields=precision_fields)
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
-    model = mcore.gpt_model(
-        config=config,
-        transformer_layer_spec=layer_spec(device, use_transformer_engine=use_te),
-        vocab_size=vocab_size,
-        max_sequence_length=max(seq_length, preset.max_position_embeddings),
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
-        parallel_output=True,
-        share_embeddings_and_output_weights=preset.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(preset.rotary_base),
-        **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
-           if preset.rope_scaling_factor else {}),
-    )
-    model.to(device)
-    if config.bf16:
-        model = mcore.float16_module(config, model)
-    return model
+    spec = layer_spec(device, use_transformer_engine=use_te)
+    vpp = layout.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = {} if vpp is None else {"vp_stage": vp_stage}
+        model = mcore.gpt_model(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max(seq_length, preset.max_position_embeddings),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=preset.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(preset.rotary_base),
+            **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
+               if preset.rope_scaling_factor else {}),
+            **stage,
+        )
+        model.to(device)
+        if config.bf16:
+            model = mcore.float16_module(config, model)
+        chunks.append(model)
+    return chunks
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -68,7 +68,11 @@ def check_layout(
     batch divisible by micro batch * DP; layers divisible by PP (by PP * VPP with virtual stages, which
     need PP >= 2); attention heads and query groups divisible by TP; with context parallel the sequence
     length divisible by 2 * CP (causal load balancing); sequence parallel needs TP >= 2 and a sequence
-    length divisible by TP. Raises :class:`ParallelLayoutError` with one line per broken rule.
+    length divisible by TP; with virtual stages the micro-batches per iteration divisible by PP (megatron-core's
+    interleaved schedule groups PP micro-batches per virtual stage, ``microbatch_group_size_per_vp_stage``, and
+    refuses a remainder smaller than PP: ``pipeline_parallel/schedules.py``,
+    ``forward_backward_pipelining_with_interleaving``). Raises :class:`ParallelLayoutError` with one line per
+    broken rule.
     """
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     cp, vpp, sp = parallel.context_parallel_size, parallel.virtual_pipeline_model_parallel_size, parallel.sequence_parallel
@@ -96,6 +100,13 @@ def check_layout(
         problems.append(
             f"global_batch_size {global_batch_size} is not divisible by micro_batch_size {micro_batch_size} * "
             f"data parallel size {dp} = {micro_batch_size * dp}"
+        )
+    elif vpp is not None and pp >= 2 and (global_batch_size // (micro_batch_size * dp)) % pp:
+        m = global_batch_size // (micro_batch_size * dp)
+        problems.append(
+            f"virtual_pipeline_model_parallel_size {vpp}: micro-batches per iteration {m} (global_batch_size "
+            f"{global_batch_size} / (micro_batch_size {micro_batch_size} * data parallel size {dp})) is not divisible "
+            f"by pipeline_model_parallel_size {pp} (megatron-core's interleaved schedule)"
         )
     if num_layers % pp:
         problems.append(f"num_layers {num_layers} is not divisible by pipeline_model_parallel_size {pp}")
@@ -125,14 +136,10 @@ def check_runnable(layout: Layout, device_type: str) -> None:
     """Refuse layouts this trainer cannot run on ``device_type`` (before any group is built).
 
     Context parallel needs Transformer Engine's attention on CUDA; sequence parallel's reduce-scatter /
-    all-gather of activations is not run on CPU (gloo); virtual pipeline stages (model chunks with the
-    interleaved schedule) are checked and mapped into megatron-core's config, but the training loop does
-    not build model chunks yet. Raises :class:`ParallelLayoutError` naming the setting.
+    all-gather of activations is not run on CPU (gloo). Virtual pipeline stages run everywhere (model chunks
+    with the interleaved schedule). Raises :class:`ParallelLayoutError` naming the setting.
     """
     problems = []
-    if layout.virtual_pipeline_model_parallel_size is not None:
-        problems.append(f"virtual_pipeline_model_parallel_size {layout.virtual_pipeline_model_parallel_size}: "
-                        "the trainer does not build interleaved model chunks yet; leave it unset")
     if device_type != "cuda" and layout.context_parallel_size > 1:
         problems.append(f"context_parallel_size {layout.context_parallel_size} needs CUDA GPUs with Transformer Engine "
                         f"(device is {device_type}); set it to 1")

@@ -26,7 +26,7 @@ import torch
 from megatron_ipt import checkpoint, cpu_backend, data, mcore, metrics, parallel, signals
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import read_manifest, write_manifest
-from megatron_ipt.model import build_model, count_parameters
+from megatron_ipt.model import build_model_chunks
 from megatron_ipt.presets import padded_vocab_size, resolve_preset
 
 METRICS = "metrics.jsonl"
@@ -41,8 +41,8 @@ def _say(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
-    """megatron's optimizer (``get_megatron_optimizer``: Adam with decoupled weight decay, grad clipping,
+def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
+    """megatron's optimizer over the model chunks (``get_megatron_optimizer``: Adam with decoupled weight decay, grad clipping,
     the distributed optimizer when ``parallel.use_distributed_optimizer``) and its
     ``OptimizerParamScheduler`` (linear warmup, then cosine / linear / constant decay to ``min_lr``,
     stepped once per iteration)."""
@@ -78,19 +78,24 @@ def lr_schedule(t) -> dict[str, Any]:
     return out
 
 
-def wrap_ddp(cfg: ExperimentConfig, model: torch.nn.Module):
-    """megatron-core's ``DistributedDataParallel`` around the model, wired into the model config the way
-    Megatron-LM does (``no_sync_func``, ``finalize_model_grads_func``) so the schedule reduces grads."""
-    config = model.config
-    ddp, finalize_model_grads = mcore.distributed_data_parallel(
-        config=config, module=model,
-        grad_reduce_in_fp32=cfg.train.precision == "bf16",
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
-    config.no_sync_func = ddp.no_sync
+def wrap_ddp(cfg: ExperimentConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """megatron-core's ``DistributedDataParallel`` around each model chunk, wired into the (shared) model config
+    the way Megatron-LM's ``setup_model_and_optimizer`` does (``no_sync_func``: one per chunk, a list with
+    virtual pipeline stages; ``finalize_model_grads_func``) so the schedule reduces grads. Returns the list."""
+    config = chunks[0].config
+    wrapped, finalize_model_grads = [], None
+    for chunk in chunks:
+        ddp, finalize_model_grads = mcore.distributed_data_parallel(
+            config=config, module=chunk,
+            grad_reduce_in_fp32=cfg.train.precision == "bf16",
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        wrapped.append(ddp)
+    no_sync = [ddp.no_sync for ddp in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    return ddp
+    return wrapped
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -139,38 +144,48 @@ def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
     return float(totals[0]), float(totals[1])
 
 
-def evaluate(model, forward_backward: Callable, dataset, cfg: ExperimentConfig, layout: parallel.Layout,
-             seq_length: int | None = None) -> float:
+def evaluate(model: list[torch.nn.Module], forward_backward: Callable, dataset, cfg: ExperimentConfig,
+             layout: parallel.Layout, seq_length: int | None = None) -> float:
     """Mean per-token loss (nats) over the whole held-out ``dataset`` (or ``train.eval_iters`` batches).
 
-    ``seq_length``: the dataset's sequence length (default ``model.seq_length``; shorter for small sets).
+    ``model``: the model chunks. ``seq_length``: the dataset's sequence length (default ``model.seq_length``;
+    shorter for small sets). With virtual pipeline stages the micro-batch count is rounded up to a multiple of
+    the pipeline size (the interleaved schedule needs it; the extra micro-batches carry a zero loss mask).
     """
     ps = mcore.parallel_state()
 
-    count, batches = data.eval_micro_batches(
-        dataset, micro_batch_size=layout.micro_batch_size,
-        data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=layout.data_parallel_size,
-        max_batches=cfg.train.eval_iters,
-    )
-    model.eval()
+    multiple = layout.pipeline_model_parallel_size if layout.virtual_pipeline_model_parallel_size else 1
+    iterators = []
+    for _chunk in model:  # the interleaved schedule takes one iterator per model chunk (Megatron-LM's convention)
+        count, batches = data.eval_micro_batches(
+            dataset, micro_batch_size=layout.micro_batch_size,
+            data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=layout.data_parallel_size,
+            max_batches=cfg.train.eval_iters, multiple_of=multiple,
+        )
+        iterators.append(batches)
+    for chunk in model:
+        chunk.eval()
     with torch.no_grad():
         outputs = forward_backward(
-            forward_step_func=_forward_step, data_iterator=batches, model=[model], num_microbatches=count,
+            forward_step_func=_forward_step, data_iterator=iterators, model=model, num_microbatches=count,
             seq_length=seq_length or cfg.model.seq_length, micro_batch_size=layout.micro_batch_size, forward_only=True,
         )
-    model.train()
+    for chunk in model:
+        chunk.train()
     loss_sum, tokens = _reduce_losses(outputs or [])
     return loss_sum / max(tokens, 1.0)
 
 
-def train_step(model, optimizer, scheduler, forward_backward: Callable, batches: Iterator[dict],
-               cfg: ExperimentConfig, layout: parallel.Layout) -> dict:
+def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backward: Callable,
+               batches: list[Iterator[dict]], cfg: ExperimentConfig, layout: parallel.Layout) -> dict:
     """One iteration (Megatron-LM's ``train_step``): zero grads, forward/backward over the micro-batches,
-    optimizer step, scheduler step. Returns loss (token-weighted mean), lr, grad norm, skipped flag."""
-    model.zero_grad_buffer()
+    optimizer step, scheduler step. ``model`` / ``batches``: the model chunks and one micro-batch iterator per
+    chunk. Returns loss (token-weighted mean), lr, grad norm, skipped flag."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = forward_backward(
-        forward_step_func=_forward_step, data_iterator=batches, model=[model],
+        forward_step_func=_forward_step, data_iterator=batches, model=model,
         num_microbatches=layout.num_microbatches, seq_length=cfg.model.seq_length,
         micro_batch_size=layout.micro_batch_size, forward_only=False,
     )
@@ -195,11 +210,12 @@ def _memory(device: torch.device) -> dict[str, float]:
         return {}
 
 
-def _parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of the whole model: this rank's non-duplicated params summed over TP and PP ranks."""
+def _parameter_count(model: list[torch.nn.Module]) -> int:
+    """Parameters of the whole model: this rank's non-duplicated params (all chunks) summed over TP and PP ranks."""
     ps = mcore.parallel_state()
 
-    local = sum(p.numel() for p in model.parameters() if mcore.param_is_not_tensor_parallel_duplicate(p))
+    local = sum(p.numel() for chunk in model for p in chunk.parameters()
+                if mcore.param_is_not_tensor_parallel_duplicate(p))
     total = torch.tensor([local], dtype=torch.int64, device=_collective_device())
     torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
     return int(total.item())
@@ -380,8 +396,9 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     te = transformer_engine_available()
     impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
     fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
-    model = build_model(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
-                        device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
+    # One chunk per virtual pipeline stage (one without): the schedule, optimizer and checkpoints take the list.
+    model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
+                               device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
     model = wrap_ddp(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, model)
     forward_backward = mcore.forward_backward_func()
@@ -443,10 +460,10 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         before = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
         progress = checkpoint.Progress(iteration=0, consumed_samples=0)
     progress.extra = {"heldout_before": before}
-    batches = data.micro_batches(
+    batches = [data.micro_batches(  # one iterator per model chunk, each over the same samples
         train_set, micro_batch_size=layout.micro_batch_size, data_parallel_rank=ps.get_data_parallel_rank(),
         data_parallel_size=layout.data_parallel_size, start_sample=progress.consumed_samples,
-    )
+    ) for _chunk in model]
 
     # Train.
     stop = min(t.train_iters, exit_after) if exit_after is not None else t.train_iters

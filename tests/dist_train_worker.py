@@ -1,6 +1,7 @@
 """Run ``train_stage`` from the command line, relaunching itself under torchrun (used by the dist tests).
 
-    python tests/dist_train_worker.py TOKENIZED_DIR OUT_DIR --procs 2 --tp 2 --pp 1 [--distopt] [--iters 4]
+    python tests/dist_train_worker.py TOKENIZED_DIR OUT_DIR --procs 2 --tp 2 --pp 1 [--vpp 2] [--layers 4]
+        [--distopt] [--iters 4] [--stop-at N] [--init-from CHECKPOINTS]
 
 Rank 0 writes ``OUT_DIR/summary.json``.
 """
@@ -26,14 +27,18 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages (model chunks per pipeline rank)")
+    p.add_argument("--layers", type=int, default=None, help="model.num_layers (default: the preset's)")
+    p.add_argument("--init-from", default=None, help="train.init_from: start from these weights")
     p.add_argument("--distopt", action="store_true")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--stop-at", type=int, default=None, help="exit after this many iterations (resume tests)")
     args = p.parse_args()
-    cfg = tiny_config(train_iters=args.iters, eval_iters=2)
+    cfg = tiny_config(train_iters=args.iters, eval_iters=2, init_from=args.init_from, model__num_layers=args.layers)
     cfg.parallel.nproc_per_node = args.procs
     cfg.parallel.tensor_model_parallel_size = args.tp
     cfg.parallel.pipeline_model_parallel_size = args.pp
+    cfg.parallel.virtual_pipeline_model_parallel_size = args.vpp
     cfg.parallel.use_distributed_optimizer = args.distopt
     relaunch_under_torchrun([__file__, *sys.argv[1:]], cfg.parallel.nproc_per_node)
 

@@ -136,3 +136,57 @@ def test_data_parallel_with_distributed_optimizer_trains_and_resumes_exactly(tok
     # including its step count (megatron-core's dp_reshardable load leaves it at 1; checkpoint.py restores it).
     assert got[3] == pytest.approx(expected[3], rel=1e-6, abs=1e-6)
     assert got[4] == pytest.approx(expected[4], rel=1e-6, abs=1e-6)
+
+
+# Virtual pipeline stages (interleaved 1F1B). Seeds differ per pipeline rank, so a layout comparison starts every
+# run from the same weights (train.init_from a world-size-1 checkpoint of a 4-layer model) and then compares curves.
+@pytest.fixture(scope="module")
+def four_layer_start(tokenized_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("start4")
+    train_stage(tiny_config(train_iters=1, eval_iters=1, model__num_layers=4), tokenized_dir, out, "fp-start")
+    return out / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def four_layer_reference(tokenized_dir, four_layer_start, tmp_path_factory):
+    """The world-size-1 curve from ``four_layer_start``: 4 iterations, the dist worker's settings."""
+    out = tmp_path_factory.mktemp("reference4")
+    cfg = tiny_config(train_iters=4, eval_iters=2, model__num_layers=4, init_from=str(four_layer_start))
+    return out, train_stage(cfg, tokenized_dir, out, "fp-ref")
+
+
+VPP_FLAGS = ("--pp", "2", "--vpp", "2", "--layers", "4")
+
+
+@pytest.mark.dist
+def test_virtual_pipeline_stages_match_the_world_size_1_curve(tokenized_dir, four_layer_start, four_layer_reference,
+                                                              tmp_path):
+    reference_out, reference = four_layer_reference
+    out = tmp_path / "vpp"
+    summary = run_two_processes(tokenized_dir, out, *VPP_FLAGS, "--init-from", str(four_layer_start))
+    assert summary["completed"] and summary["parallel"]["virtual_pipeline_model_parallel_size"] == 2
+    assert summary["parameters"] == reference["parameters"]
+    expected, got = losses_by_iteration(reference_out), losses_by_iteration(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    for it in got:  # same weights and data; only the pipeline split of the work differs
+        assert got[it] == pytest.approx(expected[it], rel=1e-4), it
+    for name, loss in summary["losses"].items():
+        assert loss["after"] == pytest.approx(reference["losses"][name]["after"], rel=1e-4), name
+    layout = json.loads((out / "checkpoints" / "iter_0000004" / "layout.json").read_text())
+    assert layout == {"pipeline": 2, "tensor": 1, "data": 1, "model_chunks": 2}
+
+
+@pytest.mark.dist
+def test_a_virtual_pipeline_checkpoint_resumed_at_pp1_continues_the_curve(tokenized_dir, four_layer_start,
+                                                                           four_layer_reference, tmp_path):
+    reference_out, _ = four_layer_reference
+    out = tmp_path / "resharded"
+    first = run_two_processes(tokenized_dir, out, *VPP_FLAGS, "--init-from", str(four_layer_start), "--stop-at", "2")
+    assert not first["completed"]
+    # the PP=2 x VPP=2 checkpoint (model0, model1 per rank) loaded into one PP=1 model at world size 1
+    cfg = tiny_config(train_iters=4, eval_iters=2, model__num_layers=4, init_from=str(four_layer_start))
+    second = train_stage(cfg, tokenized_dir, out, "fp-resharded")
+    assert second["resumed_from_iteration"] == 2 and second["parallel"]["pipeline_model_parallel_size"] == 1
+    expected, got = losses_by_iteration(reference_out), losses_by_iteration(out)
+    for it in (1, 2, 3, 4):
+        assert got[it] == pytest.approx(expected[it], rel=1e-4), it
