@@ -202,7 +202,8 @@ class ParallelConfig(_Section):
     nproc_per_node: int = Field(1, ge=1, description="Processes to start on this machine (torchrun) when not launched by one.")
     use_distributed_optimizer: bool = False
     virtual_pipeline_model_parallel_size: int | None = Field(
-        None, ge=1, description="Model chunks per pipeline stage (interleaved 1F1B); checked and mapped, not yet trained.")
+        None, ge=1, description="Model chunks per pipeline stage (interleaved 1F1B; needs PP >= 2, layers divisible by "
+        "PP x this, micro-batches per iteration divisible by PP).")
     context_parallel_size: int = Field(1, ge=1, description="Split the sequence across GPUs in attention (GPU + TE only).")
     sequence_parallel: bool = Field(False, description="Shard norm/dropout activations along the sequence over TP ranks (GPU only).")
 
