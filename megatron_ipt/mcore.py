@@ -259,11 +259,16 @@ def load_common_state(directory: Path | str) -> dict:
         return dist_checkpointing.load_common_state_dict(checkpoint_dir=str(directory))
 
 
-def load_distributed(template: dict, directory: Path | str) -> dict:
-    """``dist_checkpointing.load`` (keywords only; the strategy is read from the checkpoint)."""
+def load_distributed(template: dict, directory: Path | str, *, whole_tensors: bool = True) -> dict:
+    """``dist_checkpointing.load`` (keywords only; the strategy is read from the checkpoint).
+
+    ``whole_tensors=False`` lets ``template`` ask for part of a tensor only (e.g. one layer of the stacked
+    per-layer tensors): megatron's ``validate_access_integrity`` check, that the ranks together read every
+    tensor whole, is skipped."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory))
+    return dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory),
+                                   validate_access_integrity=whole_tensors)
 
 
 def filesystem_async_module():
