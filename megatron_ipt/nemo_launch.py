@@ -165,8 +165,11 @@ def find_log(job_dir: str | Path) -> Path | None:
     job_dir = Path(job_dir)
     if not job_dir.is_dir():
         return None
-    logs = [p for pattern in ("**/combined.log", "*.out", "**/*.out", "**/stderr.log") for p in job_dir.glob(pattern)]
-    return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+    for pattern in ("**/combined.log", "**/*.out", "**/stderr.log"):  # in this order of preference
+        logs = list(job_dir.glob(pattern))
+        if logs:
+            return max(logs, key=lambda p: p.stat().st_mtime)
+    return None
 
 
 def _tail(path: Path | None, lines: int = 25) -> str:

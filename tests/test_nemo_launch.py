@@ -1,0 +1,118 @@
+"""``ipt launch``: stages as NeMo-Run experiments. Command construction and option checks (fast), then a
+tiny real training run through NeMo-Run's LocalExecutor with 2 gloo processes under torchrun, and one that
+fails inside the job and must be reported as failed (NeMo-Run itself returns normally)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ipt.errors import IptError
+from megatron_ipt.nemo_launch import SlurmOptions, StageCommand, environment, find_log, slurm_options
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import make_tokenized_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stage_command_quotes_every_value():
+    hostile = "runs/x; touch /tmp/pwned $(id) `id` 'q'"
+    cmd = StageCommand("train", hostile, [f"name={hostile}"], ["--force"], workdir="/a b/c", python="/v env/python")
+    script = cmd.inline()
+    lines = script.splitlines()
+    assert lines[0] == "set -euo pipefail" and lines[1] == "cd '/a b/c'"
+    assert shlex.split(lines[2]) == ["exec", "/v env/python", "-m", "megatron_ipt.cli", "train", hostile, "--set",
+                                     f"name={hostile}", "--force"]
+    out = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("opts, message", [
+    (SlurmOptions(), "needs --account"),
+    (SlurmOptions(account="a", time="90 minutes"), "expected HH:MM:SS"),
+    (SlurmOptions(account="a", tunnel="ssh", host="h"), "needs --host, --user and --job-dir"),
+    (SlurmOptions(account="a", nodes=0), "at least 1"),
+])
+def test_bad_slurm_options_are_named(opts, message):
+    with pytest.raises(IptError, match=message):
+        opts.check()
+
+
+def test_slurm_options_merge_file_defaults_with_cli_flags():
+    class Args:
+        account, partition, nodes, gpus_per_node, time, tunnel = "cli", None, 2, None, None, None
+        host = user = job_dir = identity = container_image = None
+        container_mounts: list = []
+
+    got = slurm_options(Args, {"account": "file", "partition": "debug", "time": "00:05:00"})
+    assert (got.account, got.partition, got.nodes, got.time) == ("cli", "debug", 2, "00:05:00")
+    with pytest.raises(IptError, match="slurm options"):
+        slurm_options(Args, {"acount": "typo"})
+
+
+def test_local_environment_puts_the_project_on_pythonpath():
+    env = environment(True, {"X": "1"})
+    assert env["PYTHONPATH"].split(":")[0] == str(ROOT) and env["X"] == "1"
+    assert "PYTHONPATH" not in environment(False)  # remote (ssh) file systems: nothing local leaks in
+
+
+def _tiny_experiment(tmp_path: Path, **sets) -> Path:
+    run_dir = tmp_path / "run"
+    make_tokenized_dir(run_dir / "tokenized", train_docs=60, heldout_docs=6)
+    cfg = {"name": "tiny", "run_dir": str(run_dir),
+           "model": {"preset": "llama-test", "seq_length": 64},
+           "parallel": {"nproc_per_node": 2},
+           "train": {"device": "cpu", "train_iters": 3, "micro_batch_size": 2, "global_batch_size": 4,
+                     "lr_warmup_iters": 1, "log_interval": 1, "eval_iters": 1, "save_checkpoint": True}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _ipt(*args, cwd):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "megatron_ipt.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_launch_trains_with_two_torchrun_processes_through_the_local_executor(tmp_path):
+    pytest.importorskip("nemo_run")
+    config = _tiny_experiment(tmp_path)
+    home = tmp_path / "nemo_run"
+    r = _ipt("launch", str(config), "--stage", "train", "--nemo-run-home", str(home), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SUCCEEDED" in r.stdout
+    manifest = yaml.safe_load((tmp_path / "run" / "train" / "manifest.json").read_text())
+    assert manifest["counts"]["iterations"] == 3
+    assert manifest["parallel"]["world_size"] == 2  # torchrun started both processes, no relaunch
+    log = find_log(next((home / "experiments" / "ipt-train-tiny").iterdir()))
+    text = log.read_text()
+    assert "[default0]:iteration 3/3" in text  # torchrun's rank-prefixed output of the training (rank 0 logs)
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_a_task_failing_inside_is_reported_as_failed_with_its_log(tmp_path):
+    pytest.importorskip("nemo_run")
+    config = _tiny_experiment(tmp_path)
+    home = tmp_path / "nemo_run"
+    # 2 processes cannot hold tensor_model_parallel_size 3: the config loads, the job fails inside
+    r = _ipt("launch", str(config), "--stage", "train", "--set", "parallel.tensor_model_parallel_size=3",
+             "--nemo-run-home", str(home), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if x.startswith("ipt launch: error:")]
+    assert line and "task 'train'" in line[0] and "ended FAILED" in line[0] and "log: " in line[0]
+    log = Path(line[0].rsplit("log: ", 1)[1])
+    assert log.is_file() and str(home) in str(log)
+    assert "not divisible by tensor_model_parallel_size 3" in log.read_text()
+    assert not (tmp_path / "run" / "train" / "manifest.json").exists()
