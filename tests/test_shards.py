@@ -52,6 +52,14 @@ def test_merge_restores_input_order(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_merged_counts_sum_the_shards_pair_structure(tmp_path):
+    for i in range(2):
+        recs = [dict(d, pairs=[]) for d in select_shard(DOCS, i, 2)]
+        write_shard(tmp_path, i, 2, recs, {"pair_structure": {"plain": 3 + i, "cot": i, "issue:x": 1}})
+    counts = merge_shards(tmp_path, 2, DOCS, tmp_path / "pairs.jsonl")
+    assert counts["pair_structure"] == {"cot": 1, "issue:x": 2, "plain": 7}
+
+
 def test_missing_shard_is_named(tmp_path):
     _write_all(tmp_path, 3)
     shard_paths(tmp_path, 1, 3)[1].unlink()
@@ -153,15 +161,16 @@ def test_synthesize_sbatch_runs_its_array_tasks_and_merge(tiny_llama_path, tmp_p
 
 
 @pytest.mark.e2e
-def test_kill_9_mid_shard_then_rerun_merges_every_document_once(tiny_llama_path, tmp_path):
-    """A shard process killed with SIGKILL leaves no shard file behind; the rerun redoes that shard only, and
-    the merged output equals an uninterrupted (unsharded) run, every document exactly once."""
+def test_kill_9_mid_shard_then_rerun_resumes_after_the_last_batch_and_merges_every_document_once(tiny_llama_path, tmp_path):
+    """A shard process killed with SIGKILL after some batches leaves no shard file, only its journal; the rerun
+    generates only the batches not in the journal, and the merged output equals an uninterrupted (unsharded) run,
+    every document exactly once."""
     import os
     import pathlib
     import signal
     import time
 
-    from data_prep.shards import shard_paths
+    from data_prep.shards import journal_path, shard_paths
 
     repo = pathlib.Path(__file__).parents[1]
     common = ["--set", "corpus.max_documents=16", "--set", f"synthesis.model={tiny_llama_path}",
@@ -173,23 +182,32 @@ def test_kill_9_mid_shard_then_rerun_merges_every_document_once(tiny_llama_path,
         assert _ipt("corpus", *cfg, cwd=repo).returncode == 0
     assert _ipt("synthesize", *cfg_a, cwd=repo).returncode == 0
     assert _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "0", cwd=repo).returncode == 0
+    shard_dirs = list((tmp_path / "b" / "synthesis.shards").iterdir())
+    assert len(shard_dirs) == 1
+    journal = journal_path(shard_dirs[0], 1, 2)
+    progress = journal.with_name(journal.name + ".progress.json")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", "synthesize", *cfg_b, "--num-shards", "2",
                              "--shard-index", "1"], cwd=repo, env=dict(env, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(6)
+    deadline = time.time() + 120
+    while proc.poll() is None and not progress.exists() and time.time() < deadline:
+        time.sleep(0.02)
     killed = proc.poll() is None
     print("killed mid-shard:", killed)
     os.kill(proc.pid, signal.SIGKILL) if killed else None
     proc.wait()
-    shard_dirs = list((tmp_path / "b" / "synthesis.shards").iterdir())
-    assert len(shard_dirs) == 1
     if killed:
         assert not shard_paths(shard_dirs[0], 1, 2)[1].exists()
+        assert journal.exists() and json.loads(progress.read_text())["batches"] >= 1
         r = _ipt("synthesize", *cfg_b, "--merge", "--num-shards", "2", cwd=repo)
         assert r.returncode == 2 and "shard 1 of 2 is missing" in r.stderr
     r = _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "1", cwd=repo)
     assert r.returncode == 0, r.stderr
+    manifest = json.loads(shard_paths(shard_dirs[0], 1, 2)[1].read_text())
+    if killed:  # batch_size 1: every prompt journaled before the kill was not generated again
+        assert 1 <= manifest["counts"]["resumed_prompts"] < manifest["records"]
+    assert not journal.exists() and not progress.exists()
     r = _ipt("synthesize", *cfg_b, "--merge", "--num-shards", "2", cwd=repo)
     assert r.returncode == 0, r.stderr
     a = (tmp_path / "a" / "synthesis" / "pairs.jsonl").read_text()
