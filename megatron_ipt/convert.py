@@ -1,12 +1,23 @@
-"""Hugging Face <-> Megatron checkpoints for Llama 3 / 3.1 and Qwen2 / 2.5.
+"""Hugging Face <-> Megatron checkpoints for Llama 3 / 3.1 and Qwen2 / 2.5, streamed tensor by tensor.
 
-``hf_to_megatron``: reads the Hugging Face safetensors tensor by tensor (positioned reads, no memory map,
-:mod:`megatron_ipt.safetensors_stream`), fills a megatron-core ``GPTModel`` built from the checkpoint's
-``config.json`` (:func:`megatron_ipt.presets.preset_from_hf_config`) and saves it as a weights-only
-torch_dist checkpoint (:func:`megatron_ipt.checkpoint.save_model_weights`): ``DST/iter_0000000`` and
-``DST/latest``, loadable with any tensor/pipeline layout (megatron reshards on load) by ``train.init_from``.
-``megatron_to_hf``: loads such a checkpoint (or a training run's ``checkpoints`` folder) into the same model
-and writes sharded safetensors with ``model.safetensors.index.json`` tensor by tensor.
+``hf_to_megatron`` writes a weights-only torch_dist checkpoint (``DST/iter_0000000`` + ``DST/latest``) that
+``train.init_from`` loads with any tensor/pipeline layout (torch_dist reshards on load). ``megatron_to_hf``
+reads such a checkpoint (or a training run's) and writes sharded safetensors with
+``model.safetensors.index.json``. Neither builds the model in memory:
+
+- The structure comes from a megatron-core ``GPTModel`` built on the ``meta`` device in a world of one
+  process (no parameter memory): its ``sharded_state_dict()`` names every ShardedTensor, its key, global
+  shape and offsets, exactly as training saves and loads them.
+- Every megatron parameter is a stack, along dim 0, of row ranges of Hugging Face tensors (and zero rows
+  for the vocabulary padding): :func:`row_plan`. On import each ShardedTensor (after megatron's own
+  factories, e.g. the SwiGLU ``linear_fc1`` split into gate and up) gets *file-backed* data: a memory map of
+  the Hugging Face safetensors file itself when it is one row range of one tensor in the target dtype
+  (``o_proj``, ``down_proj``, norms, gate, up), else a memory map of a scratch file assembled block by block
+  (fused QKV, padded embeddings, dtype casts). ``dist_checkpointing.save`` then reads the data through the
+  page cache (clean file pages), so the process's anonymous memory stays at a few row blocks.
+- On export each megatron parameter is loaded alone (``dist_checkpointing.load`` of one ShardedTensor or
+  factory; torch_dist reads only the chunks it needs) and its row ranges are streamed into
+  :class:`~megatron_ipt.safetensors_stream.ShardedWriter`; peak memory is about one parameter.
 
 The mapping (megatron-core local layer spec names; the layout Megatron-LM's own Llama converters use):
 
@@ -24,31 +35,41 @@ The mapping (megatron-core local layer spec names; the layout Megatron-LM's own 
 
 Both use rotate-half RoPE, so no query/key permutation is needed. The vocabulary is padded to a multiple of
 128 x the target tensor-parallel size on import (:func:`megatron_ipt.presets.padded_vocab_size`, what the
-trainer computes) and cut back on export. Memory: the Hugging Face side is streamed, but the megatron model
-is built whole in one process (one model in the checkpoint's dtype, about 16 GB for Llama-3-8B in bf16);
-a 70B conversion therefore needs a node with about 150 GB of RAM.
+trainer computes) and cut back on export.
+
+Memory and disk (measured by ``benchmarks/convert_memory.py``): anonymous memory stays at a few 64 MB row
+blocks on import and about one parameter on export; file pages of the inputs pass through the page cache.
+Import needs scratch disk for the tensors that are not a plain slice of one Hugging Face tensor (QKV and the
+padded embeddings, about 10% of a Llama model; everything when ``--dtype`` differs from the source), inside
+the output folder while it is written, deleted at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_ipt import checkpoint, cpu_backend, parallel
+from megatron_ipt import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ParallelConfig
 from megatron_ipt.errors import IptError
 from megatron_ipt.presets import ModelPreset, padded_vocab_size, preset_from_hf_config
-from megatron_ipt.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter
+from megatron_ipt.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter, mmap_tensor
 
 CONVERT_MANIFEST = "convert_manifest.json"
 HF_FILES_DIR = "hf"  # inside a converted checkpoint: the source's config, tokenizer and chat template
+SCRATCH_DIR = ".convert-scratch"  # inside the output folder while hf_to_megatron writes it
 MAPPING_VERSION = 1
+BLOCK_BYTES = 64 * 2**20  # rows copied at a time into scratch files
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,25 +77,24 @@ class ConvertError(IptError, ValueError):
     """A checkpoint cannot be converted; the message names the file or tensor."""
 
 
-def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: ModelPreset) -> torch.Tensor:
-    """Fuse HF q/k/v (weights [n*d, H] or biases [n*d]) into megatron's per-group ``linear_qkv`` layout."""
-    d, g = p.kv_channels, p.num_query_groups
-    per = p.num_attention_heads // g
-    rest = q.shape[1:]
-    fused = torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
-    return fused.reshape(g * (per + 2) * d, *rest)
+# ------------------------------------------------------------------------------------------ mapping
+def hf_shape(name: str, p: ModelPreset) -> tuple[int, ...]:
+    """The shape Hugging Face tensor ``name`` has for preset ``p`` (Llama / Qwen2 ``state_dict`` names)."""
+    h, f, d = p.hidden_size, p.ffn_hidden_size, p.kv_channels
+    q, kv = p.num_attention_heads * d, p.num_query_groups * d
+    leaf = name.split(".")
+    kind, what = leaf[-2], leaf[-1]
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (p.vocab_size, h)
+    if kind.endswith("norm"):
+        return (h,)
+    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": h, "gate_proj": f, "up_proj": f, "down_proj": h}[kind]
+    cols = {"o_proj": q, "down_proj": f}.get(kind, h)
+    return (rows,) if what == "bias" else (rows, cols)
 
 
-def _split_qkv(qkv: torch.Tensor, p: ModelPreset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d, g = p.kv_channels, p.num_query_groups
-    per = p.num_attention_heads // g
-    rest = qkv.shape[1:]
-    grouped = qkv.reshape(g, (per + 2) * d, *rest)
-    q, k, v = torch.split(grouped, [per * d, d, d], dim=1)
-    return q.reshape(g * per * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest)
-
-
-def _hf_names(p: ModelPreset) -> list[str]:
+def hf_names(p: ModelPreset) -> list[str]:
+    """The Hugging Face tensor names of preset ``p``, in the order ``megatron_to_hf`` writes them."""
     names = ["model.embed_tokens.weight"]
     for i in range(p.num_layers):
         a = f"model.layers.{i}."
@@ -89,8 +109,8 @@ def _hf_names(p: ModelPreset) -> list[str]:
     return names
 
 
-def _megatron_sources(p: ModelPreset) -> dict[str, tuple[str, ...]]:
-    """megatron parameter name -> the HF tensors it is built from."""
+def megatron_sources(p: ModelPreset) -> dict[str, tuple[str, ...]]:
+    """megatron parameter name -> the Hugging Face tensors it is built from."""
     out = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
            "decoder.final_layernorm.weight": ("model.norm.weight",)}
     if not p.tie_word_embeddings:
@@ -108,31 +128,180 @@ def _megatron_sources(p: ModelPreset) -> dict[str, tuple[str, ...]]:
     return out
 
 
-class _SingleProcessModel:
-    """A megatron-core GPTModel for ``preset`` in a world of one process on CPU (the CPU backend active)."""
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``start:stop`` (dim 0) of Hugging Face tensor ``name``; ``name`` None: zero rows (vocabulary padding)."""
 
-    def __init__(self, preset: ModelPreset, vocab_size: int, dtype: torch.dtype) -> None:
-        from megatron_ipt.model import build_model
+    name: str | None
+    start: int
+    stop: int
 
-        self.ctx = cpu_backend.cpu_backend(enabled=True)
-        self.ctx.__enter__()
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def row_plan(mname: str, p: ModelPreset, padded_vocab: int) -> list[Rows]:
+    """Megatron parameter ``mname`` as the concatenation, along dim 0, of these row ranges (all sharing the
+    Hugging Face tensors' trailing dims). QKV: per query group ``[q heads of the group, k, v]``; ``linear_fc1``:
+    ``[gate; up]``; embeddings / output layer: the vocabulary, then zero rows up to ``padded_vocab``."""
+    hf = megatron_sources(p)[mname]
+    if mname.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        d, g = p.kv_channels, p.num_query_groups
+        per = p.num_attention_heads // g
+        q, k, v = hf
+        plan = []
+        for j in range(g):
+            plan += [Rows(q, j * per * d, (j + 1) * per * d), Rows(k, j * d, (j + 1) * d), Rows(v, j * d, (j + 1) * d)]
+        return plan
+    plan = [Rows(n, 0, hf_shape(n, p)[0]) for n in hf]
+    if mname in ("embedding.word_embeddings.weight", "output_layer.weight") and padded_vocab > p.vocab_size:
+        plan.append(Rows(None, p.vocab_size, padded_vocab))
+    return plan
+
+
+def _slice_plan(plan: list[Rows], start: int, stop: int) -> list[Rows]:
+    """The row ranges that make up rows ``start:stop`` of the stacked tensor ``plan`` describes."""
+    out, offset = [], 0
+    for r in plan:
+        lo, hi = max(start, offset), min(stop, offset + r.count)
+        if lo < hi:
+            out.append(Rows(r.name, r.start + lo - offset, r.start + hi - offset))
+        offset += r.count
+    return out
+
+
+# ----------------------------------------------------------------------------- model structure (meta)
+@contextlib.contextmanager
+def one_process_world(preset: ModelPreset) -> Iterator[parallel.Layout]:
+    """A torch.distributed world of one process (gloo) with megatron's parallel state for ``preset`` and the
+    CPU backend active; yields the layout (TP = PP = 1). Everything is torn down on exit."""
+    with cpu_backend.cpu_backend(enabled=True):
+        layout = parallel.setup(ParallelConfig(), torch.device("cpu"), micro_batch_size=1, global_batch_size=1,
+                                num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+                                num_query_groups=preset.num_query_groups, seed=0)
         try:
-            device = torch.device("cpu")
-            self.layout = parallel.setup(ParallelConfig(), device, micro_batch_size=1, global_batch_size=1,
-                                         num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-                                         num_query_groups=preset.num_query_groups, seed=0)
-            precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-            self.model = build_model(preset, self.layout, vocab_size=vocab_size, seq_length=min(
-                preset.max_position_embeddings, 4096), device=device, precision=precision)
-        except BaseException:
-            self.close()
-            raise
-        self.gpt = getattr(self.model, "module", self.model)  # inside Float16Module for bf16
-        self.params = dict(self.gpt.named_parameters())
+            yield layout
+        finally:
+            parallel.teardown()
 
-    def close(self) -> None:
-        parallel.teardown()
-        self.ctx.__exit__(None, None, None)
+
+def meta_model(preset: ModelPreset, layout: parallel.Layout, vocab_size: int) -> torch.nn.Module:
+    """The ``GPTModel`` of ``preset`` with parameters on the ``meta`` device (no memory): the structure of
+    its ``sharded_state_dict()``. Same architecture arguments as :func:`megatron_ipt.model.build_model`,
+    which cannot build on meta (it moves the model to a real device); the parity tests load a converted
+    checkpoint into ``build_model``'s model, so a difference in structure fails them."""
+    from megatron_ipt.model import layer_spec, transformer_config
+
+    cpu = torch.device("cpu")
+    config = transformer_config(preset, layout, device=cpu, precision="fp32")
+    config.perform_initialization = False
+    with torch.device("meta"):
+        return mcore.gpt_model(
+            config=config, transformer_layer_spec=layer_spec(cpu), vocab_size=vocab_size,
+            max_sequence_length=preset.max_position_embeddings, pre_process=True, post_process=True,
+            parallel_output=True, share_embeddings_and_output_weights=preset.tie_word_embeddings,
+            position_embedding_type="rope", rotary_base=int(preset.rotary_base),
+            **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
+               if preset.rope_scaling_factor else {}))
+
+
+def _mapping():
+    """megatron-core's ``ShardedTensor`` and ``ShardedTensorFactory`` classes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return ShardedTensor, ShardedTensorFactory
+
+
+def _param_rows(view: torch.Tensor, param: torch.Tensor, what: str) -> tuple[int, int]:
+    """The dim-0 row range of ``param`` that ``view`` (a ShardedTensor's data: the parameter itself or a row
+    slice of it, as megatron's SwiGLU factory makes) covers."""
+    row = 1
+    for d in param.shape[1:]:
+        row *= d
+    if tuple(view.shape[1:]) != tuple(param.shape[1:]) or not view.is_contiguous() or view.storage_offset() % row:
+        raise ConvertError(f"{what}: megatron shards it as {list(view.shape)} of {list(param.shape)}, not as a row "
+                           "range (unsupported megatron-core version?)")
+    start = view.storage_offset() // row
+    return start, start + (view.shape[0] if view.dim() else 1)
+
+
+# ------------------------------------------------------------------------------------- import
+class _Scratch:
+    """Raw tensor files assembled from row ranges, handed back memory-mapped (see module docstring)."""
+
+    def __init__(self, folder: Path, weights: ModelWeights) -> None:
+        self.folder, self.weights, self.count, self.bytes = folder, weights, 0, 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def tensor(self, rows: list[Rows], dtype: torch.dtype, trailing: tuple[int, ...]) -> torch.Tensor:
+        path = self.folder / f"{self.count:06d}.bin"
+        self.count += 1
+        row_numel = 1
+        for d in trailing:
+            row_numel *= d
+        step = max(1, BLOCK_BYTES // max(1, row_numel * dtype.itemsize))
+        with open(path, "wb") as f:
+            for r in rows:
+                for lo in range(r.start, r.stop, step):
+                    hi = min(r.stop, lo + step)
+                    if r.name is None:
+                        block = torch.zeros((hi - lo, *trailing), dtype=dtype)
+                    else:
+                        block = self.weights.mmap_rows(r.name, lo, hi).to(dtype)
+                    f.write(block.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        total = sum(r.count for r in rows)
+        self.bytes += total * row_numel * dtype.itemsize
+        return mmap_tensor(path, 0, dtype, (total, *trailing) if trailing else (total,))
+
+
+def _bind(sh, data: torch.Tensor):
+    """``sh`` (a ShardedTensor) holding ``data`` instead of its meta tensor."""
+    return dataclasses.replace(sh, data=data.reshape(sh.data.shape), dtype=data.dtype)
+
+
+def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, preset: ModelPreset, vocab: int,
+                            dtype: torch.dtype, scratch: _Scratch) -> tuple[dict, int]:
+    """The meta model's sharded state dict with every ShardedTensor's data file-backed; returns it and the
+    parameter count. Factories are applied here (their pieces are bound one by one)."""
+    ShardedTensor, ShardedTensorFactory = _mapping()
+    params = dict(model.named_parameters())
+    sources = megatron_sources(preset)
+    unmapped = sorted(set(params) - set(sources))
+    if unmapped:
+        raise ConvertError(f"megatron parameter {unmapped[0]} has no Hugging Face source (mapping incomplete)")
+    sd = model.sharded_state_dict()
+    for key, entry in sd.items():
+        if not isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
+            continue  # ShardedObjects (local layers' empty _extra_state) are saved as they are
+        if key not in params:
+            raise ConvertError(f"megatron sharded state dict entry {key} is not a parameter (unsupported layer spec?)")
+        param, plan = params[key], row_plan(key, preset, vocab)
+        if sum(r.count for r in plan) != param.shape[0]:
+            raise ConvertError(f"megatron parameter {key} has {param.shape[0]} rows; its sources give "
+                               f"{sum(r.count for r in plan)}")
+        pieces = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
+        bound = []
+        for sh in pieces:
+            rows = _slice_plan(plan, *_param_rows(sh.data, param, key))
+            one = rows[0] if len(rows) == 1 else None
+            if one is not None and one.name is not None and weights.tensors[one.name].torch_dtype == dtype:
+                data = weights.mmap_rows(one.name, one.start, one.stop)  # the Hugging Face file itself
+            else:
+                data = scratch.tensor(rows, dtype, tuple(param.shape[1:]))
+            bound.append(_bind(sh, data))
+        sd[key] = bound if isinstance(entry, ShardedTensorFactory) else bound[0]
+    return sd, sum(p.numel() for p in params.values())
+
+
+class _StateDictHolder:
+    """What :func:`megatron_ipt.checkpoint.save_model_weights` needs of a model: its sharded state dict."""
+
+    def __init__(self, sd: dict) -> None:
+        self._sd = sd
+
+    def sharded_state_dict(self) -> dict:
+        return self._sd
 
 
 def _atomic_folder(dst: Path, overwrite: bool) -> Path:
@@ -161,76 +330,129 @@ def _copy_hf_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _dtype_name(dtype: str | None, hf_cfg: dict) -> str:
+    name = dtype or hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
+    if name not in _DTYPES:
+        raise ConvertError(f"dtype {name!r}: choose one of {sorted(_DTYPES)}")
+    return name
+
+
 def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_size: int = 1,
                    dtype: str | None = None, overwrite: bool = False) -> dict:
-    """Convert a Hugging Face Llama/Qwen2 folder into a weights-only torch_dist checkpoint at ``dst``.
+    """Convert a Hugging Face Llama/Qwen2 folder into a weights-only torch_dist checkpoint at ``dst``, streamed:
+    the anonymous memory used is a few 64 MB row blocks whatever the model size (see the module docstring).
 
     ``tensor_model_parallel_size``: the TP size training will use (sets the vocabulary padding, 128 x TP);
-    ``dtype``: ``float32`` / ``bfloat16`` / ``float16`` (default: the checkpoint's ``torch_dtype``).
-    ``dst`` gets ``iter_0000000/``, ``latest``, ``hf/`` (config, tokenizer, chat template of the source, for
-    the export back and for ``model.hf_config``) and ``convert_manifest.json``. Raises ConvertError naming
-    the tensor when the checkpoint lacks a tensor or has a wrong shape; ValueError for unsupported configs."""
+    ``dtype``: ``float32`` / ``bfloat16`` / ``float16`` (default: the checkpoint's ``torch_dtype``), the dtype
+    stored in the checkpoint (training casts on load). ``dst`` gets ``iter_0000000/``, ``latest``, ``hf/``
+    (config, tokenizer, chat template of the source, for the export back and for ``model.hf_config``) and
+    ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor or
+    has a wrong shape; ValueError for unsupported configs."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     preset = preset_from_hf_config(src)
     hf_cfg = json.loads((src / "config.json").read_text())
-    dtype_name = dtype or hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
-    if dtype_name not in _DTYPES:
-        raise ConvertError(f"dtype {dtype_name!r}: choose one of {sorted(_DTYPES)}")
+    dtype_name = _dtype_name(dtype, hf_cfg)
     weights = ModelWeights(src)
-    missing = [n for n in _hf_names(preset) if n not in weights]
-    if missing:
-        raise ConvertError(f"{src}: tensor {missing[0]} is missing ({len(missing)} missing) for a "
-                           f"{hf_cfg.get('model_type')} model with this config.json")
-    vocab = padded_vocab_size(preset.vocab_size, tensor_model_parallel_size)
-    tmp = _atomic_folder(dst, overwrite)
-    world = _SingleProcessModel(preset, vocab, _DTYPES[dtype_name])
     try:
-        sources = _megatron_sources(preset)
-        unmapped = sorted(set(world.params) - set(sources))
-        if unmapped:
-            raise ConvertError(f"megatron parameter {unmapped[0]} has no Hugging Face source (mapping incomplete)")
-        with torch.no_grad():
-            for name, param in world.params.items():
-                parts = [weights.read_rows(n) for n in sources[name]]
-                if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
-                    value = _qkv(*parts, preset)
-                elif name.endswith("linear_fc1.weight"):
-                    value = torch.cat(parts, dim=0)
-                else:
-                    value = parts[0]
-                if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                    padded = torch.zeros(param.shape, dtype=value.dtype)
-                    padded[: value.shape[0]] = value
-                    value = padded
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ConvertError(f"tensor {sources[name][0]}: shape {list(value.shape)} does not give "
-                                       f"megatron's {name} {list(param.shape)}")
-                param.copy_(value.to(param.dtype))
-        checkpoint.save_model_weights(tmp, world.model)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        world.close()
-        weights.close()
-    copied = _copy_hf_files(src, tmp / HF_FILES_DIR)
-    from megatron_ipt.residual import folder_fingerprint
+        names = hf_names(preset)
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise ConvertError(f"{src}: tensor {missing[0]} is missing ({len(missing)} missing) for a "
+                               f"{hf_cfg.get('model_type')} model with this config.json")
+        for n in names:
+            if weights.tensors[n].shape != hf_shape(n, preset):
+                raise ConvertError(f"{src}: tensor {n} has shape {list(weights.tensors[n].shape)}; config.json "
+                                   f"gives {list(hf_shape(n, preset))}")
+        vocab = padded_vocab_size(preset.vocab_size, tensor_model_parallel_size)
+        tmp = _atomic_folder(dst, overwrite)
+        try:
+            scratch = _Scratch(tmp / SCRATCH_DIR, weights)
+            with one_process_world(preset) as layout:
+                sd, n_params = _file_backed_state_dict(meta_model(preset, layout, vocab), weights, preset, vocab,
+                                                       _DTYPES[dtype_name], scratch)
+                checkpoint.save_model_weights(tmp, _StateDictHolder(sd))
+                del sd
+            shutil.rmtree(tmp / SCRATCH_DIR)
+            copied = _copy_hf_files(src, tmp / HF_FILES_DIR)
+            from megatron_ipt.residual import folder_fingerprint
 
-    manifest = {"direction": "hf-to-megatron", "mapping_version": MAPPING_VERSION, "source": folder_fingerprint(
-        ModelWeights(src)), "model_type": hf_cfg.get("model_type"), "dtype": dtype_name,
-        "tensor_model_parallel_size_padding": tensor_model_parallel_size, "padded_vocab_size": vocab,
-        "vocab_size": preset.vocab_size, "parameters": sum(p.numel() for p in world.params.values()),
-        "hf_files": copied, "seconds": round(time.perf_counter() - start, 2)}
-    (tmp / CONVERT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            manifest = {"direction": "hf-to-megatron", "mapping_version": MAPPING_VERSION,
+                        "source": folder_fingerprint(weights), "model_type": hf_cfg.get("model_type"),
+                        "dtype": dtype_name, "tensor_model_parallel_size_padding": tensor_model_parallel_size,
+                        "padded_vocab_size": vocab, "vocab_size": preset.vocab_size, "parameters": n_params,
+                        "scratch_bytes": scratch.bytes, "hf_files": copied,
+                        "seconds": round(time.perf_counter() - start, 2)}
+            (tmp / CONVERT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        weights.close()
     _finish(tmp, dst)
     return manifest
+
+
+# ------------------------------------------------------------------------------------- export
+def _checkpoint_dtypes(ckpt_dir: Path) -> dict[str, torch.dtype]:
+    """torch_dist key -> stored dtype (from the checkpoint's ``.metadata``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+    return {k: v.properties.dtype for k, v in meta.state_dict_metadata.items() if hasattr(v, "properties")}
+
+
+def _checkpoint_vocab(ckpt_dir: Path) -> int:
+    """The padded vocabulary the checkpoint was saved with (read from its metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+    keys = [k for k in meta.state_dict_metadata if k.endswith("word_embeddings.weight")]
+    if not keys:
+        raise ConvertError(f"{ckpt_dir}: no word embeddings in the checkpoint")
+    return int(meta.state_dict_metadata[keys[0]].size[0])
+
+
+def _load_parameter(key: str, entry, param: torch.Tensor, dtypes: dict[str, torch.dtype], ckpt_dir: Path,
+                    cfg_file: Path) -> torch.Tensor:
+    """Parameter ``key`` read alone from the checkpoint, in the stored dtype. ``entry``: its meta
+    ShardedTensor or factory, ``param``: the meta parameter.
+
+    Each piece megatron would load (a factory's pieces, e.g. SwiGLU's gate and up halves) is asked for as a
+    plain region ``[offset : offset + shape]`` of the stored global tensor (the layer axis megatron prepends
+    made explicit), read straight into its rows of the parameter: megatron's prepended-axis form would build
+    torch ShardedTensor metadata for every layer, which a one-process world cannot hold for a part."""
+    ShardedTensor, ShardedTensorFactory = _mapping()
+    pieces = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
+    missing = [sh.key for sh in pieces if sh.key not in dtypes]
+    if missing:
+        raise ConvertError(f"{ckpt_dir}: tensor {missing[0]} (parameter {key}) is not in the checkpoint; is it a "
+                           f"checkpoint of the model {cfg_file} describes?")
+    value = torch.empty(param.shape, dtype=dtypes[pieces[0].key])
+    requests = []
+    for sh in pieces:
+        start, stop = _param_rows(sh.data, param, key)
+        shape = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        offsets = [(axis, off // size, total // size) for axis, (off, size, total)
+                   in enumerate(zip(sh.global_offset, shape, sh.global_shape)) if total != size]
+        requests.append(ShardedTensor.from_rank_offsets(sh.key, value[start:stop].view(shape), *offsets))
+    try:
+        loaded = mcore.load_distributed({"model": {key: requests}}, ckpt_dir, whole_tensors=False)["model"][key]
+    except (Exception, CheckpointException) as e:  # megatron's messages are long; keep the informative line
+        raise ConvertError(f"{ckpt_dir}: does not fit the model described by {cfg_file}: "
+                           f"{checkpoint.load_error_reason(e)}") from None
+    for sh, got in zip(pieces, loaded):
+        start, stop = _param_rows(sh.data, param, key)
+        if got.data_ptr() != value[start:stop].data_ptr():
+            value[start:stop].copy_(got.reshape(value[start:stop].shape))
+    return value
 
 
 def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Path | None = None,
                    dtype: str | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> dict:
     """Export a torch_dist checkpoint (a converted folder, a training run's ``checkpoints`` folder or one
-    ``iter_*`` folder) to a Hugging Face folder with sharded safetensors and ``model.safetensors.index.json``.
+    ``iter_*`` folder, saved with any parallel layout) to a Hugging Face folder with sharded safetensors and
+    ``model.safetensors.index.json``, one parameter in memory at a time.
 
     ``hf_config_from``: the Hugging Face folder whose config/tokenizer/chat template describe the model
     (default: the ``hf/`` folder a conversion stored next to the checkpoint). The vocabulary padding is cut
@@ -241,41 +463,42 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
     cfg_dir = Path(hf_config_from) if hf_config_from else _find_hf_files(src)
     preset = preset_from_hf_config(cfg_dir)
     hf_cfg = json.loads((cfg_dir / "config.json").read_text())
-    dtype_name = dtype or hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
-    if dtype_name not in _DTYPES:
-        raise ConvertError(f"dtype {dtype_name!r}: choose one of {sorted(_DTYPES)}")
+    dtype_name = _dtype_name(dtype, hf_cfg)
     out_dtype = _DTYPES[dtype_name]
     ckpt_dir = checkpoint.resolve_checkpoint_dir(src)
-    vocab = _checkpoint_vocab(ckpt_dir, preset)
+    vocab, dtypes = _checkpoint_vocab(ckpt_dir), _checkpoint_dtypes(ckpt_dir)
+    names = hf_names(preset)
+    by_hf = {h: m for m, hs in megatron_sources(preset).items() for h in hs}
     tmp = _atomic_folder(dst, overwrite)
-    world = _SingleProcessModel(preset, vocab, torch.float32)
     try:
-        try:
-            checkpoint.load_model_weights(ckpt_dir, world.model)
-        except (Exception, CheckpointException) as e:  # megatron's messages for missing keys/shapes are long; keep the first line
-            raise ConvertError(f"{ckpt_dir}: does not fit the model described by {cfg_dir / 'config.json'}: "
-                               f"{checkpoint.load_error_reason(e)}") from None
-        sources = _megatron_sources(preset)
-        plan = [PlannedTensor(n, out_dtype, _hf_shape(n, world.params, sources, preset)) for n in _hf_names(preset)]
-        writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"producer": "megatron-ipt convert"})
-        by_hf = {}
-        for mname, hf in sources.items():
-            for h in hf:
-                by_hf[h] = mname
-        with torch.no_grad():
-            for t in plan:
-                writer.write(t.name, _hf_tensor(t.name, by_hf[t.name], world.params, sources, preset).to(out_dtype))
+        writer = ShardedWriter(tmp, [PlannedTensor(n, out_dtype, hf_shape(n, preset)) for n in names],
+                               max_shard_bytes, metadata={"producer": "megatron-ipt convert"})
+        with one_process_world(preset) as layout:
+            model = meta_model(preset, layout, vocab)
+            sd, params = model.sharded_state_dict(), dict(model.named_parameters())
+            loaded_key, value = None, None
+            for name in names:
+                key = by_hf[name]
+                if key != loaded_key:
+                    loaded_key, value = None, None  # free the previous parameter first
+                    value = _load_parameter(key, sd[key], params[key], dtypes, ckpt_dir, cfg_dir / "config.json")
+                    loaded_key = key
+                offset = 0
+                for r in row_plan(key, preset, vocab):
+                    if r.name == name:
+                        writer.write(name, value[offset:offset + r.count].to(out_dtype))
+                    offset += r.count
+            value = None
         shards = writer.close()
+        copied = _copy_hf_files(cfg_dir, tmp)
+        manifest = {"direction": "megatron-to-hf", "mapping_version": MAPPING_VERSION,
+                    "checkpoint": str(ckpt_dir.resolve()), "hf_config_from": str(cfg_dir.resolve()),
+                    "dtype": dtype_name, "shards": shards, "hf_files": copied,
+                    "seconds": round(time.perf_counter() - start, 2)}
+        (tmp / CONVERT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        world.close()
-    copied = _copy_hf_files(cfg_dir, tmp)
-    manifest = {"direction": "megatron-to-hf", "mapping_version": MAPPING_VERSION, "checkpoint": str(ckpt_dir.resolve()),
-                "hf_config_from": str(cfg_dir.resolve()), "dtype": dtype_name, "shards": shards,
-                "hf_files": copied, "seconds": round(time.perf_counter() - start, 2)}
-    (tmp / CONVERT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _finish(tmp, dst)
     return manifest
 
@@ -286,36 +509,3 @@ def _find_hf_files(src: Path) -> Path:
             return cand
     raise ConvertError(f"{src}: no {HF_FILES_DIR}/config.json next to the checkpoint; pass --hf-config-from with the "
                        "Hugging Face folder the model came from")
-
-
-def _checkpoint_vocab(ckpt_dir: Path, preset: ModelPreset) -> int:
-    """The padded vocabulary the checkpoint was saved with (read from megatron's checkpoint metadata)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(str(ckpt_dir)).read_metadata()
-    for key in ("embedding.word_embeddings.weight", "model.embedding.word_embeddings.weight"):
-        if key in meta.state_dict_metadata:
-            return int(meta.state_dict_metadata[key].size[0])
-    keys = [k for k in meta.state_dict_metadata if k.endswith("word_embeddings.weight")]
-    if keys:
-        return int(meta.state_dict_metadata[keys[0]].size[0])
-    raise ConvertError(f"{ckpt_dir}: no word embeddings in the checkpoint")
-
-
-def _hf_shape(hf_name, params, sources, p: ModelPreset) -> tuple[int, ...]:
-    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (p.vocab_size, p.hidden_size)
-    mname = next(m for m, hs in sources.items() if hf_name in hs)
-    return tuple(_hf_tensor(hf_name, mname, params, sources, p, shape_only=True))
-
-
-def _hf_tensor(hf_name: str, mname: str, params, sources, p: ModelPreset, shape_only: bool = False):
-    value = params[mname].detach()
-    hs = sources[mname]
-    if mname.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        value = _split_qkv(value, p)[hs.index(hf_name)]
-    elif mname.endswith("linear_fc1.weight"):
-        value = torch.chunk(value, 2, dim=0)[hs.index(hf_name)]
-    elif mname in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        value = value[: p.vocab_size]
-    return value.shape if shape_only else value.contiguous()

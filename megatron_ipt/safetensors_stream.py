@@ -9,7 +9,9 @@ data) with plain positioned reads and sequential writes, so the memory in use is
 processed. Files written here load with ``safetensors`` and ``transformers`` (tested).
 
 - :class:`ModelWeights` indexes a folder (``model.safetensors`` or sharded with
-  ``model.safetensors.index.json``): name -> (file, dtype, shape, byte range), and reads row blocks.
+  ``model.safetensors.index.json``): name -> (file, dtype, shape, byte range), and reads row blocks
+  (:meth:`ModelWeights.read_rows`), or hands them out file-backed (:meth:`ModelWeights.mmap_rows`,
+  :func:`mmap_tensor`) for consumers that take whole tensors, such as megatron's checkpoint writer.
 - :class:`ShardedWriter` plans shard files from the tensors' sizes up front (so every header is known
   before any data is written), streams tensor data into them, and writes ``model.safetensors.index.json``.
 """
@@ -157,10 +159,39 @@ class ModelWeights:
         t = torch.frombuffer(buf, dtype=info.torch_dtype) if nbytes else torch.empty(0, dtype=info.torch_dtype)
         return t.reshape(info.shape if nrows is None else (nrows, *info.shape[1:]))
 
+    def mmap_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` as a tensor backed by the file itself (a private, copy-on-write
+        memory map): reading it fills the page cache (clean, reclaimable file pages), not the process's
+        anonymous memory. Do not write to it. Shape ``(stop - start, *shape[1:])``."""
+        info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else stop
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        return mmap_tensor(info.file, info.begin + start * info.row_bytes, info.torch_dtype, shape)
+
     def close(self) -> None:
         for f in self._handles.values():
             f.close()  # type: ignore[attr-defined]
         self._handles.clear()
+
+
+def mmap_tensor(path: str | Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bytes ``offset : offset + nbytes`` of file ``path`` as a ``dtype`` tensor of ``shape``, memory-mapped
+    copy-on-write (``numpy.memmap`` mode ``c``): its storage holds exactly these bytes, and its pages are
+    file pages (page cache), not anonymous memory. Raises WeightsError naming the file when it is too short."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    size = os.path.getsize(path)
+    if offset + nbytes > size:
+        raise WeightsError(f"{path}: {nbytes} bytes at offset {offset} lie beyond the end of the file ({size} bytes)")
+    import numpy as np
+
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
+    return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 
 def row_blocks(info: TensorInfo, block_bytes: int) -> Iterator[tuple[int, int]]:

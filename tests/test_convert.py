@@ -10,6 +10,7 @@ import torch
 
 from megatron_ipt import checkpoint, convert
 from megatron_ipt.cli import main
+from megatron_ipt.model import build_model
 from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
 
 transformers = pytest.importorskip("transformers")
@@ -39,17 +40,24 @@ def hf_model(path, case):
     return model.eval()
 
 
-def megatron_logits(ckpt, hf_folder, tokens):
+def megatron_outputs(ckpt, hf_folder, tokens, vocab_multiple_tp=1):
+    """Logits [b, s, V] (padding cut) and per-token losses [b, s] (next token as label) of the converted
+    checkpoint in a TP=1 megatron-core model (CPU backend, fp32)."""
     preset = preset_from_hf_config(hf_folder)
-    world = convert._SingleProcessModel(preset, padded_vocab_size(preset.vocab_size, 1), torch.float32)
-    try:
-        checkpoint.load_model_weights(ckpt, world.model)
-        world.gpt.eval()
+    with convert.one_process_world(preset) as layout:
+        model = build_model(preset, layout, vocab_size=padded_vocab_size(preset.vocab_size, vocab_multiple_tp),
+                            seq_length=tokens.shape[1], device=torch.device("cpu"))
+        checkpoint.load_model_weights(ckpt, model)
+        model.eval()
         with torch.no_grad():
             pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-            return world.gpt(input_ids=tokens, position_ids=pos, attention_mask=None)[..., : preset.vocab_size].clone()
-    finally:
-        world.close()
+            logits = model(input_ids=tokens, position_ids=pos, attention_mask=None)
+            losses = model(input_ids=tokens, position_ids=pos, attention_mask=None, labels=tokens.roll(-1, dims=1))
+        return logits[..., : preset.vocab_size].clone(), losses.clone()
+
+
+def megatron_logits(ckpt, hf_folder, tokens):
+    return megatron_outputs(ckpt, hf_folder, tokens)[0]
 
 
 @pytest.mark.parametrize("case", list(CASES))
