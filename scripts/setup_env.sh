@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install the CPU stack into it.
-# Usage: source scripts/setup_env.sh [extras]     (extras default: cpu; tests use cpu,dev,eval)
+# Usage: source scripts/setup_env.sh [extras]     (extras default: cpu; tests use cpu,dev,eval,launch)
 # Environment: IPT_VENV (default .venv), IPT_PYTHON (default python3.11, else python3).
 # The Python version picks the pinned stack (pyproject's `cpu` extra): 3.11 -> torch 2.13.0 (CPU build) +
 # megatron-core 0.16.1; 3.12 -> torch 2.14.1 + megatron-core 0.19.2 (scripts/test_py312.sh).
