@@ -153,6 +153,24 @@ class BlendComponent(_Section):
         None, description="Optional held-out indexed dataset for this component; its loss is reported as heldout_<name>.")
 
 
+class SplitComponent(_Section):
+    """One indexed dataset in a split's blend (``blend.per_split``)."""
+
+    prefix: str = Field(description="Path prefix of PREFIX.bin / PREFIX.idx, or a tokenize-stage dataset name "
+                        "(train_raw, train_ipt, heldout_raw, heldout_pairs).")
+    weight: float = Field(1.0, gt=0.0, description="Blend weight within the split (normalised).")
+
+
+class PerSplitBlend(_Section):
+    """One blend per split (megatron-core's ``blend_per_split``): train, and optionally valid and test."""
+
+    train: list[SplitComponent] = Field(min_length=1, description="The training blend.")
+    valid: list[SplitComponent] = Field(
+        default_factory=list, description="Validation blend: its loss is reported as 'valid' with the held-out losses.")
+    test: list[SplitComponent] = Field(
+        default_factory=list, description="Test blend: its loss is reported as 'test' before and after training.")
+
+
 class BlendConfig(_Section):
     """Training blend of raw domain text, instruction-augmented text and extra prefixes (weights, normalised)."""
 
@@ -163,9 +181,16 @@ class BlendConfig(_Section):
     mock: bool = Field(
         False, description="Train on megatron-core's MockGPTDataset (synthetic tokens) instead of the blend: a smoke or "
         "throughput test; held-out sets are still evaluated.")
+    per_split: PerSplitBlend | None = Field(
+        None, description="One blend per split instead of raw_weight / instruct_weight / extra: {train: [{prefix, "
+        "weight}], valid: [...], test: [...]} (megatron-core's blend_per_split; no split ratios).")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "BlendConfig":
+        if self.per_split is not None:
+            clash = sorted({"raw_weight", "instruct_weight", "extra", "mock"} & self.model_fields_set)
+            if clash:
+                raise ValueError(f"blend.per_split replaces the single training blend: leave out blend.{', blend.'.join(clash)}")
         if self.raw_weight + self.instruct_weight + sum(c.weight for c in self.extra) <= 0:
             raise ValueError("blend weights must not all be zero")
         names = [c.name for c in self.extra]
