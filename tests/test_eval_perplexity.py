@@ -77,6 +77,22 @@ def test_megatron_greedy_generation_is_the_argmax_of_its_own_logits():
     assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == out
 
 
+def test_rc_free_form_answers_through_the_megatron_model(tiny_tokenizer_dir):
+    from data_prep.encoders import load_encoder
+    from megatron_ipt.evaluate.run import evaluate_rc
+    from megatron_ipt.evaluate.scorers import MegatronScorer
+
+    encoder = load_encoder(tiny_tokenizer_dir)
+    docs = [{"id": "a", "text": "The while loop repeats.", "pairs": [{"question": "What repeats?", "answer": "The loop"}]}]
+    with MegatronScorer(tiny_config(), encoder.vocab_size, None) as scorer:
+        result = evaluate_rc(scorer, encoder, docs, shots=0, max_length=64, max_new_tokens=4)
+    (g,) = result["generations"]
+    assert g["reference"] == "The loop" and isinstance(g["prediction"], str)
+    assert result["metrics"]["exact_match"] == g["exact_match"] and 0.0 <= result["metrics"]["f1"] <= 1.0
+    with pytest.raises(EvalDataError, match="must be under half of max_length 64"):
+        evaluate_rc(None, encoder, docs, shots=0, max_length=64, max_new_tokens=32)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A run folder with the tiny tokenized datasets and 12 training iterations (counting documents)."""

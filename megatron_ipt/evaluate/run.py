@@ -32,6 +32,8 @@ def evaluate_rc(scorer, encoder, docs: list[dict], shots: int, max_length: int,
     generation after the prompt (at most that many tokens, up to the end of the first line), scored against the
     reference by ``exact_match`` and token ``f1`` (SQuAD normalisation), averaged over examples.
     Returns ``{"metrics", "n", "n_multiple_choice", "truncated"}`` (plus ``"generations"`` when generating)."""
+    if max_new_tokens and max_new_tokens >= max_length // 2:
+        raise rc.EvalDataError(f"max new tokens {max_new_tokens} must be under half of max_length {max_length}")
     examples = rc.build_examples(docs, shots)
     if not examples:
         raise rc.EvalDataError("no reading-comprehension example to evaluate (no held-out pair)")
@@ -67,8 +69,6 @@ def free_form_answer(scorer, encoder, ex: rc.RCExample, max_length: int, max_new
     scored by exact match and token F1. Returns ``{"doc_id", "prediction", "reference", "exact_match", "f1"}``."""
     from megatron_ipt.evaluate.generate import answer_text, decode
 
-    if max_new_tokens >= max_length // 2:
-        raise rc.EvalDataError(f"max new tokens {max_new_tokens} must be under half of max_length {max_length}")
     ids, start, _ = tokenized_example(encoder, ex, "", max_length - max_new_tokens)
     prediction = answer_text(decode(encoder, scorer.generate(ids[:start], max_new_tokens, encoder.eod_id)))
     return {"doc_id": ex.doc_id, "prediction": prediction, "reference": ex.answer,
