@@ -140,3 +140,41 @@ def test_resume_from_the_journal_equals_an_uninterrupted_run(smollm2_path, smoll
     counts = synthesize_documents(_cfg(smollm2_path), docs, out, progress=False, engine=engine, journal=journal)
     assert counts["resumed_prompts"] == 6 and len(engine.calls) == 1  # only the last batch is generated again
     assert [json.loads(line) for line in out.read_text().splitlines()] == whole
+
+
+SHORT_TOPICS = ("lambda", "break", "lists", "imaginary", "shifting", "else", "if", "conversions")
+
+
+@pytest.mark.e2e
+def test_smollm2_two_shards_two_rounds_chain_pydoc_topics(smollm2_path, tmp_path):
+    """Real SmolLM2-135M, the real stage functions: 8 short pydoc topics (JSONL corpus), 2 shards, M=2, merge.
+    Some text is prompted after the previous round's text and its pairs and keeps pairs itself (prev_id)."""
+    from pydoc_data.topics import topics
+
+    from megatron_ipt.config import load_config
+    from megatron_ipt.pipeline import run_corpus, run_synthesize_sharded
+
+    corpus = tmp_path / "topics.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": topics[k]}) + "\n" for k in SHORT_TOPICS))
+    cfg = load_config("examples/quickstart.yaml", [
+        f"run_dir={tmp_path / 'run'}", "corpus.source=jsonl", f"corpus.paths=['{corpus}']", "corpus.heldout_fraction=0",
+        "synthesis.rounds=2", "synthesis.max_new_tokens=40", "synthesis.batch_size=4", "synthesis.save_prompts=true",
+        "synthesis.min_grounding=0", "synthesis.max_repetition=1"])
+    run_corpus(cfg)
+    for shard in (0, 1):
+        run_synthesize_sharded(cfg, 2, shard)
+    result = run_synthesize_sharded(cfg, 2, merge=True)
+    records = [json.loads(line) for line in (result.path / "pairs.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == list(SHORT_TOPICS)
+    print({r["id"]: (r["round"], r["prev_id"], len(r["pairs"])) for r in records})
+    assert {r["round"] for r in records} == {0, 1}  # each shard's documents cut into 2 slices
+    by_id = {r["id"]: r for r in records}
+    chained = [r for r in records if r["prev_id"] is not None]
+    assert chained, "no text was chained after the previous round's entry"
+    for r in chained:
+        prev = by_id[r["prev_id"]]
+        assert prev["round"] == r["round"] - 1 and prev["pairs"] and r["pairs"]
+        assert r["prompts"][0].index(prev["text"][:200]) < r["prompts"][0].index(r["text"][:200])
+    assert result.manifest["counts"]["chained_documents"] == len(chained)
+    outputs, _ = format_documents(records, seed=0)
+    assert any(t["id"] == f"{r['prev_id']}+{r['id']}" for r in chained for t in outputs["train_ipt"])
