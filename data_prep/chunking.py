@@ -6,7 +6,8 @@ tokens: whole paragraphs (blank-line separated) are packed greedily; a paragraph
 packed sentence by sentence; a sentence that alone is too long is cut at token boundaries. Joining the
 chunks with the separators they were split at gives back the text (whitespace at the cuts normalised).
 
-Not wired into ``ipt synthesize`` yet.
+``data_prep.synthesize`` uses it when ``synthesis.chunking`` is on: every chunk is a prompt of its own and the
+pairs of all chunks belong to the document.
 """
 
 from __future__ import annotations
