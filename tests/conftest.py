@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture: a real local Slurm cluster)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
