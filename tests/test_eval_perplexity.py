@@ -66,6 +66,34 @@ def test_hf_perplexity_equals_the_models_own_loss_on_one_window(tmp_path):
     assert split["windows"] == 3 and split["predicted_tokens"] == 39  # shorter contexts, same tokens predicted
 
 
+def test_megatron_and_hf_scorers_agree_on_a_checkpoint_padded_for_tensor_parallel_2(tmp_path):
+    """A checkpoint saved for TP 2 (vocabulary 300 padded to 512 with zero rows, not TP 1's 384) loads into the
+    world-size-1 scorer; with the padding rows cut from its logits, its perplexity equals the Hugging Face original's."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_ipt import convert
+    from megatron_ipt.errors import IptError
+    from megatron_ipt.evaluate.scorers import HFScorer, MegatronScorer
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      rope_theta=500000.0, rms_norm_eps=1e-5)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg", tensor_model_parallel_size=2)
+    tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=2, heldout_docs=6)
+    prefixes = perplexity.components(tokenized)
+    cfg = tiny_config(model__hf_config=str(tmp_path / "mg" / "hf"))
+    with MegatronScorer(cfg, VOCAB, tmp_path / "mg") as scorer:
+        megatron = perplexity.evaluate_perplexity(scorer, prefixes, 64)
+    with HFScorer(tmp_path / "hf", vocab_size=VOCAB) as scorer:
+        hf = perplexity.evaluate_perplexity(scorer, prefixes, 64)
+    for key in ("raw_nll", "pairs_nll"):
+        assert megatron["metrics"][key] == pytest.approx(hf["metrics"][key], rel=1e-5), key
+    with pytest.raises(IptError, match=f"{tmp_path / 'hf'}: vocabulary of 300 tokens is smaller"):
+        with HFScorer(tmp_path / "hf", vocab_size=1000):
+            pass
+
+
 def test_megatron_greedy_generation_is_the_argmax_of_its_own_logits():
     from megatron_ipt.evaluate.scorers import MegatronScorer
 
@@ -118,7 +146,7 @@ def test_trained_checkpoint_has_lower_heldout_perplexity_than_its_initialisation
     assert set(trained["components"]) == {"raw", "pairs"}
     raw = trained["components"]["raw"]
     assert raw["predicted_tokens"] == raw["tokens"] - 1 and raw["windows"] == math.ceil((raw["tokens"] - 1) / 64)
-    assert abs(init["metrics"]["raw_nll"] - math.log(256)) < 0.5  # untrained: about uniform over the padded vocab
+    assert abs(init["metrics"]["raw_nll"] - math.log(VOCAB)) < 0.5  # untrained: about uniform over the vocabulary
     for key in ("raw", "pairs"):
         assert trained["metrics"][f"{key}_nll"] < init["metrics"][f"{key}_nll"] - 0.5
         assert trained["metrics"][f"{key}_perplexity"] == pytest.approx(math.exp(trained["metrics"][f"{key}_nll"]))

@@ -109,7 +109,8 @@ def _scorer(cfg, vocab_size: int, *, checkpoint=None, init=False, hf=None, name=
     from megatron_ipt.pipeline import stage_path
 
     if hf:
-        scorer, model = HFScorer(hf, "cuda" if cfg.train.device == "cuda" else "cpu"), {"kind": "hf", "path": str(hf)}
+        device = "cuda" if cfg.train.device == "cuda" else "cpu"
+        scorer, model = HFScorer(hf, device, vocab_size), {"kind": "hf", "path": str(hf)}
     elif init:
         scorer, model = MegatronScorer(cfg, vocab_size, None), {"kind": "megatron-init", "seed": cfg.train.seed}
     else:

@@ -17,7 +17,8 @@ from megatron_ipt.errors import IptError
 class MegatronScorer:
     """The experiment's model (``cfg.model``; vocabulary from the tokenize manifest, padded as in training),
     with the weights of ``checkpoint_path`` (a checkpoints folder with ``latest``, or an ``iter_*`` folder), or
-    the untrained initialisation the training run started from (same seed) when it is None.
+    the untrained initialisation the training run started from (same seed) when it is None. Logits are cut
+    back to the unpadded vocabulary, so padding rows (zero in a converted checkpoint) take no probability.
     Use as a context manager (sets up and tears down a one-process world). Raises IptError when the
     checkpoint does not match the model config, naming the checkpoint."""
 
@@ -38,6 +39,9 @@ class MegatronScorer:
                                     num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
                                     num_query_groups=preset.num_query_groups, seed=self.cfg.train.seed)
             vocab = max(self.vocab_size, preset.vocab_size) if self.cfg.model.hf_config else self.vocab_size
+            self.model_vocab = vocab
+            # A checkpoint padded for TP > 1 (128 x TP rows) loads too: megatron-core allows the embedding and
+            # output layer shapes to differ in their padding rows.
             model = build_model(preset, layout, vocab_size=padded_vocab_size(vocab, 1),
                                 seq_length=self.cfg.model.seq_length, device=self.device, precision=self.cfg.train.precision)
             if self.checkpoint_path is not None:
@@ -59,7 +63,8 @@ class MegatronScorer:
         tokens = torch.tensor([ids], device=self.device)
         pos = torch.arange(len(ids), device=self.device).unsqueeze(0)
         with torch.no_grad():
-            return self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0].float().cpu()
+            logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0]
+        return logits[:, : self.model_vocab].float().cpu()  # padding rows are no tokens
 
     def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
         """Greedy continuation of ``ids``: a loop over the model's forward (no KV cache; short answers)."""
@@ -73,10 +78,11 @@ class MegatronScorer:
 
 
 class HFScorer:
-    """A Hugging Face causal LM folder through transformers (float32 on CPU, the config's dtype on cuda)."""
+    """A Hugging Face causal LM folder through transformers (float32 on CPU, the config's dtype on cuda).
+    ``vocab_size``: the experiment tokenizer's; IptError naming the folder when the model has fewer rows."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu") -> None:
-        self.folder, self.device, self.iteration = Path(folder), device, None
+    def __init__(self, folder: str | Path, device: str = "cpu", vocab_size: int | None = None) -> None:
+        self.folder, self.device, self.vocab_size, self.iteration = Path(folder), device, vocab_size, None
 
     def __enter__(self) -> "HFScorer":
         from transformers import AutoModelForCausalLM
@@ -85,6 +91,10 @@ class HFScorer:
             raise IptError(f"{self.folder}: not a Hugging Face model folder (no config.json)")
         dtype = torch.float32 if self.device == "cpu" else "auto"
         self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).to(self.device).eval()
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        if self.vocab_size is not None and rows < self.vocab_size:
+            raise IptError(f"{self.folder}: vocabulary of {rows} tokens is smaller than the experiment tokenizer's "
+                           f"{self.vocab_size}: a model for another tokenizer")
         return self
 
     def logits(self, ids: list[int]) -> torch.Tensor:
