@@ -271,6 +271,10 @@ class TrainConfig(_Section):
     save_interval: int | None = Field(
         None, ge=1, description="Also save a checkpoint every this many iterations (a rerun resumes from the latest)."
     )
+    async_save: bool = Field(
+        False, description="Write checkpoints in the background (megatron-core's async torch_dist save: a forked "
+        "process writes the tensors while training goes on; 'latest' moves once every rank finished). A save in "
+        "flight is finished before the next one and before the run ends.")
     keep_last: int | None = Field(
         None, ge=1, description="Keep only the newest this many checkpoints (the one 'latest' names is always kept).")
     exit_duration_minutes: float | None = Field(
