@@ -4,9 +4,51 @@ the scripts, and the residual script."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import sys
+import time
+from pathlib import Path
 
-pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_faults import _experiment, losses  # noqa: E402
+from train_fixtures import make_tokenized_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = str(Path(sys.executable).parents[1])
+ITERS = 24
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path tests (gloo)")]
+
+
+def _submit(cluster, script: str, out: Path, *args: str, **env: str) -> str:
+    """sbatch ``slurm/<script>`` from the repository (the submission directory) with ``env`` exported."""
+    full = {**cluster.env, "IPT_VENV": VENV, "OMP_NUM_THREADS": "1", **env}
+    return cluster.sbatch(ROOT / "slurm" / script, f"--output={out}", "--open-mode=append", *args,
+                          f"--account={cluster.account}", f"--partition={cluster.partition}", env=full, cwd=ROOT)
+
+
+def _train(cluster, config: Path, log: Path, port: int, **env: str) -> str:
+    return _submit(cluster, "train.sbatch", log, CONFIG=str(config), GPUS_PER_NODE="2", MASTER_PORT=str(port), **env)
+
+
+def _log(path: Path) -> str:
+    return path.read_text()[-3000:] if path.is_file() else f"(no log at {path})"
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    return make_tokenized_dir(tmp_path_factory.mktemp("slurm_tok"), train_docs=200, heldout_docs=8)
+
+
+@pytest.fixture(scope="module")
+def straight_run(slurm_cluster, tokenized, tmp_path_factory):
+    """An uninterrupted ITERS-iteration run of slurm/train.sbatch: (its train folder, the job's final state)."""
+    tmp = tmp_path_factory.mktemp("slurm_straight")
+    job = _train(slurm_cluster, _experiment(tmp, tokenized, ITERS, "straight"), tmp / "job.out", 29611)
+    return tmp / "straight" / "train", slurm_cluster.wait(job, timeout=600), tmp / "job.out"
 
 
 def test_the_local_cluster_runs_a_two_task_job_and_accounts_for_it(slurm_cluster, tmp_path):
@@ -18,3 +60,81 @@ def test_the_local_cluster_runs_a_two_task_job_and_accounts_for_it(slurm_cluster
     assert sorted((tmp_path / f"{job}.out").read_text().split("\n")[:2]) == ["task 0", "task 1"]
     sacct = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job, "--format=State,Account,NCPUS").stdout
     assert sacct.strip() == f"COMPLETED|{slurm_cluster.account}|2"
+
+
+def test_train_sbatch_trains_with_two_gloo_processes_and_leaves_a_checkpoint(straight_run):
+    train_dir, state, log = straight_run
+    assert state == "COMPLETED", _log(log)
+    manifest = json.loads((train_dir / "manifest.json").read_text())
+    assert manifest["parallel"]["data_parallel_size"] == 2
+    assert (train_dir / "checkpoints" / f"iter_{ITERS:07d}").is_dir()
+    assert max(losses(train_dir)) == ITERS
+
+
+def test_a_signalled_job_saves_requeues_itself_and_resumes_to_the_same_final_loss(
+        slurm_cluster, straight_run, tokenized, tmp_path):
+    config = _experiment(tmp_path, tokenized, ITERS, "preempted")
+    log = tmp_path / "job.out"
+    job = _train(slurm_cluster, config, log, 29612)
+    metrics = tmp_path / "preempted" / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"iteration": 3,' in metrics.read_text()):
+        assert time.monotonic() < deadline and slurm_cluster.state(job)[0] in ("PENDING", "RUNNING"), _log(log)
+        time.sleep(0.2)
+    # what --signal=B:USR1@180 does before the time limit: USR1 to the batch shell only
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.monotonic() + 300
+    while slurm_cluster.state(job) != ("PENDING", 1):
+        assert time.monotonic() < deadline, f"job {job} not requeued: {slurm_cluster.state(job)}\n{_log(log)}"
+        time.sleep(0.5)
+    stopped = json.loads((tmp_path / "preempted" / "train" / "stopped.json").read_text())
+    assert 3 <= stopped["iteration"] < ITERS
+    # Slurm holds a requeued job for about two minutes (BeginTime); release it now
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
+    text = log.read_text()
+    assert "saved and stopped" in text and f"requeued job {job}" in text
+    assert not (tmp_path / "preempted" / "train" / "stopped.json").exists()
+    straight_dir = straight_run[0]
+    assert losses(tmp_path / "preempted" / "train")[ITERS] == losses(straight_dir)[ITERS]
+
+
+HOSTILE = "x $(touch {pwned}); `touch {pwned}` \"q\" 'a' \\ $HOME *"
+
+
+def test_hostile_config_paths_and_arguments_reach_the_job_literally(slurm_cluster, tokenized, tmp_path):
+    pwned = tmp_path / "pwned"
+    odd = tmp_path / "it's a \"dir\" $(touch pwned); x"
+    odd.mkdir()
+    config = _experiment(odd, tokenized, 1, "odd run")
+    hostile_config = odd / "cfg 'q' $(touch x);.yaml"
+    config.rename(hostile_config)
+    name = HOSTILE.format(pwned=pwned)
+    quoted = "'" + name.replace("'", "'\\''") + "'"  # IPT_ARGS are split like a shell line, never evaluated
+    log = tmp_path / "job.out"
+    job = _train(slurm_cluster, hostile_config, log, 29613, IPT_ARGS=f"--set name={quoted} --set train.eval_iters=1")
+    assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
+    manifest = json.loads((odd / "odd run" / "train" / "manifest.json").read_text())
+    assert manifest["config"]["name"] == name
+    assert not pwned.exists() and not (odd / "pwned").exists() and not (ROOT / "pwned").exists()
+    assert not Path("x").exists() and not (ROOT / "x").exists()
+
+
+def test_residual_sbatch_writes_the_instruct_model_on_a_cpu_node(slurm_cluster, tmp_path):
+    from test_residual import _model, _state
+
+    odd = tmp_path / "models 'q' $(touch pwned); x"
+    base = _model(odd / "base", 0)
+    instruct = _model(odd / "instruct", 1, like=base)
+    cpt = _model(odd / "cpt", 2, like=base)
+    output = odd / "cpt instruct"
+    log = tmp_path / "job.out"
+    job = _submit(slurm_cluster, "residual.sbatch", log, "--cpus-per-task=1", BASE=str(base), INSTRUCT=str(instruct), CPT=str(cpt),
+                  OUTPUT=str(output), ALPHA="0.5")
+    assert slurm_cluster.wait(job, timeout=300) == "COMPLETED", _log(log)
+    assert json.loads((output / "residual_manifest.json").read_text())["alpha"] == 0.5
+    b, i, c, o = _state(base), _state(instruct), _state(cpt), _state(output)
+    assert set(o) == set(c)
+    for k in c:
+        assert torch.allclose(o[k], c[k] + 0.5 * (i[k] - b[k]), rtol=0, atol=1e-6), k
+    assert not (odd / "pwned").exists() and not (ROOT / "pwned").exists()
