@@ -168,7 +168,8 @@ def read_corpus(cfg) -> tuple[list[dict], dict]:
         items = _read_pydoc_topics()
     else:
         if not cfg.paths:
-            raise DataPrepError(f"corpus.paths is empty: the {cfg.source} source needs at least one file, folder or glob")
+            raise DataPrepError(f"corpus.paths is empty: the {cfg.source} source needs at least one file, "
+                                "folder or glob")
         files = _expand(cfg.paths)
         if cfg.source == "jsonl":
             items = _read_jsonl(files, text_field, id_field, report)

@@ -115,7 +115,8 @@ def chat_prompt(
 
     Turns: ``instruction`` as the system message; each demonstration as a user turn
     ``<CON> text </CON>`` and an assistant turn with its rendered pairs; then the chain ``history`` as
-    more such turns; then the document as the last user turn. Rendered with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` and
+    more such turns; then the document as the last user turn. Rendered with
+    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` and
     followed by ``<QUE>`` (prefilled), so the result already holds the template's special tokens:
     tokenize it with ``add_special_tokens=False``. Raises ValueError when the tokenizer has no chat template.
     """
@@ -177,5 +178,6 @@ def build_prompt(
     if prompt_format == "fewshot":
         return Prompt(fewshot_prompt(context, history), prefill=QUE, add_special_tokens=True)
     if prompt_format == "chat":
-        return Prompt(chat_prompt(context, tokenizer, instruction, history=history), prefill=QUE, add_special_tokens=False)
+        text = chat_prompt(context, tokenizer, instruction, history=history)
+        return Prompt(text, prefill=QUE, add_special_tokens=False)
     raise ValueError(f"prompt format must be 'lmops', 'fewshot' or 'chat', not {prompt_format!r}")

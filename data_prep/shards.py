@@ -236,7 +236,8 @@ class ShardJournal:
             try:
                 batch = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataPrepError(f"{self.path}:{lineno}: corrupt journal line ({e}): delete it to redo the shard") from None
+                raise DataPrepError(f"{self.path}:{lineno}: corrupt journal line ({e}): "
+                                    "delete it to redo the shard") from None
             for r in batch["results"]:
                 done[(str(r["id"]), int(r["chunk"]))] = r
             self.batches += 1
@@ -245,7 +246,7 @@ class ShardJournal:
         return done
 
     def append(self, results: list[dict], seconds: float) -> None:
-        """Append one finished batch (``results``: dicts with id, chunk, text, tokens) durably, then the progress record."""
+        """Append one finished batch (``results``: dicts id, chunk, text, tokens) durably, then the progress record."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"batch": self.batches, "seconds": round(seconds, 6), "results": results}, ensure_ascii=False)
         with open(self.path, "ab") as f:

@@ -20,6 +20,7 @@ entry's id when the text was prompted after it and kept pairs itself (the refere
 else null. ``data_prep.format`` rebuilds the chains from these links. Each round's prompts are generated
 together, ``batch_size`` per engine call (the reference: the whole round in one vLLM call; set ``batch_size``
 that large for vLLM). With one round records carry neither field (format then groups consecutive documents).
+The slices are cut over the documents given, so a sharded run chains within each shard.
 
 Long documents (``chunking``, default on): a document longer than the chunk budget
 (``min(max_context_tokens, context - max_new_tokens - prompt overhead)`` tokens) is split at paragraph, then
@@ -176,7 +177,8 @@ def synthesize_documents(
     chunk_tokens = min(cfg.max_context_tokens, budget - count([empty.text])[0])
     if chunk_tokens < 16:
         raise DataPrepError(f"synthesis.max_new_tokens={cfg.max_new_tokens} leaves {chunk_tokens} tokens of the "
-                            f"{budget + cfg.max_new_tokens}-token context for a document: lower it or raise max_model_len")
+                            f"{budget + cfg.max_new_tokens}-token context for a document: "
+                            "lower it or raise synthesis.max_model_len")
 
     def one(s: str) -> int:
         return count([s], False)[0]
@@ -227,7 +229,8 @@ def synthesize_documents(
                     bar.update(task, advance=len(batch), tok_s=generated_tokens / max(seconds, 1e-9),
                                doc_s=finished / max(seconds, 1e-9))
             for i in members:
-                _parse_document(cfg, docs[i], documents[i]["text"], [outputs[(i, c)]["text"] for c in range(len(docs[i].contexts))])
+                texts_out = [outputs[(i, c)]["text"] for c in range(len(docs[i].contexts))]
+                _parse_document(cfg, docs[i], documents[i]["text"], texts_out)
 
     pairs_dropped: Counter[str] = Counter()
     structure: Counter[str] = Counter()
