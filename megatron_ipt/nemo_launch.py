@@ -165,7 +165,8 @@ def find_log(job_dir: str | Path) -> Path | None:
     job_dir = Path(job_dir)
     if not job_dir.is_dir():
         return None
-    for pattern in ("**/combined.log", "**/*.out", "**/stderr.log"):  # in this order of preference
+    # in this order: LocalExecutor's task log, the Slurm task's srun output, sbatch's own output, stderr
+    for pattern in ("**/combined.log", "**/log-*.out", "**/*.out", "**/stderr.log"):
         logs = list(job_dir.glob(pattern))
         if logs:
             return max(logs, key=lambda p: p.stat().st_mtime)
@@ -211,6 +212,19 @@ def run_experiment(title: str, task: str, script, executor, nemo_run_home: str |
     return result
 
 
+def _check_rundir_substitution(command: StageCommand, nemo_run_home, local: bool) -> None:
+    """NeMo-Run 0.11's SlurmExecutor without a container replaces every ``/nemo_run`` in the sbatch script and
+    the task script by the job folder (its container mount point), wherever it appears (seen here: a
+    NEMORUN_HOME under ``.../nemo_run`` made sbatch's --output a path that does not exist). Refuse such paths."""
+    from_home = str(Path(nemo_run_home or os.environ.get("NEMORUN_HOME", "~/.nemo_run")).expanduser().resolve())
+    for what, value in (("NeMo-Run home", from_home if local else ""), ("--workdir", command.workdir),
+                        ("config", command.config), ("--python", command.python),
+                        *(("--set", kv) for kv in command.overrides)):
+        if "/nemo_run" in value:
+            raise IptError(f"{what} {value!r} contains '/nemo_run', which NeMo-Run's SlurmExecutor (without a "
+                           "container) rewrites to its job folder; use another folder name")
+
+
 def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_node: int = 1,
                  slurm: SlurmOptions | None = None, env: dict[str, str] | None = None,
                  title: str | None = None, nemo_run_home: str | Path | None = None) -> LaunchResult:
@@ -227,6 +241,8 @@ def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_no
         if command.stage != "train" and slurm.nodes > 1:
             raise IptError(f"--nodes {slurm.nodes}: only the train stage runs on several nodes")
         local = slurm.tunnel == "local"
+        if slurm.container_image is None:
+            _check_rundir_substitution(command, nemo_run_home, local)
         ex = slurm_executor(slurm, ntasks, environment(local, env))
     elif executor == "local":
         ex = local_executor(ntasks, environment(True, env))

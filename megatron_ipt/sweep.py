@@ -24,6 +24,7 @@ Folder layout (``SWEEP_DIR``)::
     configs/                  data.yaml and one resolved experiment YAML per point (what the jobs run)
     points/<id>/              a run folder per point: symlinks to data/'s stage folders, its own train/ and eval/,
                               point.json once trained and evaluated (a rerun skips that point)
+    nemorun/                  NeMo-Run's experiments and task logs
     results.csv results.md validation_loss.png reading_comprehension.png
 
 Sharing works through the stage fingerprints (:mod:`megatron_ipt.manifest`): a point's data sections are the
@@ -96,7 +97,8 @@ class SweepLaunch(_Model):
     executor: Literal["local", "slurm"] = "local"
     slurm: dict = Field(default_factory=dict, description="SlurmOptions fields: account, partition, nodes, time, "
                         "gpus_per_node, tunnel, host, user, job_dir, identity, container_image, container_mounts.")
-    nemo_run_home: str | None = Field(None, description="NeMo-Run's home (default: SWEEP_DIR/nemo_run).")
+    nemo_run_home: str | None = Field(None, description="NeMo-Run's home (default: SWEEP_DIR/nemorun; not a folder "
+                                      "named nemo_run, see nemo_launch._check_rundir_substitution).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the tasks.")
 
 
@@ -418,7 +420,7 @@ def run_sweep(sweep: SweepConfig, base: Path, *, executor: str | None = None, sl
     sweep_dir.mkdir(parents=True, exist_ok=True)
     executor = executor or sweep.launch.executor
     slurm = slurm or (SlurmOptions(**sweep.launch.slurm) if executor == "slurm" else None)
-    home = sweep.launch.nemo_run_home or str(sweep_dir / "nemo_run")
+    home = sweep.launch.nemo_run_home or str(sweep_dir / "nemorun")
     env = {**sweep.launch.env, **(env or {})}
     local_fs = executor == "local" or slurm.tunnel == "local"
     python = python or (sys.executable if local_fs else "python")

@@ -116,3 +116,14 @@ def test_a_task_failing_inside_is_reported_as_failed_with_its_log(tmp_path):
     assert log.is_file() and str(home) in str(log)
     assert "not divisible by tensor_model_parallel_size 3" in log.read_text()
     assert not (tmp_path / "run" / "train" / "manifest.json").exists()
+
+
+def test_slurm_without_a_container_refuses_paths_nemo_run_would_rewrite(tmp_path):
+    from megatron_ipt.nemo_launch import launch_stage
+
+    cmd = StageCommand("train", "/data/nemo_run/exp.yaml", workdir=str(tmp_path))
+    with pytest.raises(IptError, match="config '/data/nemo_run/exp.yaml' contains '/nemo_run'"):
+        launch_stage(cmd, executor="slurm", slurm=SlurmOptions(account="a"), nemo_run_home=tmp_path / "home")
+    with pytest.raises(IptError, match="NeMo-Run home .* contains '/nemo_run'"):
+        launch_stage(StageCommand("train", "/x.yaml"), executor="slurm", slurm=SlurmOptions(account="a"),
+                     nemo_run_home=tmp_path / "nemo_run")

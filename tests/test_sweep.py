@@ -219,7 +219,7 @@ def test_two_point_sweep_through_the_local_executor_then_a_rerun_skips_both(tmp_
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     sweep_dir = tmp_path / "sweep"
     rows = check_sweep_outputs(sweep_dir)
-    experiments = sorted(p.name for p in (sweep_dir / "nemo_run" / "experiments").iterdir())
+    experiments = sorted(p.name for p in (sweep_dir / "nemorun" / "experiments").iterdir())
     assert experiments == ["tiny-data", "tiny-share0", "tiny-share1"]  # data once, one training run per point
 
     started = time.time()
@@ -228,4 +228,26 @@ def test_two_point_sweep_through_the_local_executor_then_a_rerun_skips_both(tmp_
     assert r.stderr.count("already trained and evaluated") == 2
     assert time.time() - started < 60
     assert list(csv.DictReader((sweep_dir / "results.csv").open())) == rows
-    assert len(list((sweep_dir / "nemo_run" / "experiments" / "tiny-share0").iterdir())) == 1  # not launched again
+    assert len(list((sweep_dir / "nemorun" / "experiments" / "tiny-share0").iterdir())) == 1  # not launched again
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+def test_two_point_sweep_through_nemo_runs_slurm_executor_on_a_real_cluster(slurm_cluster, tmp_path,
+                                                                             tiny_tokenizer_dir):
+    """The same sweep submitted with sbatch by NeMo-Run's SlurmExecutor (LocalTunnel) to the local cluster."""
+    pytest.importorskip("nemo_run")
+    path = tiny_sweep(tmp_path, tiny_tokenizer_dir)
+    env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "megatron_ipt.cli", "sweep", str(path), "--executor", "slurm",
+                        "--account", slurm_cluster.account, "--partition", slurm_cluster.partition,
+                        "--time", "00:10:00"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    sweep_dir = tmp_path / "sweep"
+    rows = check_sweep_outputs(sweep_dir)
+    for row in rows:  # each point's training ran as a Slurm job; its log is NeMo-Run's sbatch output
+        log = Path(row["log"])
+        assert log.name.startswith(f"log-{slurm_cluster.account}") and log.suffix == ".out", log
+        assert "iteration 4/4" in log.read_text()
+    jobs = slurm_cluster.run("sacct", "-n", "-X", "-P", "-o", "JobName,State", "-S", "now-1hour").stdout
+    assert "COMPLETED" in jobs
