@@ -6,7 +6,9 @@ import argparse
 
 DESCRIPTION = """\
 Convert Llama 3 / 3.1 and Qwen2 / 2.5 checkpoints between Hugging Face (safetensors) and megatron-core's
-torch_dist format (weights only; loadable with any tensor/pipeline layout).
+torch_dist format (weights only; loadable with any tensor/pipeline layout). Streamed: the model is never
+built in memory (anonymous memory about one tensor); hf-to-megatron needs scratch disk inside DST for the
+fused QKV and padded embeddings (about 10% of the model) while it runs.
 
 examples:
   ipt convert hf-to-megatron Meta-Llama-3-8B ckpt/llama3-8b --tensor-parallel-size 2
@@ -45,7 +47,8 @@ def run(args) -> int:
             m = convert.hf_to_megatron(args.src, args.dst, tensor_model_parallel_size=args.tensor_parallel_size,
                                        dtype=args.dtype, overwrite=args.overwrite)
             print(f"wrote {args.dst}: {m['parameters']:,} parameters ({m['dtype']}), vocabulary {m['vocab_size']:,} "
-                  f"padded to {m['padded_vocab_size']:,}, in {m['seconds']} s")
+                  f"padded to {m['padded_vocab_size']:,}, in {m['seconds']} s "
+                  f"(scratch {m['scratch_bytes'] / 2**30:.2f} GiB, deleted)")
             print(f"train from it with: model.hf_config: {args.dst}/hf   train.init_from: {args.dst}")
         else:
             m = convert.megatron_to_hf(args.src, args.dst, hf_config_from=args.hf_config_from, dtype=args.dtype,
