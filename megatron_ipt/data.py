@@ -173,6 +173,65 @@ def build_train_dataset(
     return train
 
 
+SPLITS = ("train", "valid", "test")
+
+
+def resolve_split_prefix(prefix: str, tokenized_dir: Path) -> Path:
+    """A ``blend.per_split`` prefix as a path: a tokenize-stage dataset name (``train_raw``, ``train_ipt``,
+    ``heldout_raw``, ``heldout_pairs``) names that dataset in ``tokenized_dir``; anything else is a path prefix."""
+    if prefix in TRAIN_PREFIXES + HELDOUT_PREFIXES:
+        return Path(tokenized_dir) / prefix
+    return Path(prefix)
+
+
+def check_per_split(per_split: dict[str, list[tuple[str, float]]], tokenized_dir: Path) -> dict[str, list[tuple[Path, float]]]:
+    """Resolve and check every ``blend.per_split`` prefix (both files exist, at least one document).
+
+    ``per_split``: ``{"train": [(prefix, weight)], "valid": [...], "test": [...]}``. Returns the same with
+    resolved paths. Raises :class:`DataError` naming the key (``blend.per_split.valid[1].prefix``).
+    """
+    out = {}
+    for split in SPLITS:
+        out[split] = [(check_extra_prefix(resolve_split_prefix(p, tokenized_dir), f"blend.per_split.{split}[{i}].prefix"),
+                       float(w)) for i, (p, w) in enumerate(per_split.get(split) or [])]
+    return out
+
+
+def build_per_split_datasets(
+    per_split: dict[str, list[tuple[Path, float]]],
+    *,
+    tokenizer: DatasetTokenizer,
+    num_samples: int,
+    eval_samples: int,
+    seq_length: int,
+    seed: int,
+    cache_dir: Path,
+) -> tuple:
+    """Train, valid and test datasets from one blend per split (megatron-core's ``blend_per_split``; no split
+    ratios: every prefix is used whole by its split). ``per_split`` as returned by :func:`check_per_split`.
+
+    The train split holds ``num_samples`` sequences drawn by weight. A valid / test split of one prefix covers
+    that prefix once (as a held-out set does); one of several prefixes is a weighted blend of ``eval_samples``
+    sequences (megatron-core needs a size for weighted blends). Returns ``(train, valid, test)``; a split
+    without components is None. Must be called on every rank.
+    """
+    blends, sizes = [], []
+    for split in SPLITS:
+        components = per_split.get(split) or []
+        if not components:
+            blends.append(None)
+            sizes.append(None)
+            continue
+        prefixes = [str(p) for p, _ in components]
+        weighted = len(prefixes) > 1
+        blends.append((prefixes, [w for _, w in components] if weighted else None))
+        sizes.append(num_samples if split == "train" else (eval_samples if weighted else None))
+    config = _gpt_config(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+                         blend_per_split=blends)
+    train, valid, test = mcore.build_gpt_datasets(sizes, config)
+    return train, valid, test
+
+
 def build_mock_train_dataset(*, tokenizer: DatasetTokenizer, num_samples: int, seq_length: int, seed: int,
                              cache_dir: Path):
     """megatron-core's ``MockGPTDataset`` (synthetic documents of token ids, no files): ``blend.mock``, for

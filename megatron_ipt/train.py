@@ -32,6 +32,7 @@ from megatron_ipt.presets import padded_vocab_size, resolve_preset
 METRICS = "metrics.jsonl"
 STOPPED = "stopped.json"  # written by rank 0 when a run saved and stopped early on request (signal, time budget)
 MIN_EVAL_SEQ_LENGTH = 16  # tokens; a held-out set shorter than this is not evaluated
+PER_SPLIT_EVAL_MICRO_BATCHES = 10  # per DP rank: the size of a weighted blend.per_split valid/test set without eval_iters
 
 
 def _say(message: str) -> None:
@@ -331,7 +332,9 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
     ``heldout_pairs`` and a tokenize ``manifest.json`` with ``tokenizer.{path, vocab_size, eod_id}``.
     Resumes from ``out_dir/checkpoints/latest`` when present (exact: same losses as an uninterrupted run).
     ``cfg.blend.extra`` adds indexed datasets outside ``tokenized_dir`` to the blend; each extra's
-    ``valid_prefix`` becomes one more held-out component (``heldout_<name>``).
+    ``valid_prefix`` becomes one more held-out component (``heldout_<name>``). ``cfg.blend.per_split`` replaces the
+    training blend by its ``train`` blend (megatron-core's ``blend_per_split``); its ``valid`` and ``test`` blends
+    are evaluated as components ``valid`` and ``test`` (``test`` before and after training only).
     Held-out losses are measured before training (stored in the checkpoint on resume), after, and every
     ``train.eval_interval`` iterations (``metrics.jsonl`` event ``eval``). On resume, ``metrics.jsonl``
     records after the checkpoint's iteration are dropped (:func:`truncate_metrics`).
@@ -369,6 +372,10 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         data.check_extra_prefix(component.prefix, f"blend.extra[{i}].prefix")
         if component.valid_prefix:
             data.check_extra_prefix(component.valid_prefix, f"blend.extra[{i}].valid_prefix")
+    per_split = None
+    if cfg.blend.per_split is not None:
+        per_split = data.check_per_split({split: [(c.prefix, c.weight) for c in getattr(cfg.blend.per_split, split)]
+                                          for split in data.SPLITS}, tokenized_dir)
     preset = resolve_preset(cfg.model)
 
     if cfg.parallel.nproc_per_node > 1 and not parallel.launched_by_torchrun():
@@ -411,7 +418,13 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     # Data: the weighted blend for training, whole held-out prefixes for evaluation.
     cache_dir = out_dir / "blend_cache"
     common = dict(tokenizer=tokenizer, seq_length=cfg.model.seq_length, seed=t.seed, cache_dir=cache_dir)
-    if cfg.blend.mock:
+    valid_set = test_set = None
+    if per_split is not None:
+        # A weighted valid/test blend has a size: what one evaluation reads (eval_iters micro-batches per DP rank).
+        eval_samples = (t.eval_iters or PER_SPLIT_EVAL_MICRO_BATCHES) * layout.micro_batch_size * layout.data_parallel_size
+        train_set, valid_set, test_set = data.build_per_split_datasets(
+            per_split, num_samples=t.train_iters * t.global_batch_size, eval_samples=eval_samples, **common)
+    elif cfg.blend.mock:
         train_set = data.build_mock_train_dataset(num_samples=t.train_iters * t.global_batch_size, **common)
     else:
         train_set = data.build_train_dataset(
@@ -421,7 +434,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         )
     # A held-out set shorter than one training sequence (few held-out documents got pairs) is evaluated as
     # one shorter sequence; one under MIN_EVAL_SEQ_LENGTH tokens is not evaluated.
-    # Held-out components: the tokenize stage's heldout_raw / heldout_pairs, then each blend.extra valid_prefix.
+    # Held-out components: the tokenize stage's heldout_raw / heldout_pairs, then each blend.extra valid_prefix,
+    # then blend.per_split's valid and test blends; keyed by their metric names.
     heldout, eval_seq = {}, {}
     sources = [(tokenized_dir, name) for name in data.HELDOUT_PREFIXES]
     sources += [(Path(c.valid_prefix).parent, Path(c.valid_prefix).name) for c in cfg.blend.extra if c.valid_prefix]
@@ -435,8 +449,13 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             continue
         if seq < cfg.model.seq_length:
             _say(f"train: {name} has {n} tokens, less than one sequence: evaluated as one sequence of {seq}")
-        heldout[key] = data.build_heldout_dataset(folder, name, **{**common, "seq_length": seq})
-        eval_seq[key] = seq
+        heldout[f"heldout_{key}"] = data.build_heldout_dataset(folder, name, **{**common, "seq_length": seq})
+        eval_seq[f"heldout_{key}"] = seq
+    for split, dataset in (("valid", valid_set), ("test", test_set)):
+        if dataset is not None and len(dataset) == 0:
+            _say(f"train: blend.per_split.{split} has no whole sequence of {cfg.model.seq_length} tokens: not evaluated")
+        elif dataset is not None:
+            heldout[split], eval_seq[split] = dataset, cfg.model.seq_length
 
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
@@ -457,7 +476,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         load_seconds = time.perf_counter() - tick
         before = progress.extra["heldout_before"]
     else:
-        before = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
+        before = {k: evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
         progress = checkpoint.Progress(iteration=0, consumed_samples=0)
     progress.extra = {"heldout_before": before}
     batches = [data.micro_batches(  # one iterator per model chunk, each over the same samples
@@ -503,8 +522,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             if t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
                 save()
             if t.eval_interval and progress.iteration % t.eval_interval == 0 and progress.iteration < t.train_iters:
-                evals = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k])
-                         for k, ds in heldout.items()}
+                evals = {k: evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k])
+                         for k, ds in heldout.items() if k != "test"}  # the test blend: before and after only
                 reporter.log({"event": "eval", "at_iteration": progress.iteration, **evals})
                 tensorboard.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
@@ -563,9 +582,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     if not summary["completed"]:
         return summary
 
-    after = {f"heldout_{k}": evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
-    summary["losses"] = {f"heldout_{k}": {"before": before[f"heldout_{k}"], "after": after[f"heldout_{k}"],
-                                          "sequence_length": eval_seq[k]} for k in heldout}
+    after = {k: evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
+    summary["losses"] = {k: {"before": before[k], "after": after[k], "sequence_length": eval_seq[k]} for k in heldout}
     if rank0:
         reporter.log({"event": "heldout_after", **after})
         write_manifest(

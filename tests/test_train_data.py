@@ -82,6 +82,43 @@ def test_bad_blend_extra_entries_name_the_key(extra, message):
         load_config(None, [f"blend.extra={extra}"])
 
 
+def test_per_split_blends_train_on_the_train_blend_and_report_valid_and_test(tokenized_dir, general, tmp_path):
+    per_split = {"train": [{"prefix": str(general / "general_train")}],
+                 "valid": [{"prefix": "heldout_raw", "weight": 1.0}, {"prefix": str(general / "general_valid"), "weight": 3.0}],
+                 "test": [{"prefix": str(general / "general_valid")}]}
+    cfg = tiny_config(blend__per_split=per_split, train_iters=6, eval_interval=3, eval_iters=2)
+    summary = train_stage(cfg, tokenized_dir, tmp_path, "fp")
+    losses = summary["losses"]
+    assert set(losses) == {"heldout_raw", "heldout_pairs", "valid", "test"}
+    drop = {k: v["before"] - v["after"] for k, v in losses.items()}
+    # only the general corpus was trained on: its test set improves most, the valid blend (3:1 general) next
+    assert drop["test"] > drop["valid"] > drop["heldout_raw"] and drop["test"] > 0.3
+    evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
+    assert [r["at_iteration"] for r in evals] == [3]
+    assert set(evals[0]) == {"event", "at_iteration", "heldout_raw", "heldout_pairs", "valid"}  # test: before/after only
+
+
+def test_a_missing_per_split_prefix_fails_before_any_work_naming_the_key(tokenized_dir, general, tmp_path):
+    per_split = {"train": [{"prefix": "train_raw"}],
+                 "valid": [{"prefix": str(general / "general_valid")}, {"prefix": str(tmp_path / "nope")}]}
+    with pytest.raises(DataError, match=r"blend.per_split.valid\[1\].prefix = .*nope.*missing: .*nope.bin"):
+        train_stage(tiny_config(blend__per_split=per_split), tokenized_dir, tmp_path / "a", "fp")
+    assert not torch.distributed.is_initialized() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["blend.per_split={train: [{prefix: x, weight: 0}]}"], r"blend.per_split.train.0.weight = 0: Input should be greater than 0"),
+    (["blend.per_split={train: [{prefix: x}], valid: [{prefix: y, weight: -2}]}"], r"blend.per_split.valid.0.weight = -2"),
+    (["blend.per_split={train: []}"], r"blend.per_split.train = \[\]: List should have at least 1 item"),
+    (["blend.per_split={train: [{prefix: x, wieght: 1}]}"], r"unknown key 'blend.per_split.train.0.wieght'"),
+    (["blend.raw_weight=1", "blend.per_split={train: [{prefix: x}]}"], r"blend.per_split replaces .*: leave out blend.raw_weight"),
+    (["blend.mock=true", "blend.per_split={train: [{prefix: x}]}"], r"leave out blend.mock"),
+])
+def test_bad_per_split_blends_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
 def test_truncate_metrics_keeps_records_up_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"event": "heldout_before", "heldout_raw": 5.0}] + [{"iteration": i, "loss": 1.0} for i in range(1, 6)]
