@@ -14,12 +14,15 @@ What is saved (mirroring Megatron-LM's ``generate_state_dict``):
 - ``opt_param_scheduler``, ``iteration``, ``consumed_samples``, ``extra`` (common, saved once);
 - ``rng_state``: python / numpy / torch / cuda RNG and megatron's RNG tracker, one object per rank.
 
-Saves are synchronous. megatron's torch_dist writer collects write results through a queue that it
+Saves are synchronous by default. megatron's torch_dist writer collects write results through a queue that it
 creates, on first use, in a *spawned* ``multiprocessing.Manager`` process; spawning re-imports the
 caller's main module, which breaks any script without an ``if __name__ == "__main__":`` guard (and
 costs seconds). A synchronous save runs that collection in this process, so :func:`save_checkpoint`
 hands the writer a plain in-process ``queue.Queue`` for the duration of the save instead
 (:func:`_in_process_write_results_queue`); the file writers themselves are forked, which needs no guard.
+An async save (``train.async_save``: ``save_checkpoint(..., async_queue=...)``) is megatron-core's own: a forked
+process writes the tensors and reports through megatron's Manager queue (so the guard matters there), and
+``layout.json`` / ``latest`` are written by the request's finalize step once every rank finished.
 
 Cross-version: every call into ``dist_checkpointing`` goes through :mod:`megatron_ipt.mcore` (keywords
 only; its positional parameters moved between versions), which also writes the ``common.pt`` file that
@@ -35,6 +38,7 @@ import queue
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -210,13 +214,22 @@ def _in_process_write_results_queue() -> Iterator[None]:
         filesystem_async._results_queue = None
 
 
-def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, progress: Progress) -> float:
+def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, progress: Progress, *,
+                    keep_last: int | None = None, async_queue=None) -> float:
     """Save ``root/iter_{N:07d}`` (torch_dist) then atomically point ``root/latest`` at it; returns seconds.
 
     Must be called on every rank. ``model``: one module or the list of model chunks, DDP-wrapped or not.
-    Mirrors Megatron-LM's ``save_checkpoint`` with ``--ckpt-format torch_dist`` and synchronous saving.
+    ``keep_last``: then remove all but the newest K checkpoints (:func:`prune_checkpoints`, rank 0).
+    Mirrors Megatron-LM's ``save_checkpoint`` with ``--ckpt-format torch_dist``; synchronous unless
+    ``async_queue`` (:func:`megatron_ipt.mcore.async_calls_queue`) is given: then a save still in flight is
+    finished first, the state is handed to megatron's async writer (a forked process writes the tensors while
+    training goes on), and ``layout.json``, ``latest`` and pruning happen in the request's finalize step, once
+    every rank's files are written (``async_queue.maybe_finalize_async_calls``). The seconds returned are then
+    the time training was blocked.
     """
     start = time.perf_counter()
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)  # one save in flight at a time
     directory = checkpoint_dir(root, progress.iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -226,17 +239,31 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
             shutil.rmtree(directory)  # left half-written by an interrupted save ('latest' never named it)
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = _sharded_state_dict(_chunks(model), optimizer, scheduler, progress, is_loading=False)
-    with _in_process_write_results_queue():
-        mcore.save_distributed(state, directory)
-    torch.distributed.barrier()
-    if rank == 0:
-        shape, _ = _ranks()
-        layout = {**dict(zip(("pipeline", "tensor", "data"), shape)), "model_chunks": len(_chunks(model))}
-        atomic_write_text(directory / LAYOUT, json.dumps(layout) + "\n")
-        atomic_write_text(Path(root) / LATEST, f"{progress.iteration}\n")
-    torch.distributed.barrier()
+    chunks = _chunks(model)
+    state = _sharded_state_dict(chunks, optimizer, scheduler, progress, is_loading=False)
+    shape, _ = _ranks()
+    layout = {**dict(zip(("pipeline", "tensor", "data"), shape)), "model_chunks": len(chunks)}
+    finish = partial(_finish_save, Path(root), progress.iteration, layout, keep_last)
+    if async_queue is None:
+        with _in_process_write_results_queue():
+            mcore.save_distributed(state, directory)
+        finish()
+    else:
+        request = mcore.save_distributed_async(state, directory)
+        request.finalize_fns.append(finish)
+        async_queue.schedule_async_request(request)
     return time.perf_counter() - start
+
+
+def _finish_save(root: Path, iteration: int, layout: dict, keep_last: int | None) -> None:
+    """After every rank wrote its part: ``layout.json``, then ``latest`` (atomic), then pruning (rank 0)."""
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        atomic_write_text(checkpoint_dir(root, iteration) / LAYOUT, json.dumps(layout) + "\n")
+        atomic_write_text(root / LATEST, f"{iteration}\n")
+        if keep_last:
+            prune_checkpoints(root, keep_last)
+    torch.distributed.barrier()
 
 
 def _init_optimizer_states(optimizer) -> None:

@@ -241,6 +241,13 @@ def save_distributed(state: dict, directory: Path | str) -> None:
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(directory))
+    _write_common_state_file(directory)
+
+
+def _write_common_state_file(directory: Path | str) -> None:
+    """Rank 0 writes ``common.pt`` from the finished checkpoint's common state when this version wrote none."""
+    import torch
+
     common = Path(directory) / COMMON_STATE_FILE
     if torch.distributed.get_rank() == 0 and not common.exists():
         state_dict = load_common_state(directory)
@@ -248,6 +255,32 @@ def save_distributed(state: dict, directory: Path | str) -> None:
         torch.save(state_dict, tmp)
         tmp.replace(common)
     torch.distributed.barrier()
+
+
+def save_distributed_async(state: dict, directory: Path | str):
+    """``dist_checkpointing.save(..., async_sharded_save=True)``: the common state is written now, the sharded
+    tensors by the returned megatron ``AsyncRequest`` once :func:`async_calls_queue` schedules it. Its finalize
+    functions (run on every rank when every rank's writes finished) write ``metadata.json`` and then, as
+    :func:`save_distributed` does, ``common.pt``; append yours after them. Uses megatron-core's own async writer
+    (``async_strategy="mcore"``; 0.17+ default to nvidia-resiliency-ext's, which is not a dependency here).
+    Call on every rank."""
+    from functools import partial
+
+    from megatron.core import dist_checkpointing
+
+    request = call_with_accepted(dist_checkpointing.save, sharded_state_dict=state, checkpoint_dir=str(directory),
+                                 async_sharded_save=True, async_strategy="mcore")
+    request.finalize_fns.append(partial(_write_common_state_file, directory))
+    return request
+
+
+def async_calls_queue():
+    """megatron-core's ``AsyncCallsQueue`` (``dist_checkpointing.strategies.async_utils``): runs scheduled
+    ``AsyncRequest`` s in a forked process; ``maybe_finalize_async_calls(blocking)`` runs their finalize functions
+    on every rank once all ranks finished; ``close()`` waits for the rest. Call its methods on every rank."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()
 
 
 def load_common_state(directory: Path | str) -> dict:

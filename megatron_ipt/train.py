@@ -494,11 +494,12 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     stopper = signals.StopRequest(t.exit_duration_minutes, device=device)
     stopped_by = None
 
+    # train.async_save: megatron-core's async checkpoint writer; finished before the next save and before returning.
+    async_queue = mcore.async_calls_queue() if t.async_save else None
+
     def save() -> float:
-        seconds = checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
-        if rank0 and t.keep_last:
-            checkpoint.prune_checkpoints(ckpt_root, t.keep_last)
-        return seconds
+        return checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress, keep_last=t.keep_last,
+                                          async_queue=async_queue)
 
     try:
         stopper.__enter__()
@@ -515,6 +516,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             progress.consumed_samples += t.global_batch_size
             if not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"iteration {progress.iteration}: loss is {last['loss']}")
+            if async_queue is not None:  # finalize a background save every rank finished (Megatron-LM does it each step)
+                async_queue.maybe_finalize_async_calls(blocking=False)
             if stopper.should_stop() and progress.iteration < stop:
                 stopped_by = stopper.reason
                 _say(f"train: {stopped_by} received: saving at iteration {progress.iteration} and stopping")
@@ -541,6 +544,10 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
                 window = []
             else:
                 reporter.advance(progress.iteration)
+    except BaseException:
+        if async_queue is not None:
+            async_queue.close(abort=True)  # an error: 'latest' stays at the last finished checkpoint
+        raise
     finally:
         stopper.__exit__()
         reporter.close()
@@ -550,6 +557,11 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     trained = progress.iteration - resumed_from
     if (t.save_checkpoint or stop < t.train_iters or stopped_by) and trained > 0:
         save_seconds = save()
+    if async_queue is not None:
+        tick = time.perf_counter()
+        async_queue.close()  # waits for the save in flight and finalizes it ('latest' moves)
+        if save_seconds is not None:
+            save_seconds += time.perf_counter() - tick
     if stopped_by and rank0:
         from megatron_ipt.manifest import atomic_write_text
 

@@ -1,7 +1,7 @@
 """Run ``train_stage`` from the command line, relaunching itself under torchrun (used by the dist tests).
 
     python tests/dist_train_worker.py TOKENIZED_DIR OUT_DIR --procs 2 --tp 2 --pp 1 [--vpp 2] [--layers 4]
-        [--distopt] [--iters 4] [--stop-at N] [--init-from CHECKPOINTS]
+        [--distopt] [--iters 4] [--stop-at N] [--init-from CHECKPOINTS] [--async-save] [--save-interval N]
 
 Rank 0 writes ``OUT_DIR/summary.json``.
 """
@@ -31,10 +31,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="model.num_layers (default: the preset's)")
     p.add_argument("--init-from", default=None, help="train.init_from: start from these weights")
     p.add_argument("--distopt", action="store_true")
+    p.add_argument("--async-save", action="store_true", help="train.async_save")
+    p.add_argument("--save-interval", type=int, default=None)
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--stop-at", type=int, default=None, help="exit after this many iterations (resume tests)")
     args = p.parse_args()
-    cfg = tiny_config(train_iters=args.iters, eval_iters=2, init_from=args.init_from, model__num_layers=args.layers)
+    cfg = tiny_config(train_iters=args.iters, eval_iters=2, init_from=args.init_from, model__num_layers=args.layers,
+                      async_save=args.async_save, save_interval=args.save_interval)
     cfg.parallel.nproc_per_node = args.procs
     cfg.parallel.tensor_model_parallel_size = args.tp
     cfg.parallel.pipeline_model_parallel_size = args.pp

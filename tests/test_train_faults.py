@@ -138,3 +138,46 @@ def test_a_tp2_checkpoint_resumed_with_tp1_continues_the_same_curve(tokenized_di
     expected, got = losses(tmp_path / "straight"), losses(tmp_path / "resharded")
     for it in (4, 5, 6):  # same weights, optimizer state and data; only the TP split of the matmuls differs
         assert got[it] == pytest.approx(expected[it], rel=1e-4), it
+
+
+def test_async_saves_write_the_state_of_their_iteration_while_training_goes_on(tokenized_dir, tmp_path):
+    import shutil
+
+    cfg = tiny_config(train_iters=6, save_interval=2, eval_iters=1, async_save=True)
+    summary = train_stage(cfg, tokenized_dir, tmp_path / "async", "fp")
+    ckpts = tmp_path / "async" / "checkpoints"
+    assert summary["completed"] and checkpoint.latest_iteration(ckpts) == 6
+    for it in (2, 4, 6):  # every background save was finalized: megatron's metadata.json, then our layout.json
+        folder = checkpoint.checkpoint_dir(ckpts, it)
+        assert (folder / "metadata.json").is_file() and (folder / "layout.json").is_file(), it
+    # iteration 2 was written by a forked process while iterations 3-4 trained: resuming from it alone
+    # continues exactly like the run that wrote it
+    resumed = tmp_path / "resumed" / "checkpoints"
+    shutil.copytree(checkpoint.checkpoint_dir(ckpts, 2), checkpoint.checkpoint_dir(resumed, 2))
+    (resumed / "latest").write_text("2\n")
+    second = train_stage(tiny_config(train_iters=6, eval_iters=1), tokenized_dir, tmp_path / "resumed", "fp")
+    assert second["resumed_from_iteration"] == 2
+    expected, got = losses(tmp_path / "async"), losses(tmp_path / "resumed")
+    for it in (3, 4, 5, 6):
+        assert got[it] == pytest.approx(expected[it], rel=1e-6, abs=1e-6), it
+
+
+@pytest.mark.dist
+def test_async_saves_on_two_ranks_finalize_together_and_match_the_synchronous_run(tokenized_dir, tmp_path):
+    worker = Path(__file__).parent / "dist_train_worker.py"
+
+    def run(out, *flags):
+        r = subprocess.run([sys.executable, str(worker), str(tokenized_dir), str(out), "--procs", "2", "--distopt",
+                            "--save-interval", "2", *flags],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    run(tmp_path / "sync")
+    summary = run(tmp_path / "async", "--async-save")
+    assert summary["completed"] and summary["parallel"]["data_parallel_size"] == 2
+    ckpts = tmp_path / "async" / "checkpoints"
+    assert checkpoint.latest_iteration(ckpts) == 4
+    assert all((checkpoint.checkpoint_dir(ckpts, it) / "layout.json").is_file() for it in (2, 4))
+    # saving in the background changes nothing in training: the losses equal the synchronous run's
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
