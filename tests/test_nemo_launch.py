@@ -127,3 +127,22 @@ def test_slurm_without_a_container_refuses_paths_nemo_run_would_rewrite(tmp_path
     with pytest.raises(IptError, match="NeMo-Run home .* contains '/nemo_run'"):
         launch_stage(StageCommand("train", "/x.yaml"), executor="slurm", slurm=SlurmOptions(account="a"),
                      nemo_run_home=tmp_path / "nemo_run")
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+def test_launch_trains_with_torchrun_inside_a_slurm_job(slurm_cluster, tmp_path):
+    """SlurmExecutor (LocalTunnel) on the local cluster: one task running torchrun with 2 gloo processes."""
+    pytest.importorskip("nemo_run")
+    config = _tiny_experiment(tmp_path)
+    home = tmp_path / "nr_home"
+    env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "megatron_ipt.cli", "launch", str(config), "--stage", "train",
+                        "--executor", "slurm", "--account", slurm_cluster.account, "--partition",
+                        slurm_cluster.partition, "--time", "00:10:00", "--nemo-run-home", str(home)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = Path(r.stdout.strip().rsplit("log: ", 1)[1])
+    assert log.name.startswith(f"log-{slurm_cluster.account}") and "iteration 3/3" in log.read_text()
+    manifest = yaml.safe_load((tmp_path / "run" / "train" / "manifest.json").read_text())
+    assert manifest["parallel"]["world_size"] == 2 and manifest["counts"]["iterations"] == 3
