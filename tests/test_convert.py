@@ -79,6 +79,33 @@ def test_logits_match_transformers_and_round_trip_is_bit_identical(case, tmp_pat
     assert "config.json" in files
 
 
+def scratch_bytes(model, itemsize):
+    """Bytes of the megatron tensors that are not one slice of one Hugging Face tensor: fused QKV (weights and
+    biases) and the embedding / output layer (padded from 200 to 256 rows)."""
+    sd = model.state_dict()
+    qkv = sum(v.numel() for k, v in sd.items() if any(f"self_attn.{x}_proj" in k for x in "qkv"))
+    vocab = 256 * model.config.hidden_size * (1 if model.config.tie_word_embeddings else 2)
+    return (qkv + vocab) * itemsize
+
+
+def test_import_maps_plain_tensors_from_the_safetensors_files_and_assembles_only_fused_or_padded_ones(tmp_path):
+    model = hf_model(tmp_path / "hf", "qwen2-bias")
+    manifest = convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    assert manifest["scratch_bytes"] == scratch_bytes(model, 4)
+    assert not (tmp_path / "mg" / convert.SCRATCH_DIR).exists()
+
+
+def test_bfloat16_import_casts_every_tensor_once_and_exports_the_rounded_weights(tmp_path):
+    model = hf_model(tmp_path / "hf", "qwen2-bias")
+    manifest = convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg", dtype="bfloat16")
+    assert manifest["dtype"] == "bfloat16" and manifest["scratch_bytes"] == 2 * (
+        sum(p.numel() for p in model.parameters()) + 56 * 64 * 2)  # every tensor cast; 56 padding rows twice
+    convert.megatron_to_hf(tmp_path / "mg", tmp_path / "back", dtype="bfloat16")
+    back = type(model).from_pretrained(tmp_path / "back", dtype=torch.bfloat16).state_dict()
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    assert set(back) == set(expected) and all(torch.equal(back[k], expected[k]) for k in back)
+
+
 def test_tensor_parallel_padding_and_errors(tmp_path, capsys):
     hf_model(tmp_path / "hf", "llama3")
     assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "mg"),
