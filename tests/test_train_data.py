@@ -159,3 +159,16 @@ def test_mock_data_trains_without_the_blend(tokenized_dir, tmp_path):
     summary = train_stage(tiny_config(blend__mock=True, train_iters=2, eval_iters=1), tokenized_dir, tmp_path, "fp")
     assert summary["completed"] and summary["consumed_samples"] == 8
     assert all(r["loss"] > 0 for r in records(tmp_path) if "iteration" in r)
+
+
+def test_eval_micro_batches_round_up_to_a_multiple_with_zero_loss_masks():
+    from megatron_ipt.data import eval_micro_batches
+
+    dataset = [{"tokens": torch.full((4,), i), "loss_mask": torch.ones(4)} for i in range(5)]
+    count, batches = eval_micro_batches(dataset, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=1,
+                                        multiple_of=2)  # 3 micro-batches cover 5 samples; the interleaved schedule wants 4
+    masks = [b["loss_mask"].sum(dim=1).tolist() for b in batches]
+    assert count == 4 and masks == [[4, 4], [4, 4], [4, 0], [0, 0]]
+    count, batches = eval_micro_batches(dataset, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=1,
+                                        max_batches=1, multiple_of=2)  # eval_iters=1: the padding batch counts nothing
+    assert count == 2 and [b["loss_mask"].sum().item() for b in batches] == [8, 0]
