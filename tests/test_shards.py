@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from data_prep.errors import DataPrepError
-from data_prep.shards import merge_shards, select_shard, shard_finished, shard_of, shard_paths, write_shard
+from data_prep.shards import ShardJournal, merge_shards, select_shard, shard_finished, shard_of, shard_paths, write_shard
 
 DOCS = [{"id": f"doc-{i}", "split": "train", "text": f"text {i}"} for i in range(200)]
 
@@ -58,6 +58,20 @@ def test_merged_counts_sum_the_shards_pair_structure(tmp_path):
         write_shard(tmp_path, i, 2, recs, {"pair_structure": {"plain": 3 + i, "cot": i, "issue:x": 1}})
     counts = merge_shards(tmp_path, 2, DOCS, tmp_path / "pairs.jsonl")
     assert counts["pair_structure"] == {"cot": 1, "issue:x": 2, "plain": 7}
+
+
+def test_journal_keeps_complete_batches_only(tmp_path):
+    journal = ShardJournal(tmp_path / ".partial.jsonl")
+    journal.append([{"id": "a", "chunk": 0, "text": "x", "tokens": 1}], 0.5)
+    journal.append([{"id": "b", "chunk": 0, "text": "y", "tokens": 2}, {"id": "b", "chunk": 1, "text": "z", "tokens": 3}], 1.0)
+    with open(journal.path, "ab") as f:
+        f.write(b'{"batch": 2, "results": [{"id": "c"')  # cut by a crash before its progress record
+    again = ShardJournal(journal.path)
+    assert sorted(again.load()) == [("a", 0), ("b", 0), ("b", 1)]
+    assert (again.batches, again.prompts, again.seconds) == (2, 3, 1.5)
+    assert journal.path.read_bytes().endswith(b"}\n")  # the cut line is gone
+    journal.progress_path.unlink()  # no progress record: nothing is trusted, the shard starts over
+    assert ShardJournal(journal.path).load() == {} and not journal.path.exists()
 
 
 def test_missing_shard_is_named(tmp_path):
