@@ -6,7 +6,8 @@ started it; a cluster already running in the state folder is reused and left run
 without a running cluster the tests that use it are skipped; with root a failed bring-up is an error.
 
 Environment: ``IPT_SLURM_STATE`` (state folder, default /tmp/ipt-slurm; other variables of
-slurm_local.sh apply too), ``IPT_SLURM_KEEP=1`` to leave a cluster this session started running.
+slurm_local.sh apply too), ``IPT_SLURM_KEEP=1`` to leave a cluster this session started running,
+``IPT_SLURM=0`` to skip the Slurm tests (CI's second leg: they run once, in the first).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def _script(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The local Slurm cluster (brought up when needed; stopped at session end if this session started it)."""
+    if os.environ.get("IPT_SLURM") == "0":
+        pytest.skip("Slurm tests are off (IPT_SLURM=0)")
     state_dir = Path(os.environ.get("IPT_SLURM_STATE", "/tmp/ipt-slurm"))
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not a job's variables
     base["IPT_SLURM_STATE"] = str(state_dir)
