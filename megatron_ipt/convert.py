@@ -38,10 +38,11 @@ Both use rotate-half RoPE, so no query/key permutation is needed. The vocabulary
 trainer computes) and cut back on export.
 
 Memory and disk (measured by ``benchmarks/convert_memory.py``): anonymous memory stays at a few 64 MB row
-blocks on import and about one parameter on export; file pages of the inputs pass through the page cache.
-Import needs scratch disk for the tensors that are not a plain slice of one Hugging Face tensor (QKV and the
-padded embeddings, about 10% of a Llama model; everything when ``--dtype`` differs from the source), inside
-the output folder while it is written, deleted at the end.
+blocks on import and about two copies of the largest parameter on export (torch_dist reads a stored chunk,
+then copies it); file pages of the inputs pass through the page cache. Import needs scratch disk for the
+tensors that are not a plain slice of one Hugging Face tensor (the fused QKV, about 10% of a Llama 3 model; the
+embeddings when the vocabulary needs padding; everything when ``dtype`` differs from the source), inside the
+output folder while it is written, deleted at the end (``scratch_bytes`` in the manifest).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import argparse
 DESCRIPTION = """\
 Convert Llama 3 / 3.1 and Qwen2 / 2.5 checkpoints between Hugging Face (safetensors) and megatron-core's
 torch_dist format (weights only; loadable with any tensor/pipeline layout). Streamed: the model is never
-built in memory (anonymous memory about one tensor); hf-to-megatron needs scratch disk inside DST for the
-fused QKV and padded embeddings (about 10% of the model) while it runs.
+built in memory (anonymous memory: a few tensors); hf-to-megatron needs scratch disk inside DST while it runs
+for the fused QKV (about 10% of a Llama 3 model) and padded embeddings.
 
 examples:
   ipt convert hf-to-megatron Meta-Llama-3-8B ckpt/llama3-8b --tensor-parallel-size 2
