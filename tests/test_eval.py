@@ -168,3 +168,15 @@ def test_an_empty_evaluation_file_names_the_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(rc.EvalDataError, match=f"{tmp_path / 'empty.jsonl'}: no held-out document"):
         rc.load_heldout_pairs(tmp_path / "empty.jsonl")
+
+
+def test_compare_puts_one_model_in_one_column_across_tasks():
+    def rec(name, task, metrics, n):
+        return {"model": {"name": name}, "task": task, "metrics": metrics, "n": n}
+
+    table = markdown([rec("base", "rc", {"answer_nll": 3.0}, 5), rec("cpt", "rc", {"answer_nll": 2.0}, 5),
+                      rec("cpt", "heldout_perplexity", {"raw_nll": 1.5}, 7), rec("cpt", "rc", {"answer_nll": 2.5}, 5)])
+    assert table.splitlines() == [
+        "| task | metric | base | cpt | cpt (2) |", "| --- | --- | --- | --- | --- |",
+        "| rc | answer_nll | 3.0000 | 2.0000 | 2.5000 |", "| rc | examples | 5 | 5 | 5 |",
+        "| heldout_perplexity | raw_nll |  | 1.5000 |  |", "| heldout_perplexity | examples |  | 7 |  |"]

@@ -1,1 +1,3 @@
-"""Evaluation: scoring functions, reading-comprehension tasks from held-out documents, model scorers, results."""
+"""Evaluation: scoring functions, reading-comprehension tasks from held-out documents (answer likelihood,
+multiple choice, free-form generation), held-out perplexity per component, lm-evaluation-harness on a Hugging
+Face folder, model scorers, and the validated results record."""

@@ -99,16 +99,28 @@ def write_results(path: str | Path, model: dict, task: str, result: dict, settin
 
 
 def markdown(records: list[dict]) -> str:
-    """A side-by-side table: one row per (task, metric), one column per model."""
-    names = [r["model"].get("name") or r["model"].get("path", "?") for r in records]
-    rows = {}
-    for i, r in enumerate(records):
+    """A side-by-side table: one column per model (records of one model name on different tasks share a column;
+    the same model and task twice gets a second column), one row per (task, metric), then the task's number of
+    examples."""
+    labels: list[str] = []
+    taken: list[tuple[str, set]] = []  # per column: model name, tasks in it
+    cells: dict[str, dict[str, dict[int, str]]] = {}  # task -> metric ("examples" last) -> column -> text
+    for r in records:
+        name = r["model"].get("name") or r["model"].get("path", "?")
+        j = next((i for i, (n, tasks) in enumerate(taken) if n == name and r["task"] not in tasks), None)
+        if j is None:
+            same = sum(n == name for n, _ in taken)
+            labels.append(f"{name} ({same + 1})" if same else name)
+            taken.append((name, set()))
+            j = len(taken) - 1
+        taken[j][1].add(r["task"])
+        task = cells.setdefault(r["task"], {})
         for metric, value in r["metrics"].items():
-            rows.setdefault((r["task"], metric), {})[i] = value
-    lines = ["| task | metric | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
-    for (task, metric), values in rows.items():
-        cells = [f"{values[i]:.4f}" if i in values else "" for i in range(len(records))]
-        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    ns = [str(r.get("n", "")) for r in records]
-    lines.append("| | examples | " + " | ".join(ns) + " |")
+            task.setdefault(metric, {})[j] = f"{value:.4f}"
+        task.setdefault("\0examples", {})[j] = str(r.get("n", ""))
+    lines = ["| task | metric | " + " | ".join(labels) + " |", "| --- | --- |" + " --- |" * len(labels)]
+    for task, metrics in cells.items():
+        examples = metrics.pop("\0examples")
+        for metric, row in [*metrics.items(), ("examples", examples)]:
+            lines.append(f"| {task} | {metric} | " + " | ".join(row.get(i, "") for i in range(len(labels))) + " |")
     return "\n".join(lines) + "\n"
