@@ -207,13 +207,6 @@ def meta_model(preset: ModelPreset, layout: parallel.Layout, vocab_size: int) ->
                if preset.rope_scaling_factor else {}))
 
 
-def _mapping():
-    """megatron-core's ``ShardedTensor`` and ``ShardedTensorFactory`` classes."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    return ShardedTensor, ShardedTensorFactory
-
-
 def _param_rows(view: torch.Tensor, param: torch.Tensor, what: str) -> tuple[int, int]:
     """The dim-0 row range of ``param`` that ``view`` (a ShardedTensor's data: the parameter itself or a row
     slice of it, as megatron's SwiGLU factory makes) covers."""
@@ -265,7 +258,7 @@ def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, prese
                             dtype: torch.dtype, scratch: _Scratch) -> tuple[dict, int]:
     """The meta model's sharded state dict with every ShardedTensor's data file-backed; returns it and the
     parameter count. Factories are applied here (their pieces are bound one by one)."""
-    ShardedTensor, ShardedTensorFactory = _mapping()
+    ShardedTensor, ShardedTensorFactory = mcore.sharded_tensor_classes()
     params = dict(model.named_parameters())
     sources = megatron_sources(preset)
     unmapped = sorted(set(params) - set(sources))
@@ -423,7 +416,7 @@ def _load_parameter(key: str, entry, param: torch.Tensor, dtypes: dict[str, torc
     plain region ``[offset : offset + shape]`` of the stored global tensor (the layer axis megatron prepends
     made explicit), read straight into its rows of the parameter: megatron's prepended-axis form would build
     torch ShardedTensor metadata for every layer, which a one-process world cannot hold for a part."""
-    ShardedTensor, ShardedTensorFactory = _mapping()
+    ShardedTensor, ShardedTensorFactory = mcore.sharded_tensor_classes()
     pieces = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
     missing = [sh.key for sh in pieces if sh.key not in dtypes]
     if missing:

@@ -233,6 +233,14 @@ def sharded_object(**kwargs: Any):
     return ShardedObject(**kwargs)
 
 
+def sharded_tensor_classes() -> tuple[type, type]:
+    """``(ShardedTensor, ShardedTensorFactory)`` of ``dist_checkpointing.mapping`` (entries of a sharded state
+    dict, for code that rebinds their data, e.g. ``megatron_ipt.convert``)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return ShardedTensor, ShardedTensorFactory
+
+
 def save_distributed(state: dict, directory: Path | str) -> None:
     """``dist_checkpointing.save`` (default torch_dist strategy, keywords only), readable by every supported
     version: when this version wrote no ``common.pt`` (0.17+ keep the common state elsewhere), rank 0
