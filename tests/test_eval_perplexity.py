@@ -44,6 +44,22 @@ def test_components_and_empty_sets_name_the_file(tmp_path):
         perplexity.evaluate_perplexity(None, perplexity.components(tmp_path), 8)
 
 
+def test_blend_extra_valid_prefixes_are_components_named_like_the_trainers(tmp_path):
+    from megatron_ipt.config import BlendComponent
+
+    tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=2, heldout_docs=2)
+    write_indexed(tmp_path / "general_valid", [np.arange(1, 20, dtype=np.int32)])
+    extra = [BlendComponent(prefix=str(tmp_path / "general"), weight=0.1, name="general",
+                            valid_prefix=str(tmp_path / "general_valid")),
+             BlendComponent(prefix=str(tmp_path / "code"), weight=0.1, name="code")]
+    assert perplexity.components(tokenized, extra) == {"raw": tokenized / "heldout_raw",
+                                                       "pairs": tokenized / "heldout_pairs",
+                                                       "general": tmp_path / "general_valid"}
+    extra[1].valid_prefix = str(tmp_path / "missing")
+    with pytest.raises(EvalDataError, match=f"{tmp_path / 'missing'}.bin/.idx: held-out dataset of blend.extra 'code'"):
+        perplexity.components(tokenized, extra)
+
+
 def test_hf_perplexity_equals_the_models_own_loss_on_one_window(tmp_path):
     transformers = pytest.importorskip("transformers")
     from megatron_ipt.evaluate.scorers import HFScorer
