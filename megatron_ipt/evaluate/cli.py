@@ -61,8 +61,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from megatron_ipt.errors import IptError
     from megatron_ipt.evaluate.run import markdown
     from megatron_ipt.evaluate.schema import read_results
@@ -76,6 +74,8 @@ def run(args) -> int:
         raise IptError("ipt eval takes one experiment file (or 'compare' and results files)")
     if args.limit is not None and args.limit < 1:
         raise IptError(f"--limit must be at least 1 (got {args.limit})")
+    if args.generate and args.max_new_tokens < 1:
+        raise IptError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     from megatron_ipt.config import load_config
 
     cfg = load_config(args.target[0], args.overrides)
