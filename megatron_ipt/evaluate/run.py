@@ -94,7 +94,10 @@ def write_results(path: str | Path, model: dict, task: str, result: dict, settin
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
-    path.with_suffix(".md").write_text(markdown([record]))
+    md = path.with_suffix(".md")
+    md_tmp = md.with_name(md.name + ".tmp")
+    md_tmp.write_text(markdown([record]))
+    md_tmp.replace(md)
     return record
 
 
