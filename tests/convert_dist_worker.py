@@ -5,7 +5,8 @@ losses (used by tests/test_convert.py), relaunching itself under torchrun.
 
 ``TOKENS.pt``: a [batch, seq] token tensor; labels are the next tokens (``tokens.roll(-1, 1)``). The rank on
 the last pipeline stage with tensor-parallel rank 0 writes ``OUT.pt``: ``{"logits": [b, s, V] (vocabulary
-padding cut, gathered over TP), "losses": [b, s]}``.
+padding cut, gathered over TP), "losses": [b, s]}``; every rank saves the loaded weights again from this
+layout into ``OUT.resaved`` (weights-only torch_dist, like the converter's output).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def run_case(ckpt: str, hf: str, out: str, tokens, layout, tp: int) -> None:
     model = build_model(preset, layout, vocab_size=padded_vocab_size(preset.vocab_size, tp), seq_length=seq,
                         device=torch.device("cpu"))
     checkpoint.load_model_weights(ckpt, model)
+    checkpoint.save_model_weights(Path(out).with_suffix(".resaved"), model)  # saved again from this layout
     model.eval()
     position_ids = torch.arange(seq).unsqueeze(0).expand_as(tokens)
     results = {}

@@ -12,6 +12,7 @@ from megatron_ipt import checkpoint, convert
 from megatron_ipt.cli import main
 from megatron_ipt.model import build_model
 from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
+from megatron_ipt.safetensors_stream import ModelWeights
 
 transformers = pytest.importorskip("transformers")
 
@@ -155,7 +156,8 @@ def test_continual_pretraining_flow_convert_train_export(tmp_path):
 def test_converted_checkpoint_loads_into_tp2_pp2_with_the_tp1_logits_and_losses(tmp_path):
     """4 gloo processes (TP=2 x PP=2, CPU): torch_dist reshards the converted checkpoint on load; logits and
     per-token losses equal the TP=1 model's within fp32 tolerance (untied Llama, and tied Qwen2 with QKV bias,
-    whose output layer on the last stage loads from the embedding)."""
+    whose output layer on the last stage loads from the embedding). The weights saved again from that layout
+    export to Hugging Face bit-identically (export reads any layout)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -178,6 +180,12 @@ def test_converted_checkpoint_loads_into_tp2_pp2_with_the_tp1_logits_and_losses(
         assert got["logits"].shape == logits.shape and got["losses"].shape == losses.shape
         assert torch.allclose(got["logits"], logits, atol=1e-5, rtol=0), (case, (got["logits"] - logits).abs().max())
         assert torch.allclose(got["losses"], losses, atol=1e-5, rtol=0), (case, (got["losses"] - losses).abs().max())
+        # the same weights saved from the TP=2 x PP=2 layout export back to the source bit-identically
+        convert.megatron_to_hf(tmp_path / f"{case}.resaved", tmp_path / f"{case}-back", hf_config_from=tmp_path / f"{case}-hf")
+        source = ModelWeights(tmp_path / f"{case}-hf")
+        back = ModelWeights(tmp_path / f"{case}-back")
+        assert set(back.names()) == set(source.names())
+        assert all(torch.equal(back.read_rows(n), source.read_rows(n)) for n in source.names())
 
 
 @pytest.mark.e2e
