@@ -124,6 +124,14 @@ def test_tensor_parallel_padding_and_errors(tmp_path, capsys):
     assert main(["convert", "hf-to-megatron", str(tmp_path / "bad"), str(tmp_path / "mg2")]) == 2
     assert "model.layers.1.mlp.up_proj.weight is missing" in capsys.readouterr().err
     assert not (tmp_path / "mg2").exists()
+    # exporting with a config the checkpoint does not fit names the tensor and leaves no output
+    (tmp_path / "cfg3").mkdir()
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "cfg3" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    assert main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "out"),
+                 "--hf-config-from", str(tmp_path / "cfg3")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "decoder.layers." in err and not (tmp_path / "out").exists()
 
 
 def test_continual_pretraining_flow_convert_train_export(tmp_path):
