@@ -44,7 +44,7 @@ def test_components_and_empty_sets_name_the_file(tmp_path):
         perplexity.evaluate_perplexity(None, perplexity.components(tmp_path), 8)
 
 
-def test_blend_extra_valid_prefixes_are_components_named_like_the_trainers(tmp_path):
+def test_blend_extra_and_per_split_held_out_datasets_are_components(tmp_path):
     from megatron_ipt.config import BlendComponent
 
     tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=2, heldout_docs=2)
@@ -55,6 +55,14 @@ def test_blend_extra_valid_prefixes_are_components_named_like_the_trainers(tmp_p
     assert perplexity.components(tokenized, extra) == {"raw": tokenized / "heldout_raw",
                                                        "pairs": tokenized / "heldout_pairs",
                                                        "general": tmp_path / "general_valid"}
+    from megatron_ipt.config import PerSplitBlend, SplitComponent
+
+    general = SplitComponent(prefix=str(tmp_path / "general_valid"))
+    per_split = PerSplitBlend(train=[SplitComponent(prefix="train_raw")],
+                              valid=[SplitComponent(prefix="heldout_raw"), general], test=[general])
+    assert perplexity.components(tokenized, per_split=per_split) == {
+        "raw": tokenized / "heldout_raw", "pairs": tokenized / "heldout_pairs",
+        "valid.general_valid": tmp_path / "general_valid"}  # each dataset once
     extra[1].valid_prefix = str(tmp_path / "missing")
     with pytest.raises(EvalDataError, match=f"{tmp_path / 'missing'}.bin/.idx: held-out dataset of blend.extra 'code'"):
         perplexity.components(tokenized, extra)

@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=1, help="--harness: lm-eval batch size")
     p.add_argument("--limit", type=int, default=None,
-                   help="the first N held-out documents (rc), windows per component (perplexity) or documents per task (harness)")
+                   help="the first N held-out documents (rc), windows per component (perplexity) or documents "
+                   "per task (harness)")
     p.add_argument("--name", help="model name in tables (default: from the source)")
     p.add_argument("--output", help="results JSON (default: RUN_DIR/eval/TASK-NAME.json); --harness: a folder "
                    "(default RUN_DIR/eval), one file per task")
@@ -195,7 +196,7 @@ def evaluate_perplexity_experiment(cfg, *, checkpoint=None, init=False, hf=None,
 
     folder = Path(data) if data else stage_path(cfg, "tokenize")
     tok = read_manifest(folder, "tokenize")["tokenizer"]
-    prefixes = perplexity.components(folder, cfg.blend.extra)
+    prefixes = perplexity.components(folder, cfg.blend.extra, cfg.blend.per_split)
     seq = cfg.model.seq_length
     scorer, model = _scorer(cfg, tok["vocab_size"], checkpoint=checkpoint, init=init, hf=hf, name=name)
     result = _run_scorer(scorer, model, lambda s: perplexity.evaluate_perplexity(s, prefixes, seq, limit))

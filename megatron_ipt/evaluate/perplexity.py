@@ -3,7 +3,8 @@
 Components: ``raw`` (``heldout_raw``: held-out domain documents as plain text), ``pairs`` (``heldout_pairs``:
 the held-out documents' instruction-response pairs) and, for each ``blend.extra`` entry with a
 ``valid_prefix`` (e.g. general instructions), that entry's ``name`` -- the same keys as the trainer's
-``heldout_<key>`` losses.
+``heldout_<key>`` losses; with ``blend.per_split``, each dataset of its valid and test blends (``valid.NAME``,
+``test.NAME``; scored one by one, not as the weighted blend the trainer reports).
 
 Windows: a component's documents (EOD tokens included, as tokenized) are concatenated in file order and cut
 into consecutive windows of ``seq_length`` input tokens; window ``k`` reads tokens ``[k*L, (k+1)*L)`` and
@@ -28,19 +29,26 @@ from megatron_ipt.evaluate.rc import EvalDataError
 HELDOUT_COMPONENTS = {"raw": "heldout_raw", "pairs": "heldout_pairs"}
 
 
-def components(tokenized_dir: str | Path, extra=()) -> dict[str, Path]:
-    """``{key: prefix}`` of the held-out components that exist: ``raw`` and ``pairs`` from ``tokenized_dir``
-    and one per ``extra`` entry (``BlendComponent``) with a ``valid_prefix``. Raises EvalDataError naming the
-    folder when there is none."""
+def components(tokenized_dir: str | Path, extra=(), per_split=None) -> dict[str, Path]:
+    """``{key: prefix}`` of the held-out components that exist: ``raw`` and ``pairs`` from ``tokenized_dir``,
+    one per ``extra`` entry (``BlendComponent``) with a ``valid_prefix`` (key: its name), and one per dataset of
+    ``per_split`` (``PerSplitBlend``) valid/test blends (key ``valid.NAME`` / ``test.NAME``; a tokenize-stage
+    name such as ``heldout_raw`` is read from ``tokenized_dir``), each dataset once. Raises EvalDataError naming
+    the folder when there is none, or naming a configured prefix that is missing."""
     tokenized_dir = Path(tokenized_dir)
     found = {key: tokenized_dir / name for key, name in HELDOUT_COMPONENTS.items()
              if (tokenized_dir / f"{name}.idx").is_file() and (tokenized_dir / f"{name}.bin").is_file()}
-    for c in extra:
-        if c.valid_prefix:
-            prefix = Path(c.valid_prefix)
-            if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
-                raise EvalDataError(f"{prefix}.bin/.idx: held-out dataset of blend.extra {c.name!r} not found")
-            found[c.name] = prefix
+    wanted = [(c.name, Path(c.valid_prefix), f"blend.extra {c.name!r}") for c in extra if c.valid_prefix]
+    for split in ("valid", "test"):
+        for c in getattr(per_split, split, None) or []:
+            prefix = tokenized_dir / c.prefix if "/" not in c.prefix and (tokenized_dir / f"{c.prefix}.bin").is_file() \
+                else Path(c.prefix)
+            wanted.append((f"{split}.{prefix.name}", prefix, f"blend.per_split.{split}"))
+    for key, prefix, where in wanted:
+        if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
+            raise EvalDataError(f"{prefix}.bin/.idx: held-out dataset of {where} not found")
+        if prefix not in found.values():
+            found[key] = prefix
     if not found:
         raise EvalDataError(f"{tokenized_dir}: no held-out indexed dataset (heldout_raw / heldout_pairs)")
     return found
