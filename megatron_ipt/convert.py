@@ -15,8 +15,9 @@ reads such a checkpoint (or a training run's) and writes sharded safetensors wit
   (``o_proj``, ``down_proj``, norms, gate, up), else a memory map of a scratch file assembled block by block
   (fused QKV, padded embeddings, dtype casts). ``dist_checkpointing.save`` then reads the data through the
   page cache (clean file pages), so the process's anonymous memory stays at a few row blocks.
-- On export each megatron parameter is loaded alone (``dist_checkpointing.load`` of one ShardedTensor or
-  factory; torch_dist reads only the chunks it needs) and its row ranges are streamed into
+- On export each megatron parameter is loaded alone (``dist_checkpointing.load`` of its pieces as regions of
+  the stored tensors, whatever layout saved them; torch_dist reads only the chunks it needs) and its row
+  ranges are streamed into
   :class:`~megatron_ipt.safetensors_stream.ShardedWriter`; peak memory is about two copies of one parameter.
 
 The mapping (megatron-core local layer spec names; the layout Megatron-LM's own Llama converters use):
