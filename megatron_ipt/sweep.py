@@ -420,15 +420,16 @@ def run_sweep(sweep: SweepConfig, base: Path, *, executor: str | None = None, sl
     sweep_dir.mkdir(parents=True, exist_ok=True)
     executor = executor or sweep.launch.executor
     slurm = slurm or (SlurmOptions(**sweep.launch.slurm) if executor == "slurm" else None)
+    if slurm is not None and slurm.tunnel != "local":
+        raise IptError("ipt sweep reads every point's checkpoint and manifests in its own process, so it runs where "
+                       "the cluster's file system is (a login node, tunnel local); --tunnel ssh is for ipt launch")
     home = sweep.launch.nemo_run_home or str(sweep_dir / "nemorun")
     env = {**sweep.launch.env, **(env or {})}
-    local_fs = executor == "local" or slurm.tunnel == "local"
-    python = python or (sys.executable if local_fs else "python")
+    python = python or sys.executable
     workdir = workdir or os.getcwd()
 
     def launch(stage: str, config: Path, extra: list[str], nproc: int, title: str):
-        cfg_arg = str(config.resolve()) if local_fs else str(config)
-        cmd = StageCommand(stage, cfg_arg, [], extra, workdir=workdir, python=python)
+        cmd = StageCommand(stage, str(config.resolve()), [], extra, workdir=workdir, python=python)
         return nemo_launch.launch_stage(cmd, executor=executor, nproc_per_node=nproc, slurm=slurm, env=env,
                                         title=title, nemo_run_home=home)
 

@@ -251,3 +251,16 @@ def test_two_point_sweep_through_nemo_runs_slurm_executor_on_a_real_cluster(slur
         assert "iteration 4/4" in log.read_text()
     jobs = slurm_cluster.run("sacct", "-n", "-X", "-P", "-o", "JobName,State", "-S", "now-1hour").stdout
     assert "COMPLETED" in jobs
+
+
+def test_a_sweep_refuses_the_ssh_tunnel(tmp_path):
+    from megatron_ipt.errors import IptError
+    from megatron_ipt.sweep import run_sweep
+
+    path = _write_sweep(tmp_path, {}, {"grid": {"instruction_share": [0.5]},
+                                       "launch": {"executor": "slurm", "slurm": {"account": "a", "tunnel": "ssh",
+                                                                                 "host": "h", "user": "u",
+                                                                                 "job_dir": "/j"}}})
+    with pytest.raises(IptError, match="--tunnel ssh is for ipt launch"):
+        run_sweep(*load_sweep(path))
+    assert not (tmp_path / "sweep" / "points").exists()
