@@ -6,8 +6,10 @@ Both tokenize the same JSONL with the same tokenizer and the same number of work
   copied): ``multiprocessing.Pool.imap`` over the file's lines with chunksize 25, each worker parsing one JSON
   line and tokenizing one document with the transformers tokenizer, the main process writing each document
   through megatron-core's ``IndexedDatasetBuilder.add_document``;
-- ``ours``: ``data_prep.tokenize.tokenize_corpus`` (batched raw lines to workers, batch encoding with the
-  ``tokenizers`` library, bounded in-flight batches, numpy writes).
+- ``ours``: ``data_prep.tokenize.tokenize_corpus`` (batched raw lines to workers, batch encoding through the
+  tiktoken view of the byte-level BPE, ``data_prep/fast_bpe.py``, bounded in-flight batches, numpy writes);
+- ``ours, tokenizers backend``: the same with ``bpe_backend="tokenizers"`` (the reference BPE library), to
+  show what the pipeline and what the BPE implementation contribute.
 
 Each run is a fresh Python process; its peak memory is sampled every 0.1 s over the process and its
 children (PSS, proportional set size, so pages shared by forked workers count once; RSS summed is reported
@@ -140,18 +142,21 @@ def run_baseline(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict
     return {"documents": docs, "tokens": tokens}
 
 
-def run_ours(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict:
+def run_ours(inp: Path, out: Path, tokenizer_dir: str, workers: int, bpe_backend: str = "auto") -> dict:
     from data_prep.tokenize import TokenizeOptions, tokenize_corpus
 
-    m = tokenize_corpus([inp], out, tokenizer_dir, TokenizeOptions(workers=workers, min_parallel_bytes=0),
-                        log=lambda _: None)
-    return {"documents": m["documents"], "tokens": m["tokens"]}
+    m = tokenize_corpus([inp], out, tokenizer_dir, TokenizeOptions(workers=workers, min_parallel_bytes=0,
+                                                                   bpe_backend=bpe_backend), log=lambda _: None)
+    return {"documents": m["documents"], "tokens": m["tokens"], "bpe_backend": m["tokenizer"].get("bpe_backend")}
 
 
 def child_main(args) -> None:
     t0 = time.perf_counter()
-    fn = run_ours if args.child == "ours" else run_baseline
-    result = fn(Path(args.input), Path(args.output), args.tokenizer, args.workers)
+    if args.child == "baseline":
+        result = run_baseline(Path(args.input), Path(args.output), args.tokenizer, args.workers)
+    else:
+        result = run_ours(Path(args.input), Path(args.output), args.tokenizer, args.workers,
+                          "tokenizers" if args.child == "ours-tokenizers" else "auto")
     result["seconds"] = time.perf_counter() - t0
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -215,7 +220,9 @@ def main() -> None:
                    help="docs: whole documents (median ~1,900 characters); paragraphs: the same text cut into runs of "
                    "paragraphs of at least 400 characters")
     p.add_argument("--json", default=None, help="where to save the results (default: DATA_DIR/results.json)")
-    p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "ours-tokenizers", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--no-reference-backend", action="store_true",
+                   help="skip the third run (ours with bpe_backend tokenizers, the reference BPE library)")
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -235,11 +242,21 @@ def main() -> None:
         row = {"corpus": args.corpus, "copies": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
         shutil.rmtree(data_dir / f"ours-{size}.shards", ignore_errors=True)  # no resume: time the whole run
         row["ours"] = measure("ours", inp, data_dir / f"ours-{size}", args.tokenizer, args.workers)
+        if not args.no_reference_backend:
+            shutil.rmtree(data_dir / f"ourstk-{size}.shards", ignore_errors=True)
+            row["ours_tokenizers"] = measure("ours-tokenizers", inp, data_dir / f"ourstk-{size}", args.tokenizer,
+                                             args.workers)
+            row["identical_across_backends"] = same_files(data_dir / f"ours-{size}", data_dir / f"ourstk-{size}")
+            os.remove(data_dir / f"ourstk-{size}.bin")
+            shutil.rmtree(data_dir / f"ourstk-{size}.shards")
         if size <= args.baseline_max_copies:
             row["baseline"] = measure("baseline", inp, data_dir / f"baseline-{size}", args.tokenizer, args.workers)
             row["speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
             row["cpu_speedup"] = round(row["ours"]["tokens_per_cpu_s"] / row["baseline"]["tokens_per_cpu_s"], 2)
             row["identical_output"] = same_files(data_dir / f"ours-{size}", data_dir / f"baseline-{size}")
+            if "ours_tokenizers" in row:
+                row["cpu_speedup_tokenizers_backend"] = round(
+                    row["ours_tokenizers"]["tokens_per_cpu_s"] / row["baseline"]["tokens_per_cpu_s"], 2)
             os.remove(data_dir / f"baseline-{size}.bin")
         os.remove(data_dir / f"ours-{size}.bin")
         shutil.rmtree(data_dir / f"ours-{size}.shards")
@@ -250,7 +267,8 @@ def main() -> None:
     from rich.table import Table
 
     t = Table(title=f"tokenize: {Path(args.tokenizer).name}, {args.workers} workers, {os.cpu_count()} cores")
-    for col in ("input", "MB", "tokens", "ours tok/s", "baseline tok/s", "speedup", "tok/CPU-s ratio", "ours peak PSS",
+    for col in ("input", "MB", "tokens", "ours tok/s", "baseline tok/s", "speedup", "tok/CPU-s ratio",
+                "tok/CPU-s ratio, tokenizers backend", "ours peak PSS",
                 "baseline peak PSS",
                 "ours peak RSS (sum)", "baseline peak RSS (sum)", "identical"):
         t.add_column(col, justify="right")
@@ -258,7 +276,9 @@ def main() -> None:
         o, b = r["ours"], r.get("baseline")
         t.add_row(f"{r['corpus']} x{r['copies']}", f"{r['input_bytes'] / 1e6:,.0f}", f"{o['tokens']:,}",
                   f"{o['tokens_per_s']:,}", f"{b['tokens_per_s']:,}" if b else "-", f"{r['speedup']}x" if b else "-",
-                  f"{r['cpu_speedup']}x" if b else "-", f"{o['peak_pss_mb']} MB",
+                  f"{r['cpu_speedup']}x" if b else "-",
+                  f"{r['cpu_speedup_tokenizers_backend']}x" if r.get("cpu_speedup_tokenizers_backend") else "-",
+                  f"{o['peak_pss_mb']} MB",
                   f"{b['peak_pss_mb']} MB" if b else "-", f"{o['peak_rss_mb']} MB", f"{b['peak_rss_mb']} MB" if b else "-",
                   str(r.get("identical_output", "-")))
     Console(width=200).print(t)
