@@ -156,8 +156,8 @@ def _fake_synthesis(cfg) -> None:
                                "pairs_dropped": {}})
 
 
-def tiny_sweep(tmp_path: Path, tokenizer: Path, **launch) -> Path:
-    """A 2-point sweep file over a tiny experiment whose data stages are already in SWEEP_DIR/data."""
+def tiny_sweep(tmp_path: Path, tokenizer: Path, shares=(0.0, 1.0), **launch) -> Path:
+    """A sweep file (2 points by default) over a tiny experiment whose data stages are already in SWEEP_DIR/data."""
     from megatron_ipt.pipeline import run_corpus, run_format, run_tokenize
 
     base = {"name": "tiny", "corpus": {"source": "pydoc_topics", "max_documents": 16, "heldout_fraction": 0.25},
@@ -166,7 +166,7 @@ def tiny_sweep(tmp_path: Path, tokenizer: Path, **launch) -> Path:
             "train": {"device": "cpu", "micro_batch_size": 2, "global_batch_size": 4, "lr_warmup_iters": 1,
                       "log_interval": 1, "eval_iters": 2}}
     path = _write_sweep(tmp_path, base, {"name": "tiny", "set": ["train.train_iters=4"],
-                                         "grid": {"instruction_share": [0.0, 1.0]}, "launch": launch})
+                                         "grid": {"instruction_share": list(shares)}, "launch": launch})
     sweep, base_path = load_sweep(path)
     cfg = data_config(sweep, base_path)
     run_corpus(cfg)
@@ -230,6 +230,23 @@ def test_two_point_sweep_through_the_local_executor_then_a_rerun_skips_both(tmp_
     assert list(csv.DictReader((sweep_dir / "results.csv").open())) == rows
     assert len(list((sweep_dir / "nemorun" / "experiments" / "tiny-share0").iterdir())) == 1  # not launched again
 
+
+@pytest.mark.e2e
+def test_a_point_failing_inside_its_job_is_reported_and_retried_on_the_next_run(tmp_path, tiny_tokenizer_dir):
+    pytest.importorskip("nemo_run")
+    path = tiny_sweep(tmp_path, tiny_tokenizer_dir, shares=(0.5,))
+    # one process cannot hold tensor_model_parallel_size 2: every config loads, the training job fails inside
+    r = _ipt("sweep", str(path), "--set", "parallel.tensor_model_parallel_size=2", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    error = [x for x in r.stderr.splitlines() if x.startswith("ipt sweep: error:")][0]
+    assert "1 of 1 points failed" in error and "share0.5" in error and "ended FAILED" in error
+    (row,) = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert row["status"] == "failed" and "not divisible" in Path(row["log"]).read_text()
+    assert not (tmp_path / "sweep" / "points" / "share0.5" / "point.json").exists()
+    r = _ipt("sweep", str(path), cwd=tmp_path)  # the point is retried (its config differs now: it trains)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert row["status"] == "done" and float(row["heldout_raw_after"]) > 0
 
 @pytest.mark.e2e
 @pytest.mark.slurm
