@@ -199,6 +199,8 @@ ensure_association() {
   done
 }
 
+no_jobs() { [ -z "$(squeue -h -o %i 2>/dev/null)" ]; }
+
 node_state() { sinfo -h -N -n "$(hostname -s)" -o %T 2>/dev/null; }
 
 node_idle() { case "$(node_state)" in idle | mixed | allocated) return 0 ;; *) return 1 ;; esac; }
@@ -251,19 +253,28 @@ down() {
   [ -d "$state" ] || { log "nothing at $state"; return 0; }
   exec 9>"$state/lock"
   flock 9
-  local name pid jobs i
+  local jobs
   if daemon_pid slurmctld >/dev/null; then
     jobs="$(squeue -h -o %i 2>/dev/null || true)"
     if [ -n "$jobs" ]; then
       # shellcheck disable=SC2086
       scancel $jobs 2>/dev/null || true
-      wait_for 40 test -z "$(squeue -h -o %i 2>/dev/null)" || log "jobs still listed: $(squeue -h -o %i | xargs)"
+      wait_for 40 no_jobs || log "jobs still listed: $(squeue -h -o %i | xargs)"
     fi
   fi
-  for ((i = ${#daemons[@]} - 1; i >= 0; i--)); do
-    name="${daemons[$i]}"
+  # the Slurm daemons together, then what they use (the database, munge) together
+  stop slurmd slurmctld slurmdbd
+  stop mariadbd munged
+}
+
+stop() {  # TERM to each running daemon named, then wait for all of them (KILL after 30 s)
+  local name pid i pids=() names=()
+  for name in "$@"; do
     pid="$(daemon_pid "$name")" || continue
-    kill -TERM "$pid"
+    kill -TERM "$pid" && pids+=("$pid") && names+=("$name")
+  done
+  for i in "${!pids[@]}"; do
+    pid="${pids[$i]}" name="${names[$i]}"
     if ! wait_for 30 test ! -e "/proc/$pid"; then
       log "$name (pid $pid) ignored SIGTERM: killing it"
       kill -KILL "$pid" 2>/dev/null || true
