@@ -1,6 +1,6 @@
 """The sbatch scripts on a real single-node Slurm cluster (tests/slurm_cluster.py): the cluster itself, the
 train script with 2 gloo processes, a preempted job that resumes to the same loss, hostile strings reaching
-the scripts, and the residual script."""
+the scripts, and the residual and evaluate scripts."""
 
 from __future__ import annotations
 
@@ -140,3 +140,39 @@ def test_residual_sbatch_writes_the_instruct_model_on_a_cpu_node(slurm_cluster, 
     for k in c:
         assert torch.allclose(o[k], c[k] + 0.5 * (i[k] - b[k]), rtol=0, atol=1e-6), k
     assert not (odd / "pwned").exists() and not (ROOT / "pwned").exists()
+
+
+def test_evaluate_sbatch_scores_a_hugging_face_folder_with_quoted_arguments(slurm_cluster, tiny_tokenizer_dir,
+                                                                              tmp_path):
+    import yaml
+    from test_eval import tiny_hf_model
+
+    from megatron_ipt.config import ExperimentConfig
+    from megatron_ipt.manifest import write_manifest
+
+    odd = tmp_path / "eval 'q' $(touch pwned); x"
+    run = odd / "run"
+    (run / "tokenized").mkdir(parents=True)
+    write_manifest(run / "tokenized", stage="tokenize", fingerprint="test", config={},
+                   tokenizer={"path": str(tiny_tokenizer_dir), "vocab_size": 512, "eod_id": 0})
+    data = ExperimentConfig().model_dump(mode="json")
+    data["run_dir"], data["model"]["seq_length"] = str(run), 64
+    config = odd / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    hf = tiny_hf_model(odd / "hf model")
+    task = odd / "task.jsonl"
+    task.write_text(json.dumps({"text": "The while loop repeats.", "question": "What repeats?", "answer": "The loop",
+                                "options": ["The loop", "Nothing"]}) + "\n")
+    name = HOSTILE.format(pwned=tmp_path / "pwned")
+    output = odd / "results 1.json"
+
+    def q(value) -> str:  # one word in EVAL_ARGS
+        return "'" + str(value).replace("'", "'\\''") + "'"
+
+    log = tmp_path / "job.out"
+    job = _submit(slurm_cluster, "evaluate.sbatch", log, "--cpus-per-task=1", CONFIG=str(config),
+                  EVAL_ARGS=f"--hf {q(hf)} --data {q(task)} --name {q(name)} --output {q(output)}")
+    assert slurm_cluster.wait(job, timeout=300) == "COMPLETED", _log(log)
+    record = json.loads(output.read_text())
+    assert record["model"]["name"] == name and record["n"] == 1 and record["n_multiple_choice"] == 1
+    assert not (tmp_path / "pwned").exists() and not (odd / "pwned").exists() and not (ROOT / "pwned").exists()
