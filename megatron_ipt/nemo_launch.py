@@ -212,12 +212,13 @@ def run_experiment(title: str, task: str, script, executor, nemo_run_home: str |
     return result
 
 
-def _check_rundir_substitution(command: StageCommand, nemo_run_home, local: bool) -> None:
+def _check_rundir_substitution(command: StageCommand, nemo_run_home, local: bool, remote_job_dir=None) -> None:
     """NeMo-Run 0.11's SlurmExecutor without a container replaces every ``/nemo_run`` in the sbatch script and
     the task script by the job folder (its container mount point), wherever it appears (seen here: a
     NEMORUN_HOME under ``.../nemo_run`` made sbatch's --output a path that does not exist). Refuse such paths."""
     from_home = str(Path(nemo_run_home or os.environ.get("NEMORUN_HOME", "~/.nemo_run")).expanduser().resolve())
-    for what, value in (("NeMo-Run home", from_home if local else ""), ("--workdir", command.workdir),
+    for what, value in (("NeMo-Run home", from_home if local else ""), ("--job-dir", remote_job_dir or ""),
+                        ("--workdir", command.workdir),
                         ("config", command.config), ("--python", command.python),
                         *(("--set", kv) for kv in command.overrides)):
         if "/nemo_run" in value:
@@ -242,7 +243,7 @@ def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_no
             raise IptError(f"--nodes {slurm.nodes}: only the train stage runs on several nodes")
         local = slurm.tunnel == "local"
         if slurm.container_image is None:
-            _check_rundir_substitution(command, nemo_run_home, local)
+            _check_rundir_substitution(command, nemo_run_home, local, slurm.job_dir if not local else None)
         ex = slurm_executor(slurm, ntasks, environment(local, env))
     elif executor == "local":
         ex = local_executor(ntasks, environment(True, env))
@@ -266,7 +267,7 @@ examples:
   ipt launch examples/llama3-8b-cpt.yaml --stage train --executor slurm --account myacct \\
       --partition batch --nodes 2 --gpus-per-node 8 --set parallel.nproc_per_node=8 --time 04:00:00
   ipt launch cfg.yaml --stage train --executor slurm --account a --tunnel ssh --host login.cluster \\
-      --user me --job-dir /lustre/me/nemo_run --workdir /lustre/me/megatron-ipt --python /lustre/me/venv/bin/python
+      --user me --job-dir /lustre/me/nemorun-jobs --workdir /lustre/me/megatron-ipt --python /lustre/me/venv/bin/python
 
 Logs: $NEMORUN_HOME/experiments/<name>/<name>_<id>/<task>/ (default NEMORUN_HOME: ~/.nemo_run).
 """

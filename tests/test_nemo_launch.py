@@ -127,6 +127,9 @@ def test_slurm_without_a_container_refuses_paths_nemo_run_would_rewrite(tmp_path
     with pytest.raises(IptError, match="NeMo-Run home .* contains '/nemo_run'"):
         launch_stage(StageCommand("train", "/x.yaml"), executor="slurm", slurm=SlurmOptions(account="a"),
                      nemo_run_home=tmp_path / "nemo_run")
+    ssh = SlurmOptions(account="a", tunnel="ssh", host="h", user="u", job_dir="/lustre/me/nemo_run")
+    with pytest.raises(IptError, match="--job-dir '/lustre/me/nemo_run' contains '/nemo_run'"):
+        launch_stage(StageCommand("train", "x.yaml"), executor="slurm", slurm=ssh)
 
 
 @pytest.mark.e2e
