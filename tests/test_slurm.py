@@ -13,8 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_faults import _experiment, losses  # noqa: E402
 from slurm_cluster import FINISHED  # noqa: E402
+from test_train_faults import _experiment, losses  # noqa: E402
 from train_fixtures import make_tokenized_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_the_local_cluster_runs_a_two_task_job_and_accounts_for_it(slurm_cluster
     script.write_text("#!/bin/bash\nsrun --ntasks=2 bash -c 'echo task $SLURM_PROCID'\n")
     job = slurm_cluster.sbatch(script, "--ntasks=2", f"--output={tmp_path}/%j.out",
                                f"--account={slurm_cluster.account}", f"--partition={slurm_cluster.partition}")
-    assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
+    assert slurm_cluster.wait(job, timeout=300) == "COMPLETED"
     assert sorted((tmp_path / f"{job}.out").read_text().split("\n")[:2]) == ["task 0", "task 1"]
     sacct = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job, "--format=State,Account,NCPUS").stdout
     assert sacct.strip() == f"COMPLETED|{slurm_cluster.account}|2"
