@@ -189,23 +189,12 @@ def one_process_world(preset: ModelPreset) -> Iterator[parallel.Layout]:
 
 
 def meta_model(preset: ModelPreset, layout: parallel.Layout, vocab_size: int) -> torch.nn.Module:
-    """The ``GPTModel`` of ``preset`` with parameters on the ``meta`` device (no memory): the structure of
-    its ``sharded_state_dict()``. Same architecture arguments as :func:`megatron_ipt.model.build_model`,
-    which cannot build on meta (it moves the model to a real device); the parity tests load a converted
-    checkpoint into ``build_model``'s model, so a difference in structure fails them."""
-    from megatron_ipt.model import layer_spec, transformer_config
+    """The fp32 CPU ``GPTModel`` of ``preset`` (:func:`megatron_ipt.model.build_model`) with parameters on the
+    ``meta`` device (no memory): the structure of its ``sharded_state_dict()``."""
+    from megatron_ipt.model import build_model
 
-    cpu = torch.device("cpu")
-    config = transformer_config(preset, layout, device=cpu, precision="fp32")
-    config.perform_initialization = False
-    with torch.device("meta"):
-        return mcore.gpt_model(
-            config=config, transformer_layer_spec=layer_spec(cpu), vocab_size=vocab_size,
-            max_sequence_length=preset.max_position_embeddings, pre_process=True, post_process=True,
-            parallel_output=True, share_embeddings_and_output_weights=preset.tie_word_embeddings,
-            position_embedding_type="rope", rotary_base=int(preset.rotary_base),
-            **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
-               if preset.rope_scaling_factor else {}))
+    return build_model(preset, layout, vocab_size=vocab_size, seq_length=preset.max_position_embeddings,
+                       device=torch.device("meta"), precision="fp32")
 
 
 def _param_rows(view: torch.Tensor, param: torch.Tensor, what: str) -> tuple[int, int]:

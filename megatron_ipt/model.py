@@ -9,6 +9,7 @@ which is what runs on CPU. Every megatron-core call goes through :mod:`megatron_
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -140,32 +141,40 @@ def build_model_chunks(
     deprecated), so it holds global layers ``i * PP * L + pp_rank * L ... + L - 1`` with ``L = num_layers /
     (PP * VPP)``; the embedding lives in chunk 0 of the first pipeline rank and the output layer in the last
     chunk of the last rank. All chunks share one ``TransformerConfig`` (the schedule reads the first chunk's).
-    Same arguments and wrapping as :func:`build_model`; returns the list (length VPP, or 1).
+    Same arguments and wrapping as :func:`build_model`; returns the list (length VPP, or 1). With
+    ``device=torch.device("meta")`` the modules have the CPU model's structure and no parameter memory (what
+    ``megatron_ipt.convert`` needs for the checkpoint's sharded-state-dict layout).
     """
     ps = mcore.parallel_state()
-    config = transformer_config(preset, layout, device=device, precision=precision, precision_fields=precision_fields)
+    meta = device.type == "meta"  # structure only (no memory): the CPU model's layers, parameters on meta
+    real = torch.device("cpu") if meta else device
+    config = transformer_config(preset, layout, device=real, precision=precision, precision_fields=precision_fields)
+    if meta:
+        config.perform_initialization = False
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
-    spec = layer_spec(device, use_transformer_engine=use_te)
+    spec = layer_spec(real, use_transformer_engine=use_te)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = {} if vpp is None else {"vp_stage": vp_stage}
-        model = mcore.gpt_model(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max(seq_length, preset.max_position_embeddings),
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
-            parallel_output=True,
-            share_embeddings_and_output_weights=preset.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(preset.rotary_base),
-            **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
-               if preset.rope_scaling_factor else {}),
-            **stage,
-        )
-        model.to(device)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = mcore.gpt_model(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=vocab_size,
+                max_sequence_length=max(seq_length, preset.max_position_embeddings),
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+                parallel_output=True,
+                share_embeddings_and_output_weights=preset.tie_word_embeddings,
+                position_embedding_type="rope",
+                rotary_base=int(preset.rotary_base),
+                **({"rope_scaling": True, "rope_scaling_factor": preset.rope_scaling_factor}
+                   if preset.rope_scaling_factor else {}),
+                **stage,
+            )
+        if not meta:
+            model.to(device)
         if config.bf16:
             model = mcore.float16_module(config, model)
         chunks.append(model)
