@@ -14,6 +14,7 @@ tokenizer's EOS token. ``fingerprint`` is the SHA-256 of the tokenizer's files a
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -52,7 +53,7 @@ def _token_name(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """A loaded tokenizer: ``encode_batch(texts) -> list[list[int]]`` without special tokens."""
 
     kind = "?"
@@ -66,8 +67,9 @@ class Encoder:
         self.eod_id = next((vocab[t] for t in EOD_CANDIDATES if t in vocab), vocab.get(eos) if eos else None)
         self.bos_id = next((vocab[t] for t in BOS_CANDIDATES if t in vocab), vocab.get(bos) if bos else None)
 
+    @abc.abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """Token ids of each text, no special tokens added (each subclass wraps its library's batch call)."""
 
     def info(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "vocab_size": self.vocab_size, "eod_id": self.eod_id,
