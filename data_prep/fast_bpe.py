@@ -55,8 +55,9 @@ class FastBPE:
     added_re: re.Pattern | None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        for t in texts:
-            t.encode("utf-8")  # lone surrogates: raise like tokenizers does (tiktoken would replace them)
+        for t in texts:  # lone surrogates: raise like tokenizers does (tiktoken would replace them)
+            if not t.isascii():  # O(1) in CPython; only non-ASCII text can hold a surrogate
+                t.encode("utf-8")
         if self.added_re is None:
             return self.encoding.encode_ordinary_batch(texts, num_threads=1)
         return [self._encode_with_added(t) for t in texts]
