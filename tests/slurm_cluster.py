@@ -67,6 +67,23 @@ class SlurmCluster:
         raise TimeoutError(f"Slurm job {job_id} still {state or 'unknown'} after {timeout:.0f} s")
 
 
+    def accounting(self, job_id: str, fields: str = "State", *, timeout: float = 60) -> list[str]:
+        """The job's ``sacct -X`` record (``fields``, State first), polled until slurmdbd has its final state.
+
+        slurmctld reports the end of a job before slurmdbd has stored it (the record is sent asynchronously),
+        so a ``sacct`` right after :meth:`wait` can still say PENDING or RUNNING. Raises TimeoutError with the
+        last record."""
+        assert fields.split(",")[0] == "State", "State must be the first field"
+        deadline = time.monotonic() + timeout
+        record: list[str] = []
+        while time.monotonic() < deadline:
+            out = self.run("sacct", "-n", "-X", "-P", "-j", job_id, f"--format={fields}", check=False).stdout
+            record = out.strip().split("|") if out.strip() else []
+            if record and record[0].split()[0] in FINISHED:
+                return record
+            time.sleep(0.5)
+        raise TimeoutError(f"slurmdbd has no final record of job {job_id} after {timeout:.0f} s (last: {record})")
+
 def _script(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=600)
 

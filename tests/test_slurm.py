@@ -59,8 +59,7 @@ def test_the_local_cluster_runs_a_two_task_job_and_accounts_for_it(slurm_cluster
                                f"--account={slurm_cluster.account}", f"--partition={slurm_cluster.partition}")
     assert slurm_cluster.wait(job, timeout=300) == "COMPLETED"
     assert sorted((tmp_path / f"{job}.out").read_text().split("\n")[:2]) == ["task 0", "task 1"]
-    sacct = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job, "--format=State,Account,NCPUS").stdout
-    assert sacct.strip() == f"COMPLETED|{slurm_cluster.account}|2"
+    assert slurm_cluster.accounting(job, "State,Account,NCPUS") == ["COMPLETED", slurm_cluster.account, "2"]
 
 
 def test_train_sbatch_trains_with_two_gloo_processes_and_leaves_a_checkpoint(straight_run):
