@@ -158,6 +158,30 @@ def float16_module(config, module):
     return Float16Module(config, module)
 
 
+def kv_cache_forward_kwargs(forward: Callable, *, max_batch_size: int, max_sequence_length: int) -> dict | None:
+    """Keywords that make a ``GPTModel.forward`` keep and reuse its keys and values (megatron-core's KV cache
+    for static-batch generation): a fresh ``StaticInferenceContext(max_batch_size, max_sequence_length)`` under
+    ``inference_context=`` (under ``inference_params=`` where ``forward`` only has the older name; the older
+    ``inference_params.InferenceParams`` where the context class is missing) and ``runtime_gather_output=True``
+    (inference asserts it). The caller advances the context (``increment_sequence_len_offset(n)`` after feeding
+    ``n`` tokens). None where this version has neither class or ``forward`` takes neither keyword."""
+    with warnings.catch_warnings():  # contexts/__init__ warns about its dynamic-context re-exports
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from megatron.core.inference.contexts import StaticInferenceContext as Context
+        except ImportError:
+            try:
+                from megatron.core.inference_params import InferenceParams as Context
+            except ImportError:
+                return None
+    params = inspect.signature(forward).parameters
+    name = next((n for n in ("inference_context", "inference_params") if n in params), None)
+    if name is None:
+        return None
+    context = Context(max_batch_size=max_batch_size, max_sequence_length=max_sequence_length)
+    return {name: context, **accepted_kwargs(forward, {"runtime_gather_output": True})}
+
+
 # ------------------------------------------------------------------------------- optimizer and DDP
 def optimizer(**config_kwargs: Any):
     """``get_megatron_optimizer`` over the model chunks, its ``OptimizerConfig`` built from the fields this
