@@ -197,6 +197,18 @@ def check_per_split(per_split: dict[str, list[tuple[str, float]]], tokenized_dir
     return out
 
 
+def split_component_keys(split: str, prefixes: list[str | Path]) -> list[str]:
+    """Metric names of the datasets of a ``blend.per_split`` valid / test blend, in config order.
+
+    ``SPLIT.STEM``, the prefix's file name (a tokenize-stage name such as ``heldout_raw`` is its own stem):
+    ``valid.general_valid``, ``valid.heldout_raw`` (as ``ipt eval --task perplexity`` names them). Stems that
+    occur more than once in the split get their config index appended (``valid.valid.0``, ``valid.valid.2``
+    for ``blend.per_split.valid[0]`` / ``[2]``), so names depend on the config alone and never collide.
+    """
+    stems = [Path(p).name for p in prefixes]
+    return [f"{split}.{stem}" + (f".{i}" if stems.count(stem) > 1 else "") for i, stem in enumerate(stems)]
+
+
 def build_per_split_datasets(
     per_split: dict[str, list[tuple[Path, float]]],
     *,

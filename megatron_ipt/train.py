@@ -334,7 +334,8 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
     ``cfg.blend.extra`` adds indexed datasets outside ``tokenized_dir`` to the blend; each extra's
     ``valid_prefix`` becomes one more held-out component (``heldout_<name>``). ``cfg.blend.per_split`` replaces the
     training blend by its ``train`` blend (megatron-core's ``blend_per_split``); its ``valid`` and ``test`` blends
-    are evaluated as components ``valid`` and ``test`` (``test`` before and after training only).
+    are evaluated as components ``valid`` and ``test`` (``test`` before and after training only) and, for a blend of
+    several datasets, each dataset on its own too (``valid.STEM`` / ``test.STEM``, :func:`data.split_component_keys`).
     Held-out losses are measured before training (stored in the checkpoint on resume), after, and every
     ``train.eval_interval`` iterations (``metrics.jsonl`` event ``eval``). On resume, ``metrics.jsonl``
     records after the checkpoint's iteration are dropped (:func:`truncate_metrics`).
@@ -432,30 +433,39 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             extra=[(c.prefix, c.weight) for c in cfg.blend.extra],
             num_samples=t.train_iters * t.global_batch_size, **common,
         )
-    # A held-out set shorter than one training sequence (few held-out documents got pairs) is evaluated as
-    # one shorter sequence; one under MIN_EVAL_SEQ_LENGTH tokens is not evaluated.
-    # Held-out components: the tokenize stage's heldout_raw / heldout_pairs, then each blend.extra valid_prefix,
-    # then blend.per_split's valid and test blends; keyed by their metric names.
+    # Held-out components, keyed by their metric names: the tokenize stage's heldout_raw / heldout_pairs, then
+    # each blend.extra valid_prefix, then blend.per_split's valid and test blends, each blend of several
+    # datasets followed by its datasets one by one (valid.STEM; data.split_component_keys).
     heldout, eval_seq = {}, {}
-    sources = [(tokenized_dir, name) for name in data.HELDOUT_PREFIXES]
-    sources += [(Path(c.valid_prefix).parent, Path(c.valid_prefix).name) for c in cfg.blend.extra if c.valid_prefix]
-    keys = [name.removeprefix("heldout_") for name in data.HELDOUT_PREFIXES] + [
-        c.name for c in cfg.blend.extra if c.valid_prefix]
-    for (folder, name), key in zip(sources, keys):
-        n = data.prefix_tokens(folder, name)
+
+    def add_heldout(key: str, prefix: Path) -> None:
+        """A whole prefix as one held-out set; one shorter than a training sequence (few held-out documents got
+        pairs) is evaluated as one shorter sequence; one under MIN_EVAL_SEQ_LENGTH tokens is not evaluated."""
+        n = data.prefix_tokens(prefix.parent, prefix.name)
         seq = min(cfg.model.seq_length, n - 1)
         if seq < MIN_EVAL_SEQ_LENGTH:
-            _say(f"train: {name} has {n} tokens, too few to evaluate")
-            continue
+            _say(f"train: {prefix.name} has {n} tokens, too few to evaluate")
+            return
         if seq < cfg.model.seq_length:
-            _say(f"train: {name} has {n} tokens, less than one sequence: evaluated as one sequence of {seq}")
-        heldout[f"heldout_{key}"] = data.build_heldout_dataset(folder, name, **{**common, "seq_length": seq})
-        eval_seq[f"heldout_{key}"] = seq
+            _say(f"train: {prefix.name} has {n} tokens, less than one sequence: evaluated as one sequence of {seq}")
+        heldout[key] = data.build_heldout_dataset(prefix.parent, prefix.name, **{**common, "seq_length": seq})
+        eval_seq[key] = seq
+
+    for name in data.HELDOUT_PREFIXES:
+        add_heldout(name, tokenized_dir / name)
+    for c in cfg.blend.extra:
+        if c.valid_prefix:
+            add_heldout(f"heldout_{c.name}", Path(c.valid_prefix))
     for split, dataset in (("valid", valid_set), ("test", test_set)):
         if dataset is not None and len(dataset) == 0:
             _say(f"train: blend.per_split.{split} has no whole sequence of {cfg.model.seq_length} tokens: not evaluated")
         elif dataset is not None:
             heldout[split], eval_seq[split] = dataset, cfg.model.seq_length
+        components = [prefix for prefix, _weight in (per_split or {}).get(split, [])]
+        if len(components) > 1:  # a single dataset is the split's set itself: no second copy
+            for key, prefix in zip(data.split_component_keys(split, components), components):
+                add_heldout(key, prefix)
+    every_eval = [k for k in heldout if k.partition(".")[0] != "test"]  # the test blend: before and after only
 
     # Resume, or measure the held-out losses before training.
     ckpt_root = out_dir / "checkpoints"
@@ -525,8 +535,7 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
             if t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
                 save()
             if t.eval_interval and progress.iteration % t.eval_interval == 0 and progress.iteration < t.train_iters:
-                evals = {k: evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k])
-                         for k, ds in heldout.items() if k != "test"}  # the test blend: before and after only
+                evals = {k: evaluate(model, forward_backward, heldout[k], cfg, layout, eval_seq[k]) for k in every_eval}
                 reporter.log({"event": "eval", "at_iteration": progress.iteration, **evals})
                 tensorboard.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
@@ -595,7 +604,8 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
         return summary
 
     after = {k: evaluate(model, forward_backward, ds, cfg, layout, eval_seq[k]) for k, ds in heldout.items()}
-    summary["losses"] = {k: {"before": before[k], "after": after[k], "sequence_length": eval_seq[k]} for k in heldout}
+    # (.get: a checkpoint from a run that had fewer held-out components has no "before" for the new ones)
+    summary["losses"] = {k: {"before": before.get(k), "after": after[k], "sequence_length": eval_seq[k]} for k in heldout}
     if rank0:
         reporter.log({"event": "heldout_after", **after})
         write_manifest(

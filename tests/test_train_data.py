@@ -87,15 +87,57 @@ def test_per_split_blends_train_on_the_train_blend_and_report_valid_and_test(tok
                  "valid": [{"prefix": "heldout_raw", "weight": 1.0}, {"prefix": str(general / "general_valid"), "weight": 3.0}],
                  "test": [{"prefix": str(general / "general_valid")}]}
     cfg = tiny_config(blend__per_split=per_split, train_iters=6, eval_interval=3, eval_iters=2)
+    # stopped after the eval at iteration 3 (checkpoint), then resumed to the end
+    assert not train_stage(cfg, tokenized_dir, tmp_path, "fp", exit_after_iterations=3)["completed"]
     summary = train_stage(cfg, tokenized_dir, tmp_path, "fp")
+    assert summary["resumed_from_iteration"] == 3
     losses = summary["losses"]
-    assert set(losses) == {"heldout_raw", "heldout_pairs", "valid", "test"}
+    # the two-dataset valid blend also per dataset; the one-dataset test blend once
+    assert list(losses) == ["heldout_raw", "heldout_pairs", "valid", "valid.heldout_raw", "valid.general_valid", "test"]
     drop = {k: v["before"] - v["after"] for k, v in losses.items()}
     # only the general corpus was trained on: its test set improves most, the valid blend (3:1 general) next
     assert drop["test"] > drop["valid"] > drop["heldout_raw"] and drop["test"] > 0.3
-    evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
+    # per dataset: the same set as heldout_raw gives the same loss; the general one as the (same-prefix) test set
+    for when in ("before", "after"):
+        assert losses["valid.heldout_raw"][when] == losses["heldout_raw"][when]
+        assert losses["valid.general_valid"][when] == losses["test"][when]
+    assert losses["valid.general_valid"]["after"] < losses["valid"]["after"] < losses["valid.heldout_raw"]["after"]
+    rows = records(tmp_path)
+    before = [r for r in rows if r.get("event") == "heldout_before"]
+    assert len(before) == 1 and {k: v["before"] for k, v in losses.items()} == {k: before[0][k] for k in losses}
+    evals = [r for r in rows if r.get("event") == "eval"]  # written by the first run, kept by the resumed one
     assert [r["at_iteration"] for r in evals] == [3]
-    assert set(evals[0]) == {"event", "at_iteration", "heldout_raw", "heldout_pairs", "valid"}  # test: before/after only
+    assert list(evals[0]) == ["event", "at_iteration", "heldout_raw", "heldout_pairs", "valid",
+                              "valid.heldout_raw", "valid.general_valid"]  # test: before/after only
+    assert evals[0]["valid.heldout_raw"] != evals[0]["valid.general_valid"]
+    after = [r for r in rows if r.get("event") == "heldout_after"]
+    assert len(after) == 1 and after[0] == {"event": "heldout_after", **{k: v["after"] for k, v in losses.items()}}
+
+
+def test_short_per_split_datasets_are_evaluated_as_one_shorter_sequence_or_skipped(tokenized_dir, general, tmp_path,
+                                                                                      capsys):
+    write_indexed(tmp_path / "short", _documents(1, 1, seed=7, min_len=29, max_len=30))  # 30 tokens: one sequence of 29
+    write_indexed(tmp_path / "tiny", _documents(1, 1, seed=8, min_len=7, max_len=8))  # 8 tokens: too few
+    per_split = {"train": [{"prefix": str(general / "general_train")}],
+                 "valid": [{"prefix": str(general / "general_valid")}, {"prefix": str(tmp_path / "short")},
+                           {"prefix": str(tmp_path / "tiny")}]}
+    summary = train_stage(tiny_config(blend__per_split=per_split, train_iters=1, eval_iters=1), tokenized_dir,
+                          tmp_path / "out", "fp")
+    losses = summary["losses"]
+    assert list(losses) == ["heldout_raw", "heldout_pairs", "valid", "valid.general_valid", "valid.short"]
+    assert [losses[k]["sequence_length"] for k in ("valid", "valid.general_valid", "valid.short")] == [64, 64, 29]
+    out = capsys.readouterr().out
+    assert "short has 30 tokens, less than one sequence: evaluated as one sequence of 29" in out
+    assert "tiny has 8 tokens, too few to evaluate" in out
+
+
+def test_per_split_component_keys_are_stems_made_unique_by_config_index():
+    from megatron_ipt.data import split_component_keys
+
+    assert split_component_keys("valid", ["/d/heldout_raw", "/g/general_valid"]) == ["valid.heldout_raw",
+                                                                                     "valid.general_valid"]
+    assert split_component_keys("test", ["/a/valid", "/b/other", "/c/valid"]) == ["test.valid.0", "test.other",
+                                                                                 "test.valid.2"]
 
 
 def test_a_missing_per_split_prefix_fails_before_any_work_naming_the_key(tokenized_dir, general, tmp_path):
