@@ -21,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from data_prep import atomic
 from data_prep.errors import DataPrepError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -80,20 +80,6 @@ def _ids_digest(ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_shard(shard_dir: Path, shard_index: int, num_shards: int, records: list[dict], counts: dict | None = None) -> dict:
     """Write one finished shard's ``records`` (dicts with an ``id``) and its manifest atomically; returns the manifest.
 
@@ -115,8 +101,8 @@ def write_shard(shard_dir: Path, shard_index: int, num_shards: int, records: lis
         "documents_per_second": round(len(records) / seconds, 3) if seconds > 0 else None,
         "generated_tokens_per_second": round(counts.get("generated_tokens", 0) / seconds, 2) if seconds > 0 else None,
     }
-    _atomic_write_bytes(path, data)
-    _atomic_write_bytes(mpath, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic.write_bytes(path, data)
+    atomic.write_json(mpath, manifest, indent=2, sort_keys=True)
     return manifest
 
 
@@ -186,7 +172,7 @@ def merge_shards(shard_dir: Path, num_shards: int, documents: list[dict], out_pa
         ordered.append(by_id.pop(rid))
     if by_id:
         raise DataPrepError(f"shards hold {len(by_id)} record(s) not in the input, e.g. {next(iter(by_id))!r}")
-    _atomic_write_bytes(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered).encode("utf-8"))
+    atomic.write_jsonl(out_path, ordered)
     return {
         "documents": len(ordered),
         "shards": num_shards,
@@ -257,7 +243,7 @@ class ShardJournal:
         self.batches += 1
         self.prompts += len(results)
         progress = {"bytes": size, "batches": self.batches, "prompts": self.prompts}
-        _atomic_write_bytes(self.progress_path, (json.dumps(progress) + "\n").encode("utf-8"))
+        atomic.write_json(self.progress_path, progress)
 
     def remove(self) -> None:
         """Delete the journal and its progress record (the shard is finished, or redone from scratch)."""

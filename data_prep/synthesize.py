@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep import atomic
 from data_prep.chunking import split_text
 from data_prep.engines import TransformersEngine
 from data_prep.errors import DataPrepError
@@ -148,8 +147,8 @@ def synthesize_documents(
     :class:`data_prep.shards.ShardJournal` to resume from and append finished batches to. Rounds, chains and
     chunks: see the module docstring. Generation runs in batches of ``cfg.batch_size`` prompts, longest first,
     with a rich progress bar when ``progress``. In lenient mode generation also stops at ``<CON>``/``</CON>``
-    (the parser ignores everything after them anyway). ``out_path`` is written through a temp file and
-    ``os.replace``, so it is complete or absent.
+    (the parser ignores everything after them anyway). ``out_path`` is written atomically
+    (``data_prep.atomic``), so it is complete or absent.
 
     Returns counts: documents, documents_with_pairs, pairs_kept, pairs_dropped {reason: n}, pair_structure,
     prompts, chunked_documents, rounds, chained_documents, resumed_prompts, generated_tokens, generation_seconds,
@@ -240,7 +239,7 @@ def synthesize_documents(
         pairs_dropped.update(d.dropped)
         structure.update(structure_counts(kept))
         records.append(_record(cfg, doc, d, documents, rounds))
-    _atomic_write_jsonl(Path(out_path), records)
+    atomic.write_jsonl(out_path, records)
     resumed = sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts)) if (str(doc["id"]), c) in done)
     return {
         "documents": len(documents),
@@ -325,19 +324,6 @@ def _record(cfg, doc: dict, d: _Doc, documents: list[dict], rounds: int) -> dict
     if getattr(cfg, "save_prompts", False):
         record["prompts"] = [p.text for p in d.prompts]
     return record
-
-
-def _atomic_write_jsonl(out_path: Path, records: list[dict]) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import atomic
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
 from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
@@ -203,12 +204,6 @@ def _source_stamp(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, workers: int = 1) -> dict:
     """Tokenize one input file into ``prefix.bin/.idx`` through ``pool`` (None: in-process)."""
     writer = IndexedDatasetWriter(prefix, dtype)
@@ -282,7 +277,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
                 t0 = time.time()
                 stats = tokenize_file(path, shard, pool, opts, dtype, workers)
                 stats["seconds"] = round(time.time() - t0, 3)
-                _atomic_json(done_file, {"source": stamp, "settings": settings, "stats": stats})
+                atomic.write_json(done_file, {"source": stamp, "settings": settings, "stats": stats}, indent=2)
                 log(f"tokenize: {path} -> {stats['documents']:,} documents, {stats['tokens']:,} tokens"
                     + (f", skipped {stats['skipped']}" if stats["skipped"] else ""))
             sources.append({"path": str(path), "shard": str(shard), **stats})
@@ -315,7 +310,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     }
     if merged is not None:
         assert merged["documents"] == manifest["documents"] and merged["tokens"] == tokens
-    _atomic_json(prefix.with_name(prefix.name + ".manifest.json"), manifest)
+    atomic.write_json(prefix.with_name(prefix.name + ".manifest.json"), manifest, indent=2)
     return manifest
 
 

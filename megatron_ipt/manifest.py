@@ -9,7 +9,8 @@ A manifest records: the stage name, the resolved config of the whole experiment,
 SHA-256, counts, timings and package versions. A rerun skips a stage whose folder has a manifest with the
 same fingerprint, and redoes it (replacing the folder) when the fingerprint differs.
 
-This module imports only the standard library; both ``data_prep`` and the trainer use it.
+This module imports only the standard library and ``data_prep.atomic`` (itself standard library only); both
+``data_prep`` and the trainer use it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_prep import atomic
 from megatron_ipt.errors import IptError
 
 MANIFEST = "manifest.json"
@@ -61,11 +63,8 @@ def package_versions() -> dict[str, str]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) through a temporary sibling, fsync and an atomic rename (``data_prep.atomic``)."""
+    atomic.write_text(path, text)
 
 
 @contextlib.contextmanager

@@ -54,9 +54,11 @@ def _log(msg: str) -> None:
 
 
 def _write_jsonl(path: Path, records) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """One JSON line per record; atomic and fsynced (``data_prep.atomic``), though its stage folder is renamed
+    into place as a whole anyway (``atomic_dir``)."""
+    from data_prep.atomic import write_jsonl
+
+    write_jsonl(path, records)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

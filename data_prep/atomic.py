@@ -1,0 +1,91 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written file.
+
+Every function writes to a temporary sibling (``.NAME.<random>.tmp``, same folder, hence same file system),
+flushes and ``fsync``\\ s it, renames it over ``path`` with ``os.replace`` (atomic on POSIX), then ``fsync``\\ s the
+folder so the rename itself survives a power loss. On any error, ``KeyboardInterrupt`` included, the temporary
+file is removed and ``path`` keeps its old content (or stays absent). A ``kill -9`` or power loss in the middle
+can leave a stray ``.NAME.*.tmp`` beside it, never a partial ``path``. The new file gets the usual permissions
+(``0o666`` less the umask), not ``tempfile.mkstemp``'s ``0o600``. The parent folder is created when missing.
+
+Standard library only: ``data_prep`` and ``megatron_ipt`` (through :func:`megatron_ipt.manifest.atomic_write_text`)
+both write through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a file system or platform that cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Yield a file open for writing (``mode`` "wb" or "w"); on a clean exit it replaces ``path`` durably.
+
+    Text mode uses ``encoding`` (default UTF-8) and writes ``\\n`` as is. Raises ValueError for another mode.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"open_atomic: mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, mode, **({"encoding": encoding or "utf-8", "newline": ""} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+    with open_atomic(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` (encoded with ``encoding``, newlines untranslated) to ``path`` atomically and durably."""
+    write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = None, sort_keys: bool = False,
+               ensure_ascii: bool = True, default=None) -> None:
+    """Write ``json.dumps(obj, ...)`` plus a trailing newline to ``path`` atomically and durably (UTF-8)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=default)
+    write_text(path, text + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Write one ``json.dumps(record, ensure_ascii=False)`` line per record (UTF-8) to ``path`` atomically and
+    durably, streaming (``records`` may be a generator). Returns the number of records."""
+    n = 0
+    with open_atomic(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    return n
