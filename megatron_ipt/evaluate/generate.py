@@ -3,7 +3,9 @@
 The answer to a reading-comprehension prompt (``...Question: Q\\nAnswer:``) is what the model generates
 greedily (argmax at every step) until the end-of-document token, ``max_new_tokens`` or the end of the first
 line, whichever comes first; it is then scored against the reference by exact match and token F1
-(:mod:`megatron_ipt.evaluate.scoring`).
+(:mod:`megatron_ipt.evaluate.scoring`). :func:`greedy_generate_cached` is the same loop over a KV cache (the
+megatron scorer's, megatron-core's ``StaticInferenceContext``); :func:`greedy_generate` reruns the whole
+sequence every step (the fallback where no cache is available).
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ def greedy_generate(logits: Callable[[list[int]], torch.Tensor], ids: list[int],
         if nxt == stop_id:
             break
         out.append(nxt)
+    return out
+
+
+def greedy_generate_cached(step: Callable[[list[int]], torch.Tensor], ids: list[int], max_new_tokens: int,
+                           stop_id: int | None = None) -> list[int]:
+    """Greedy decoding with a KV cache: ``step(new_ids)`` feeds the model only the tokens it has not seen yet
+    (the prompt first, then each generated token alone) and returns the logits of the last one (``[vocab]``).
+    Same ids as :func:`greedy_generate` over the same model; returns the new ids, without ``stop_id``."""
+    out: list[int] = []
+    new = list(ids)
+    for _ in range(max_new_tokens):
+        nxt = int(step(new).argmax())
+        if nxt == stop_id:
+            break
+        out.append(nxt)
+        new = [nxt]
     return out
 
 

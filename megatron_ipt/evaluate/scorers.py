@@ -4,12 +4,14 @@ a CPU, world size 1) or a Hugging Face folder (transformers). Both: ``logits(ids
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_ipt import checkpoint, cpu_backend, parallel
+from megatron_ipt import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ExperimentConfig, ParallelConfig
 from megatron_ipt.errors import IptError
 
@@ -25,6 +27,7 @@ class MegatronScorer:
     def __init__(self, cfg: ExperimentConfig, vocab_size: int, checkpoint_path: str | Path | None) -> None:
         self.cfg, self.vocab_size, self.checkpoint_path = cfg, vocab_size, checkpoint_path
         self.iteration = None
+        self.no_kv_cache: str | None = None  # why greedy generation runs without a KV cache (None: it uses one)
 
     def __enter__(self) -> "MegatronScorer":
         from megatron_ipt.model import build_model
@@ -66,10 +69,55 @@ class MegatronScorer:
             logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0]
         return logits[:, : self.model_vocab].float().cpu()  # padding rows are no tokens
 
-    def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
-        """Greedy continuation of ``ids``: a loop over the model's forward (no KV cache; short answers)."""
-        from megatron_ipt.evaluate.generate import greedy_generate
+    def kv_step(self, max_sequence_length: int) -> Callable[[list[int]], torch.Tensor] | None:
+        """A fresh KV cache for one sequence of up to ``max_sequence_length`` tokens, as a step function for
+        :func:`~megatron_ipt.evaluate.generate.greedy_generate_cached`: ``step(new_ids)`` runs the model on the
+        tokens not fed yet (positions continue from the previous call) and returns the logits of the last one
+        (``[vocab]``, unpadded vocabulary, float32 on CPU). Uses megatron-core's ``StaticInferenceContext``
+        (:func:`megatron_ipt.mcore.kv_cache_forward_kwargs`). None, with the reason in ``self.no_kv_cache``, where
+        this megatron-core version or model cannot cache (no inference context; a pipeline stage without both
+        the embedding and the output layer). ``step`` raises ValueError past ``max_sequence_length``."""
+        if not (getattr(self.model, "pre_process", True) and getattr(self.model, "post_process", True)):
+            self.no_kv_cache = "the model is one pipeline stage"
+            return None
+        kwargs = mcore.kv_cache_forward_kwargs(self.model.forward, max_batch_size=1,
+                                               max_sequence_length=max_sequence_length)
+        if kwargs is None:
+            self.no_kv_cache = f"megatron-core {mcore.version()} has no static inference context"
+            return None
+        context = kwargs.get("inference_context", kwargs.get("inference_params"))
 
+        def step(new_ids: list[int]) -> torch.Tensor:
+            start = context.sequence_len_offset
+            if start + len(new_ids) > max_sequence_length:
+                raise ValueError(f"KV cache holds {max_sequence_length} tokens: cannot feed {len(new_ids)} "
+                                 f"more after {start}")
+            if start and hasattr(context, "enable_decode_mode"):
+                context.enable_decode_mode()  # every prompt token is cached: one new token per step
+            tokens = torch.tensor([new_ids], device=self.device)
+            pos = torch.arange(start, start + len(new_ids), device=self.device).unsqueeze(0)
+            with torch.no_grad():
+                logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None, **kwargs)
+            context.sequence_len_offset = start + len(new_ids)
+            return logits[0, -1, : self.model_vocab].float().cpu()
+
+        return step
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
+        """Greedy continuation of ``ids`` with megatron-core's KV cache (:meth:`kv_step`: the prompt once, then
+        one token per step). Where the cache is unavailable or fails, says why once on stderr and runs the
+        uncached loop (the whole sequence every step) from the start, so the output is the same."""
+        from megatron_ipt.evaluate.generate import greedy_generate, greedy_generate_cached
+
+        if self.no_kv_cache is None:
+            step = self.kv_step(len(ids) + max_new_tokens)
+            if step is not None:
+                try:
+                    return greedy_generate_cached(step, ids, max_new_tokens, stop_id)
+                except Exception as e:  # noqa: BLE001 - any failure of the cache: the uncached loop below
+                    self.no_kv_cache = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"ipt eval: greedy generation without a KV cache ({self.no_kv_cache}): every step reruns the "
+                  "whole sequence", file=sys.stderr)
         return greedy_generate(self.logits, ids, max_new_tokens, stop_id)
 
     def __exit__(self, *exc) -> None:
