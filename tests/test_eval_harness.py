@@ -1,5 +1,6 @@
-"""lm-evaluation-harness on a tiny Hugging Face Llama export: a local multiple-choice task over a JSONL file the
-test writes (no hub access), through `ipt eval CONFIG --hf FOLDER --harness TASK --include-path DIR`."""
+"""lm-evaluation-harness on a tiny Hugging Face Llama export and on a Megatron checkpoint (exported to a temporary
+Hugging Face folder): a local multiple-choice task over a JSONL file the test writes (no hub access), through
+`ipt eval CONFIG --hf FOLDER | --checkpoint DIR --harness TASK --include-path DIR`."""
 
 from __future__ import annotations
 
@@ -85,8 +86,6 @@ def test_harness_runs_a_local_task_on_a_tiny_hf_export(tmp_path, tiny_tokenizer_
 def test_harness_errors_are_one_line(tmp_path, offline, capsys):
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({"name": "h", "run_dir": str(tmp_path / "run")}))
-    assert main(["eval", str(config), "--harness", "x"]) == 2
-    assert "--harness runs on a Hugging Face folder" in capsys.readouterr().err
     assert main(["eval", str(config), "--hf", str(tmp_path), "--harness", "x"]) == 2
     assert f"{tmp_path}: not a Hugging Face model folder" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")
@@ -95,3 +94,64 @@ def test_harness_errors_are_one_line(tmp_path, offline, capsys):
                  "--include-path", str(tasks)]) == 2
     assert "unknown lm-eval task(s) ['no_such_task_xyz']" in capsys.readouterr().err
 
+
+
+@pytest.mark.e2e
+def test_harness_runs_on_a_megatron_checkpoint_through_a_temporary_export(tmp_path, tiny_tokenizer_dir, offline,
+                                                                          capsys):
+    """A converted checkpoint (its hf/ folder next to it gives config and tokenizer) scores what its Hugging Face
+    original scores; the record names the checkpoint and iteration; the temporary export is gone."""
+    from megatron_ipt import convert
+
+    hf = tiny_export(tmp_path / "hf", tiny_tokenizer_dir)
+    convert.hf_to_megatron(hf, tmp_path / "mg")
+    tasks = write_task(tmp_path / "tasks")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"name": "h", "run_dir": str(tmp_path / "run")}))
+    common = ["--harness", "ipt_local_mc", "--include-path", str(tasks), "--limit", "4"]
+    assert main(["eval", str(config), "--hf", str(hf), *common, "--name", "orig"]) == 0
+    assert main(["eval", str(config), "--checkpoint", str(tmp_path / "mg"), *common, "--name", "mg"]) == 0
+    eval_dir = tmp_path / "run" / "eval"
+    orig = json.loads((eval_dir / "harness-ipt_local_mc-orig.json").read_text())
+    record = json.loads((eval_dir / "harness-ipt_local_mc-mg.json").read_text())
+    assert record["metrics"] == orig["metrics"] and record["n"] == 4
+    assert record["model"]["kind"] == "megatron" and record["model"]["path"] == str(tmp_path / "mg")
+    assert record["model"]["iteration"] == 0
+    assert record["model"]["fingerprint"]["checkpoint"] == str(tmp_path / "mg" / "iter_0000000")
+    assert record["model"]["fingerprint"]["export_hf_config"] == str(tmp_path / "mg" / "hf")
+    assert record["settings"]["export"]["dtype"] == "float32"
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["harness-ipt_local_mc-mg.json", "harness-ipt_local_mc-mg.md",
+                                                         "harness-ipt_local_mc-orig.json",
+                                                         "harness-ipt_local_mc-orig.md"]  # no export left
+    # an error inside lm-eval (the task's data file is gone) also removes the export
+    (tasks / "ipt_local_mc.jsonl").unlink()
+    assert main(["eval", str(config), "--checkpoint", str(tmp_path / "mg"), *common, "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "ipt_local_mc" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_harness_on_a_checkpoint_errors_are_one_line(tmp_path, offline, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"name": "h", "run_dir": str(tmp_path / "run")}))
+    assert main(["eval", str(config), "--harness", "x"]) == 2
+    assert f"{tmp_path / 'run' / 'train' / 'checkpoints'}: no checkpoint to evaluate" in capsys.readouterr().err
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--harness", "x"]) == 2
+    assert f"{ckpt}: no Hugging Face config to export it with: pass --hf-config-from" in capsys.readouterr().err
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--harness", "x", "--hf-config-from",
+                 str(tmp_path)]) == 2
+    assert f"{tmp_path}: no config.json (--hf-config-from must be" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    tasks = write_task(tmp_path / "tasks")
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--harness", "no_such_task_xyz",
+                 "--include-path", str(tasks), "--hf-config-from", str(tmp_path)]) == 2
+    assert "unknown lm-eval task(s) ['no_such_task_xyz']" in capsys.readouterr().err
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--harness", "ipt_local_mc",
+                 "--include-path", str(tasks), "--hf-config-from", str(tmp_path)]) == 2
+    assert f"{ckpt}: not a torch_dist checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(config), "--init", "--harness", "x"]) == 2
+    assert "--harness runs on a trained model" in capsys.readouterr().err
+    assert main(["eval", str(config), "--hf", str(tmp_path), "--harness", "x", "--hf-config-from", str(tmp_path)]) == 2
+    assert "--hf-config-from is for --harness on a checkpoint" in capsys.readouterr().err

@@ -15,7 +15,9 @@ Evaluate one model of an experiment; each evaluation writes a results JSON and a
   match and token F1 (SQuAD normalisation).
 --task perplexity: mean NLL/token and perplexity on each held-out component (raw, pairs, blend.extra
   valid_prefix), windows of model.seq_length over the concatenated documents.
---harness TASKS: lm-evaluation-harness tasks (comma-separated) on a Hugging Face folder (--hf).
+--harness TASKS: lm-evaluation-harness tasks (comma-separated) on a Hugging Face folder (--hf) or a checkpoint
+  (default: the run's latest), exported first to a temporary Hugging Face folder (removed afterwards) with the
+  config and tokenizer of --hf-config-from (default: model.hf_config, or the hf/ folder of a converted checkpoint).
 
 examples:
   ipt eval examples/quickstart.yaml                           # the run's latest checkpoint, 0-shot
@@ -24,6 +26,7 @@ examples:
   ipt eval examples/quickstart.yaml --generate --max-new-tokens 24
   ipt eval examples/quickstart.yaml --task perplexity
   ipt eval examples/quickstart.yaml --hf runs/x/hf --harness arc_easy,my_task --include-path tasks/ --limit 100
+  ipt eval med.yaml --harness arc_easy --hf-config-from ckpt/llama3-8b/hf     # the run's latest checkpoint
   ipt eval compare runs/quickstart/eval/*.json                # side-by-side Markdown table
 """
 
@@ -48,7 +51,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=None, help="rc: tokens per example (default: model.seq_length)")
     p.add_argument("--generate", action="store_true", help="rc: also greedy free-form answers (exact_match, f1)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="rc --generate: answer length cap (default 16)")
-    p.add_argument("--harness", metavar="TASKS", help="lm-eval tasks, comma-separated (needs --hf)")
+    p.add_argument("--harness", metavar="TASKS", help="lm-eval tasks, comma-separated, on --hf or a checkpoint")
+    p.add_argument("--hf-config-from", metavar="FOLDER", help="--harness on a checkpoint: Hugging Face folder with "
+                   "the model's config.json and tokenizer for the export (default: model.hf_config, or the hf/ "
+                   "folder next to a converted checkpoint)")
     p.add_argument("--include-path", help="--harness: a folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=1, help="--harness: lm-eval batch size")
@@ -81,13 +87,15 @@ def run(args) -> int:
 
     cfg = load_config(args.target[0], args.overrides)
     source = dict(checkpoint=args.checkpoint, init=args.init, hf=args.hf, name=args.name)
+    if args.hf_config_from and not (args.harness and not args.hf):
+        raise IptError("--hf-config-from is for --harness on a checkpoint (not with --hf)")
     if args.harness:
-        if not args.hf:
-            raise IptError("--harness runs on a Hugging Face folder: pass --hf FOLDER (ipt convert megatron-to-hf)")
+        if args.init:
+            raise IptError("--harness runs on a trained model: pass --checkpoint or --hf (not --init)")
         tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
-        done = evaluate_harness(cfg, args.hf, tasks, include_path=args.include_path, limit=args.limit,
-                                num_fewshot=args.num_fewshot, batch_size=args.batch_size, name=args.name,
-                                output_dir=args.output)
+        done = evaluate_harness(cfg, args.hf, tasks, checkpoint=args.checkpoint, hf_config_from=args.hf_config_from,
+                                include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+                                batch_size=args.batch_size, name=args.name, output_dir=args.output)
     elif args.task == "perplexity":
         done = [evaluate_perplexity_experiment(cfg, **source, data=args.data, limit=args.limit, output=args.output)]
     else:
@@ -205,31 +213,60 @@ def evaluate_perplexity_experiment(cfg, *, checkpoint=None, init=False, hf=None,
     return write_results(out, model, "heldout_perplexity", result, perplexity.settings(seq, limit)), out
 
 
-def evaluate_harness(cfg, hf, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None, batch_size=1,
-                     name=None, output_dir=None) -> list[tuple[dict, "Path"]]:
-    """lm-evaluation-harness ``tasks`` on the Hugging Face folder ``hf``; one results file per task (and group)
-    under ``output_dir`` (default RUN_DIR/eval), named ``harness-TASK-NAME.json``. Returns [(record, path)]."""
+def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_from=None, include_path=None,
+                     limit=None, num_fewshot=None, batch_size=1, name=None, output_dir=None) -> list[tuple[dict, "Path"]]:
+    """lm-evaluation-harness ``tasks`` on the Hugging Face folder ``hf``, or (``hf`` None) on ``checkpoint``
+    (default: the run's train/checkpoints) exported to a temporary Hugging Face folder under the output folder
+    (:mod:`megatron_ipt.evaluate.hf_export`; float32 on CPU; removed afterwards, also on error), its reference
+    config and tokenizer from ``hf_config_from`` / ``model.hf_config`` / the converted checkpoint's ``hf/``. One
+    results file per task (and group) under ``output_dir`` (default RUN_DIR/eval), ``harness-TASK-NAME.json``;
+    for a checkpoint the record's model is the checkpoint (path, iteration, fingerprint), not the temporary
+    folder. Returns [(record, path)]."""
     import importlib.metadata
     from pathlib import Path
 
     from megatron_ipt.errors import IptError
-    from megatron_ipt.evaluate import harness
+    from megatron_ipt.evaluate import harness, hf_export
     from megatron_ipt.evaluate.run import write_results
+    from megatron_ipt.pipeline import stage_path
 
     if not tasks:
         raise IptError("--harness needs at least one task name")
     device = "cuda" if cfg.train.device == "cuda" else "cpu"
-    results = harness.run_harness(hf, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
-                                  batch_size=batch_size, device=device)
+    folder = Path(output_dir) if output_dir else cfg.run_path / "eval"
     try:
         tok = _tokenizer(cfg)
     except IptError:  # a harness run needs no tokenized data; the folder carries its own tokenizer
-        tok = {"path": str(hf)}
-    model = {"kind": "hf", "path": str(hf), "name": name or Path(hf).name, "fingerprint": _fingerprint(cfg, tok, hf)}
+        tok = None
+    run = dict(tasks=tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+               device=device)
+    export = None
+    if hf:
+        results = harness.run_harness(hf, **run)
+        model = {"kind": "hf", "path": str(hf), "name": name or Path(hf).name,
+                 "fingerprint": _fingerprint(cfg, tok or {"path": str(hf)}, hf)}
+    else:
+        ckpt = Path(checkpoint) if checkpoint else stage_path(cfg, "train") / "checkpoints"
+        if not ckpt.exists():
+            raise IptError(f"{ckpt}: no checkpoint to evaluate (train first, or pass --checkpoint / --hf)")
+        reference = hf_export.reference_folder(ckpt, hf_config_from, cfg.model.hf_config)
+        manager = harness.task_manager(tasks, include_path)  # unknown tasks fail before the export
+        tokenizer_dir = (tok or {}).get("path") or cfg.tokenize.tokenizer
+        with hf_export.exported(ckpt, reference=reference, work_dir=folder, tokenizer_dir=tokenizer_dir,
+                                dtype="float32" if device == "cpu" else None) as export:
+            results = harness.run_harness(export.folder, **run, manager=manager)
+        model = {"kind": "megatron", "path": str(ckpt), "name": name or cfg.name,
+                 "fingerprint": {**_fingerprint(cfg, tok or {"path": str(reference)}),
+                                 "checkpoint": str(export.checkpoint), "export_hf_config": str(reference),
+                                 "export_hf_config_sha256": export.reference_config_sha256}}
+        if export.iteration is not None:
+            model["iteration"] = export.iteration
     common = {"harness": f"lm-eval {importlib.metadata.version('lm-eval')}", "tasks": tasks, "limit": limit,
               "num_fewshot": num_fewshot, "batch_size": batch_size, "device": device,
               "include_path": str(include_path) if include_path else None}
-    folder = Path(output_dir) if output_dir else cfg.run_path / "eval"
+    if export is not None:
+        common["export"] = {"tool": "megatron_ipt.convert.megatron_to_hf", "dtype": export.dtype,
+                            "hf_config_from": str(export.reference)}
     done = []
     for task, metrics, n, settings in harness.records(results):
         out = folder / f"harness-{task.replace('/', '_')}-{model['name']}.json"

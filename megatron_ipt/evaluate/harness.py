@@ -1,5 +1,5 @@
-"""lm-evaluation-harness (PyPI ``lm-eval``, the ``eval`` extra) on a Hugging Face folder, results in the
-project's format.
+"""lm-evaluation-harness (PyPI ``lm-eval``, the ``eval`` extra) on a Hugging Face folder (a Megatron checkpoint
+is exported to one first: :mod:`megatron_ipt.evaluate.hf_export`), results in the project's format.
 
 :func:`run_harness` calls ``lm_eval.simple_evaluate`` with the ``hf`` model (``pretrained=FOLDER``; float32 on
 CPU), a ``TaskManager`` that also reads the task YAMLs under ``include_path`` (local tasks, e.g.
@@ -21,20 +21,13 @@ class HarnessError(IptError, RuntimeError):
     """lm-eval is missing, or a task cannot be found or loaded; the message names the task or folder."""
 
 
-def run_harness(folder: str | Path, tasks: list[str], *, include_path: str | Path | None = None,
-                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1,
-                device: str = "cpu") -> dict:
-    """Run lm-eval's ``simple_evaluate`` on the Hugging Face ``folder``; returns its results dict (without
-    samples). Raises HarnessError when lm-eval is not installed, the folder is not a model folder or a task is
-    unknown."""
+def task_manager(tasks: list[str], include_path: str | Path | None = None):
+    """lm-eval's ``TaskManager`` that knows every one of ``tasks`` (the YAMLs under ``include_path`` too).
+    Raises HarnessError when lm-eval is not installed, ``include_path`` is not a folder or a task is unknown."""
     try:
-        import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise HarnessError("lm-evaluation-harness is not installed: pip install -e '.[eval]'") from None
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise HarnessError(f"{folder}: not a Hugging Face model folder (no config.json)")
     if include_path is not None and not Path(include_path).is_dir():
         raise HarnessError(f"{include_path}: --include-path is not a folder")
     # Indexing lm-eval's built-in tasks takes ~20 s: skipped when the local folder has every task asked for.
@@ -45,6 +38,22 @@ def run_harness(folder: str | Path, tasks: list[str], *, include_path: str | Pat
     if unknown:
         where = f" (built-in tasks and {include_path})" if include_path else " (built-in tasks)"
         raise HarnessError(f"unknown lm-eval task(s) {unknown}{where}")
+    return manager
+
+
+def run_harness(folder: str | Path, tasks: list[str], *, include_path: str | Path | None = None,
+                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1,
+                device: str = "cpu", manager=None) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on the Hugging Face ``folder``; returns its results dict (without
+    samples). ``manager``: a :func:`task_manager` already built for ``tasks`` (default: built here). Raises
+    HarnessError when lm-eval is not installed, the folder is not a model folder or a task is unknown."""
+    folder = Path(folder)
+    if manager is None:
+        if not (folder / "config.json").is_file():
+            raise HarnessError(f"{folder}: not a Hugging Face model folder (no config.json)")
+        manager = task_manager(tasks, include_path)
+    import lm_eval
+
     model_args = {"pretrained": str(folder), "dtype": "float32" if device == "cpu" else "auto"}
     try:
         return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot,
