@@ -166,9 +166,11 @@ class PerSplitBlend(_Section):
 
     train: list[SplitComponent] = Field(min_length=1, description="The training blend.")
     valid: list[SplitComponent] = Field(
-        default_factory=list, description="Validation blend: its loss is reported as 'valid' with the held-out losses.")
+        default_factory=list, description="Validation blend: its loss is reported as 'valid' with the held-out losses "
+        "(a blend of several datasets also per dataset, as 'valid.STEM').")
     test: list[SplitComponent] = Field(
-        default_factory=list, description="Test blend: its loss is reported as 'test' before and after training.")
+        default_factory=list, description="Test blend: its loss is reported as 'test' before and after training "
+        "(a blend of several datasets also per dataset, as 'test.STEM').")
 
 
 class BlendConfig(_Section):
