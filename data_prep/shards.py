@@ -13,7 +13,9 @@ A shard in progress keeps a journal beside it (:class:`ShardJournal`, ``.shard-i
 finished generation batch is appended, flushed and fsynced, then a small progress record (``.progress.json``:
 bytes, batches, prompts) is replaced atomically. A rerun after a crash (even ``kill -9``) reloads the batches up
 to the last progress record and generates only the rest; the finished shard is still written whole and renamed.
-The stage drivers are ``megatron_ipt.pipeline.run_synthesize_sharded`` and ``ipt synthesize --num-shards``.
+The progress record holds a key (the stage fingerprint and the input's SHA-256): a journal of another config or
+input is discarded, never reused. The stage drivers are ``megatron_ipt.pipeline.run_synthesize_sharded`` and
+``ipt synthesize --num-shards``; an unsharded run (``run_synthesize``) journals the same way, as shard 0 of 1.
 """
 
 from __future__ import annotations
@@ -188,16 +190,20 @@ class ShardJournal:
 
     One JSON line per batch: ``{"batch": k, "seconds": s, "results": [{"id", "chunk", "text", "tokens"}, ...]}``.
     After each batch the file is flushed and fsynced, then ``path.progress.json`` (``bytes`` of complete batches,
-    ``batches``, ``prompts``) is written atomically. :meth:`load` trusts only the bytes the progress record
-    counts (a line cut by a crash is truncated away); a journal without a progress record starts over.
+    ``batches``, ``prompts``, ``key``) is written atomically. :meth:`load` trusts only the bytes the progress record
+    counts (a line cut by a crash is truncated away); a journal without a progress record starts over, and so
+    does one whose progress record holds another ``key`` (the caller's digest of the config and input documents:
+    a journal of other inputs is never reused; ``discarded`` then says why).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, key: str | None = None):
         self.path = Path(path)
         self.progress_path = self.path.with_name(self.path.name + ".progress.json")
+        self.key = key
         self.batches = 0
         self.prompts = 0
         self.seconds = 0.0  # generation seconds of the batches loaded
+        self.discarded: str | None = None  # why load() threw an earlier journal away, if it did
 
     def load(self) -> dict[tuple[str, int], dict]:
         """Results of the batches finished by earlier runs, keyed by ``(document id, chunk)``; sets ``batches``,
@@ -205,11 +211,16 @@ class ShardJournal:
         progress record or a corrupt line."""
         self.batches = self.prompts = 0
         self.seconds = 0.0
+        self.discarded = None
         try:
             progress = json.loads(self.progress_path.read_text(encoding="utf-8"))
             size = int(progress["bytes"])
         except (OSError, ValueError, KeyError, TypeError):
             self.path.unlink(missing_ok=True)
+            return {}
+        if progress.get("key") != self.key:
+            self.discarded = f"{self.path} was written for another config or input (key {progress.get('key')!r})"
+            self.remove()
             return {}
         if not self.path.is_file() or self.path.stat().st_size < size:
             raise DataPrepError(f"{self.path} is shorter than its progress record {self.progress_path.name}: "
@@ -242,7 +253,7 @@ class ShardJournal:
             size = f.tell()
         self.batches += 1
         self.prompts += len(results)
-        progress = {"bytes": size, "batches": self.batches, "prompts": self.prompts}
+        progress = {"bytes": size, "batches": self.batches, "prompts": self.prompts, "key": self.key}
         atomic.write_json(self.progress_path, progress)
 
     def remove(self) -> None:

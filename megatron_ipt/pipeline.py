@@ -106,10 +106,47 @@ def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     return StageResult("corpus", stage_path(cfg, "corpus"), manifest, False)
 
 
+def synthesis_fingerprint(cfg: ExperimentConfig) -> str:
+    """The synthesize stage's fingerprint: its config section and the corpus stage's fingerprint."""
+    return fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), _upstream(cfg, "corpus")["fingerprint"])
+
+
+def synthesis_shard_dir(cfg: ExperimentConfig, fp: str | None = None) -> Path:
+    """``RUN_DIR/synthesis.shards/<fingerprint[:16]>/``: the shards and journals of this synthesis (another config
+    or corpus gets another folder)."""
+    return cfg.run_path / "synthesis.shards" / (fp or synthesis_fingerprint(cfg))[:16]
+
+
+def _synthesis_journal(cfg: ExperimentConfig, fp: str, src: Path, shard_index: int, num_shards: int, force: bool):
+    """The journal of shard ``shard_index`` of ``num_shards`` (an unsharded run is shard 0 of 1), keyed by the
+    stage fingerprint and the SHA-256 of the input documents so that a journal of other inputs is discarded;
+    emptied first when ``force``."""
+    from data_prep.shards import ShardJournal, journal_path
+    from megatron_ipt.manifest import sha256_file
+
+    journal = ShardJournal(journal_path(synthesis_shard_dir(cfg, fp), shard_index, num_shards),
+                           key=f"{fp}:{sha256_file(src)}")
+    if force:
+        journal.remove()
+    return journal
+
+
+def _log_journal(journal, counts: dict, what: str) -> None:
+    if journal.discarded:
+        _log(f"[yellow]synthesize: discarded a stale journal: {journal.discarded}[/yellow]")
+    if counts.get("resumed_prompts"):
+        _log(f"synthesize: {what}: {counts['resumed_prompts']} prompts resumed from its journal")
+
+
 def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
-    """Synthesize instruction-response pairs for every document (train and held-out)."""
-    corpus = _upstream(cfg, "corpus")
-    fp = fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), corpus["fingerprint"])
+    """Synthesize instruction-response pairs for every document (train and held-out).
+
+    Finished generation batches are journaled as for shard 0 of 1 (``data_prep.shards.ShardJournal`` under
+    ``RUN_DIR/synthesis.shards/<fingerprint>/``), so a rerun after a crash or ``kill -9`` generates only the
+    batches not in the journal and writes the same ``pairs.jsonl``; the journal is deleted once the stage folder
+    is in place (``force`` deletes it first).
+    """
+    fp = synthesis_fingerprint(cfg)
     if done := _skip(cfg, "synthesize", fp, force):
         return done
     from data_prep.synthesize import synthesize_documents
@@ -117,10 +154,18 @@ def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     started = time.time()
     src = stage_path(cfg, "corpus") / "documents.jsonl"
     documents = _read_jsonl(src)
+    journal = _synthesis_journal(cfg, fp, src, 0, 1, force)
     with atomic_dir(stage_path(cfg, "synthesize")) as out:
-        counts = synthesize_documents(cfg.synthesis, documents, out / "pairs.jsonl")
+        counts = synthesize_documents(cfg.synthesis, documents, out / "pairs.jsonl", journal=journal)
         manifest = write_manifest(out, stage="synthesize", fingerprint=fp, config=resolved(cfg), inputs={"documents": src},
                                   outputs=["pairs.jsonl"], counts=counts, started=started)
+    journal.remove()
+    for folder in (journal.path.parent, journal.path.parent.parent):  # synthesis.shards/<fp>/ and synthesis.shards/
+        try:
+            folder.rmdir()  # only when empty: shards of a sharded run stay
+        except OSError:
+            break
+    _log_journal(journal, counts, "unsharded run")
     _log(f"synthesize: {counts['pairs_kept']} pairs kept from {counts['documents']} documents, dropped {counts['pairs_dropped']}")
     return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
 
@@ -134,15 +179,14 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     ``synthesis/pairs.jsonl`` + ``manifest.json`` are written as by :func:`run_synthesize`. Raises
     DataPrepError naming a missing or corrupt shard.
     """
-    from data_prep.shards import ShardJournal, journal_path, merge_shards, select_shard, shard_finished, write_shard
+    from data_prep.shards import merge_shards, select_shard, shard_finished, write_shard
 
-    corpus = _upstream(cfg, "corpus")
-    fp = fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), corpus["fingerprint"])
+    fp = synthesis_fingerprint(cfg)
     if merge and (done := _skip(cfg, "synthesize", fp, force)):
         return done
     src = stage_path(cfg, "corpus") / "documents.jsonl"
     documents = _read_jsonl(src)
-    shard_dir = cfg.run_path / "synthesis.shards" / fp[:16]
+    shard_dir = synthesis_shard_dir(cfg, fp)
     if shard_index is not None:
         if not force and shard_finished(shard_dir, shard_index, num_shards):
             _log(f"[dim]synthesize: shard {shard_index} of {num_shards} already finished in {shard_dir}[/dim]")
@@ -151,16 +195,14 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
 
             docs = select_shard(documents, shard_index, num_shards)
             tmp = shard_dir / f".shard-{shard_index:05d}-of-{num_shards:05d}.work.jsonl"
-            journal = ShardJournal(journal_path(shard_dir, shard_index, num_shards))  # resume inside the shard
-            if force:
-                journal.remove()
+            journal = _synthesis_journal(cfg, fp, src, shard_index, num_shards, force)  # resume inside the shard
             counts = synthesize_documents(cfg.synthesis, docs, tmp, journal=journal) if docs else {"documents": 0}
             records = _read_jsonl(tmp) if docs else []
             write_shard(shard_dir, shard_index, num_shards, records, counts)
             tmp.unlink(missing_ok=True)
             journal.remove()
-            resumed = f", {counts['resumed_prompts']} prompts resumed from its journal" if counts.get("resumed_prompts") else ""
-            _log(f"synthesize: shard {shard_index} of {num_shards} finished ({len(docs)} documents{resumed})")
+            _log_journal(journal, counts, f"shard {shard_index} of {num_shards}")
+            _log(f"synthesize: shard {shard_index} of {num_shards} finished ({len(docs)} documents)")
     if not merge:
         return None
     started = time.time()

@@ -74,6 +74,15 @@ def test_journal_keeps_complete_batches_only(tmp_path):
     assert ShardJournal(journal.path).load() == {} and not journal.path.exists()
 
 
+def test_journal_written_for_another_key_is_discarded_not_reused(tmp_path):
+    journal = ShardJournal(tmp_path / ".partial.jsonl", key="config-a:input-a")
+    journal.append([{"id": "a", "chunk": 0, "text": "x", "tokens": 1}], 0.5)
+    assert ShardJournal(journal.path, key="config-a:input-a").load() == {("a", 0): {"id": "a", "chunk": 0, "text": "x", "tokens": 1}}
+    other = ShardJournal(journal.path, key="config-a:input-b")
+    assert other.load() == {} and "another config or input" in other.discarded
+    assert not journal.path.exists() and not journal.progress_path.exists()
+
+
 def test_missing_shard_is_named(tmp_path):
     _write_all(tmp_path, 3)
     shard_paths(tmp_path, 1, 3)[1].unlink()
@@ -229,3 +238,90 @@ def test_kill_9_mid_shard_then_rerun_resumes_after_the_last_batch_and_merges_eve
     ids = [json.loads(line)["id"] for line in b.splitlines()]
     assert a == b and len(ids) == len(set(ids)) == 16
     assert not [p for p in shard_dirs[0].iterdir() if p.name.startswith(".") and "tmp" in p.name]
+
+
+def _quickstart(tmp_path, model, *sets):
+    import pathlib
+
+    from megatron_ipt.config import load_config
+
+    repo = pathlib.Path(__file__).parents[1]
+    return load_config(str(repo / "examples/quickstart.yaml"), [
+        f"run_dir={tmp_path}", "corpus.max_documents=6", f"synthesis.model={model}", "synthesis.max_new_tokens=4",
+        "synthesis.max_context_tokens=64", *sets])
+
+
+def test_unsharded_run_reuses_only_a_journal_of_its_own_config_and_input_and_then_deletes_it(tiny_llama_path, tmp_path):
+    """The unsharded stage journals as shard 0 of 1: batches in a journal keyed by this stage's fingerprint and
+    input are taken as generated (here a marker text), a journal with another key is thrown away, and the
+    journal and its folders are gone once synthesis/ is written."""
+    import shutil
+
+    from data_prep.shards import journal_path
+    from megatron_ipt.manifest import sha256_file
+    from megatron_ipt.pipeline import run_corpus, run_synthesize, stage_path, synthesis_fingerprint, synthesis_shard_dir
+
+    cfg = _quickstart(tmp_path, tiny_llama_path)
+    run_corpus(cfg)
+    docs = [json.loads(line) for line in (stage_path(cfg, "corpus") / "documents.jsonl").read_text().splitlines()]
+    marker = [{"id": d["id"], "chunk": c, "text": " JOURNALED <ANS> x </END>", "tokens": 4} for d in docs for c in range(8)]
+    right_key = f"{synthesis_fingerprint(cfg)}:{sha256_file(stage_path(cfg, 'corpus') / 'documents.jsonl')}"
+    for key, reused in (("an-older-config:input", False), (right_key, True)):
+        shutil.rmtree(stage_path(cfg, "synthesize"), ignore_errors=True)
+        ShardJournal(journal_path(synthesis_shard_dir(cfg), 0, 1), key=key).append(marker, 1.0)
+        counts = run_synthesize(cfg).manifest["counts"]
+        raw = [json.loads(line)["raw_output"] for line in (stage_path(cfg, "synthesize") / "pairs.jsonl").read_text().splitlines()]
+        assert len(raw) == 6
+        assert all("JOURNALED" in str(r) for r in raw) == reused and any("JOURNALED" in str(r) for r in raw) == reused
+        assert (counts["resumed_prompts"] == counts["prompts"]) if reused else counts["resumed_prompts"] == 0
+        assert not (tmp_path / "synthesis.shards").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_kill_9_mid_unsharded_run_then_rerun_resumes_after_the_last_batch_and_writes_the_same_output(tiny_llama_path, tmp_path, rounds):
+    """``ipt synthesize`` without shards killed with SIGKILL after some batches leaves no synthesis/ folder, only
+    its journal; the rerun generates only the batches not in the journal, and synthesis/pairs.jsonl is
+    byte-identical to an uninterrupted run's (with 2 rounds the kill falls in round 0, and round 1's
+    prompts are built from round 0's outputs read back from the journal)."""
+    import os
+    import pathlib
+    import signal
+    import time
+
+    repo = pathlib.Path(__file__).parents[1]
+    common = ["--set", "corpus.max_documents=16", "--set", f"synthesis.model={tiny_llama_path}",
+              "--set", "synthesis.max_new_tokens=48", "--set", "synthesis.max_context_tokens=64",
+              "--set", "synthesis.batch_size=1", "--set", f"synthesis.rounds={rounds}"]
+    cfg_a = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'a'}", *common]
+    cfg_b = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'b'}", *common]
+    for cfg in (cfg_a, cfg_b):
+        assert _ipt("corpus", *cfg, cwd=repo).returncode == 0
+    assert _ipt("synthesize", *cfg_a, cwd=repo).returncode == 0
+    assert not (tmp_path / "a" / "synthesis.shards").exists()  # an uninterrupted run leaves no journal
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", "synthesize", *cfg_b], cwd=repo,
+                            env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    progress = []
+    while proc.poll() is None and not progress and time.time() < deadline:
+        progress = list((tmp_path / "b").glob("synthesis.shards/*/.shard-00000-of-00001.partial.jsonl.progress.json"))
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    print("killed mid-run:", killed)
+    os.kill(proc.pid, signal.SIGKILL) if killed else None
+    proc.wait()
+    if killed:
+        assert not (tmp_path / "b" / "synthesis").exists()
+        assert json.loads(progress[0].read_text())["batches"] >= 1
+    r = _ipt("synthesize", *cfg_b, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "b" / "synthesis" / "manifest.json").read_text())
+    if killed:  # batch_size 1: every prompt journaled before the kill was not generated again
+        assert 1 <= manifest["counts"]["resumed_prompts"] < manifest["counts"]["prompts"]
+        assert "resumed from its journal" in r.stderr
+    assert not (tmp_path / "b" / "synthesis.shards").exists()
+    a = (tmp_path / "a" / "synthesis" / "pairs.jsonl").read_bytes()
+    b = (tmp_path / "b" / "synthesis" / "pairs.jsonl").read_bytes()
+    ids = [json.loads(line)["id"] for line in b.splitlines()]
+    assert a == b and len(ids) == len(set(ids)) == 16
