@@ -37,7 +37,7 @@ def test_reference_folder_order_and_errors(converted, tmp_path):
     assert hf_export.reference_folder(mg / "iter_0000000") == mg / "hf"
     assert hf_export.reference_folder(mg, model_hf_config=str(hf / "config.json")) == hf
     assert hf_export.reference_folder(mg, hf, model_hf_config=str(tmp_path)) == hf  # --hf-config-from first
-    with pytest.raises(ExportError, match=f"^{tmp_path}: no Hugging Face config to export it with: pass --hf-config-from"):
+    with pytest.raises(ExportError, match=f"^{tmp_path}: no Hugging Face config to export it with: pass --hf-"):
         hf_export.reference_folder(tmp_path)
     with pytest.raises(ExportError, match=f"^{tmp_path}: no config.json \\(model.hf_config must be"):
         hf_export.reference_folder(mg, model_hf_config=str(tmp_path))

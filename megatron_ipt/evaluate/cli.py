@@ -214,7 +214,8 @@ def evaluate_perplexity_experiment(cfg, *, checkpoint=None, init=False, hf=None,
 
 
 def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_from=None, include_path=None,
-                     limit=None, num_fewshot=None, batch_size=1, name=None, output_dir=None) -> list[tuple[dict, "Path"]]:
+                     limit=None, num_fewshot=None, batch_size=1, name=None,
+                     output_dir=None) -> list[tuple[dict, "Path"]]:
     """lm-evaluation-harness ``tasks`` on the Hugging Face folder ``hf``, or (``hf`` None) on ``checkpoint``
     (default: the run's train/checkpoints) exported to a temporary Hugging Face folder under the output folder
     (:mod:`megatron_ipt.evaluate.hf_export`; float32 on CPU; removed afterwards, also on error), its reference
