@@ -61,6 +61,30 @@ def test_export_holds_the_checkpoint_and_is_removed_on_exit_and_on_error(convert
     assert list((tmp_path / "work").iterdir()) == []
 
 
+def test_a_config_written_from_the_model_preset_exports_the_same_model(converted, tmp_path, tiny_tokenizer_dir):
+    """No Hugging Face folder at all: config.json from the experiment's preset and tokenizer, same logits."""
+    from megatron_ipt.presets import PRESETS, preset_from_hf_config
+
+    preset = preset_from_hf_config(converted / "hf")
+    ref = hf_export.preset_reference(preset, tmp_path / "ref", vocab_size=512, tokenizer=tiny_tokenizer_dir)
+    assert preset_from_hf_config(ref) == preset and (ref / "tokenizer.json").is_file()
+    for name in ("llama3.1-8b", "qwen2.5-7b"):  # RoPE scaling, QKV bias and tied embeddings read back too
+        hf_export.preset_reference(PRESETS[name], tmp_path / name, vocab_size=1000, tokenizer=tiny_tokenizer_dir)
+    ids = torch.tensor([[1, 5, 9, 300, 2]])
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(converted / "hf").eval()(ids).logits
+    with hf_export.exported(converted / "mg", reference=None, work_dir=tmp_path / "w", preset=preset,
+                            vocab_size=512, tokenizer_dir=tiny_tokenizer_dir) as e:
+        assert e.reference is None
+        with torch.no_grad():
+            got = transformers.AutoModelForCausalLM.from_pretrained(e.folder).eval()(ids).logits
+        assert torch.equal(got, expected)
+    with pytest.raises(ExportError, match="no Hugging Face config to export the checkpoint with and the "
+                                          "experiment's tokenizer \(None\)"):
+        hf_export.preset_reference(preset, tmp_path / "x", vocab_size=512, tokenizer=None)
+    assert list((tmp_path / "w").iterdir()) == []
+
+
 def test_tokenizer_from_the_experiment_when_the_reference_has_none(converted, tmp_path, tiny_tokenizer_dir):
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -15,6 +15,9 @@ from megatron_ipt.evaluate import harness
 
 pytest.importorskip("lm_eval")
 
+# The experiment's model config for tiny_export's architecture (llama-test with smaller sizes).
+TINY_MODEL = {"preset": "llama-test", "num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64,
+              "num_attention_heads": 2, "num_query_groups": 1}
 ROWS = [{"question": f"What follows {i}?", "choices": [str(i + 1), str(i + 2), "none"], "label": i % 3}
         for i in range(7)]
 
@@ -45,7 +48,8 @@ def tiny_export(folder, tokenizer_dir):
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                                   rms_norm_eps=1e-5)  # = TINY_MODEL below
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
@@ -123,6 +127,24 @@ def test_harness_runs_on_a_megatron_checkpoint_through_a_temporary_export(tmp_pa
     assert sorted(p.name for p in eval_dir.iterdir()) == ["harness-ipt_local_mc-mg.json", "harness-ipt_local_mc-mg.md",
                                                          "harness-ipt_local_mc-orig.json",
                                                          "harness-ipt_local_mc-orig.md"]  # no export left
+    # a checkpoint with no Hugging Face folder anywhere: the config is written from the experiment's model
+    # config and tokenizer; with the wrong model config, a one-line error saying so
+    shutil.copytree(tmp_path / "mg" / "iter_0000000", tmp_path / "bare" / "iter_0000000")
+    bare = ["eval", str(config), "--checkpoint", str(tmp_path / "bare" / "iter_0000000"), *common]
+    capsys.readouterr()
+    assert main(bare) == 2
+    assert "no Hugging Face config to export it with: pass --hf-config-from" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump({"name": "h", "run_dir": str(tmp_path / "run"), "model": TINY_MODEL,
+                                      "tokenize": {"tokenizer": str(tiny_tokenizer_dir)}}))
+    assert main([*bare, "--name", "derived"]) == 0
+    derived = json.loads((eval_dir / "harness-ipt_local_mc-derived.json").read_text())
+    assert derived["metrics"] == orig["metrics"] and derived["model"]["fingerprint"]["export_hf_config"] == "model config"
+    capsys.readouterr()
+    assert main([*bare, "--set", "model.hidden_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model described by the experiment's model config" in err
+    assert "(pass --hf-config-from for the model's own)" in err and len(err.splitlines()) == 1
+    assert not [p for p in eval_dir.iterdir() if p.name.startswith(".hf-export-")]
     # an error inside lm-eval (the task's data file is gone) also removes the export
     (tasks / "ipt_local_mc.jsonl").unlink()
     assert main(["eval", str(config), "--checkpoint", str(tmp_path / "mg"), *common, "--output",
@@ -138,8 +160,6 @@ def test_harness_on_a_checkpoint_errors_are_one_line(tmp_path, offline, capsys):
     assert f"{tmp_path / 'run' / 'train' / 'checkpoints'}: no checkpoint to evaluate" in capsys.readouterr().err
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--harness", "x"]) == 2
-    assert f"{ckpt}: no Hugging Face config to export it with: pass --hf-config-from" in capsys.readouterr().err
     assert main(["eval", str(config), "--checkpoint", str(ckpt), "--harness", "x", "--hf-config-from",
                  str(tmp_path)]) == 2
     assert f"{tmp_path}: no config.json (--hf-config-from must be" in capsys.readouterr().err

@@ -17,7 +17,8 @@ Evaluate one model of an experiment; each evaluation writes a results JSON and a
   valid_prefix), windows of model.seq_length over the concatenated documents.
 --harness TASKS: lm-evaluation-harness tasks (comma-separated) on a Hugging Face folder (--hf) or a checkpoint
   (default: the run's latest), exported first to a temporary Hugging Face folder (removed afterwards) with the
-  config and tokenizer of --hf-config-from (default: model.hf_config, or the hf/ folder of a converted checkpoint).
+  config and tokenizer of --hf-config-from (default: model.hf_config, or the hf/ folder of a converted checkpoint,
+  else a config written from the experiment's model config and its Hugging Face tokenizer).
 
 examples:
   ipt eval examples/quickstart.yaml                           # the run's latest checkpoint, 0-shot
@@ -53,8 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="rc --generate: answer length cap (default 16)")
     p.add_argument("--harness", metavar="TASKS", help="lm-eval tasks, comma-separated, on --hf or a checkpoint")
     p.add_argument("--hf-config-from", metavar="FOLDER", help="--harness on a checkpoint: Hugging Face folder with "
-                   "the model's config.json and tokenizer for the export (default: model.hf_config, or the hf/ "
-                   "folder next to a converted checkpoint)")
+                   "the model's config.json and tokenizer for the export (default: model.hf_config, the hf/ "
+                   "folder next to a converted checkpoint, else written from the model config and tokenizer)")
     p.add_argument("--include-path", help="--harness: a folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=1, help="--harness: lm-eval batch size")
@@ -146,6 +147,18 @@ def _fingerprint(cfg, tok: dict, hf=None) -> dict:
     return fp
 
 
+def _vocab_size(tokenizer) -> int | None:
+    """The vocabulary size of the tokenizer at ``tokenizer`` (None when there is none to load)."""
+    if not tokenizer:
+        return None
+    from data_prep.encoders import load_encoder
+
+    try:
+        return load_encoder(tokenizer).vocab_size
+    except Exception:  # noqa: BLE001 - the export names the tokenizer when it cannot use it
+        return None
+
+
 def _tokenizer(cfg) -> dict:
     from megatron_ipt.manifest import read_manifest
     from megatron_ipt.pipeline import stage_path
@@ -219,7 +232,8 @@ def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_fr
     """lm-evaluation-harness ``tasks`` on the Hugging Face folder ``hf``, or (``hf`` None) on ``checkpoint``
     (default: the run's train/checkpoints) exported to a temporary Hugging Face folder under the output folder
     (:mod:`megatron_ipt.evaluate.hf_export`; float32 on CPU; removed afterwards, also on error), its reference
-    config and tokenizer from ``hf_config_from`` / ``model.hf_config`` / the converted checkpoint's ``hf/``. One
+    config and tokenizer from ``hf_config_from`` / ``model.hf_config`` / the converted checkpoint's ``hf/``, else
+    written from the experiment's model config and Hugging Face tokenizer (``hf_export.preset_reference``). One
     results file per task (and group) under ``output_dir`` (default RUN_DIR/eval), ``harness-TASK-NAME.json``;
     for a checkpoint the record's model is the checkpoint (path, iteration, fingerprint), not the temporary
     folder. Returns [(record, path)]."""
@@ -250,15 +264,21 @@ def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_fr
         ckpt = Path(checkpoint) if checkpoint else stage_path(cfg, "train") / "checkpoints"
         if not ckpt.exists():
             raise IptError(f"{ckpt}: no checkpoint to evaluate (train first, or pass --checkpoint / --hf)")
-        reference = hf_export.reference_folder(ckpt, hf_config_from, cfg.model.hf_config)
+        from megatron_ipt.presets import resolve_preset
+
+        # None: written from the experiment's model config and tokenizer, as every other `ipt eval` reads it
+        reference = hf_export.reference_folder(ckpt, hf_config_from, cfg.model.hf_config, required=False)
         manager = harness.task_manager(tasks, include_path)  # unknown tasks fail before the export
         tokenizer_dir = (tok or {}).get("path") or cfg.tokenize.tokenizer
+        vocab_size = (tok or {}).get("vocab_size") or (_vocab_size(tokenizer_dir) if reference is None else None)
         with hf_export.exported(ckpt, reference=reference, work_dir=folder, tokenizer_dir=tokenizer_dir,
-                                dtype="float32" if device == "cpu" else None) as export:
+                                dtype="float32" if device == "cpu" else None, preset=resolve_preset(cfg.model),
+                                vocab_size=vocab_size) as export:
             results = harness.run_harness(export.folder, **run, manager=manager)
         model = {"kind": "megatron", "path": str(ckpt), "name": name or cfg.name,
-                 "fingerprint": {**_fingerprint(cfg, tok or {"path": str(reference)}),
-                                 "checkpoint": str(export.checkpoint), "export_hf_config": str(reference),
+                 "fingerprint": {**_fingerprint(cfg, tok or {"path": str(tokenizer_dir or reference)}),
+                                 "checkpoint": str(export.checkpoint),
+                                 "export_hf_config": str(reference) if reference else "model config",
                                  "export_hf_config_sha256": export.reference_config_sha256}}
         if export.iteration is not None:
             model["iteration"] = export.iteration
@@ -267,7 +287,8 @@ def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_fr
               "include_path": str(include_path) if include_path else None}
     if export is not None:
         common["export"] = {"tool": "megatron_ipt.convert.megatron_to_hf", "dtype": export.dtype,
-                            "hf_config_from": str(export.reference)}
+                            "hf_config_from": str(export.reference) if export.reference else
+                            "the experiment's model config and tokenizer"}
     done = []
     for task, metrics, n, settings in harness.records(results):
         out = folder / f"harness-{task.replace('/', '_')}-{model['name']}.json"

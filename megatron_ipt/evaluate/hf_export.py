@@ -5,7 +5,9 @@
 The exporter needs a Hugging Face reference folder with the model's ``config.json`` (architecture) and its
 tokenizer files, the same one ``ipt convert megatron-to-hf --hf-config-from`` takes. :func:`reference_folder`
 finds it: the folder the user names, else the experiment's ``model.hf_config`` (its folder when it names a
-``config.json``), else the ``hf/`` folder that ``ipt convert hf-to-megatron`` stores next to a checkpoint.
+``config.json``), else the ``hf/`` folder that ``ipt convert hf-to-megatron`` stores next to a checkpoint. A
+checkpoint trained from a preset has none of these: :func:`preset_reference` writes one from the experiment's
+model config (as every other ``ipt eval`` reads the checkpoint) and tokenizer, checked by reading it back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from megatron_ipt.errors import IptError
+from megatron_ipt.presets import ModelPreset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -32,22 +35,23 @@ class ExportError(IptError, ValueError):
 class Exported:
     """A checkpoint exported for evaluation: ``folder`` (temporary Hugging Face folder), ``checkpoint`` (the
     resolved torch_dist folder, e.g. ``.../iter_0000030``), ``iteration`` (from its ``iter_N`` name; None for
-    another folder name), ``reference`` (the Hugging Face folder its config and tokenizer came from),
-    ``reference_config_sha256`` and ``dtype`` (of the exported weights)."""
+    another folder name), ``reference`` (the Hugging Face folder its config and tokenizer came from; None when
+    they were derived from the experiment, :func:`preset_reference`), ``reference_config_sha256`` (of the
+    config.json used) and ``dtype`` (of the exported weights)."""
 
     folder: Path
     checkpoint: Path
     iteration: int | None
-    reference: Path
+    reference: Path | None
     reference_config_sha256: str
     dtype: str
 
 
 def reference_folder(checkpoint: str | Path, hf_config_from: str | Path | None = None,
-                     model_hf_config: str | None = None) -> Path:
-    """The Hugging Face folder that describes ``checkpoint`` (module docstring for the order). Raises
-    ExportError naming the checkpoint and ``--hf-config-from`` when there is none, or naming the folder
-    when it has no ``config.json``."""
+                     model_hf_config: str | None = None, *, required: bool = True) -> Path | None:
+    """The Hugging Face folder that describes ``checkpoint`` (module docstring for the order). When there is
+    none: None if not ``required``, else ExportError naming the checkpoint and ``--hf-config-from``. ExportError
+    naming the folder when a named one has no ``config.json``."""
     if hf_config_from:
         folder, what = Path(hf_config_from), "--hf-config-from"
     elif model_hf_config:
@@ -58,6 +62,8 @@ def reference_folder(checkpoint: str | Path, hf_config_from: str | Path | None =
         for cand in (checkpoint / "hf", checkpoint.parent / "hf"):
             if (cand / "config.json").is_file():
                 return cand
+        if not required:
+            return None
         raise ExportError(f"{checkpoint}: no Hugging Face config to export it with: pass --hf-config-from FOLDER "
                           "(the model's config.json and tokenizer) or set model.hf_config")
     if not (folder / "config.json").is_file():
@@ -66,15 +72,65 @@ def reference_folder(checkpoint: str | Path, hf_config_from: str | Path | None =
     return folder
 
 
+def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int, tokenizer: str | Path | None,
+                     what: str = "the experiment's model config") -> Path:
+    """Write ``folder`` as the Hugging Face reference of a checkpoint trained from ``preset``: ``config.json``
+    (transformers' ``LlamaConfig``, ``Qwen2Config`` for presets with QKV bias) with the preset's sizes, RoPE,
+    norm epsilon, tied embeddings and Llama-3.1 RoPE scaling, ``vocab_size`` (the tokenizer's: the export cuts
+    the checkpoint's padding rows) and the tokenizer's bos/eos ids, plus the tokenizer files of ``tokenizer``
+    (a Hugging Face tokenizer folder or ``tokenizer.json``). Returns ``folder``. Raises ExportError naming
+    ``tokenizer`` when it is not a Hugging Face tokenizer, or when the config does not read back as ``preset``
+    (:func:`megatron_ipt.presets.preset_from_hf_config`)."""
+    import dataclasses
+
+    import transformers
+
+    from megatron_ipt.presets import preset_from_hf_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(tokenizer, folder, f"{what}: no Hugging Face config to export the checkpoint with")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for an unreadable tokenizer
+        raise ExportError(f"{tokenizer}: not a Hugging Face tokenizer ({type(e).__name__}): pass --hf-config-from "
+                          "a folder with the model's config.json and tokenizer") from None
+    p = preset
+    rope = {"rope_type": "llama3", "factor": p.rope_scaling_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192} if p.rope_scaling_factor else None
+    cls = transformers.Qwen2Config if p.add_qkv_bias else transformers.LlamaConfig
+    config = cls(vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_hidden_size,
+                 num_hidden_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
+                 num_key_value_heads=p.num_query_groups, max_position_embeddings=p.max_position_embeddings,
+                 rope_theta=p.rotary_base, rms_norm_eps=p.norm_epsilon, tie_word_embeddings=p.tie_word_embeddings,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 **({"rope_scaling": rope} if rope else {}), **({} if p.add_qkv_bias else {"attention_bias": False}))
+    config.save_pretrained(folder)
+    try:
+        back = preset_from_hf_config(folder)
+    except ValueError as e:
+        raise ExportError(f"{what}: cannot be written as a Hugging Face config ({e})") from None
+    expected = dataclasses.replace(preset, vocab_size=vocab_size, init_method_std=back.init_method_std)
+    if back != expected:
+        diff = {f.name: (getattr(expected, f.name), getattr(back, f.name)) for f in dataclasses.fields(back)
+                if getattr(expected, f.name) != getattr(back, f.name)}
+        raise ExportError(f"{what}: the Hugging Face config written for it reads back differently {diff}: pass "
+                          "--hf-config-from")
+    return folder
+
+
 @contextmanager
-def exported(checkpoint: str | Path, *, reference: Path, work_dir: str | Path, dtype: str | None = None,
-             tokenizer_dir: str | Path | None = None) -> Iterator[Exported]:
+def exported(checkpoint: str | Path, *, reference: Path | None, work_dir: str | Path, dtype: str | None = None,
+             tokenizer_dir: str | Path | None = None, preset: ModelPreset | None = None,
+             vocab_size: int | None = None) -> Iterator[Exported]:
     """Export ``checkpoint`` (a checkpoints folder with ``latest``, an ``iter_*`` or a converted folder) to a
     temporary Hugging Face folder under ``work_dir`` (created; the folder is named ``.hf-export-*``) with the
     config and tokenizer of ``reference``; yields :class:`Exported`; removes the folder on exit, also on error.
-    ``dtype``: float32 / bfloat16 / float16 (default: the reference config's). ``tokenizer_dir``: a Hugging
-    Face tokenizer folder whose tokenizer files are copied when ``reference`` has none. Raises ExportError
-    (ConvertError, an IptError, when the checkpoint does not fit the config)."""
+    ``reference`` None: written from ``preset``, ``vocab_size`` and ``tokenizer_dir`` (:func:`preset_reference`)
+    into the temporary folder. ``dtype``: float32 / bfloat16 / float16 (default: the reference config's).
+    ``tokenizer_dir``: a Hugging Face tokenizer folder (or tokenizer.json) whose tokenizer files are copied when
+    ``reference`` has none. Raises ExportError (ConvertError, an IptError, when the checkpoint does not fit the
+    config; for a derived config the message says so)."""
     from megatron_ipt import checkpoint as ckpt_mod
     from megatron_ipt import convert
 
@@ -86,32 +142,40 @@ def exported(checkpoint: str | Path, *, reference: Path, work_dir: str | Path, d
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-export-", dir=work_dir))
     try:
-        folder = tmp / "hf"
+        folder, source = tmp / "hf", reference
+        if source is None:
+            if preset is None or vocab_size is None:
+                raise ExportError(f"{checkpoint}: no Hugging Face config to export it with: pass --hf-config-from")
+            source = preset_reference(preset, tmp / "reference", vocab_size=vocab_size, tokenizer=tokenizer_dir)
         try:
-            manifest = convert.megatron_to_hf(ckpt_dir, folder, hf_config_from=reference, dtype=dtype)
+            manifest = convert.megatron_to_hf(ckpt_dir, folder, hf_config_from=source, dtype=dtype)
         except (ValueError, FileNotFoundError) as e:
-            if isinstance(e, IptError):
-                raise
-            raise ExportError(f"{checkpoint}: cannot export with {reference}: {e}") from None
+            message = str(e) if isinstance(e, IptError) else f"{checkpoint}: cannot export with {source}: {e}"
+            if reference is None:  # the temporary config is gone when the user reads this
+                message = message.replace(str(source / "config.json"), "the experiment's model config").replace(
+                    str(source), "the experiment's model config") + " (pass --hf-config-from for the model's own)"
+            raise ExportError(message) from None
         if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            _copy_tokenizer(tokenizer_dir, folder, reference)
+            _copy_tokenizer(tokenizer_dir, folder, f"{reference}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         name = ckpt_dir.name
         yield Exported(folder=folder, checkpoint=ckpt_dir,
                        iteration=int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None,
                        reference=reference, dtype=manifest["dtype"],
-                       reference_config_sha256=hashlib.sha256((reference / "config.json").read_bytes()).hexdigest())
+                       reference_config_sha256=hashlib.sha256((source / "config.json").read_bytes()).hexdigest())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _copy_tokenizer(tokenizer_dir: str | Path | None, folder: Path, reference: Path) -> None:
+def _copy_tokenizer(tokenizer_dir: str | Path | None, folder: Path, missing: str) -> None:
+    """Copy the Hugging Face tokenizer files of ``tokenizer_dir`` (a folder, or a bare ``tokenizer.json``) into
+    ``folder``; ExportError starting with ``missing`` when it is no Hugging Face tokenizer."""
     source = Path(tokenizer_dir) if tokenizer_dir else None
     if source is not None and source.is_file() and source.name in TOKENIZER_FILES:  # e.g. a bare tokenizer.json
         shutil.copy2(source, folder / source.name)
         return
     if source is None or not source.is_dir() or not any((source / f).is_file() for f in TOKENIZER_FILES):
-        raise ExportError(f"{reference}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) and the experiment's "
-                          "tokenizer is not a Hugging Face folder: pass --hf-config-from a folder with both")
+        raise ExportError(f"{missing} and the experiment's tokenizer ({source}) is not a Hugging Face tokenizer "
+                          "folder: pass --hf-config-from a folder with the model's config.json and tokenizer")
     for f in source.iterdir():
         if f.is_file() and (f.name in TOKENIZER_FILES or f.name in ("special_tokens_map.json", "merges.txt",
                                                                     "added_tokens.json", "chat_template.jinja")):
