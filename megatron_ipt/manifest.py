@@ -67,15 +67,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic.write_text(path, text)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale_siblings(final: Path, host: str) -> list[Path]:
+    """Remove ``.NAME.tmp-HOST-PID`` / ``.NAME.old-HOST-PID`` folders of ``final`` left by a process of this host
+    that no longer runs (killed with ``kill -9`` mid-stage); another host's folders are never touched (its pids
+    mean nothing here, e.g. on a shared file system). Returns the removed folders."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for sibling in final.parent.glob(f".{final.name}.{kind}-{host}-*"):
+            pid = sibling.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces ``final`` only if the block finishes without error.
 
-    On error the temporary folder is removed and ``final`` (if any) is left untouched.
+    The temporary folder is ``.NAME.tmp-HOST-PID`` beside ``final``. On error it is removed and ``final`` (if
+    any) is left untouched; what a killed process (``kill -9``, node failure) of this host left behind is removed
+    at the next call for the same ``final``. A previous ``final`` is moved to ``.NAME.old-HOST-PID``, the new one
+    renamed in, then the old one removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    host = platform.node().replace("/", "_") or "host"
+    _remove_stale_siblings(final, host)
+    tmp = final.with_name(f".{final.name}.tmp-{host}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -85,7 +114,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old-{host}-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,9 @@
 import hashlib
 import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +29,38 @@ def test_atomic_dir_replaces_previous_output(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
 
+
+_CHILD = """
+import os, sys, time
+from megatron_ipt.manifest import atomic_dir
+with atomic_dir(sys.argv[1]) as out:
+    (out / "half.jsonl").write_text("{}\\n")
+    print(out, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), 9)
+    time.sleep(60)
+"""
+
+
+def test_atomic_dir_removes_what_a_killed_process_of_this_host_left(tmp_path):
+    final = tmp_path / "stage"
+    killed = subprocess.run([sys.executable, "-c", _CHILD, str(final), "kill"], capture_output=True, text=True)
+    assert killed.returncode == -9
+    left = tmp_path / killed.stdout.strip().rsplit("/", 1)[-1]
+    assert left.is_dir() and left.name.startswith(f".stage.tmp-{platform.node()}-")
+    other_host = tmp_path / ".stage.tmp-elsewhere-1"  # another node's pid: never touched
+    other_host.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", _CHILD, str(final), "sleep"], stdout=subprocess.PIPE, text=True)
+    try:
+        running = Path(live.stdout.readline().strip())
+        with atomic_dir(final) as out:
+            (out / "done.txt").write_text("ok")
+        assert not left.exists()
+        assert running.is_dir() and other_host.is_dir()  # a live writer's folder stays
+    finally:
+        live.kill()
+        live.wait()
+    assert (final / "done.txt").read_text() == "ok"
 
 def test_manifest_records_checksums_and_is_done(tmp_path):
     (tmp_path / "out.jsonl").write_text('{"a": 1}\n')
