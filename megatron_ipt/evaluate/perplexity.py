@@ -4,7 +4,9 @@ Components: ``raw`` (``heldout_raw``: held-out domain documents as plain text), 
 the held-out documents' instruction-response pairs) and, for each ``blend.extra`` entry with a
 ``valid_prefix`` (e.g. general instructions), that entry's ``name`` -- the same keys as the trainer's
 ``heldout_<key>`` losses; with ``blend.per_split``, each dataset of its valid and test blends (``valid.NAME``,
-``test.NAME``; scored one by one, not as the weighted blend the trainer reports).
+``test.NAME``, NAME the prefix's file name; scored one by one), the keys of the trainer's per-dataset
+``valid.STEM`` / ``test.STEM`` losses, which it reports besides the weighted blend's ``valid`` / ``test`` loss
+(the blend itself is not scored here).
 
 Windows: a component's documents (EOD tokens included, as tokenized) are concatenated in file order and cut
 into consecutive windows of ``seq_length`` input tokens; window ``k`` reads tokens ``[k*L, (k+1)*L)`` and
