@@ -163,8 +163,8 @@ def kv_cache_forward_kwargs(forward: Callable, *, max_batch_size: int, max_seque
     for static-batch generation): a fresh ``StaticInferenceContext(max_batch_size, max_sequence_length)`` under
     ``inference_context=`` (under ``inference_params=`` where ``forward`` only has the older name; the older
     ``inference_params.InferenceParams`` where the context class is missing) and ``runtime_gather_output=True``
-    (inference asserts it). The caller advances the context (``increment_sequence_len_offset(n)`` after feeding
-    ``n`` tokens). None where this version has neither class or ``forward`` takes neither keyword."""
+    (inference asserts it). The caller advances the context's ``sequence_len_offset`` by ``n`` after feeding
+    ``n`` tokens (as ``MegatronScorer.kv_step`` does). None where this version has neither class or ``forward`` takes neither keyword."""
     with warnings.catch_warnings():  # contexts/__init__ warns about its dynamic-context re-exports
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
