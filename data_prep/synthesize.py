@@ -18,8 +18,8 @@ is prompted zero-shot, when the previous entry kept no pairs or when the chained
 with the synthesizer's tokenizer). A record then carries ``round`` (0-based) and ``prev_id``: the previous
 entry's id when the text was prompted after it and kept pairs itself (the reference's ``inherit_from_prev``),
 else null. ``data_prep.format`` rebuilds the chains from these links. Each round's prompts are generated
-together, ``batch_size`` per engine call (the reference: the whole round in one vLLM call; set ``batch_size``
-that large for vLLM). With one round records carry neither field (format then groups consecutive documents).
+together, ``batch_size`` per engine call (:func:`generate_batch_size`: by default the whole round in one vLLM
+call, as the reference does, and 8 prompts per call for transformers). With one round records carry neither field (format then groups consecutive documents).
 The slices are cut over the documents given, so a sharded run chains within each shard.
 
 Long documents (``chunking``, default on): a document longer than the chunk budget
@@ -54,6 +54,7 @@ from data_prep.parse import (CON, CON_CLOSE, Pair, ParseResult, filter_grounded,
 from data_prep.prompts import CHAT_INSTRUCTION, Prompt, build_prompt, truncate_to_tokens
 
 REQUIRED_FIELDS = ("id", "split", "text")
+TRANSFORMERS_BATCH_SIZE = 8  # prompts per generate call for the transformers engine when batch_size is unset
 
 
 def make_engine(cfg, model_path: Path) -> TransformersEngine:
@@ -92,6 +93,18 @@ def context_length(cfg, model_path: Path, tokenizer) -> int:
     if isinstance(n, int) and n < 10**7:
         return n
     raise DataPrepError(f"the context length of {model_path} is unknown: set synthesis.max_model_len")
+
+
+def generate_batch_size(cfg, round_prompts: int) -> int:
+    """Prompts per engine call (and per journaled batch) in a round of ``round_prompts`` prompts:
+    ``cfg.batch_size`` when set, else the whole round for ``engine: vllm`` (the reference generates a round in
+    one ``LLM.generate`` call; vLLM schedules the prompts itself) and :data:`TRANSFORMERS_BATCH_SIZE` for
+    transformers. Always at least 1."""
+    if cfg.batch_size:
+        return int(cfg.batch_size)
+    if getattr(cfg, "engine", "transformers") == "vllm":
+        return max(1, round_prompts)
+    return TRANSFORMERS_BATCH_SIZE
 
 
 def round_slices(documents: list[dict], rounds: int) -> list[tuple[int, int | None]]:
@@ -145,7 +158,7 @@ def synthesize_documents(
     ``documents``: dicts ``{"id": str, "split": "train"|"heldout", "text": str}``. ``engine``: an already
     loaded engine to reuse (default: built from ``cfg.model``/``cfg.engine``). ``journal``: a
     :class:`data_prep.shards.ShardJournal` to resume from and append finished batches to. Rounds, chains and
-    chunks: see the module docstring. Generation runs in batches of ``cfg.batch_size`` prompts, longest first,
+    chunks: see the module docstring. Generation runs in batches of :func:`generate_batch_size` prompts, longest first,
     with a rich progress bar when ``progress``. In lenient mode generation also stops at ``<CON>``/``</CON>``
     (the parser ignores everything after them anyway). ``out_path`` is written atomically
     (``data_prep.atomic``), so it is complete or absent.
@@ -205,14 +218,15 @@ def synthesize_documents(
             lengths = count(texts)
             order = sorted(range(len(units)), key=lambda k: -lengths[k])
             outputs: dict[tuple[int, int], dict] = {}
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
+            size = generate_batch_size(cfg, len(order))
+            for start in range(0, len(order), size):
+                batch = order[start : start + size]
                 keys = [(str(documents[units[k][0]]["id"]), units[k][1]) for k in batch]
                 if all(key in done for key in keys):
                     results = [done[key] for key in keys]
                 else:
                     t0 = time.perf_counter()
-                    generated = engine.generate([texts[k] for k in batch], cfg.max_new_tokens, cfg.batch_size,
+                    generated = engine.generate([texts[k] for k in batch], cfg.max_new_tokens, size,
                                                 add_special, stop=stop)
                     elapsed = time.perf_counter() - t0
                     seconds += elapsed

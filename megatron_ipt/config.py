@@ -93,7 +93,9 @@ class SynthesisConfig(_Section):
                         "each text prompted after the chain of earlier rounds' (text, pairs); 1: zero-shot.")
     save_prompts: bool = Field(False, description="Keep each record's prompt(s) in the output (field 'prompts').")
     max_new_tokens: int = Field(160, ge=1, description="Generated tokens per document.")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Prompts per generate call, and per journaled batch (what a crash can lose). Default: "
+        "every prompt of a round in one call for vllm (the reference; vLLM schedules them itself), 8 for transformers.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0

@@ -28,8 +28,8 @@ def tiny_engine(tiny_llama_path):
 
 
 def _cfg(model, **kw):
-    kw = {"prompt_format": "lmops", "max_context_tokens": 32, "chunking": False, **kw}  # short prompts: fast tests
-    return SynthesisConfig(model=str(model), device="cpu", max_new_tokens=8, batch_size=2, **kw)
+    kw = {"prompt_format": "lmops", "max_context_tokens": 32, "chunking": False, "batch_size": 2, **kw}  # fast tests
+    return SynthesisConfig(model=str(model), device="cpu", max_new_tokens=8, **kw)
 
 
 def test_engine_returns_results_in_input_order_whatever_the_batching(tiny_engine):
@@ -116,3 +116,27 @@ def test_smollm2_synthesizes_pairs_for_pydoc_topics(smollm2_path, tmp_path):
     assert counts["documents_with_pairs"] == sum(bool(r["pairs"]) for r in records)
     assert all(set(p) == {"question", "answer"} and p["question"] and p["answer"] for r in records for p in r["pairs"])
     assert 0 < counts["generated_tokens"] <= 3 * 64
+
+
+def test_generate_batch_size_defaults_to_the_whole_round_for_vllm_and_8_for_transformers(tiny_llama_path):
+    from data_prep.synthesize import TRANSFORMERS_BATCH_SIZE, generate_batch_size
+
+    vllm = SynthesisConfig(model="m", engine="vllm")
+    assert vllm.batch_size is None
+    assert generate_batch_size(vllm, 1234) == 1234  # the reference: one LLM.generate call per round
+    assert generate_batch_size(vllm, 0) == 1
+    assert generate_batch_size(SynthesisConfig(model="m", engine="vllm", batch_size=64), 1234) == 64
+    assert generate_batch_size(SynthesisConfig(model="m"), 1234) == TRANSFORMERS_BATCH_SIZE == 8
+
+
+def test_unset_batch_size_journals_transformers_batches_of_8(tiny_llama_path, tiny_engine, tmp_path):
+    from data_prep.shards import ShardJournal
+
+    docs = [{"id": f"d{i}", "split": "train", "text": f"Document {i} is about loops. " * 3} for i in range(10)]
+    batches = {}
+    for size in (None, 4):
+        journal = ShardJournal(tmp_path / f"j{size}.jsonl")
+        synthesize_documents(_cfg(tiny_llama_path, batch_size=size), docs, tmp_path / f"s{size}.jsonl",
+                             progress=False, engine=tiny_engine, journal=journal)
+        batches[size] = journal.batches
+    assert batches == {None: 2, 4: 3}  # 10 prompts: 8 + 2, and 4 + 4 + 2
