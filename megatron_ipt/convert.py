@@ -487,9 +487,19 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
     return manifest
 
 
-def _find_hf_files(src: Path) -> Path:
-    for cand in (src / HF_FILES_DIR, src.parent / HF_FILES_DIR):
+def hf_files_next_to(checkpoint: str | Path) -> Path | None:
+    """The ``hf/`` folder (``HF_FILES_DIR``: config, tokenizer, chat template of the source) that ``hf-to-megatron``
+    stores in a converted checkpoint, found in ``checkpoint`` or its parent (for an ``iter_*`` folder); None when
+    neither has one with a ``config.json``."""
+    checkpoint = Path(checkpoint)
+    for cand in (checkpoint / HF_FILES_DIR, checkpoint.parent / HF_FILES_DIR):
         if (cand / "config.json").is_file():
             return cand
+    return None
+
+
+def _find_hf_files(src: Path) -> Path:
+    if (found := hf_files_next_to(src)) is not None:
+        return found
     raise ConvertError(f"{src}: no {HF_FILES_DIR}/config.json next to the checkpoint; pass --hf-config-from with the "
                        "Hugging Face folder the model came from")

@@ -58,12 +58,11 @@ def reference_folder(checkpoint: str | Path, hf_config_from: str | Path | None =
         path = Path(model_hf_config)
         folder, what = (path if path.is_dir() else path.parent), "model.hf_config"
     else:
-        checkpoint = Path(checkpoint)
-        for cand in (checkpoint / "hf", checkpoint.parent / "hf"):
-            if (cand / "config.json").is_file():
-                return cand
-        if not required:
-            return None
+        from megatron_ipt.convert import hf_files_next_to
+
+        found = hf_files_next_to(checkpoint)
+        if found is not None or not required:
+            return found
         raise ExportError(f"{checkpoint}: no Hugging Face config to export it with: pass --hf-config-from FOLDER "
                           "(the model's config.json and tokenizer) or set model.hf_config")
     if not (folder / "config.json").is_file():
