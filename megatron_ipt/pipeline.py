@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.atomic import write_jsonl
 from megatron_ipt.config import ExperimentConfig, resolved
 from megatron_ipt.errors import LaunchError, TrainingStopped
 from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
@@ -51,14 +52,6 @@ def _log(msg: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(msg)
-
-
-def _write_jsonl(path: Path, records) -> None:
-    """One JSON line per record; atomic and fsynced (``data_prep.atomic``), though its stage folder is renamed
-    into place as a whole anyway (``atomic_dir``)."""
-    from data_prep.atomic import write_jsonl
-
-    write_jsonl(path, records)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -99,7 +92,7 @@ def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     started = time.time()
     documents, counts = read_corpus(cfg.corpus)
     with atomic_dir(stage_path(cfg, "corpus")) as out:
-        _write_jsonl(out / "documents.jsonl", documents)
+        write_jsonl(out / "documents.jsonl", documents)
         manifest = write_manifest(out, stage="corpus", fingerprint=fp, config=resolved(cfg), outputs=["documents.jsonl"],
                                   counts=counts, started=started)
     _log(f"corpus: {counts['train_documents']} train + {counts['heldout_documents']} held-out documents")
@@ -252,7 +245,7 @@ def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     inputs = {"pairs": src, **({"general_instructions": general} if general else {})}
     with atomic_dir(stage_path(cfg, "format")) as out:
         for name in DATASETS:
-            _write_jsonl(out / f"{name}.jsonl", outputs[name])
+            write_jsonl(out / f"{name}.jsonl", outputs[name])
         manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs=inputs,
                                   outputs=[f"{n}.jsonl" for n in DATASETS], counts=counts, started=started)
     for line in summary_lines(counts):
