@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from fixtures_eval import tiny_export
 
 from megatron_ipt.evaluate import hf_export
 from megatron_ipt.evaluate.hf_export import ExportError
@@ -21,12 +22,7 @@ def converted(tmp_path_factory, tiny_tokenizer_dir):
     from megatron_ipt import convert
 
     root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "hf")
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, root / "hf" / f.name)
+    tiny_export(root / "hf", tiny_tokenizer_dir)
     convert.hf_to_megatron(root / "hf", root / "mg")
     return root
 

@@ -10,6 +10,8 @@ import shutil
 import pytest
 import yaml
 
+from fixtures_eval import tiny_export
+
 from megatron_ipt.cli import main
 from megatron_ipt.evaluate import harness
 
@@ -38,21 +40,6 @@ def write_task(folder):
         "doc_to_choice": "{{choices}}", "doc_to_target": "label",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }))
-    return folder
-
-
-def tiny_export(folder, tokenizer_dir):
-    """A random 1-layer LlamaForCausalLM with the tiny tokenizer: the shape of an `ipt convert megatron-to-hf` folder."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                                   rms_norm_eps=1e-5)  # = TINY_MODEL below
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
     return folder
 
 
