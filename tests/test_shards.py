@@ -183,43 +183,58 @@ def test_synthesize_sbatch_runs_its_array_tasks_and_merge(tiny_llama_path, tmp_p
     assert len(lines) == 4
 
 
+def _two_runs(tmp_path, model, *sets):
+    """The quickstart config on 16 documents with ``model`` (plus the ``sets`` overrides) and one prompt per batch
+    (so a kill falls between journaled batches), as two runs: ``a`` (uninterrupted) and ``b`` (to be killed); the
+    corpus stage done in both. Returns (repo, CLI args of a, CLI args of b)."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).parents[1]
+    common = ["--set", "corpus.max_documents=16", "--set", f"synthesis.model={model}",
+              "--set", "synthesis.max_new_tokens=48", "--set", "synthesis.max_context_tokens=64",
+              "--set", "synthesis.batch_size=1", *[a for s in sets for a in ("--set", s)]]
+    cfg_a = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'a'}", *common]
+    cfg_b = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'b'}", *common]
+    for cfg in (cfg_a, cfg_b):
+        assert _ipt("corpus", *cfg, cwd=repo).returncode == 0
+    return repo, cfg_a, cfg_b
+
+
+def _kill_9_when(args, cwd, ready) -> bool:
+    """Start ``ipt ARGS`` and SIGKILL it as soon as ``ready()`` is true (within 120 s); False when it ended first."""
+    import os
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", *args], cwd=cwd,
+                            env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 @pytest.mark.e2e
 def test_kill_9_mid_shard_then_rerun_resumes_after_the_last_batch_and_merges_every_document_once(tiny_llama_path, tmp_path):
     """A shard process killed with SIGKILL after some batches leaves no shard file, only its journal; the rerun
     generates only the batches not in the journal, and the merged output equals an uninterrupted (unsharded) run,
     every document exactly once."""
-    import os
-    import pathlib
-    import signal
-    import time
-
     from data_prep.shards import journal_path, shard_paths
 
-    repo = pathlib.Path(__file__).parents[1]
-    common = ["--set", "corpus.max_documents=16", "--set", f"synthesis.model={tiny_llama_path}",
-              "--set", "synthesis.max_new_tokens=48", "--set", "synthesis.max_context_tokens=64",
-              "--set", "synthesis.batch_size=1"]
-    cfg_a = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'a'}", *common]
-    cfg_b = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'b'}", *common]
-    for cfg in (cfg_a, cfg_b):
-        assert _ipt("corpus", *cfg, cwd=repo).returncode == 0
+    repo, cfg_a, cfg_b = _two_runs(tmp_path, tiny_llama_path)
     assert _ipt("synthesize", *cfg_a, cwd=repo).returncode == 0
     assert _ipt("synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "0", cwd=repo).returncode == 0
     shard_dirs = list((tmp_path / "b" / "synthesis.shards").iterdir())
     assert len(shard_dirs) == 1
     journal = journal_path(shard_dirs[0], 1, 2)
     progress = journal.with_name(journal.name + ".progress.json")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", "synthesize", *cfg_b, "--num-shards", "2",
-                             "--shard-index", "1"], cwd=repo, env=dict(env, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and not progress.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    killed = proc.poll() is None
+    killed = _kill_9_when(["synthesize", *cfg_b, "--num-shards", "2", "--shard-index", "1"], repo, progress.exists)
     print("killed mid-shard:", killed)
-    os.kill(proc.pid, signal.SIGKILL) if killed else None
-    proc.wait()
     if killed:
         assert not shard_paths(shard_dirs[0], 1, 2)[1].exists()
         assert journal.exists() and json.loads(progress.read_text())["batches"] >= 1
@@ -284,33 +299,17 @@ def test_kill_9_mid_unsharded_run_then_rerun_resumes_after_the_last_batch_and_wr
     its journal; the rerun generates only the batches not in the journal, and synthesis/pairs.jsonl is
     byte-identical to an uninterrupted run's (with 2 rounds the kill falls in round 0, and round 1's
     prompts are built from round 0's outputs read back from the journal)."""
-    import os
-    import pathlib
-    import signal
-    import time
-
-    repo = pathlib.Path(__file__).parents[1]
-    common = ["--set", "corpus.max_documents=16", "--set", f"synthesis.model={tiny_llama_path}",
-              "--set", "synthesis.max_new_tokens=48", "--set", "synthesis.max_context_tokens=64",
-              "--set", "synthesis.batch_size=1", "--set", f"synthesis.rounds={rounds}"]
-    cfg_a = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'a'}", *common]
-    cfg_b = [str(repo / "examples/quickstart.yaml"), "--set", f"run_dir={tmp_path / 'b'}", *common]
-    for cfg in (cfg_a, cfg_b):
-        assert _ipt("corpus", *cfg, cwd=repo).returncode == 0
+    repo, cfg_a, cfg_b = _two_runs(tmp_path, tiny_llama_path, f"synthesis.rounds={rounds}")
     assert _ipt("synthesize", *cfg_a, cwd=repo).returncode == 0
     assert not (tmp_path / "a" / "synthesis.shards").exists()  # an uninterrupted run leaves no journal
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_ipt.cli", "synthesize", *cfg_b], cwd=repo,
-                            env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
     progress = []
-    while proc.poll() is None and not progress and time.time() < deadline:
-        progress = list((tmp_path / "b").glob("synthesis.shards/*/.shard-00000-of-00001.partial.jsonl.progress.json"))
-        time.sleep(0.02)
-    killed = proc.poll() is None
+
+    def journaled() -> bool:
+        progress[:] = (tmp_path / "b").glob("synthesis.shards/*/.shard-00000-of-00001.partial.jsonl.progress.json")
+        return bool(progress)
+
+    killed = _kill_9_when(["synthesize", *cfg_b], repo, journaled)
     print("killed mid-run:", killed)
-    os.kill(proc.pid, signal.SIGKILL) if killed else None
-    proc.wait()
     if killed:
         assert not (tmp_path / "b" / "synthesis").exists()
         assert json.loads(progress[0].read_text())["batches"] >= 1
