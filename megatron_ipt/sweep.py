@@ -50,6 +50,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from data_prep.atomic import open_atomic
 from megatron_ipt.config import ConfigError, ExperimentConfig, load_config, resolved
 from megatron_ipt.errors import IptError
 from megatron_ipt.manifest import atomic_write_text
@@ -356,9 +357,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def write_report(rows: list[dict], sweep_dir: Path, title: str) -> list[Path]:

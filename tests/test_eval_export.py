@@ -76,7 +76,7 @@ def test_a_config_written_from_the_model_preset_exports_the_same_model(converted
             got = transformers.AutoModelForCausalLM.from_pretrained(e.folder).eval()(ids).logits
         assert torch.equal(got, expected)
     with pytest.raises(ExportError, match="no Hugging Face config to export the checkpoint with and the "
-                                          "experiment's tokenizer \(None\)"):
+                                          r"experiment's tokenizer \(None\)"):
         hf_export.preset_reference(preset, tmp_path / "x", vocab_size=512, tokenizer=None)
     assert list((tmp_path / "w").iterdir()) == []
 
