@@ -14,8 +14,12 @@ both write through it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
+import sys
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
@@ -89,3 +93,39 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    """glibc's ``renameat2`` (2.28 and newer), or None off Linux / with an older or other C library."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` (files or folders, same file system) in one atomic step:
+    Linux ``renameat2(..., RENAME_EXCHANGE)`` (kernel 3.15+, glibc 2.28+; see ``man 2 rename``). A reader sees
+    either the old or the new entry under each name, never neither. Returns False, changing nothing, where the
+    platform or the file system cannot (no ``renameat2``; ``ENOSYS``/``EINVAL``/``ENOTSUP``, e.g. some network
+    file systems); raises OSError for other failures (a missing path: ``ENOENT``)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        _fsync_dir(Path(b).parent)
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))

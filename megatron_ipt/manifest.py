@@ -97,8 +97,10 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
     The temporary folder is ``.NAME.tmp-HOST-PID`` beside ``final``. On error it is removed and ``final`` (if
     any) is left untouched; what a killed process (``kill -9``, node failure) of this host left behind is removed
-    at the next call for the same ``final``. A previous ``final`` is moved to ``.NAME.old-HOST-PID``, the new one
-    renamed in, then the old one removed.
+    at the next call for the same ``final``. A previous ``final`` is swapped with the new folder in one atomic
+    step (:func:`data_prep.atomic.exchange`, Linux ``renameat2``), so ``final`` never goes missing, and then
+    removed; where the file system cannot swap, it is moved to ``.NAME.old-HOST-PID``, the new one renamed in
+    (between the two renames ``final`` is absent), then the old one removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
+        if atomic.exchange(tmp, final):  # tmp now holds the previous output
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = final.with_name(f".{final.name}.old-{host}-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)

@@ -79,3 +79,22 @@ def test_open_atomic_rejects_modes_other_than_write(tmp_path):
         with atomic.open_atomic(tmp_path / "x", "ab"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "new.txt").write_text("new")
+    (b / "old.txt").write_text("old")
+    assert atomic.exchange(a, b)  # Linux renameat2(RENAME_EXCHANGE) on the test's file system
+    assert [p.name for p in b.iterdir()] == ["new.txt"]
+    assert [p.name for p in a.iterdir()] == ["old.txt"]
+
+
+def test_exchange_with_a_missing_path_raises_and_changes_nothing(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    with pytest.raises(FileNotFoundError):
+        atomic.exchange(a, tmp_path / "missing")
+    assert a.is_dir() and not (tmp_path / "missing").exists()

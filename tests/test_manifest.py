@@ -30,6 +30,37 @@ def test_atomic_dir_replaces_previous_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
 
 
+def test_a_replaced_stage_folder_is_never_missing_for_a_reader(tmp_path):
+    """The previous output is swapped out in one step (renameat2): a reader polling while the stage is redone
+    100 times always finds the folder and a complete file in it."""
+    import threading
+
+    final = tmp_path / "stage"
+    with atomic_dir(final) as out:
+        (out / "data.txt").write_text("0")
+    missing, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                (final / "data.txt").read_text()
+            except FileNotFoundError as e:
+                missing.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, 101):
+            with atomic_dir(final) as out:
+                (out / "data.txt").write_text(str(i))
+    finally:
+        stop.set()
+        reader.join()
+    assert missing == []
+    assert (final / "data.txt").read_text() == "100"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
 _CHILD = """
 import os, sys, time
 from megatron_ipt.manifest import atomic_dir
