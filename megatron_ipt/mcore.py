@@ -182,6 +182,17 @@ def kv_cache_forward_kwargs(forward: Callable, *, max_batch_size: int, max_seque
     return {name: context, **accepted_kwargs(forward, {"runtime_gather_output": True})}
 
 
+def applies_attention_masks(model) -> bool:
+    """True when every core attention in ``model`` is megatron-core's own ``DotProductAttention`` (the local
+    layer spec), whose softmax applies a given boolean ``attention_mask`` (``[b, 1, sq, sk]``, True = masked) as
+    it is, in prefill and in KV-cached decoding alike (``fused_softmax.forward_torch_softmax``). Transformer
+    Engine's attention follows its ``attn_mask_type`` instead, so a per-row padding mask may not reach it: False."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(c, DotProductAttention) for c in cores)
+
+
 # ------------------------------------------------------------------------------- optimizer and DDP
 def optimizer(**config_kwargs: Any):
     """``get_megatron_optimizer`` over the model chunks, its ``OptimizerConfig`` built from the fields this

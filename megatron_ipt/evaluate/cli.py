@@ -58,7 +58,9 @@ def add_parser(sub) -> None:
                    "folder next to a converted checkpoint, else written from the model config and tokenizer)")
     p.add_argument("--include-path", help="--harness: a folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples (default: the task's)")
-    p.add_argument("--batch-size", type=int, default=1, help="--harness: lm-eval batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rc: sequences per forward, scoring and --generate alike (default 8; same metrics as 1, "
+                   "up to float rounding; lower it when memory is short); --harness: lm-eval batch size (default 1)")
     p.add_argument("--limit", type=int, default=None,
                    help="the first N held-out documents (rc), windows per component (perplexity) or documents "
                    "per task (harness)")
@@ -84,6 +86,8 @@ def run(args) -> int:
         raise IptError(f"--limit must be at least 1 (got {args.limit})")
     if args.generate and args.max_new_tokens < 1:
         raise IptError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise IptError(f"--batch-size must be at least 1 (got {args.batch_size})")
     from megatron_ipt.config import load_config
 
     cfg = load_config(args.target[0], args.overrides)
@@ -96,13 +100,13 @@ def run(args) -> int:
         tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
         done = evaluate_harness(cfg, args.hf, tasks, checkpoint=args.checkpoint, hf_config_from=args.hf_config_from,
                                 include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
-                                batch_size=args.batch_size, name=args.name, output_dir=args.output)
+                                batch_size=args.batch_size or 1, name=args.name, output_dir=args.output)
     elif args.task == "perplexity":
         done = [evaluate_perplexity_experiment(cfg, **source, data=args.data, limit=args.limit, output=args.output)]
     else:
         done = [evaluate_experiment(cfg, **source, data=args.data, shots=args.shots, max_length=args.max_length,
                                     output=args.output, max_new_tokens=args.max_new_tokens if args.generate else None,
-                                    limit=args.limit)]
+                                    limit=args.limit, batch_size=args.batch_size or 8)]
     print(markdown([record for record, _ in done]), end="")
     for _, out in done:
         print(f"results: {out}")
@@ -175,10 +179,10 @@ def _run_scorer(scorer, model: dict, fn):
 
 
 def evaluate_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None, shots=0, max_length=None, name=None,
-                        output=None, max_new_tokens=None, limit=None):
+                        output=None, max_new_tokens=None, limit=None, batch_size=8):
     """Score one model of an experiment on its held-out reading-comprehension examples (``max_new_tokens``: also
-    free-form answers by greedy generation, exact match and F1; ``limit``: the first N documents' examples);
-    returns (record, path)."""
+    free-form answers by greedy generation, exact match and F1; ``limit``: the first N documents' examples;
+    ``batch_size``: sequences per forward); returns (record, path)."""
     from pathlib import Path
 
     from data_prep.encoders import load_encoder
@@ -191,9 +195,10 @@ def evaluate_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None,
     docs = rc.load_heldout_pairs(data or stage_path(cfg, "synthesize") / "pairs.jsonl")[:limit]
     max_length = max_length or cfg.model.seq_length
     scorer, model = _scorer(cfg, tok["vocab_size"], checkpoint=checkpoint, init=init, hf=hf, name=name)
-    result = _run_scorer(scorer, model, lambda s: evaluate_rc(s, encoder, docs, shots, max_length, max_new_tokens))
+    result = _run_scorer(scorer, model, lambda s: evaluate_rc(s, encoder, docs, shots, max_length, max_new_tokens,
+                                                              batch_size))
     model["fingerprint"] = _fingerprint(cfg, tok, hf)
-    settings = rc.settings(shots, max_length)
+    settings = {**rc.settings(shots, max_length), "batch_size": batch_size}
     if max_new_tokens:
         settings["generate"] = {"max_new_tokens": max_new_tokens, "decoding": "greedy",
                                 "answer": "first line of the generation, stripped",

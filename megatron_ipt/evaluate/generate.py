@@ -4,8 +4,9 @@ The answer to a reading-comprehension prompt (``...Question: Q\\nAnswer:``) is w
 greedily (argmax at every step) until the end-of-document token, ``max_new_tokens`` or the end of the first
 line, whichever comes first; it is then scored against the reference by exact match and token F1
 (:mod:`megatron_ipt.evaluate.scoring`). :func:`greedy_generate_cached` is the same loop over a KV cache (the
-megatron scorer's, megatron-core's ``StaticInferenceContext``); :func:`greedy_generate` reruns the whole
-sequence every step (the fallback where no cache is available).
+megatron scorer's, megatron-core's ``StaticInferenceContext``); :func:`greedy_generate_batch` is that loop over
+several prompts at once (one cache, one forward per step for the whole batch); :func:`greedy_generate` reruns
+the whole sequence every step (the fallback where no cache is available).
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ def greedy_generate_cached(step: Callable[[list[int]], torch.Tensor], ids: list[
             break
         out.append(nxt)
         new = [nxt]
+    return out
+
+
+def greedy_generate_batch(step: Callable[[list[list[int]]], torch.Tensor], prompts: list[list[int]],
+                          max_new_tokens: int, stop_id: int | None = None) -> list[list[int]]:
+    """Greedy decoding of several prompts together over a batched KV cache: ``step(rows)`` feeds each row the
+    tokens it has not seen yet (the prompts first, of any lengths; then one token per row) and returns the logits
+    of each row's last token (``[len(prompts), vocab]``). A row ends at ``stop_id`` (not returned) or after
+    ``max_new_tokens``; a row that ended keeps being fed its argmax, its output ignored, until every row ended.
+    The same ids as :func:`greedy_generate_cached` on each prompt alone when ``step`` gives each row the logits
+    it would have alone. Returns the new ids of each prompt, in order."""
+    out: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    new = [list(p) for p in prompts]
+    for _ in range(max_new_tokens if prompts else 0):
+        nxt = step(new).argmax(-1).tolist()
+        for row, token in enumerate(nxt):
+            if not ended[row]:
+                ended[row] = token == stop_id
+                if not ended[row]:
+                    out[row].append(token)
+        if all(ended):
+            break
+        new = [[token] for token in nxt]
     return out
 
 

@@ -1,6 +1,8 @@
 """Models that give logits for a token sequence: a megatron-core checkpoint of an experiment (CPU backend on
-a CPU, world size 1) or a Hugging Face folder (transformers). Both: ``logits(ids) -> [len(ids), vocab]`` and
-``generate(ids, max_new_tokens, stop_id) -> new ids`` (greedy)."""
+a CPU, world size 1) or a Hugging Face folder (transformers). Both: ``logits(ids) -> [len(ids), vocab]``,
+``logits_batch([ids, ...]) -> [[len(ids), vocab], ...]`` (one forward over the right-padded batch),
+``generate(ids, max_new_tokens, stop_id) -> new ids`` (greedy) and ``generate_batch([ids, ...], ...)`` (greedy,
+the prompts left-padded into one batch; the same ids as ``generate`` on each)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class MegatronScorer:
         self.cfg, self.vocab_size, self.checkpoint_path = cfg, vocab_size, checkpoint_path
         self.iteration = None
         self.no_kv_cache: str | None = None  # why greedy generation runs without a KV cache (None: it uses one)
+        self.no_batched_kv_cache: str | None = None  # why generate_batch runs one prompt at a time (None: batched)
 
     def __enter__(self) -> "MegatronScorer":
         from megatron_ipt.model import build_model
@@ -69,37 +72,88 @@ class MegatronScorer:
             logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0]
         return logits[:, : self.model_vocab].float().cpu()  # padding rows are no tokens
 
+    def logits_batch(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """``[logits(ids) for ids in batch]`` from one forward: the rows right-padded (with id 0) to the longest,
+        each cut back to its own length (``[len(ids), vocab]``, unpadded vocabulary, float32 on CPU; views of one
+        ``[len(batch), longest, vocab]`` tensor). Causal attention: the padding after a row never reaches its
+        earlier positions, so each row's logits equal batch 1's up to float rounding of the batched matmuls."""
+        if not batch:
+            return []
+        longest = max(len(ids) for ids in batch)
+        tokens = torch.tensor([ids + [0] * (longest - len(ids)) for ids in batch], device=self.device)
+        pos = torch.arange(longest, device=self.device).expand(len(batch), -1)
+        with torch.no_grad():
+            logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None)
+        logits = logits[:, :, : self.model_vocab].float().cpu()  # padding rows of the vocabulary are no tokens
+        return [logits[i, : len(ids)] for i, ids in enumerate(batch)]
+
     def kv_step(self, max_sequence_length: int) -> Callable[[list[int]], torch.Tensor] | None:
         """A fresh KV cache for one sequence of up to ``max_sequence_length`` tokens, as a step function for
         :func:`~megatron_ipt.evaluate.generate.greedy_generate_cached`: ``step(new_ids)`` runs the model on the
         tokens not fed yet (positions continue from the previous call) and returns the logits of the last one
-        (``[vocab]``, unpadded vocabulary, float32 on CPU). Uses megatron-core's ``StaticInferenceContext``
-        (:func:`megatron_ipt.mcore.kv_cache_forward_kwargs`). None, with the reason in ``self.no_kv_cache``, where
-        this megatron-core version or model cannot cache (no inference context; a pipeline stage without both
-        the embedding and the output layer). ``step`` raises ValueError past ``max_sequence_length``."""
+        (``[vocab]``, unpadded vocabulary, float32 on CPU). :meth:`kv_batch_step` with one row. None, with the
+        reason in ``self.no_kv_cache``, where this megatron-core version or model cannot cache (no inference
+        context; a pipeline stage without both the embedding and the output layer). ``step`` raises ValueError
+        past ``max_sequence_length``."""
+        step = self.kv_batch_step(1, max_sequence_length)
+        return None if step is None else (lambda new_ids: step([new_ids])[0])
+
+    def kv_batch_step(self, batch_size: int, max_sequence_length: int
+                      ) -> Callable[[list[list[int]]], torch.Tensor] | None:
+        """A fresh KV cache for ``batch_size`` sequences of up to ``max_sequence_length`` tokens each (the longest
+        prompt plus the new tokens), as a step function for
+        :func:`~megatron_ipt.evaluate.generate.greedy_generate_batch`: ``step(rows)`` runs the model on each row's
+        tokens not fed yet and returns the logits of each row's last one (``[batch_size, vocab]``, unpadded
+        vocabulary, float32 on CPU). The first call feeds the prompts, of any lengths: they are left-padded to the
+        longest (id 0), and the padding keys are masked out of every later query by a boolean ``attention_mask``
+        (``[b, 1, sq, sk]``, True = masked, causal included); later calls feed the same number of tokens per row.
+
+        megatron-core's ``StaticInferenceContext`` keeps one ``sequence_len_offset`` for the whole batch and takes
+        the rotary angles from the cache position, so row i's tokens sit ``pad_i`` positions later than alone;
+        RoPE scores depend only on the distance between query and key, so with the padding masked each row
+        attends as it would alone (up to float rounding). ``position_ids`` are each row's own (0 at its first
+        token), for models with learned absolute position embeddings. The mask needs megatron-core's own
+        attention (:func:`megatron_ipt.mcore.applies_attention_masks`); :meth:`generate_batch` checks that.
+        None, with the reason in ``self.no_kv_cache``, where this megatron-core version or model cannot cache.
+        ``step`` raises ValueError past ``max_sequence_length`` or with more rows than ``batch_size``."""
         if not (getattr(self.model, "pre_process", True) and getattr(self.model, "post_process", True)):
             self.no_kv_cache = "the model is one pipeline stage"
             return None
-        kwargs = mcore.kv_cache_forward_kwargs(self.model.forward, max_batch_size=1,
+        kwargs = mcore.kv_cache_forward_kwargs(self.model.forward, max_batch_size=batch_size,
                                                max_sequence_length=max_sequence_length)
         if kwargs is None:
             self.no_kv_cache = f"megatron-core {mcore.version()} has no static inference context"
             return None
         context = kwargs.get("inference_context", kwargs.get("inference_params"))
+        pads: list[int] = []  # left padding of each row, set by the first call
 
-        def step(new_ids: list[int]) -> torch.Tensor:
+        def step(rows: list[list[int]]) -> torch.Tensor:
             start = context.sequence_len_offset
-            if start + len(new_ids) > max_sequence_length:
-                raise ValueError(f"KV cache holds {max_sequence_length} tokens: cannot feed {len(new_ids)} "
+            if not 0 < len(rows) <= batch_size:
+                raise ValueError(f"KV cache for {batch_size} rows: cannot feed {len(rows)}")
+            if start == 0:
+                pads[:] = [max(len(r) for r in rows) - len(r) for r in rows]
+                rows = [[0] * p + list(r) for p, r in zip(pads, rows)]
+            elif len(rows) != len(pads) or len({len(r) for r in rows}) != 1:
+                raise ValueError("after the prompts, feed every row of the batch the same number of tokens")
+            width = len(rows[0])
+            if start + width > max_sequence_length:
+                raise ValueError(f"KV cache holds {max_sequence_length} tokens: cannot feed {width} "
                                  f"more after {start}")
             if start and hasattr(context, "enable_decode_mode"):
-                context.enable_decode_mode()  # every prompt token is cached: one new token per step
-            tokens = torch.tensor([new_ids], device=self.device)
-            pos = torch.arange(start, start + len(new_ids), device=self.device).unsqueeze(0)
+                context.enable_decode_mode()  # every prompt token is cached
+            shift = torch.tensor(pads).unsqueeze(1)
+            pos = (torch.arange(start, start + width).unsqueeze(0) - shift).clamp(min=0).to(self.device)
+            mask = None  # no padding: megatron's causal mask (prefill) or none (one token per row)
+            if any(pads):
+                is_pad = torch.arange(start + width).unsqueeze(0) < shift  # [b, sk]
+                later = torch.ones(width, start + width, dtype=torch.bool).triu(start + 1)  # key after query
+                mask = (later.unsqueeze(0) | is_pad.unsqueeze(1)).unsqueeze(1).to(self.device)
+            tokens = torch.tensor(rows, device=self.device)
             with torch.no_grad():
-                logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None, **kwargs)
-            context.sequence_len_offset = start + len(new_ids)
-            return logits[0, -1, : self.model_vocab].float().cpu()
+                logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=mask, **kwargs)
+            context.sequence_len_offset = start + width
+            return logits[:, -1, : self.model_vocab].float().cpu()
 
         return step
 
@@ -119,6 +173,29 @@ class MegatronScorer:
             print(f"ipt eval: greedy generation without a KV cache ({self.no_kv_cache}): every step reruns the "
                   "whole sequence", file=sys.stderr)
         return greedy_generate(self.logits, ids, max_new_tokens, stop_id)
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       stop_id: int | None = None) -> list[list[int]]:
+        """Greedy continuations of several prompts decoded together over one KV cache (:meth:`kv_batch_step`:
+        left padding, padding keys masked): the same ids as :meth:`generate` on each prompt alone. Where the
+        batch cannot be cached that way (no cache; attention other than megatron-core's own, which may ignore a
+        per-row mask; a failure), says why once on stderr and runs :meth:`generate` per prompt."""
+        from megatron_ipt.evaluate.generate import greedy_generate_batch
+
+        if len(prompts) > 1 and self.no_kv_cache is None and self.no_batched_kv_cache is None:
+            if not mcore.applies_attention_masks(self.model):
+                self.no_batched_kv_cache = "the model's attention is not megatron-core's DotProductAttention"
+            else:
+                step = self.kv_batch_step(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+                if step is not None:
+                    try:
+                        return greedy_generate_batch(step, prompts, max_new_tokens, stop_id)
+                    except Exception as e:  # noqa: BLE001 - any failure of the batched cache: one at a time
+                        self.no_batched_kv_cache = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if self.no_batched_kv_cache is not None:
+                print(f"ipt eval: greedy generation one prompt at a time ({self.no_batched_kv_cache})",
+                      file=sys.stderr)
+        return [self.generate(p, max_new_tokens, stop_id) for p in prompts]
 
     def __exit__(self, *exc) -> None:
         parallel.teardown()
@@ -149,6 +226,18 @@ class HFScorer:
         with torch.no_grad():
             return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
 
+    def logits_batch(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """``[logits(ids) for ids in batch]`` from one forward: right-padded (id 0, ``attention_mask`` 0 there),
+        each row cut back to its own length (``[len(ids), vocab]``, float32 on CPU)."""
+        if not batch:
+            return []
+        longest = max(len(ids) for ids in batch)
+        tokens = torch.tensor([ids + [0] * (longest - len(ids)) for ids in batch], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch], device=self.device)
+        with torch.no_grad():
+            logits = self.model(tokens, attention_mask=mask).logits.float().cpu()
+        return [logits[i, : len(ids)] for i, ids in enumerate(batch)]
+
     def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
         """Greedy continuation of ``ids`` (transformers ``generate``, ``do_sample=False``), without ``stop_id``."""
         tokens = torch.tensor([ids], device=self.device)
@@ -157,6 +246,23 @@ class HFScorer:
                                       do_sample=False, eos_token_id=stop_id, pad_token_id=stop_id)
         new = out[0, len(ids):].tolist()
         return new[: new.index(stop_id)] if stop_id in new else new
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       stop_id: int | None = None) -> list[list[int]]:
+        """Greedy continuations of several prompts in one transformers ``generate``: left-padded with ``stop_id``
+        (0 without one) under ``attention_mask`` 0, so each row's positions count from its first token; the same
+        ids as :meth:`generate` on each prompt alone, up to float rounding of the batched matmuls."""
+        if not prompts or max_new_tokens < 1:
+            return [[] for _ in prompts]
+        pad = 0 if stop_id is None else stop_id
+        longest = max(len(p) for p in prompts)
+        tokens = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(tokens, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=stop_id, pad_token_id=pad)
+        rows = [row[longest:] for row in out.tolist()]
+        return [new[: new.index(stop_id)] if stop_id in new else new for new in rows]
 
     def __exit__(self, *exc) -> None:
         del self.model
