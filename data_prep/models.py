@@ -13,6 +13,7 @@ disk; later calls return at once.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -56,6 +57,22 @@ def resolve_model(name_or_path: str) -> Path:
         f"unknown synthesizer model '{name_or_path}': give an existing Hugging Face model folder "
         f"or one of: {', '.join(KNOWN_MODELS)}"
     )
+
+
+def files_stamp(folder: str | Path) -> str:
+    """A short hash of every file under ``folder`` (recursive, hidden names skipped): relative path, size in bytes
+    and modification time in ns. Cheap for multi-GB weights (no content is read) and changes when a file is
+    rewritten in place, e.g. new weights saved into the same model folder. Raises FileNotFoundError for a
+    missing folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        st = path.stat()
+        h.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _smollm2_gguf() -> Path:

@@ -112,13 +112,17 @@ def synthesis_shard_dir(cfg: ExperimentConfig, fp: str | None = None) -> Path:
 
 def _synthesis_journal(cfg: ExperimentConfig, fp: str, src: Path, shard_index: int, num_shards: int, force: bool):
     """The journal of shard ``shard_index`` of ``num_shards`` (an unsharded run is shard 0 of 1), keyed by the
-    stage fingerprint and the SHA-256 of the input documents so that a journal of other inputs is discarded;
-    emptied first when ``force``."""
+    stage fingerprint, the SHA-256 of the input documents and the synthesizer folder's file stamp (names, sizes,
+    modification times: :func:`data_prep.models.files_stamp`), so that a journal of other inputs, or of weights
+    since rewritten in place, is discarded; emptied first when ``force``. Resolves the synthesizer (converting
+    the named SmolLM2 on first use, as the stage would)."""
+    from data_prep.models import files_stamp, resolve_model
     from data_prep.shards import ShardJournal, journal_path
     from megatron_ipt.manifest import sha256_file
 
+    weights = files_stamp(resolve_model(cfg.synthesis.model))
     journal = ShardJournal(journal_path(synthesis_shard_dir(cfg, fp), shard_index, num_shards),
-                           key=f"{fp}:{sha256_file(src)}")
+                           key=f"{fp}:{sha256_file(src)}:{weights}")
     if force:
         journal.remove()
     return journal

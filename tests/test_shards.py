@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -267,21 +268,33 @@ def _quickstart(tmp_path, model, *sets):
 
 
 def test_unsharded_run_reuses_only_a_journal_of_its_own_config_and_input_and_then_deletes_it(tiny_llama_path, tmp_path):
-    """The unsharded stage journals as shard 0 of 1: batches in a journal keyed by this stage's fingerprint and
-    input are taken as generated (here a marker text), a journal with another key is thrown away, and the
-    journal and its folders are gone once synthesis/ is written."""
+    """The unsharded stage journals as shard 0 of 1: batches in a journal keyed by this stage's fingerprint,
+    input and synthesizer files are taken as generated (here a marker text), a journal with another key (another
+    config, or weights since rewritten in place) is thrown away, and the journal and its folders are gone once
+    synthesis/ is written."""
     import shutil
 
     from data_prep.shards import journal_path
     from megatron_ipt.manifest import sha256_file
     from megatron_ipt.pipeline import run_corpus, run_synthesize, stage_path, synthesis_fingerprint, synthesis_shard_dir
 
-    cfg = _quickstart(tmp_path, tiny_llama_path)
+    from data_prep.models import files_stamp
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_path, model)
+    cfg = _quickstart(tmp_path, model)
     run_corpus(cfg)
     docs = [json.loads(line) for line in (stage_path(cfg, "corpus") / "documents.jsonl").read_text().splitlines()]
     marker = [{"id": d["id"], "chunk": c, "text": " JOURNALED <ANS> x </END>", "tokens": 4} for d in docs for c in range(8)]
-    right_key = f"{synthesis_fingerprint(cfg)}:{sha256_file(stage_path(cfg, 'corpus') / 'documents.jsonl')}"
-    for key, reused in (("an-older-config:input", False), (right_key, True)):
+    config_and_input = f"{synthesis_fingerprint(cfg)}:{sha256_file(stage_path(cfg, 'corpus') / 'documents.jsonl')}"
+    old_weights = files_stamp(model)
+    weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes())  # rewritten in place (same bytes, new modification time)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    right_key = f"{config_and_input}:{files_stamp(model)}"
+    assert right_key != f"{config_and_input}:{old_weights}"
+    for key, reused in (("an-older-config:input:weights", False), (f"{config_and_input}:{old_weights}", False),
+                        (right_key, True)):
         shutil.rmtree(stage_path(cfg, "synthesize"), ignore_errors=True)
         ShardJournal(journal_path(synthesis_shard_dir(cfg), 0, 1), key=key).append(marker, 1.0)
         counts = run_synthesize(cfg).manifest["counts"]
