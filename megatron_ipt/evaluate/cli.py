@@ -12,7 +12,9 @@ Evaluate one model of an experiment; each evaluation writes a results JSON and a
   synthesized questions, the reference answer scored by mean token log-likelihood (answer_nll, nats/token,
   lower is better) and, for multiple-choice pairs, option accuracy (lowest mean NLL). Demonstrations (--shots)
   are pairs of other held-out documents. --generate adds free-form answers: greedy generation scored by exact
-  match and token F1 (SQuAD normalisation).
+  match and token F1 (SQuAD normalisation). --batch-size sequences go through the model at once (default 8:
+  right-padded for scoring, left-padded into one KV cache for generation; batch 1's results up to float
+  rounding).
 --task perplexity: mean NLL/token and perplexity on each held-out component (raw, pairs, blend.extra
   valid_prefix), windows of model.seq_length over the concatenated documents.
 --harness TASKS: lm-evaluation-harness tasks (comma-separated) on a Hugging Face folder (--hf) or a checkpoint
