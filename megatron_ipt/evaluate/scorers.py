@@ -103,7 +103,7 @@ class MegatronScorer:
         """A fresh KV cache for ``batch_size`` sequences of up to ``max_sequence_length`` tokens each (the longest
         prompt plus the new tokens), as a step function for
         :func:`~megatron_ipt.evaluate.generate.greedy_generate_batch`: ``step(rows)`` runs the model on each row's
-        tokens not fed yet and returns the logits of each row's last one (``[batch_size, vocab]``, unpadded
+        tokens not fed yet and returns the logits of each row's last one (``[rows, vocab]``, unpadded
         vocabulary, float32 on CPU). The first call feeds the prompts, of any lengths: they are left-padded to the
         longest (id 0), and the padding keys are masked out of every later query by a boolean ``attention_mask``
         (``[b, 1, sq, sk]``, True = masked, causal included); later calls feed the same number of tokens per row.
