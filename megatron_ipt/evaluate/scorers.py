@@ -74,9 +74,10 @@ class MegatronScorer:
 
     def logits_batch(self, batch: list[list[int]]) -> list[torch.Tensor]:
         """``[logits(ids) for ids in batch]`` from one forward: the rows right-padded (with id 0) to the longest,
-        each cut back to its own length (``[len(ids), vocab]``, unpadded vocabulary, float32 on CPU; views of one
-        ``[len(batch), longest, vocab]`` tensor). Causal attention: the padding after a row never reaches its
-        earlier positions, so each row's logits equal batch 1's up to float rounding of the batched matmuls."""
+        each cut back to its own length (``[len(ids), vocab]``, unpadded vocabulary, float32 on CPU, converted
+        row by row so a GPU holds one float32 row at a time). Causal attention: the padding after a row never
+        reaches its earlier positions, so each row's logits equal batch 1's up to float rounding of the batched
+        matmuls. Memory: ``len(batch) x longest x vocab`` logits in the model's dtype, plus the rows in float32."""
         if not batch:
             return []
         longest = max(len(ids) for ids in batch)
@@ -84,8 +85,8 @@ class MegatronScorer:
         pos = torch.arange(longest, device=self.device).expand(len(batch), -1)
         with torch.no_grad():
             logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None)
-        logits = logits[:, :, : self.model_vocab].float().cpu()  # padding rows of the vocabulary are no tokens
-        return [logits[i, : len(ids)] for i, ids in enumerate(batch)]
+        # padding rows of the vocabulary are no tokens
+        return [logits[i, : len(ids), : self.model_vocab].float().cpu() for i, ids in enumerate(batch)]
 
     def kv_step(self, max_sequence_length: int) -> Callable[[list[int]], torch.Tensor] | None:
         """A fresh KV cache for one sequence of up to ``max_sequence_length`` tokens, as a step function for
@@ -235,8 +236,8 @@ class HFScorer:
         tokens = torch.tensor([ids + [0] * (longest - len(ids)) for ids in batch], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch], device=self.device)
         with torch.no_grad():
-            logits = self.model(tokens, attention_mask=mask).logits.float().cpu()
-        return [logits[i, : len(ids)] for i, ids in enumerate(batch)]
+            logits = self.model(tokens, attention_mask=mask).logits
+        return [logits[i, : len(ids)].float().cpu() for i, ids in enumerate(batch)]
 
     def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
         """Greedy continuation of ``ids`` (transformers ``generate``, ``do_sample=False``), without ``stop_id``."""
