@@ -19,6 +19,7 @@ import ctypes.util
 import errno
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
@@ -129,3 +130,21 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_dir(new: str | Path, final: str | Path, aside: str | Path | None = None) -> None:
+    """Put the finished folder ``new`` at ``final`` (same file system) and remove what ``final`` held. An
+    existing ``final`` is swapped out in one step (:func:`exchange`), so it never goes missing; where the file
+    system cannot swap, it is first renamed to ``aside`` (default ``.NAME.old-PID`` beside it), then ``new`` is
+    renamed in (``final`` is absent between the two renames), then ``aside`` is removed."""
+    new, final = Path(new), Path(final)
+    if not final.exists():
+        os.replace(new, final)
+        return
+    if exchange(new, final):  # ``new`` now holds the previous content
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    aside = Path(aside) if aside is not None else final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, aside)
+    os.replace(new, final)
+    shutil.rmtree(aside, ignore_errors=True)

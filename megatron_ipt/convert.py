@@ -61,6 +61,7 @@ from typing import Iterator
 import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from data_prep import atomic
 from megatron_ipt import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ParallelConfig
 from megatron_ipt.errors import IptError
@@ -298,9 +299,7 @@ def _atomic_folder(dst: Path, overwrite: bool) -> Path:
 
 
 def _finish(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    atomic.replace_dir(tmp, dst)  # an output replaced with --overwrite is swapped out in one step, then removed
 
 
 def _copy_hf_files(src: Path, dst: Path) -> list[str]:

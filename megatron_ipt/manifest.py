@@ -98,9 +98,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     The temporary folder is ``.NAME.tmp-HOST-PID`` beside ``final``. On error it is removed and ``final`` (if
     any) is left untouched; what a killed process (``kill -9``, node failure) of this host left behind is removed
     at the next call for the same ``final``. A previous ``final`` is swapped with the new folder in one atomic
-    step (:func:`data_prep.atomic.exchange`, Linux ``renameat2``), so ``final`` never goes missing, and then
-    removed; where the file system cannot swap, it is moved to ``.NAME.old-HOST-PID``, the new one renamed in
-    (between the two renames ``final`` is absent), then the old one removed.
+    step and then removed (:func:`data_prep.atomic.replace_dir`, Linux ``renameat2``), so ``final`` never goes
+    missing; where the file system cannot swap, it is moved aside to ``.NAME.old-HOST-PID`` first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -115,16 +114,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        if atomic.exchange(tmp, final):  # tmp now holds the previous output
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        old = final.with_name(f".{final.name}.old-{host}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    atomic.replace_dir(tmp, final, aside=final.with_name(f".{final.name}.old-{host}-{os.getpid()}"))
 
 
 def write_manifest(

@@ -98,3 +98,16 @@ def test_exchange_with_a_missing_path_raises_and_changes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic.exchange(a, tmp_path / "missing")
     assert a.is_dir() and not (tmp_path / "missing").exists()
+
+
+def test_replace_dir_puts_the_new_folder_in_place_and_removes_the_old_one(tmp_path):
+    final, new = tmp_path / "out", tmp_path / ".out.tmp"
+    new.mkdir()
+    (new / "a.txt").write_text("first")
+    atomic.replace_dir(new, final)  # nothing there yet: a plain rename
+    assert (final / "a.txt").read_text() == "first" and not new.exists()
+    new.mkdir()
+    (new / "b.txt").write_text("second")
+    atomic.replace_dir(new, final)
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the previous content is gone, no leftovers
