@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from data_prep import atomic
 from megatron_ipt.evaluate import rc, scoring
 
 
@@ -121,14 +121,8 @@ def write_results(path: str | Path, model: dict, task: str, result: dict, settin
     record = {"model": model, "task": task, **result, "settings": settings,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     validate_record(record, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
-    md = path.with_suffix(".md")
-    md_tmp = md.with_name(md.name + ".tmp")
-    md_tmp.write_text(markdown([record]))
-    md_tmp.replace(md)
+    atomic.write_json(path, record, indent=2)
+    atomic.write_text(path.with_suffix(".md"), markdown([record]))
     return record
 
 
