@@ -186,3 +186,25 @@ def test_a_checkpoint_that_does_not_fit_the_model_config_names_it(trained_run, c
     err = capsys.readouterr().err.strip()
     assert "does not match the model config" in err and str(cfg.run_path / "train" / "checkpoints") in err
     assert len(err.splitlines()) == 1
+
+
+def test_windows_scored_in_batches_give_batch_1s_perplexity(tmp_path):
+    """8 full windows and a shorter last one, scored 1, 3 and 8 at a time (the last batch padded after its
+    short window) by the megatron scorer and by transformers: the same NLL up to float rounding."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_ipt.evaluate.scorers import HFScorer, MegatronScorer
+
+    tokens = np.random.default_rng(1).integers(0, VOCAB, 200)
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    for scorer in (MegatronScorer(tiny_config(), VOCAB, None), HFScorer(tmp_path / "hf")):
+        with scorer:
+            runs = {b: perplexity.component_perplexity(scorer, tokens, 24, batch_size=b) for b in (1, 3, 8)}
+            with pytest.raises(ValueError, match="batch size must be at least 1"):
+                perplexity.component_perplexity(scorer, tokens, 24, batch_size=0)
+        assert runs[1]["windows"] == 9 and runs[1]["predicted_tokens"] == 199
+        for b in (3, 8):
+            assert runs[b]["predicted_tokens"] == 199
+            assert runs[b]["nll"] == pytest.approx(runs[1]["nll"], rel=1e-6), (type(scorer).__name__, b)

@@ -16,7 +16,8 @@ Evaluate one model of an experiment; each evaluation writes a results JSON and a
   right-padded for scoring, left-padded into one KV cache for generation; batch 1's results up to float
   rounding).
 --task perplexity: mean NLL/token and perplexity on each held-out component (raw, pairs, blend.extra
-  valid_prefix), windows of model.seq_length over the concatenated documents.
+  valid_prefix), windows of model.seq_length over the concatenated documents, --batch-size windows per forward
+  (default 8).
 --harness TASKS: lm-evaluation-harness tasks (comma-separated) on a Hugging Face folder (--hf) or a checkpoint
   (default: the run's latest), exported first to a temporary Hugging Face folder (removed afterwards) with the
   config and tokenizer of --hf-config-from (default: model.hf_config, or the hf/ folder of a converted checkpoint,
@@ -61,8 +62,8 @@ def add_parser(sub) -> None:
     p.add_argument("--include-path", help="--harness: a folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rc: sequences per forward, scoring and --generate alike (default 8; same metrics as 1, "
-                   "up to float rounding; lower it when memory is short); --harness: lm-eval batch size (default 1)")
+                   help="rc: sequences per forward, scoring and --generate alike; perplexity: windows per forward "
+                   "(default 8; same metrics as 1, up to float rounding; lower it when memory is short); --harness: lm-eval batch size (default 1)")
     p.add_argument("--limit", type=int, default=None,
                    help="the first N held-out documents (rc), windows per component (perplexity) or documents "
                    "per task (harness)")
@@ -104,7 +105,8 @@ def run(args) -> int:
                                 include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
                                 batch_size=args.batch_size or 1, name=args.name, output_dir=args.output)
     elif args.task == "perplexity":
-        done = [evaluate_perplexity_experiment(cfg, **source, data=args.data, limit=args.limit, output=args.output)]
+        done = [evaluate_perplexity_experiment(cfg, **source, data=args.data, limit=args.limit, output=args.output,
+                                               batch_size=args.batch_size or 8)]
     else:
         done = [evaluate_experiment(cfg, **source, data=args.data, shots=args.shots, max_length=args.max_length,
                                     output=args.output, max_new_tokens=args.max_new_tokens if args.generate else None,
@@ -212,9 +214,10 @@ def evaluate_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None,
 
 
 def evaluate_perplexity_experiment(cfg, *, checkpoint=None, init=False, hf=None, data=None, name=None, output=None,
-                                   limit=None):
+                                   limit=None, batch_size=8):
     """Held-out perplexity per component (:mod:`megatron_ipt.evaluate.perplexity`) of one model; ``data``: a
-    tokenized folder (default: the run's); ``limit``: windows per component. Returns (record, path)."""
+    tokenized folder (default: the run's); ``limit``: windows per component; ``batch_size``: windows per
+    forward. Returns (record, path)."""
     from pathlib import Path
 
     from megatron_ipt.evaluate import perplexity
@@ -227,10 +230,10 @@ def evaluate_perplexity_experiment(cfg, *, checkpoint=None, init=False, hf=None,
     prefixes = perplexity.components(folder, cfg.blend.extra, cfg.blend.per_split)
     seq = cfg.model.seq_length
     scorer, model = _scorer(cfg, tok["vocab_size"], checkpoint=checkpoint, init=init, hf=hf, name=name)
-    result = _run_scorer(scorer, model, lambda s: perplexity.evaluate_perplexity(s, prefixes, seq, limit))
+    result = _run_scorer(scorer, model, lambda s: perplexity.evaluate_perplexity(s, prefixes, seq, limit, batch_size))
     model["fingerprint"] = _fingerprint(cfg, tok, hf)
     out = Path(output) if output else cfg.run_path / "eval" / f"perplexity-{model['name']}.json"
-    return write_results(out, model, "heldout_perplexity", result, perplexity.settings(seq, limit)), out
+    return write_results(out, model, "heldout_perplexity", result, perplexity.settings(seq, limit, batch_size)), out
 
 
 def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_from=None, include_path=None,

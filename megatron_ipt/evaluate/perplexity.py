@@ -78,31 +78,37 @@ def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def component_perplexity(scorer, tokens: np.ndarray, seq_length: int, max_windows: int | None = None,
-                         source: str | Path = "") -> dict:
-    """Mean NLL and perplexity of ``scorer`` over ``tokens`` in windows (module docstring); returns
-    ``{"tokens", "windows", "predicted_tokens", "nll", "perplexity"}``. Raises EvalDataError naming ``source``
-    when there is nothing to predict, or when a token id does not fit the model's vocabulary (another tokenizer)."""
+                         source: str | Path = "", batch_size: int = 8) -> dict:
+    """Mean NLL and perplexity of ``scorer`` over ``tokens`` in windows (module docstring), ``batch_size``
+    windows per forward (``scorer.logits_batch``; only the last window may be shorter, and it pads after its
+    tokens, which causal attention keeps out of them); returns ``{"tokens", "windows", "predicted_tokens",
+    "nll", "perplexity"}``. Raises EvalDataError naming ``source`` when there is nothing to predict, or when a
+    token id does not fit the model's vocabulary (another tokenizer); ValueError when ``batch_size`` < 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1 (got {batch_size})")
     spans = windows(len(tokens), seq_length)[:max_windows]
     if not spans:
         raise EvalDataError(f"{source}: held-out dataset has {len(tokens)} token(s), too few to evaluate")
     total, count = 0.0, 0
-    for start, end in spans:
-        ids = torch.from_numpy(tokens[start:end])
-        logits = scorer.logits(ids[:-1].tolist())
-        if int(ids.max()) >= logits.shape[-1]:
-            raise EvalDataError(f"{source}: token id {int(ids.max())} outside the model's vocabulary "
-                                f"({logits.shape[-1]}): the data was tokenized with another tokenizer")
-        total += window_nll(logits, ids[1:])
-        count += len(ids) - 1
+    for first in range(0, len(spans), batch_size):
+        batch = [torch.from_numpy(tokens[start:end]) for start, end in spans[first : first + batch_size]]
+        for ids, logits in zip(batch, scorer.logits_batch([ids[:-1].tolist() for ids in batch])):
+            if int(ids.max()) >= logits.shape[-1]:
+                raise EvalDataError(f"{source}: token id {int(ids.max())} outside the model's vocabulary "
+                                    f"({logits.shape[-1]}): the data was tokenized with another tokenizer")
+            total += window_nll(logits, ids[1:])
+            count += len(ids) - 1
     nll = total / count
     return {"tokens": int(len(tokens)), "windows": len(spans), "predicted_tokens": count, "nll": nll,
             "perplexity": math.exp(min(nll, 700.0))}
 
 
-def evaluate_perplexity(scorer, prefixes: dict[str, Path], seq_length: int, max_windows: int | None = None) -> dict:
+def evaluate_perplexity(scorer, prefixes: dict[str, Path], seq_length: int, max_windows: int | None = None,
+                        batch_size: int = 8) -> dict:
     """Per-component held-out perplexity; returns ``{"metrics", "n", "components", "skipped"}`` with metrics
-    ``KEY_nll`` (nats/token) and ``KEY_perplexity`` per component and ``n`` the number of windows. A component
-    with fewer than 2 tokens is skipped (listed); EvalDataError naming the files when every one is."""
+    ``KEY_nll`` (nats/token) and ``KEY_perplexity`` per component and ``n`` the number of windows (``batch_size``
+    windows per forward). A component with fewer than 2 tokens is skipped (listed); EvalDataError naming the
+    files when every one is."""
     per, skipped = {}, {}
     for key, prefix in prefixes.items():
         tokens = load_tokens(prefix)
@@ -110,7 +116,7 @@ def evaluate_perplexity(scorer, prefixes: dict[str, Path], seq_length: int, max_
             skipped[key] = f"{prefix}.bin: {len(tokens)} token(s)"
             continue
         per[key] = {"prefix": str(prefix),
-                    **component_perplexity(scorer, tokens, seq_length, max_windows, f"{prefix}.bin")}
+                    **component_perplexity(scorer, tokens, seq_length, max_windows, f"{prefix}.bin", batch_size)}
     if not per:
         raise EvalDataError("empty held-out datasets, nothing to evaluate: " + "; ".join(skipped.values()))
     metrics = {}
@@ -119,8 +125,8 @@ def evaluate_perplexity(scorer, prefixes: dict[str, Path], seq_length: int, max_
     return {"metrics": metrics, "n": sum(r["windows"] for r in per.values()), "components": per, "skipped": skipped}
 
 
-def settings(seq_length: int, max_windows: int | None) -> dict:
-    return {"seq_length": seq_length, "max_windows": max_windows,
+def settings(seq_length: int, max_windows: int | None, batch_size: int = 8) -> dict:
+    return {"seq_length": seq_length, "max_windows": max_windows, "batch_size": batch_size,
             "windows": "documents concatenated in file order (EOD included), consecutive non-overlapping windows of "
                        "seq_length inputs, every token but the first predicted once; mean NLL over predicted tokens",
             "perplexity": "exp(mean NLL)"}
