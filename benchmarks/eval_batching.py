@@ -28,12 +28,9 @@ answer exactly). Writes ``benchmarks/results/eval_batching.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from generate_throughput import _cpu_seconds, _environment, _uptime, smollm2_paths, write_tiny_hf  # noqa: E402
+from generate_throughput import _environment, _uptime, bench_model, smollm2_paths, timed, write_result  # noqa: E402
 
 
 def topic_docs(n: int, seed: int) -> list[dict]:
@@ -62,13 +59,6 @@ def topic_docs(n: int, seed: int) -> list[dict]:
     return docs
 
 
-def timed(fn):
-    """(output, wall seconds, CPU seconds) of ``fn()``."""
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0, _cpu_seconds() - c0
-
-
 def run(args) -> dict:
     from data_prep.encoders import load_encoder
     from megatron_ipt import mcore
@@ -78,19 +68,8 @@ def run(args) -> dict:
     from megatron_ipt.evaluate.scorers import MegatronScorer
 
     load_before = _uptime()
-    tmp = None
-    if args.tiny:
-        from megatron_ipt.convert import hf_to_megatron
-
-        tmp = tempfile.TemporaryDirectory(prefix="ipt-eval-batching-")
-        hf = write_tiny_hf(Path(tmp.name) / "hf", args.seed)
-        ckpt = Path(tmp.name) / "megatron"
-        hf_to_megatron(hf, ckpt)
-        tokenizer, model_name = smollm2_paths(args)[0], "random llama (llama-tiny sizes)"
-    else:
-        hf, ckpt = smollm2_paths(args)
-        tokenizer, model_name = hf, "SmolLM2-135M-Instruct"
-    encoder = load_encoder(tokenizer)
+    tmp, hf, ckpt, model_name = bench_model(args, "ipt-eval-batching-")
+    encoder = load_encoder(smollm2_paths(args)[0] if args.tiny else hf)  # the random model has SmolLM2's vocabulary
     docs = topic_docs(args.docs, args.seed)
     examples = rc.build_examples(docs, args.shots)
 
@@ -104,9 +83,9 @@ def run(args) -> dict:
         scorer.logits_batch([[1, 2, 3]] * 2)  # warm-up
         for size in args.batch_sizes:
             scored, s_wall, s_cpu = timed(lambda: evaluate_rc(scorer, encoder, docs, args.shots, args.max_length,
-                                                              batch_size=size))
+                                                              batch_size=size), 1)
             gens, g_wall, g_cpu = timed(lambda: free_form_answers(scorer, encoder, examples, args.max_length,
-                                                                  args.max_new_tokens, size))
+                                                                  args.max_new_tokens, size), 1)
             sequences = scored["n"] + sum(len(ex.options) for ex in examples if ex.options)
             first.setdefault("scored", scored)
             first.setdefault("gens", gens)
@@ -166,12 +145,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run(args)
     print_table(result)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.json)}")
 
 
 if __name__ == "__main__":

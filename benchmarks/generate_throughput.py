@@ -32,7 +32,6 @@ median of ``--repeats`` runs; the uncached row runs once (it is slow). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -87,6 +86,29 @@ def smollm2_paths(args) -> tuple[Path, Path]:
     return hf, ckpt
 
 
+def bench_model(args, prefix: str) -> tuple[tempfile.TemporaryDirectory | None, Path, Path, str]:
+    """``(temporary folder or None, Hugging Face folder, its megatron checkpoint, model name)``: with ``--tiny`` a
+    random llama of llama-tiny's sizes, converted in a temporary folder named ``prefix...`` (the caller cleans it
+    up); else SmolLM2-135M-Instruct and its conversion (:func:`smollm2_paths`)."""
+    if not args.tiny:
+        return (None, *smollm2_paths(args), "SmolLM2-135M-Instruct")
+    from megatron_ipt.convert import hf_to_megatron
+
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    hf = write_tiny_hf(Path(tmp.name) / "hf", args.seed)
+    ckpt = Path(tmp.name) / "megatron"
+    hf_to_megatron(hf, ckpt)
+    return tmp, hf, ckpt, "random llama (llama-tiny sizes)"
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """``result`` as indented JSON at ``path``, written atomically; returns the path."""
+    from data_prep.atomic import write_json
+
+    write_json(path, result, indent=2)
+    return Path(path)
+
+
 def prompts(lengths: list[int], hf: Path | None, seed: int) -> dict[int, list[int]]:
     """Token ids of each prompt length: Python topic documentation through the model's tokenizer, or random."""
     if hf is None or not (hf / "tokenizer.json").is_file():
@@ -120,18 +142,7 @@ def run(args) -> dict:
     from megatron_ipt.evaluate.scorers import MegatronScorer
 
     load_before = _uptime()
-    tmp = None
-    if args.tiny:
-        tmp = tempfile.TemporaryDirectory(prefix="ipt-generate-bench-")
-        from megatron_ipt.convert import hf_to_megatron
-
-        hf = write_tiny_hf(Path(tmp.name) / "hf", args.seed)
-        ckpt = Path(tmp.name) / "megatron"
-        hf_to_megatron(hf, ckpt)
-        model_name = "random llama (llama-tiny sizes)"
-    else:
-        hf, ckpt = smollm2_paths(args)
-        model_name = "SmolLM2-135M-Instruct"
+    tmp, hf, ckpt, model_name = bench_model(args, "ipt-generate-bench-")
     lengths, new = args.prompt_lengths, args.new_tokens
     ids = prompts(lengths, None if args.tiny else hf, args.seed)
 
@@ -229,12 +240,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run(args)
     print_table(result)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.json)}")
 
 
 if __name__ == "__main__":
