@@ -66,11 +66,8 @@ class MegatronScorer:
         return self
 
     def logits(self, ids: list[int]) -> torch.Tensor:
-        tokens = torch.tensor([ids], device=self.device)
-        pos = torch.arange(len(ids), device=self.device).unsqueeze(0)
-        with torch.no_grad():
-            logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=None)[0]
-        return logits[:, : self.model_vocab].float().cpu()  # padding rows are no tokens
+        """``[len(ids), vocab]`` logits (unpadded vocabulary, float32 on CPU): :meth:`logits_batch` of one row."""
+        return self.logits_batch([ids])[0]
 
     def logits_batch(self, batch: list[list[int]]) -> list[torch.Tensor]:
         """``[logits(ids) for ids in batch]`` from one forward: the rows right-padded (with id 0) to the longest,
