@@ -1,6 +1,6 @@
 """Peak anonymous memory and time of ``ipt convert`` (both directions) against the whole-model approach.
 
-Ours is :func:`megatron_ipt.convert.hf_to_megatron` / :func:`~megatron_ipt.convert.megatron_to_hf`: a meta-device
+Ours is :func:`megatron_ipt.hf.convert.hf_to_megatron` / :func:`~megatron_ipt.hf.convert.megatron_to_hf`: a meta-device
 model for the structure, file-backed tensor data on import, one parameter at a time on export. The whole-model
 approach is what the converter did before (and what a short script does): build the megatron-core
 ``GPTModel`` in memory (the checkpoint's dtype on import, fp32 on export), copy every tensor into it, then
@@ -35,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from megatron_ipt.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter  # noqa: E402
+from megatron_ipt.hf.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter  # noqa: E402
 
 MODES = ("import", "import-whole", "export", "export-whole")
 
@@ -49,8 +49,8 @@ def llama_config(args) -> dict:
 
 
 def write_model(folder: Path, args) -> None:
-    from megatron_ipt.convert import hf_names, hf_shape
-    from megatron_ipt.presets import preset_from_hf_config
+    from megatron_ipt.hf.convert import hf_names, hf_shape
+    from megatron_ipt.training.presets import preset_from_hf_config
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(llama_config(args), indent=1))
@@ -73,9 +73,10 @@ def _anon_mb(pid: int | str = "self") -> float:
 
 def whole_model_import(src: Path, dst: Path) -> None:
     """The previous converter: the GPTModel in memory (bf16 like the checkpoint), filled, saved whole."""
-    from megatron_ipt import checkpoint, convert
-    from megatron_ipt.model import build_model
-    from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
+    from megatron_ipt.training import checkpoint
+    from megatron_ipt.hf import convert
+    from megatron_ipt.training.model import build_model
+    from megatron_ipt.training.presets import padded_vocab_size, preset_from_hf_config
 
     preset = preset_from_hf_config(src)
     vocab = padded_vocab_size(preset.vocab_size, 1)
@@ -95,9 +96,10 @@ def whole_model_import(src: Path, dst: Path) -> None:
 
 def whole_model_export(src: Path, dst: Path, hf: Path) -> None:
     """The previous exporter: an fp32 GPTModel in memory, the checkpoint loaded whole, tensors written."""
-    from megatron_ipt import checkpoint, convert
-    from megatron_ipt.model import build_model
-    from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
+    from megatron_ipt.training import checkpoint
+    from megatron_ipt.hf import convert
+    from megatron_ipt.training.model import build_model
+    from megatron_ipt.training.presets import padded_vocab_size, preset_from_hf_config
 
     preset = preset_from_hf_config(hf)
     vocab = padded_vocab_size(preset.vocab_size, 1)
@@ -123,7 +125,9 @@ def child(args) -> None:
     import megatron.core.models.gpt  # noqa: F401
     import torch.distributed.checkpoint  # noqa: F401
 
-    from megatron_ipt import convert, model  # noqa: F401
+    from megatron_ipt.hf import convert  # noqa: F401
+
+    from megatron_ipt.training import model
 
     d = Path(args.data_dir)
     out = d / f"out-{args.child}"

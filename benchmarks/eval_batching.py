@@ -61,7 +61,7 @@ def topic_docs(n: int, seed: int) -> list[dict]:
 
 def run(args) -> dict:
     from data_prep.encoders import load_encoder
-    from megatron_ipt import mcore
+    from megatron_ipt.training import mcore
     from megatron_ipt.config import ExperimentConfig
     from megatron_ipt.evaluate import rc
     from megatron_ipt.evaluate.run import evaluate_rc, free_form_answers

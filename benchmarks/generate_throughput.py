@@ -72,7 +72,7 @@ def write_tiny_hf(folder: Path, seed: int) -> Path:
 
 def smollm2_paths(args) -> tuple[Path, Path]:
     """The SmolLM2 Hugging Face folder and its converted megatron checkpoint (converted here when missing)."""
-    from megatron_ipt.convert import hf_to_megatron
+    from megatron_ipt.hf.convert import hf_to_megatron
 
     hf = Path(args.hf) if args.hf else cache_dir() / "models" / SMOLLM2_NAME
     if not (hf / "config.json").is_file():
@@ -92,7 +92,7 @@ def bench_model(args, prefix: str) -> tuple[tempfile.TemporaryDirectory | None, 
     up); else SmolLM2-135M-Instruct and its conversion (:func:`smollm2_paths`)."""
     if not args.tiny:
         return (None, *smollm2_paths(args), "SmolLM2-135M-Instruct")
-    from megatron_ipt.convert import hf_to_megatron
+    from megatron_ipt.hf.convert import hf_to_megatron
 
     tmp = tempfile.TemporaryDirectory(prefix=prefix)
     hf = write_tiny_hf(Path(tmp.name) / "hf", args.seed)
@@ -136,7 +136,7 @@ def timed(fn, repeats: int) -> tuple[list[int], float, float]:
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from megatron_ipt import mcore
+    from megatron_ipt.training import mcore
     from megatron_ipt.config import ExperimentConfig
     from megatron_ipt.evaluate.generate import greedy_generate
     from megatron_ipt.evaluate.scorers import MegatronScorer

@@ -1,11 +1,11 @@
 """Training throughput of Llama-3-8B-shaped layers on one GPU (H100/H200): bf16 vs FP8, tokens/s, TFLOP/s, MFU.
 
-Runs ``ipt``'s own trainer (:func:`megatron_ipt.train.train_stage`: megatron-core GPTModel with the Transformer
+Runs ``ipt``'s own trainer (:func:`megatron_ipt.training.train.train_stage`: megatron-core GPTModel with the Transformer
 Engine layer spec, distributed optimizer off, world size 1) on llama3-8b layers (hidden 4096, 32 heads, 8
 query groups, SwiGLU 14336) at reduced depth so one GPU holds weights, gradients and Adam states, over
 synthetic token data. Each precision runs in a fresh process; the numbers are the trainer's steady-state
-summary (first iteration excluded). TFLOP/s and MFU use :func:`megatron_ipt.metrics.flops_per_token` and the
-device's dense peak (:data:`megatron_ipt.metrics.PEAK_TFLOPS`; FP8 MFU against the FP8 peak).
+summary (first iteration excluded). TFLOP/s and MFU use :func:`megatron_ipt.training.metrics.flops_per_token` and the
+device's dense peak (:data:`megatron_ipt.training.metrics.PEAK_TFLOPS`; FP8 MFU against the FP8 peak).
 
 The synthetic vocabulary is tiny (256 after padding), so the output layer's FLOPs are negligible here; the
 full model's 128k vocabulary adds about 2 * 4096 * 128256 * 3 FLOPs per token (in the formula when real).
@@ -75,7 +75,7 @@ def gpu_problem(transformer_impl: str = "transformer_engine") -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA GPU: this benchmark needs one H100/H200 (see benchmarks/train_overhead.py for CPU)"
-    from megatron_ipt.model import transformer_engine_available
+    from megatron_ipt.training.model import transformer_engine_available
 
     if transformer_impl == "transformer_engine" and not transformer_engine_available():
         return "transformer_engine does not import: install the gpu extra (pip install -e '.[train,gpu]')"
@@ -85,7 +85,7 @@ def gpu_problem(transformer_impl: str = "transformer_engine") -> str | None:
 def run_child(args: argparse.Namespace) -> dict:
     from train_fixtures import make_tokenized_dir
 
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     tokens_needed = args.iters * args.global_batch_size * (args.seq_length + 1)
     with tempfile.TemporaryDirectory() as d:

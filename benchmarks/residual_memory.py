@@ -3,7 +3,7 @@
 The naive approach is what a short script does: load the three state dicts completely
 (``safetensors.torch.load_file`` per shard, as ``transformers`` would for a sharded checkpoint), compute
 ``cpt + alpha * (instruct - base)`` per tensor in float32, and ``save_file`` the result shard by shard.
-Ours is :func:`megatron_ipt.residual.add_instruction_residual` (row blocks, positioned reads, streaming
+Ours is :func:`megatron_ipt.hf.residual.add_instruction_residual` (row blocks, positioned reads, streaming
 writes).
 
 The synthetic model is Llama-shaped (names and shapes of a ``LlamaForCausalLM`` state dict), random bf16,
@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from megatron_ipt.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter  # noqa: E402
+from megatron_ipt.hf.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter  # noqa: E402
 
 
 def llama_shapes(layers: int, hidden: int, ffn: int, vocab: int, kv_heads: int, heads: int) -> list[tuple[str, tuple]]:
@@ -87,7 +87,7 @@ def child(args) -> None:
     if args.child == "naive":
         naive(d / "base", d / "instruct", d / "cpt", out, 1.0, args.shard_mb * 2**20)
     else:
-        from megatron_ipt.residual import add_instruction_residual
+        from megatron_ipt.hf.residual import add_instruction_residual
 
         add_instruction_residual(d / "base", d / "instruct", d / "cpt", out, 1.0, max_shard_bytes=args.shard_mb * 2**20)
     seconds = time.perf_counter() - t0

@@ -1,6 +1,6 @@
 """The trainer's overhead on CPU: ``ipt``'s megatron-core training step vs a plain PyTorch loop, same model shape.
 
-- ``megatron-ipt``: :func:`megatron_ipt.train.train_stage` (megatron-core GPTModel with the local layer spec,
+- ``megatron-ipt``: :func:`megatron_ipt.training.train.train_stage` (megatron-core GPTModel with the local layer spec,
   megatron's DDP wrapper, optimizer, scheduler and pipeline schedule, blended dataset, logging), world size 1.
 - ``plain PyTorch``: the loop a user would otherwise write: transformers' ``LlamaForCausalLM`` of the same
   shape (layers, hidden, heads, query groups, SwiGLU size, vocabulary), ``torch.optim.AdamW``, gradient
@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 def run_ours(args) -> dict:
     from train_fixtures import make_tokenized_dir, tiny_config
 
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     with tempfile.TemporaryDirectory() as d:
         tok = make_tokenized_dir(Path(d) / "tok", train_docs=2000, heldout_docs=4)
@@ -50,7 +50,7 @@ def run_plain(args) -> dict:
     import transformers
 
     from megatron_ipt.config import ModelConfig
-    from megatron_ipt.presets import padded_vocab_size, resolve_preset
+    from megatron_ipt.training.presets import padded_vocab_size, resolve_preset
     from train_fixtures import VOCAB
 
     p = resolve_preset(ModelConfig(preset=args.preset))

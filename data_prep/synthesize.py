@@ -9,7 +9,7 @@ JSONL line per input document, in input order::
 for the fewshot/chat formats) plus the generated text.
 
 Multi-round (M-shot) synthesis, ``rounds`` = M > 1, as the reference does (LMOps ``instruction_pretrain``
-README and ``utils/read_compre.py``; shared/notes/ipt-method.md section 1): the documents of each split (in
+README and ``utils/read_compre.py``): the documents of each split (in
 input order) are cut into M consecutive slices of ``ceil(n / M)``; round r synthesizes slice r, and the text at
 position i of slice r is prompted after the chain that ends with the entry at position i of slice r - 1: that
 entry's (text, pairs), preceded by the entries it was itself chained after. The chain is broken, and the text
@@ -168,107 +168,157 @@ def synthesize_documents(
     generated_tokens_per_second, model (resolved path), prompt_format, parse_mode. Raises DataPrepError for an
     empty list, a document missing a field, or a context too small for ``max_new_tokens``.
     """
+    _check_documents(documents)
+    model_path = resolve_model(cfg.model)
+    engine = engine or make_engine(cfg, model_path)
+    plan = _plan_prompts(cfg, model_path, engine.tokenizer)
+    docs = _prepare_documents(cfg, documents, plan)
+    gen = _Generation(done=journal.load() if journal is not None else {},
+                      seconds=journal.seconds if journal is not None else 0.0)  # time spent on the resumed batches
+    total = sum(len(d.contexts) for d in docs)
+    with _progress_bar(progress, total) as bar:
+        for r in range(plan.rounds):
+            members = [i for i, d in enumerate(docs) if d.round == r]
+            _build_round_prompts(cfg, docs, members, plan)
+            outputs = _generate_round(cfg, engine, plan, documents, docs, members, gen, journal, bar)
+            for i in members:
+                texts_out = [outputs[(i, c)]["text"] for c in range(len(docs[i].contexts))]
+                _parse_document(cfg, docs[i], documents[i]["text"], texts_out)
+    atomic.write_jsonl(out_path, [_record(cfg, doc, d, documents, plan.rounds) for doc, d in zip(documents, docs)])
+    return _counts(cfg, documents, docs, plan, gen, model_path)
+
+
+def _check_documents(documents: list[dict]) -> None:
+    """Raise DataPrepError for an empty list or a document without one of :data:`REQUIRED_FIELDS`."""
     if not documents:
         raise DataPrepError("no documents to synthesize")
     for i, doc in enumerate(documents):
         missing = [f for f in REQUIRED_FIELDS if f not in doc]
         if missing:
             raise DataPrepError(f"document {i} (id {doc.get('id', '?')!r}) has no field(s) {', '.join(missing)}")
-    model_path = resolve_model(cfg.model)
-    engine = engine or make_engine(cfg, model_path)
-    tok = engine.tokenizer
+
+
+@dataclass
+class _PromptPlan:
+    """The token budgets prompts are built to: ``budget`` tokens per prompt (the context minus
+    ``max_new_tokens``), ``chunk_tokens`` per document text (the budget minus the template's own tokens, at most
+    ``max_context_tokens``), the synthesizer's tokenizer and whether prompts take its special tokens."""
+
+    tok: object
+    instruction: str
+    rounds: int
+    budget: int
+    chunk_tokens: int
+    add_special: bool
+
+    def count(self, texts: list[str], special: bool | None = None) -> list[int]:
+        """Token counts of ``texts`` (with the prompts' special tokens unless ``special`` says otherwise)."""
+        special = self.add_special if special is None else special
+        return [len(ids) for ids in self.tok(texts, add_special_tokens=special)["input_ids"]]
+
+
+def _plan_prompts(cfg, model_path: Path, tok) -> _PromptPlan:
+    """The prompt budgets of ``cfg`` on the synthesizer at ``model_path``. Raises DataPrepError when
+    ``max_new_tokens`` leaves fewer than 16 tokens of the context for a document."""
     instruction = getattr(cfg, "chat_instruction", None) or CHAT_INSTRUCTION
-    rounds = getattr(cfg, "rounds", 1)
     empty = build_prompt("", cfg.prompt_format, tok, 1, instruction)
-    add_special = empty.add_special_tokens
-
-    def count(texts: list[str], special: bool = add_special) -> list[int]:
-        return [len(ids) for ids in tok(texts, add_special_tokens=special)["input_ids"]]
-
-    budget = context_length(cfg, model_path, tok) - cfg.max_new_tokens  # tokens a prompt may have
-    chunk_tokens = min(cfg.max_context_tokens, budget - count([empty.text])[0])
-    if chunk_tokens < 16:
-        raise DataPrepError(f"synthesis.max_new_tokens={cfg.max_new_tokens} leaves {chunk_tokens} tokens of the "
-                            f"{budget + cfg.max_new_tokens}-token context for a document: "
+    plan = _PromptPlan(tok=tok, instruction=instruction, rounds=getattr(cfg, "rounds", 1),
+                       budget=context_length(cfg, model_path, tok) - cfg.max_new_tokens,  # tokens a prompt may have
+                       chunk_tokens=0, add_special=empty.add_special_tokens)
+    plan.chunk_tokens = min(cfg.max_context_tokens, plan.budget - plan.count([empty.text])[0])
+    if plan.chunk_tokens < 16:
+        raise DataPrepError(f"synthesis.max_new_tokens={cfg.max_new_tokens} leaves {plan.chunk_tokens} tokens of the "
+                            f"{plan.budget + cfg.max_new_tokens}-token context for a document: "
                             "lower it or raise synthesis.max_model_len")
+    return plan
 
+
+def _prepare_documents(cfg, documents: list[dict], plan: _PromptPlan) -> list[_Doc]:
+    """Each document's contexts (chunks when ``chunking``, else the text cut to the budget) and its round."""
     def one(s: str) -> int:
-        return count([s], False)[0]
+        return plan.count([s], False)[0]
 
     docs: list[_Doc] = []
     for doc in documents:
-        chunks = split_text(doc["text"], chunk_tokens, one) if getattr(cfg, "chunking", False) else [doc["text"]]
-        docs.append(_Doc([truncate_to_tokens(c, tok, chunk_tokens) for c in chunks]))
-    for d, (r, previous) in zip(docs, round_slices(documents, rounds)):
+        chunks = split_text(doc["text"], plan.chunk_tokens, one) if getattr(cfg, "chunking", False) else [doc["text"]]
+        docs.append(_Doc([truncate_to_tokens(c, plan.tok, plan.chunk_tokens) for c in chunks]))
+    for d, (r, previous) in zip(docs, round_slices(documents, plan.rounds)):
         d.round, d.previous = r, previous
+    return docs
 
-    done = journal.load() if journal is not None else {}
-    seconds = journal.seconds if journal is not None else 0.0  # time spent on the resumed batches
+
+@dataclass
+class _Generation:
+    """Generation so far: the journal's finished outputs by (document id, chunk), seconds spent generating
+    (including the resumed batches'), tokens generated and prompts finished."""
+
+    done: dict
+    seconds: float
+    tokens: int = 0
+    finished: int = 0
+
+
+def _generate_round(cfg, engine, plan: _PromptPlan, documents: list[dict], docs: list[_Doc], members: list[int],
+                    gen: _Generation, journal, bar) -> dict[tuple[int, int], dict]:
+    """Generate every prompt of one round, longest first, in batches of :func:`generate_batch_size`; a batch the
+    journal holds is taken from it, a new one is journaled. Returns the outputs by (document index, chunk)."""
+    units = [(i, c) for i in members for c in range(len(docs[i].contexts))]
+    if not units:
+        return {}
+    texts = [docs[i].prompts[c].text for i, c in units]
+    lengths = plan.count(texts)
+    order = sorted(range(len(units)), key=lambda k: -lengths[k])
     stop = [CON, CON_CLOSE] if cfg.parse_mode == "lenient" else None
-    total = sum(len(d.contexts) for d in docs)
-    generated_tokens, finished = 0, 0
-    with _progress_bar(progress, total) as (bar, task):
-        for r in range(rounds):
-            members = [i for i, d in enumerate(docs) if d.round == r]
-            _build_round_prompts(cfg, docs, members, tok, chunk_tokens, instruction, budget, count)
-            units = [(i, c) for i in members for c in range(len(docs[i].contexts))]
-            if not units:
-                continue
-            texts = [docs[i].prompts[c].text for i, c in units]
-            lengths = count(texts)
-            order = sorted(range(len(units)), key=lambda k: -lengths[k])
-            outputs: dict[tuple[int, int], dict] = {}
-            size = generate_batch_size(cfg, len(order))
-            for start in range(0, len(order), size):
-                batch = order[start : start + size]
-                keys = [(str(documents[units[k][0]]["id"]), units[k][1]) for k in batch]
-                if all(key in done for key in keys):
-                    results = [done[key] for key in keys]
-                else:
-                    t0 = time.perf_counter()
-                    generated = engine.generate([texts[k] for k in batch], cfg.max_new_tokens, size,
-                                                add_special, stop=stop)
-                    elapsed = time.perf_counter() - t0
-                    seconds += elapsed
-                    results = [{"id": key[0], "chunk": key[1], "text": g.text, "tokens": g.num_generated_tokens}
-                               for key, g in zip(keys, generated)]
-                    if journal is not None:
-                        journal.append(results, elapsed)
-                for k, res in zip(batch, results):
-                    outputs[units[k]] = res
-                    generated_tokens += int(res["tokens"])
-                finished += len(batch)
-                if bar is not None:
-                    bar.update(task, advance=len(batch), tok_s=generated_tokens / max(seconds, 1e-9),
-                               doc_s=finished / max(seconds, 1e-9))
-            for i in members:
-                texts_out = [outputs[(i, c)]["text"] for c in range(len(docs[i].contexts))]
-                _parse_document(cfg, docs[i], documents[i]["text"], texts_out)
+    outputs: dict[tuple[int, int], dict] = {}
+    size = generate_batch_size(cfg, len(order))
+    for start in range(0, len(order), size):
+        batch = order[start : start + size]
+        keys = [(str(documents[units[k][0]]["id"]), units[k][1]) for k in batch]
+        if all(key in gen.done for key in keys):
+            results = [gen.done[key] for key in keys]
+        else:
+            t0 = time.perf_counter()
+            generated = engine.generate([texts[k] for k in batch], cfg.max_new_tokens, size, plan.add_special, stop=stop)
+            elapsed = time.perf_counter() - t0
+            gen.seconds += elapsed
+            results = [{"id": key[0], "chunk": key[1], "text": g.text, "tokens": g.num_generated_tokens}
+                       for key, g in zip(keys, generated)]
+            if journal is not None:
+                journal.append(results, elapsed)
+        for k, res in zip(batch, results):
+            outputs[units[k]] = res
+            gen.tokens += int(res["tokens"])
+        gen.finished += len(batch)
+        bar_progress, task = bar
+        if bar_progress is not None:
+            bar_progress.update(task, advance=len(batch), tok_s=gen.tokens / max(gen.seconds, 1e-9),
+                                doc_s=gen.finished / max(gen.seconds, 1e-9))
+    return outputs
 
+
+def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen: _Generation, model_path: Path) -> dict:
+    """The counts :func:`synthesize_documents` returns."""
     pairs_dropped: Counter[str] = Counter()
     structure: Counter[str] = Counter()
-    records = []
-    for doc, d in zip(documents, docs):
-        kept = d.kept
+    for d in docs:
         pairs_dropped.update(d.dropped)
-        structure.update(structure_counts(kept))
-        records.append(_record(cfg, doc, d, documents, rounds))
-    atomic.write_jsonl(out_path, records)
-    resumed = sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts)) if (str(doc["id"]), c) in done)
+        structure.update(structure_counts(d.kept))
+    resumed = sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts))
+                  if (str(doc["id"]), c) in gen.done)
     return {
         "documents": len(documents),
         "documents_with_pairs": sum(bool(d.kept) for d in docs),
         "pairs_kept": sum(len(d.kept) for d in docs),
         "pairs_dropped": dict(sorted(pairs_dropped.items())),
         "pair_structure": dict(sorted(structure.items())),  # plain / options / cot / options_cot, issue:<reason>
-        "prompts": total,
+        "prompts": sum(len(d.contexts) for d in docs),
         "chunked_documents": sum(len(d.contexts) > 1 for d in docs),
-        "rounds": rounds,
+        "rounds": plan.rounds,
         "chained_documents": sum(d.link is not None for d in docs),
         "resumed_prompts": resumed,
-        "generated_tokens": generated_tokens,
-        "generation_seconds": round(seconds, 3),
-        "generated_tokens_per_second": round(generated_tokens / seconds, 2) if seconds > 0 else 0.0,
+        "generated_tokens": gen.tokens,
+        "generation_seconds": round(gen.seconds, 3),
+        "generated_tokens_per_second": round(gen.tokens / gen.seconds, 2) if gen.seconds > 0 else 0.0,
         "model": str(model_path),
         "prompt_format": cfg.prompt_format,
         "parse_mode": cfg.parse_mode,
@@ -284,18 +334,18 @@ def _chain(docs: list[_Doc], last: int) -> list[tuple[str, list[Pair]]]:
     return entries[::-1]
 
 
-def _build_round_prompts(cfg, docs, members, tok, chunk_tokens, instruction, budget, count) -> None:
+def _build_round_prompts(cfg, docs: list[_Doc], members: list[int], plan: _PromptPlan) -> None:
     """Set ``prompts`` of this round's documents: chained after the previous round's entry when it kept pairs,
-    neither document is chunked, and the chained prompt fits ``budget`` tokens; else zero-shot."""
-    fmt = cfg.prompt_format
+    neither document is chunked, and the chained prompt fits the plan's budget; else zero-shot."""
+    fmt, tok, chunk_tokens, instruction = cfg.prompt_format, plan.tok, plan.chunk_tokens, plan.instruction
     candidates = [i for i in members if docs[i].previous is not None and len(docs[i].contexts) == 1
                   and len(docs[docs[i].previous].contexts) == 1 and docs[docs[i].previous].kept]
     chained = {i: build_prompt(docs[i].contexts[0], fmt, tok, chunk_tokens, instruction, _chain(docs, docs[i].previous))
                for i in candidates}
-    fits = dict(zip(chained, count([p.text for p in chained.values()]))) if chained else {}
+    fits = dict(zip(chained, plan.count([p.text for p in chained.values()]))) if chained else {}
     for i in members:
         d = docs[i]
-        if i in chained and fits[i] <= budget:
+        if i in chained and fits[i] <= plan.budget:
             d.prompts = [chained[i]]
             d.link = d.previous  # kept only if this document keeps pairs (see _parse_document)
         else:

@@ -208,7 +208,7 @@ class BlendConfig(_Section):
 class ModelConfig(_Section):
     """Model architecture: a preset name plus optional overrides of its fields."""
 
-    preset: str = Field("llama-tiny", description="A preset from megatron_ipt.presets (llama-tiny, llama3-8b, ...).")
+    preset: str = Field("llama-tiny", description="A preset from megatron_ipt.training.presets (llama-tiny, llama3-8b, ...).")
     hf_config: str | None = Field(
         None, description="Take the architecture from a Hugging Face Llama/Qwen2 folder or config.json instead of "
         "the preset (the model a converted checkpoint came from; see ipt convert).")

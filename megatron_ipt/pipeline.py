@@ -323,7 +323,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, fp + "\n")
 
-    from megatron_ipt.launch import needs_relaunch, torchrun_command
+    from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
 
     if needs_relaunch(cfg.parallel.nproc_per_node):
         config_file = save_resolved_config(cfg)
@@ -334,7 +334,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         if rc != 0:
             raise LaunchError(f"training processes exited with status {rc}; see their output above")
     else:
-        from megatron_ipt.train import train_stage
+        from megatron_ipt.training.train import train_stage
 
         summary = train_stage(cfg, stage_path(cfg, "tokenize"), out, fp)
         if summary.get("stopped_by"):
@@ -347,7 +347,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 
 def _raise_if_stopped(out: Path) -> None:
     """Raise TrainingStopped when the (relaunched) training processes saved and stopped early on request."""
-    from megatron_ipt.train import STOPPED
+    from megatron_ipt.training.train import STOPPED
 
     if (out / STOPPED).is_file():
         info = json.loads((out / STOPPED).read_text())

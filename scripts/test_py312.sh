@@ -25,5 +25,5 @@ export IPT_PYTHON IPT_VENV
 source scripts/setup_env.sh cpu,dev
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export IPT_SLURM="${IPT_SLURM:-0}"  # the tests on a real local Slurm cluster run in the first leg only
-python -W ignore -c "import sys, torch; from megatron_ipt import mcore; print(f'py312 leg: Python {sys.version.split()[0]}, torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), megatron-core {mcore.version()}')"
+python -W ignore -c "import sys, torch; from megatron_ipt.training import mcore; print(f'py312 leg: Python {sys.version.split()[0]}, torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), megatron-core {mcore.version()}')"
 python -m pytest "$@"

@@ -17,15 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_ipt.launch import relaunch_under_torchrun  # noqa: E402
+from megatron_ipt.launch.torchrun import relaunch_under_torchrun  # noqa: E402
 
 
 def run_case(ckpt: str, hf: str, out: str, tokens, layout, tp: int) -> None:
     import torch
 
-    from megatron_ipt import checkpoint, mcore
-    from megatron_ipt.model import build_model
-    from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
+    from megatron_ipt.training import checkpoint, mcore
+    from megatron_ipt.training.model import build_model
+    from megatron_ipt.training.presets import padded_vocab_size, preset_from_hf_config
 
     ps = mcore.parallel_state()
     preset = preset_from_hf_config(hf)
@@ -69,9 +69,9 @@ def main() -> None:
 
     import torch
 
-    from megatron_ipt import cpu_backend, parallel
+    from megatron_ipt.training import cpu_backend, parallel
     from megatron_ipt.config import ParallelConfig
-    from megatron_ipt.presets import preset_from_hf_config
+    from megatron_ipt.training.presets import preset_from_hf_config
 
     tokens = torch.load(args.tokens)
     preset = preset_from_hf_config(args.case[0][1])

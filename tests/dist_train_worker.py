@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_fixtures import tiny_config  # noqa: E402
 
-from megatron_ipt.launch import relaunch_under_torchrun  # noqa: E402
+from megatron_ipt.launch.torchrun import relaunch_under_torchrun  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
 
     import torch
 
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     summary = train_stage(cfg, args.tokenized_dir, args.out_dir, "dist-test", exit_after_iterations=args.stop_at)
     if int(__import__("os").environ.get("RANK", 0)) == 0:

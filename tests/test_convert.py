@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
-from megatron_ipt import checkpoint, convert
+from megatron_ipt.training import checkpoint
+
+from megatron_ipt.hf import convert
 from megatron_ipt.cli import main
-from megatron_ipt.model import build_model
-from megatron_ipt.presets import padded_vocab_size, preset_from_hf_config
-from megatron_ipt.safetensors_stream import ModelWeights
+from megatron_ipt.training.model import build_model
+from megatron_ipt.training.presets import padded_vocab_size, preset_from_hf_config
+from megatron_ipt.hf.safetensors_stream import ModelWeights
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,7 +144,7 @@ def test_continual_pretraining_flow_convert_train_export(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from train_fixtures import VOCAB, make_tokenized_dir, tiny_config
 
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**{**SIZES, "vocab_size": VOCAB})
@@ -212,7 +214,7 @@ def test_anonymous_memory_of_a_conversion_is_a_few_tensors_not_the_model(tmp_pat
     spec.loader.exec_module(bench)
     args = argparse.Namespace(layers=8, hidden=1024, ffn=4096, heads=8, kv_heads=4, vocab=16000, shard_mb=100)
     bench.write_model(tmp_path / "hf", args)
-    from megatron_ipt.safetensors_stream import ModelWeights
+    from megatron_ipt.hf.safetensors_stream import ModelWeights
 
     weights = ModelWeights(tmp_path / "hf")
     model_mb, largest_mb = weights.total_bytes() / 2**20, max(t.nbytes for t in weights.tensors.values()) / 2**20

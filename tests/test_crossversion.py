@@ -45,7 +45,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def _version(python: str) -> str:
-    code = "from megatron_ipt import mcore; print(mcore.version())"
+    code = "from megatron_ipt.training import mcore; print(mcore.version())"
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 

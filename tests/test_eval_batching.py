@@ -96,7 +96,7 @@ def test_megatron_batched_cache_logits_match_each_rows_full_forward(scorer):
 def test_without_masked_attention_the_batch_runs_one_prompt_at_a_time(scorer, monkeypatch, capsys):
     """Stands in for a model whose attention is Transformer Engine's (not installed here), which may not apply
     the per-row padding mask: each prompt alone through the cache, the same ids, said once on stderr."""
-    from megatron_ipt import mcore
+    from megatron_ipt.training import mcore
 
     expected = [scorer.generate(p, 8) for p in PROMPTS]
     monkeypatch.setattr(mcore, "applies_attention_masks", lambda model: False)

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_tokenizer_dir):
     """A random 1-layer Llama with the tiny tokenizer (Hugging Face) and its `ipt convert hf-to-megatron` checkpoint."""
-    from megatron_ipt import convert
+    from megatron_ipt.hf import convert
 
     root = tmp_path_factory.mktemp("export")
     tiny_export(root / "hf", tiny_tokenizer_dir)
@@ -59,7 +59,7 @@ def test_export_holds_the_checkpoint_and_is_removed_on_exit_and_on_error(convert
 
 def test_a_config_written_from_the_model_preset_exports_the_same_model(converted, tmp_path, tiny_tokenizer_dir):
     """No Hugging Face folder at all: config.json from the experiment's preset and tokenizer, same logits."""
-    from megatron_ipt.presets import PRESETS, preset_from_hf_config
+    from megatron_ipt.training.presets import PRESETS, preset_from_hf_config
 
     preset = preset_from_hf_config(converted / "hf")
     ref = hf_export.preset_reference(preset, tmp_path / "ref", vocab_size=512, tokenizer=tiny_tokenizer_dir)

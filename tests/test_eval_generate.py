@@ -71,7 +71,7 @@ def test_greedy_generate_cached_feeds_only_new_tokens():
 
 def test_without_a_cache_the_uncached_loop_runs_and_says_why_once(scorer, monkeypatch, capsys):
     """Stands in for a megatron-core version without a static inference context (none is installed here)."""
-    from megatron_ipt import mcore
+    from megatron_ipt.training import mcore
 
     prompt = PROMPTS[2]
     expected = greedy_generate(scorer.logits, prompt, 16)

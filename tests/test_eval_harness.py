@@ -92,7 +92,7 @@ def test_harness_runs_on_a_megatron_checkpoint_through_a_temporary_export(tmp_pa
                                                                           capsys):
     """A converted checkpoint (its hf/ folder next to it gives config and tokenizer) scores what its Hugging Face
     original scores; the record names the checkpoint and iteration; the temporary export is gone."""
-    from megatron_ipt import convert
+    from megatron_ipt.hf import convert
 
     hf = tiny_export(tmp_path / "hf", tiny_tokenizer_dir)
     convert.hf_to_megatron(hf, tmp_path / "mg")

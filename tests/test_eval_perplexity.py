@@ -94,7 +94,7 @@ def test_megatron_and_hf_scorers_agree_on_a_checkpoint_padded_for_tensor_paralle
     """A checkpoint saved for TP 2 (vocabulary 300 padded to 512 with zero rows, not TP 1's 384) loads into the
     world-size-1 scorer; with the padding rows cut from its logits, its perplexity equals the Hugging Face original's."""
     transformers = pytest.importorskip("transformers")
-    from megatron_ipt import convert
+    from megatron_ipt.hf import convert
     from megatron_ipt.errors import IptError
     from megatron_ipt.evaluate.scorers import HFScorer, MegatronScorer
 
@@ -149,7 +149,7 @@ def test_rc_free_form_answers_through_the_megatron_model(tiny_tokenizer_dir):
 def trained_run(tmp_path_factory):
     """A run folder with the tiny tokenized datasets and 12 training iterations (counting documents)."""
     from megatron_ipt.pipeline import stage_path
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     root = tmp_path_factory.mktemp("run")
     cfg = tiny_config(train_iters=12, eval_iters=1)

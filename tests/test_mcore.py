@@ -1,4 +1,4 @@
-"""The megatron-core seam (``megatron_ipt/mcore.py``): version range, field-filtered configs, keyword-only calls."""
+"""The megatron-core seam (``megatron_ipt/training/mcore.py``): version range, field-filtered configs, keyword-only calls."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_ipt"
 
@@ -52,13 +52,26 @@ def test_transformer_config_ignores_fields_of_other_versions():
 
 def test_only_the_seam_imports_megatron_core():
     offenders = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.name == "mcore.py":
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert len(paths) > 30  # every subpackage is searched
+    for path in paths:
+        name = path.relative_to(PACKAGE).as_posix()
+        if name == "training/mcore.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.match(r"\s*(from|import)\s+megatron(\.|\s|$)", line):
+                offenders.append(f"{name}:{number}: {line.strip()}")
+    assert not offenders, "megatron-core calls must go through megatron_ipt/training/mcore.py:\n" + "\n".join(offenders)
+
+
+def test_data_prep_never_imports_the_training_side():
+    """data_prep meets megatron_ipt through files and manifests; only the plain-Python shared modules may be named."""
+    offenders = []
+    for path in sorted((PACKAGE.parent / "data_prep").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(from|import)\s+megatron_ipt\.(training|hf|launch|evaluate)\b", line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
-    assert not offenders, "megatron-core calls must go through megatron_ipt/mcore.py:\n" + "\n".join(offenders)
+    assert not offenders, "data_prep must not import the training side:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("name", ["save_distributed", "load_distributed", "initialize_model_parallel"])

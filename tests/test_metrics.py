@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ipt.metrics import flops_per_token, peak_tflops, throughput
-from megatron_ipt.presets import PRESETS
+from megatron_ipt.training.metrics import flops_per_token, peak_tflops, throughput
+from megatron_ipt.training.presets import PRESETS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
@@ -34,7 +34,7 @@ def test_device_peaks():
 
 def test_tensorboard_and_logged_throughput(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard (cpu/train extra) not installed in this venv")
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     tokenized = make_tokenized_dir(tmp_path / "tok", train_docs=40, heldout_docs=4)
     summary = train_stage(tiny_config(train_iters=3, eval_iters=1, tensorboard=True), tokenized, tmp_path / "out", "fp")
@@ -60,7 +60,7 @@ def _gpu_benchmark():
 
 def test_gpu_benchmark_builds_bf16_and_fp8_configs_and_checks_its_arguments():
     from megatron_ipt.config import ExperimentConfig
-    from megatron_ipt.precision import precision_fields
+    from megatron_ipt.training.precision import precision_fields
 
     bench = _gpu_benchmark()
     args = bench.parse_args(["--layers", "2", "--seq-length", "2048", "--fp8-recipe", "delayed"])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from megatron_ipt.errors import IptError
-from megatron_ipt.nemo_launch import SlurmOptions, StageCommand, environment, find_log, slurm_options
+from megatron_ipt.launch.nemo import SlurmOptions, StageCommand, environment, find_log, slurm_options
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir  # noqa: E402
@@ -119,7 +119,7 @@ def test_a_task_failing_inside_is_reported_as_failed_with_its_log(tmp_path):
 
 
 def test_slurm_without_a_container_refuses_paths_nemo_run_would_rewrite(tmp_path):
-    from megatron_ipt.nemo_launch import launch_stage
+    from megatron_ipt.launch.nemo import launch_stage
 
     cmd = StageCommand("train", "/data/nemo_run/exp.yaml", workdir=str(tmp_path))
     with pytest.raises(IptError, match="config '/data/nemo_run/exp.yaml' contains '/nemo_run'"):

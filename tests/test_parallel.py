@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ipt import parallel
+from megatron_ipt.training import parallel
 from megatron_ipt.config import ModelConfig, ParallelConfig
-from megatron_ipt.presets import PRESETS, padded_vocab_size, resolve_preset
+from megatron_ipt.training.presets import PRESETS, padded_vocab_size, resolve_preset
 
 
 def layout(tp=1, pp=1, world=1, mb=4, gb=8, layers=4, heads=4, groups=2):
@@ -63,7 +63,7 @@ def test_unknown_preset_lists_the_known_ones():
 def test_setup_and_teardown_can_repeat_in_one_process():
     from megatron.core import parallel_state
 
-    from megatron_ipt.cpu_backend import cpu_backend
+    from megatron_ipt.training.cpu_backend import cpu_backend
 
     for _ in range(2):
         with cpu_backend():
@@ -82,7 +82,7 @@ def test_a_layout_error_leaves_no_process_group_behind():
 
 
 def test_relaunch_only_when_several_processes_and_not_under_torchrun(monkeypatch):
-    from megatron_ipt import launch
+    from megatron_ipt.launch import torchrun as launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -143,7 +143,7 @@ def test_cp_sp_need_cuda_before_groups_are_built_and_vpp_runs_anywhere():
 
 
 def test_vpp_cp_sp_map_into_a_real_transformer_config():
-    from megatron_ipt.model import transformer_config
+    from megatron_ipt.training.model import transformer_config
 
     got = layout_with(world=16, tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2,
                       virtual_pipeline_model_parallel_size=2, sequence_parallel=True)

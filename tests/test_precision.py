@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_ipt.config import TrainConfig
-from megatron_ipt.precision import PrecisionError, precision_fields, resolve_transformer_impl
+from megatron_ipt.training.precision import PrecisionError, precision_fields, resolve_transformer_impl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
@@ -30,10 +30,10 @@ def test_fp8_maps_to_transformer_config_fields():
 
 
 def test_the_mapped_fields_build_a_real_transformer_config():
-    from megatron_ipt import mcore
-    from megatron_ipt.model import transformer_config
-    from megatron_ipt.parallel import Layout
-    from megatron_ipt.presets import PRESETS
+    from megatron_ipt.training import mcore
+    from megatron_ipt.training.model import transformer_config
+    from megatron_ipt.training.parallel import Layout
+    from megatron_ipt.training.presets import PRESETS
 
     f = fields(precision="bf16", fp8="hybrid", fp8_recipe="delayed", layers=4)
     layout = Layout(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, data_parallel_size=1,
@@ -43,7 +43,7 @@ def test_the_mapped_fields_build_a_real_transformer_config():
     assert (cfg.fp8, cfg.fp8_recipe, cfg.fp8_amax_history_len, cfg.fp8_amax_compute_algo) == \
         ("hybrid", "delayed", 1024, "max")
     assert cfg.bf16 and cfg.params_dtype == torch.bfloat16
-    assert mcore  # the config came through megatron_ipt.mcore
+    assert mcore  # the config came through megatron_ipt.training.mcore
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -72,7 +72,7 @@ def test_transformer_impl_resolution():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path test")
 def test_bf16_training_on_cpu_learns(tmp_path):
-    from megatron_ipt.train import train_stage
+    from megatron_ipt.training.train import train_stage
 
     tokenized = make_tokenized_dir(tmp_path / "tok", train_docs=80, heldout_docs=4)
     summary = train_stage(tiny_config(train_iters=12, precision="bf16", eval_iters=1), tokenized, tmp_path / "out", "fp")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ipt import parallel
+from megatron_ipt.training import parallel
 from megatron_ipt.config import ModelConfig, ParallelConfig
-from megatron_ipt.presets import PRESETS, padded_vocab_size, resolve_preset
+from megatron_ipt.training.presets import PRESETS, padded_vocab_size, resolve_preset
 
 SMALL = dict(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2)
 
@@ -23,8 +23,8 @@ def test_published_shapes():
 
 
 def _build(preset_name: str, seq_length: int = 64):
-    from megatron_ipt.cpu_backend import cpu_backend
-    from megatron_ipt.model import build_model
+    from megatron_ipt.training.cpu_backend import cpu_backend
+    from megatron_ipt.training.model import build_model
 
     preset = resolve_preset(ModelConfig(preset=preset_name, **SMALL))
     with cpu_backend():

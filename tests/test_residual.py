@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from megatron_ipt import residual as r
+from megatron_ipt.hf import residual as r
 from megatron_ipt.cli import main
-from megatron_ipt.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter, WeightsError
+from megatron_ipt.hf.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter, WeightsError
 
 transformers = pytest.importorskip("transformers")
 

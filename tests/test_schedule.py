@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 from megatron_ipt.config import TrainConfig
-from megatron_ipt.train import lr_schedule
+from megatron_ipt.training.train import lr_schedule
 
 
 def curve(**train) -> list[float]:

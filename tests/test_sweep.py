@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from megatron_ipt.config import ConfigError, load_config
-from megatron_ipt.sweep import (Point, SweepGrid, data_config, expand_grid, link_data_stages, load_sweep, point_config,
+from megatron_ipt.launch.sweep import (Point, SweepGrid, data_config, expand_grid, link_data_stages, load_sweep, point_config,
                                 write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_two_point_sweep_through_nemo_runs_slurm_executor_on_a_real_cluster(slur
 
 def test_a_sweep_refuses_the_ssh_tunnel(tmp_path):
     from megatron_ipt.errors import IptError
-    from megatron_ipt.sweep import run_sweep
+    from megatron_ipt.launch.sweep import run_sweep
 
     path = _write_sweep(tmp_path, {}, {"grid": {"instruction_share": [0.5]},
                                        "launch": {"executor": "slurm", "slurm": {"account": "a", "tunnel": "ssh",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_ipt.manifest import read_manifest
-from megatron_ipt.train import train_stage
+from megatron_ipt.training.train import train_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
@@ -59,7 +59,7 @@ def test_the_manifest_records_losses_counts_and_layout(twenty_iterations):
 
 
 def test_cpu_backend_is_off_after_training(twenty_iterations):
-    from megatron_ipt import cpu_backend
+    from megatron_ipt.training import cpu_backend
 
     assert not cpu_backend.is_active() and not torch.distributed.is_initialized()
     with pytest.raises((AssertionError, RuntimeError)):

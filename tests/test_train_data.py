@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ipt import checkpoint
+from megatron_ipt.training import checkpoint
 from megatron_ipt.config import ConfigError, load_config
-from megatron_ipt.data import DataError
-from megatron_ipt.train import truncate_metrics, train_stage
+from megatron_ipt.training.data import DataError
+from megatron_ipt.training.reporting import truncate_metrics
+from megatron_ipt.training.train import train_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import _documents, make_tokenized_dir, tiny_config, write_indexed  # noqa: E402
@@ -132,7 +133,7 @@ def test_short_per_split_datasets_are_evaluated_as_one_shorter_sequence_or_skipp
 
 
 def test_per_split_component_keys_are_stems_made_unique_by_config_index():
-    from megatron_ipt.data import split_component_keys
+    from megatron_ipt.training.data import split_component_keys
 
     assert split_component_keys("valid", ["/d/heldout_raw", "/g/general_valid"]) == ["valid.heldout_raw",
                                                                                      "valid.general_valid"]
@@ -204,7 +205,7 @@ def test_mock_data_trains_without_the_blend(tokenized_dir, tmp_path):
 
 
 def test_eval_micro_batches_round_up_to_a_multiple_with_zero_loss_masks():
-    from megatron_ipt.data import eval_micro_batches
+    from megatron_ipt.training.data import eval_micro_batches
 
     dataset = [{"tokens": torch.full((4,), i), "loss_mask": torch.ones(4)} for i in range(5)]
     count, batches = eval_micro_batches(dataset, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=1,

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from megatron_ipt import checkpoint
-from megatron_ipt.train import train_stage
+from megatron_ipt.training import checkpoint
+from megatron_ipt.training.train import train_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402

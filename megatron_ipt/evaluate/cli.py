@@ -274,7 +274,7 @@ def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_fr
         ckpt = Path(checkpoint) if checkpoint else stage_path(cfg, "train") / "checkpoints"
         if not ckpt.exists():
             raise IptError(f"{ckpt}: no checkpoint to evaluate (train first, or pass --checkpoint / --hf)")
-        from megatron_ipt.presets import resolve_preset
+        from megatron_ipt.training.presets import resolve_preset
 
         # None: written from the experiment's model config and tokenizer, as every other `ipt eval` reads it
         reference = hf_export.reference_folder(ckpt, hf_config_from, cfg.model.hf_config, required=False)
@@ -296,7 +296,7 @@ def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_fr
               "num_fewshot": num_fewshot, "batch_size": batch_size, "device": device,
               "include_path": str(include_path) if include_path else None}
     if export is not None:
-        common["export"] = {"tool": "megatron_ipt.convert.megatron_to_hf", "dtype": export.dtype,
+        common["export"] = {"tool": "megatron_ipt.hf.convert.megatron_to_hf", "dtype": export.dtype,
                             "hf_config_from": str(export.reference) if export.reference else
                             "the experiment's model config and tokenizer"}
     done = []

@@ -1,5 +1,5 @@
 """A Megatron checkpoint as a temporary Hugging Face folder, for tools that only read Hugging Face models
-(lm-evaluation-harness): the project's streamed exporter (:func:`megatron_ipt.convert.megatron_to_hf`, what
+(lm-evaluation-harness): the project's streamed exporter (:func:`megatron_ipt.hf.convert.megatron_to_hf`, what
 ``ipt convert megatron-to-hf`` runs) writes it, and it is removed when the ``with`` block ends, also on error.
 
 The exporter needs a Hugging Face reference folder with the model's ``config.json`` (architecture) and its
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from megatron_ipt.errors import IptError
-from megatron_ipt.presets import ModelPreset
+from megatron_ipt.training.presets import ModelPreset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -58,7 +58,7 @@ def reference_folder(checkpoint: str | Path, hf_config_from: str | Path | None =
         path = Path(model_hf_config)
         folder, what = (path if path.is_dir() else path.parent), "model.hf_config"
     else:
-        from megatron_ipt.convert import hf_files_next_to
+        from megatron_ipt.hf.convert import hf_files_next_to
 
         found = hf_files_next_to(checkpoint)
         if found is not None or not required:
@@ -79,12 +79,12 @@ def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int
     the checkpoint's padding rows) and the tokenizer's bos/eos ids, plus the tokenizer files of ``tokenizer``
     (a Hugging Face tokenizer folder or ``tokenizer.json``). Returns ``folder``. Raises ExportError naming
     ``tokenizer`` when it is not a Hugging Face tokenizer, or when the config does not read back as ``preset``
-    (:func:`megatron_ipt.presets.preset_from_hf_config`)."""
+    (:func:`megatron_ipt.training.presets.preset_from_hf_config`)."""
     import dataclasses
 
     import transformers
 
-    from megatron_ipt.presets import preset_from_hf_config
+    from megatron_ipt.training.presets import preset_from_hf_config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,8 +130,8 @@ def exported(checkpoint: str | Path, *, reference: Path | None, work_dir: str | 
     ``tokenizer_dir``: a Hugging Face tokenizer folder (or tokenizer.json) whose tokenizer files are copied when
     ``reference`` has none. Raises ExportError (ConvertError, an IptError, when the checkpoint does not fit the
     config; for a derived config the message says so)."""
-    from megatron_ipt import checkpoint as ckpt_mod
-    from megatron_ipt import convert
+    from megatron_ipt.training import checkpoint as ckpt_mod
+    from megatron_ipt.hf import convert
 
     try:
         ckpt_dir = ckpt_mod.resolve_checkpoint_dir(checkpoint)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 from megatron_ipt.evaluate.rc import EvalDataError
 
 HELDOUT_COMPONENTS = {"raw": "heldout_raw", "pairs": "heldout_pairs"}

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_ipt import checkpoint, cpu_backend, mcore, parallel
+from megatron_ipt.training import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ExperimentConfig, ParallelConfig
 from megatron_ipt.errors import IptError
 
@@ -33,8 +33,8 @@ class MegatronScorer:
         self.no_batched_kv_cache: str | None = None  # why generate_batch runs one prompt at a time (None: batched)
 
     def __enter__(self) -> "MegatronScorer":
-        from megatron_ipt.model import build_model
-        from megatron_ipt.presets import padded_vocab_size, resolve_preset
+        from megatron_ipt.training.model import build_model
+        from megatron_ipt.training.presets import padded_vocab_size, resolve_preset
 
         self.device = parallel.resolve_device(self.cfg.train.device)
         self._ctx = cpu_backend.cpu_backend(enabled=self.device.type == "cpu")
@@ -111,7 +111,7 @@ class MegatronScorer:
         RoPE scores depend only on the distance between query and key, so with the padding masked each row
         attends as it would alone (up to float rounding). ``position_ids`` are each row's own (0 at its first
         token), for models with learned absolute position embeddings. The mask needs megatron-core's own
-        attention (:func:`megatron_ipt.mcore.applies_attention_masks`); :meth:`generate_batch` checks that.
+        attention (:func:`megatron_ipt.training.mcore.applies_attention_masks`); :meth:`generate_batch` checks that.
         None, with the reason in ``self.no_kv_cache``, where this megatron-core version or model cannot cache.
         ``step`` raises ValueError past ``max_sequence_length`` or with more rows than ``batch_size``."""
         if not (getattr(self.model, "pre_process", True) and getattr(self.model, "post_process", True)):

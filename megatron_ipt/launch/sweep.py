@@ -29,7 +29,7 @@ Folder layout (``SWEEP_DIR``)::
 
 Sharing works through the stage fingerprints (:mod:`megatron_ipt.manifest`): a point's data sections are the
 base's, so its symlinked stage folders are up to date and only ``train`` runs. The data stages and every
-training run are NeMo-Run tasks (:mod:`megatron_ipt.nemo_launch`); evaluation (held-out loss per component
+training run are NeMo-Run tasks (:mod:`megatron_ipt.launch.nemo`); evaluation (held-out loss per component
 from the train manifest, reading-comprehension answer NLL / option accuracy from
 :func:`megatron_ipt.evaluate.cli.evaluate_experiment`) runs in this process. A failed point is reported
 (status ``failed`` and its log) and retried on the next run; the other points still run.
@@ -99,7 +99,7 @@ class SweepLaunch(_Model):
     slurm: dict = Field(default_factory=dict, description="SlurmOptions fields: account, partition, nodes, time, "
                         "gpus_per_node, tunnel, host, user, job_dir, identity, container_image, container_mounts.")
     nemo_run_home: str | None = Field(None, description="NeMo-Run's home (default: SWEEP_DIR/nemorun; not a folder "
-                                      "named nemo_run, see nemo_launch._check_rundir_substitution).")
+                                      "named nemo_run, see megatron_ipt.launch.nemo._check_rundir_substitution).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the tasks.")
 
 
@@ -413,8 +413,8 @@ def run_sweep(sweep: SweepConfig, base: Path, *, executor: str | None = None, sl
     ``executor``/``slurm`` override the sweep file's launch section. Raises LaunchFailed when the data stages
     fail, and IptError listing the failed points (after writing the report of the others).
     """
-    from megatron_ipt import nemo_launch
-    from megatron_ipt.nemo_launch import LaunchFailed, SlurmOptions, StageCommand
+    from megatron_ipt.launch import nemo as nemo_launch
+    from megatron_ipt.launch.nemo import LaunchFailed, SlurmOptions, StageCommand
 
     sweep_dir = sweep.path
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -521,7 +521,7 @@ examples:
 def add_parser(sub) -> None:
     import argparse
 
-    from megatron_ipt.nemo_launch import add_executor_arguments
+    from megatron_ipt.launch.nemo import add_executor_arguments
 
     p = sub.add_parser("sweep", help="Blend-weight sweep: a training run per grid point through NeMo-Run, "
                        "evaluated, with a table and plots.", description=DESCRIPTION,
@@ -535,7 +535,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from megatron_ipt.nemo_launch import env_options, slurm_options
+    from megatron_ipt.launch.nemo import env_options, slurm_options
 
     sweep, base = load_sweep(args.sweep_file, args.overrides)
     if args.plan:

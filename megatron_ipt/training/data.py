@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 from megatron_ipt.errors import IptError
 
 TRAIN_PREFIXES = ("train_raw", "train_ipt")

@@ -18,7 +18,7 @@ reads such a checkpoint (or a training run's) and writes sharded safetensors wit
 - On export each megatron parameter is loaded alone (``dist_checkpointing.load`` of its pieces as regions of
   the stored tensors, whatever layout saved them; torch_dist reads only the chunks it needs) and its row
   ranges are streamed into
-  :class:`~megatron_ipt.safetensors_stream.ShardedWriter`; peak memory is about two copies of one parameter.
+  :class:`~megatron_ipt.hf.safetensors_stream.ShardedWriter`; peak memory is about two copies of one parameter.
 
 The mapping (megatron-core local layer spec names; the layout Megatron-LM's own Llama converters use):
 
@@ -35,7 +35,7 @@ The mapping (megatron-core local layer spec names; the layout Megatron-LM's own 
 | ``lm_head.weight`` (absent when tied) | ``output_layer.weight`` [V_pad, H] (absent when tied) |
 
 Both use rotate-half RoPE, so no query/key permutation is needed. The vocabulary is padded to a multiple of
-128 x the target tensor-parallel size on import (:func:`megatron_ipt.presets.padded_vocab_size`, what the
+128 x the target tensor-parallel size on import (:func:`megatron_ipt.training.presets.padded_vocab_size`, what the
 trainer computes) and cut back on export.
 
 Memory and disk (measured by ``benchmarks/convert_memory.py``): anonymous memory stays at a few 64 MB row
@@ -62,11 +62,11 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from data_prep import atomic
-from megatron_ipt import checkpoint, cpu_backend, mcore, parallel
+from megatron_ipt.training import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ParallelConfig
 from megatron_ipt.errors import IptError
-from megatron_ipt.presets import ModelPreset, padded_vocab_size, preset_from_hf_config
-from megatron_ipt.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter, mmap_tensor
+from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, preset_from_hf_config
+from megatron_ipt.hf.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter, mmap_tensor
 
 CONVERT_MANIFEST = "convert_manifest.json"
 HF_FILES_DIR = "hf"  # inside a converted checkpoint: the source's config, tokenizer and chat template
@@ -190,9 +190,9 @@ def one_process_world(preset: ModelPreset) -> Iterator[parallel.Layout]:
 
 
 def meta_model(preset: ModelPreset, layout: parallel.Layout, vocab_size: int) -> torch.nn.Module:
-    """The fp32 CPU ``GPTModel`` of ``preset`` (:func:`megatron_ipt.model.build_model`) with parameters on the
+    """The fp32 CPU ``GPTModel`` of ``preset`` (:func:`megatron_ipt.training.model.build_model`) with parameters on the
     ``meta`` device (no memory): the structure of its ``sharded_state_dict()``."""
-    from megatron_ipt.model import build_model
+    from megatron_ipt.training.model import build_model
 
     return build_model(preset, layout, vocab_size=vocab_size, seq_length=preset.max_position_embeddings,
                        device=torch.device("meta"), precision="fp32")
@@ -280,7 +280,7 @@ def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, prese
 
 
 class _StateDictHolder:
-    """What :func:`megatron_ipt.checkpoint.save_model_weights` needs of a model: its sharded state dict."""
+    """What :func:`megatron_ipt.training.checkpoint.save_model_weights` needs of a model: its sharded state dict."""
 
     def __init__(self, sd: dict) -> None:
         self._sd = sd
@@ -358,7 +358,7 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
                 del sd
             shutil.rmtree(tmp / SCRATCH_DIR)
             copied = _copy_hf_files(src, tmp / HF_FILES_DIR)
-            from megatron_ipt.residual import folder_fingerprint
+            from megatron_ipt.hf.residual import folder_fingerprint
 
             manifest = {"direction": "hf-to-megatron", "mapping_version": MAPPING_VERSION,
                         "source": folder_fingerprint(weights), "model_type": hf_cfg.get("model_type"),

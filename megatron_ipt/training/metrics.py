@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_ipt.presets import ModelPreset
+from megatron_ipt.training.presets import ModelPreset
 
 # Dense (no sparsity) peak TFLOP/s by device name fragment and precision, from the vendors' data sheets.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {

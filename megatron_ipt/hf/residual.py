@@ -7,7 +7,7 @@ arXiv 2410.10739, §3: "instruction residual" = theta_instruct - theta_base, add
 weight 1.0; residuals port across bases of the same ancestor).
 
 Everything is streamed row block by row block (``block_bytes``, 64 MiB by default) through
-:mod:`megatron_ipt.safetensors_stream`: shard boundaries may differ between the inputs, and peak memory is a
+:mod:`megatron_ipt.hf.safetensors_stream`: shard boundaries may differ between the inputs, and peak memory is a
 few blocks, not a model. Arithmetic is in float32; each output tensor is stored in the CPT model's dtype
 (rounded once). The output folder is written under a temporary name and renamed when complete.
 
@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from megatron_ipt.safetensors_stream import (INDEX, ModelWeights, PlannedTensor, ShardedWriter, WeightsError,
+from megatron_ipt.hf.safetensors_stream import (INDEX, ModelWeights, PlannedTensor, ShardedWriter, WeightsError,
                                              read_header, row_blocks)
 
 RESIDUAL_MANIFEST = "residual_manifest.json"

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from megatron_ipt.parallel import launched_by_torchrun
+from megatron_ipt.training.parallel import launched_by_torchrun
 
 
 def torchrun_command(argv: Sequence[str], nproc_per_node: int, python: str | None = None) -> list[str]:

@@ -20,7 +20,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 from megatron_ipt.config import ConfigError, ParallelConfig
 
 
@@ -236,7 +236,7 @@ def setup(
 ) -> Layout:
     """Initialise the process group, check the layout, build megatron's groups and seed. Returns the layout.
 
-    On CPU call it with :mod:`megatron_ipt.cpu_backend` active (megatron seeds its "CUDA" RNG tracker).
+    On CPU call it with :mod:`megatron_ipt.training.cpu_backend` active (megatron seeds its "CUDA" RNG tracker).
     Call :func:`teardown` when done. On a layout error the process group is left as it was found
     (destroyed again if this call created it), and :class:`ParallelLayoutError` is raised.
     """

@@ -1,4 +1,4 @@
-"""``ipt convert``: Hugging Face <-> Megatron checkpoints (see megatron_ipt.convert)."""
+"""``ipt convert``: Hugging Face <-> Megatron checkpoints (see megatron_ipt.hf.convert)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from megatron_ipt import convert
+    from megatron_ipt.hf import convert
 
     try:
         if args.direction == "hf-to-megatron":

@@ -1,4 +1,4 @@
-"""``ipt residual``: add an instruction residual to a continually pre-trained model (see megatron_ipt.residual)."""
+"""``ipt residual``: add an instruction residual to a continually pre-trained model (see megatron_ipt.hf.residual)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from megatron_ipt import residual as r
+    from megatron_ipt.hf import residual as r
     from megatron_ipt.errors import IptError
 
     common = dict(max_shard_bytes=int(args.max_shard_size * 1e9), block_bytes=args.block_mb * 2**20,

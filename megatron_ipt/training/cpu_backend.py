@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 
 __all__ = ["activate", "deactivate", "is_active", "cpu_backend", "CudaToCpuMode"]
 

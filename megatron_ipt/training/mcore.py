@@ -270,7 +270,7 @@ def sharded_object(**kwargs: Any):
 
 def sharded_tensor_classes() -> tuple[type, type]:
     """``(ShardedTensor, ShardedTensorFactory)`` of ``dist_checkpointing.mapping`` (entries of a sharded state
-    dict, for code that rebinds their data, e.g. ``megatron_ipt.convert``)."""
+    dict, for code that rebinds their data, e.g. ``megatron_ipt.hf.convert``)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     return ShardedTensor, ShardedTensorFactory

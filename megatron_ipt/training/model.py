@@ -3,7 +3,7 @@
 The model code is megatron-core's; this module only maps our config onto ``TransformerConfig`` and
 picks the layer spec: Transformer Engine's (``get_gpt_layer_with_transformer_engine_spec``) when the
 device is cuda and ``transformer_engine`` imports, else the local spec (``get_gpt_layer_local_spec``),
-which is what runs on CPU. Every megatron-core call goes through :mod:`megatron_ipt.mcore` (keywords only,
+which is what runs on CPU. Every megatron-core call goes through :mod:`megatron_ipt.training.mcore` (keywords only,
 ``TransformerConfig`` built from its actual fields), so the module works across megatron-core versions.
 """
 
@@ -15,9 +15,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from megatron_ipt import mcore
-from megatron_ipt.parallel import Layout
-from megatron_ipt.presets import ModelPreset
+from megatron_ipt.training import mcore
+from megatron_ipt.training.parallel import Layout
+from megatron_ipt.training.presets import ModelPreset
 
 
 def transformer_engine_available() -> bool:
@@ -37,7 +37,7 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
 
     On CPU adds the settings CPU needs (``use_cpu_initialization``, no fusions). ``precision`` is
     ``fp32`` or ``bf16``; ``pipeline_dtype`` is set for pipeline parallel runs. ``precision_fields`` (from
-    :func:`megatron_ipt.precision.precision_fields`: FP8 format, recipe, amax history, bf16 first/last
+    :func:`megatron_ipt.training.precision.precision_fields`: FP8 format, recipe, amax history, bf16 first/last
     layers) are passed through.
     """
     bf16 = precision == "bf16"
@@ -111,7 +111,7 @@ def build_model(
     """Build this rank's pipeline stage of a ``GPTModel`` (RoPE; embeddings tied when the preset says so) on ``device``.
 
     One module: for a layout without virtual pipeline stages (see :func:`build_model_chunks` for those).
-    ``vocab_size`` must already be padded (:func:`megatron_ipt.presets.padded_vocab_size`). Needs
+    ``vocab_size`` must already be padded (:func:`megatron_ipt.training.presets.padded_vocab_size`). Needs
     megatron's parallel state initialised. With ``precision="bf16"`` the model is wrapped in
     ``Float16Module`` as Megatron-LM does. Returns the (possibly wrapped) module, not yet DDP-wrapped.
     Raises ValueError for a layout with virtual pipeline stages.
@@ -143,7 +143,7 @@ def build_model_chunks(
     chunk of the last rank. All chunks share one ``TransformerConfig`` (the schedule reads the first chunk's).
     Same arguments and wrapping as :func:`build_model`; returns the list (length VPP, or 1). With
     ``device=torch.device("meta")`` the modules have the CPU model's structure and no parameter memory (what
-    ``megatron_ipt.convert`` needs for the checkpoint's sharded-state-dict layout).
+    ``megatron_ipt.hf.convert`` needs for the checkpoint's sharded-state-dict layout).
     """
     ps = mcore.parallel_state()
     meta = device.type == "meta"  # structure only (no memory): the CPU model's layers, parameters on meta

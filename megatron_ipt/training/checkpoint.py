@@ -24,7 +24,7 @@ An async save (``train.async_save``: ``save_checkpoint(..., async_queue=...)``) 
 process writes the tensors and reports through megatron's Manager queue (so the guard matters there), and
 ``layout.json`` / ``latest`` are written by the request's finalize step once every rank finished.
 
-Cross-version: every call into ``dist_checkpointing`` goes through :mod:`megatron_ipt.mcore` (keywords
+Cross-version: every call into ``dist_checkpointing`` goes through :mod:`megatron_ipt.training.mcore` (keywords
 only; its positional parameters moved between versions), which also writes the ``common.pt`` file that
 megatron-core 0.16.1 needs and 0.17+ no longer write, so a checkpoint saved with either end of the
 supported range resumes on the other (tested by ``tests/test_crossversion.py``).
@@ -45,7 +45,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from megatron_ipt import mcore
+from megatron_ipt.training import mcore
 from megatron_ipt.manifest import atomic_write_text
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -221,7 +221,7 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, pr
     Must be called on every rank. ``model``: one module or the list of model chunks, DDP-wrapped or not.
     ``keep_last``: then remove all but the newest K checkpoints (:func:`prune_checkpoints`, rank 0).
     Mirrors Megatron-LM's ``save_checkpoint`` with ``--ckpt-format torch_dist``; synchronous unless
-    ``async_queue`` (:func:`megatron_ipt.mcore.async_calls_queue`) is given: then a save still in flight is
+    ``async_queue`` (:func:`megatron_ipt.training.mcore.async_calls_queue`) is given: then a save still in flight is
     finished first, the state is handed to megatron's async writer (a forked process writes the tensors while
     training goes on), and ``layout.json``, ``latest`` and pruning happen in the request's finalize step, once
     every rank's files are written (``async_queue.maybe_finalize_async_calls``). The seconds returned are then

@@ -1,0 +1,133 @@
+"""One training iteration and one held-out evaluation through megatron-core's pipeline schedules.
+
+``train_step`` mirrors Megatron-LM's ``train_step`` (zero grads, forward/backward over the micro-batches of
+one global batch, optimizer step, scheduler step); ``evaluate`` runs the same schedule with
+``forward_only=True`` over a whole held-out set. Losses are reduced token-weighted over micro-batches and
+data-parallel ranks, so every rank returns the same number.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_ipt.config import ExperimentConfig
+from megatron_ipt.training import data, mcore, parallel
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean per-token loss of a micro-batch, plus its (sum, tokens) for exact token-weighted reporting.
+
+    The schedule divides the returned loss in place, so the reported numbers are detached clones.
+    """
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    tokens = mask.sum()
+    loss = loss_sum / tokens.clamp(min=1.0)
+    return loss, {"loss_sum": loss_sum.detach().clone(), "tokens": tokens.detach().clone()}
+
+
+def _forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """The schedule's ``forward_step_func``: one micro-batch through the model (per-token losses)."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device  # batches are built on the host; a no-op on CPU
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        labels=batch["labels"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
+    """Sum (loss_sum, tokens) over micro-batches and data-parallel ranks; the same result on every rank.
+
+    Only the last pipeline stage has losses, and tensor-parallel ranks hold copies, so only
+    (last stage, TP rank 0) ranks contribute to a world all-reduce.
+    """
+    ps = mcore.parallel_state()
+
+    totals = torch.zeros(2, dtype=torch.float64, device=collective_device())
+    contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        for out in outputs:
+            totals[0] += float(out["loss_sum"])
+            totals[1] += float(out["tokens"])
+    torch.distributed.all_reduce(totals)
+    return float(totals[0]), float(totals[1])
+
+
+def evaluate(model: list[torch.nn.Module], forward_backward: Callable, dataset, cfg: ExperimentConfig,
+             layout: parallel.Layout, seq_length: int | None = None) -> float:
+    """Mean per-token loss (nats) over the whole held-out ``dataset`` (or ``train.eval_iters`` batches).
+
+    ``model``: the model chunks. ``seq_length``: the dataset's sequence length (default ``model.seq_length``;
+    shorter for small sets). With virtual pipeline stages the micro-batch count is rounded up to a multiple of
+    the pipeline size (the interleaved schedule needs it; the extra micro-batches carry a zero loss mask).
+    """
+    ps = mcore.parallel_state()
+
+    multiple = layout.pipeline_model_parallel_size if layout.virtual_pipeline_model_parallel_size else 1
+    iterators = []
+    for _chunk in model:  # the interleaved schedule takes one iterator per model chunk (Megatron-LM's convention)
+        count, batches = data.eval_micro_batches(
+            dataset, micro_batch_size=layout.micro_batch_size,
+            data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=layout.data_parallel_size,
+            max_batches=cfg.train.eval_iters, multiple_of=multiple,
+        )
+        iterators.append(batches)
+    for chunk in model:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = forward_backward(
+            forward_step_func=_forward_step, data_iterator=iterators, model=model, num_microbatches=count,
+            seq_length=seq_length or cfg.model.seq_length, micro_batch_size=layout.micro_batch_size, forward_only=True,
+        )
+    for chunk in model:
+        chunk.train()
+    loss_sum, tokens = _reduce_losses(outputs or [])
+    return loss_sum / max(tokens, 1.0)
+
+
+def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backward: Callable,
+               batches: list[Iterator[dict]], cfg: ExperimentConfig, layout: parallel.Layout) -> dict:
+    """One iteration (Megatron-LM's ``train_step``): zero grads, forward/backward over the micro-batches,
+    optimizer step, scheduler step. ``model`` / ``batches``: the model chunks and one micro-batch iterator per
+    chunk. Returns loss (token-weighted mean), lr, grad norm, skipped flag."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = forward_backward(
+        forward_step_func=_forward_step, data_iterator=batches, model=model,
+        num_microbatches=layout.num_microbatches, seq_length=cfg.model.seq_length,
+        micro_batch_size=layout.micro_batch_size, forward_only=False,
+    )
+    ok, grad_norm, _num_zeros = optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+    scheduler.step(increment=1)
+    loss_sum, tokens = _reduce_losses(outputs or [])
+    return {"loss": loss_sum / max(tokens, 1.0), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok}
+
+
+def parameter_count(model: list[torch.nn.Module]) -> int:
+    """Parameters of the whole model: this rank's non-duplicated params (all chunks) summed over TP and PP ranks."""
+    ps = mcore.parallel_state()
+
+    local = sum(p.numel() for chunk in model for p in chunk.parameters()
+                if mcore.param_is_not_tensor_parallel_duplicate(p))
+    total = torch.tensor([local], dtype=torch.int64, device=collective_device())
+    torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
+    return int(total.item())
+
+
+def collective_device() -> torch.device:
+    """Where tensors for torch.distributed collectives live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
