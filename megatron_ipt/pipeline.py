@@ -135,6 +135,18 @@ def _log_journal(journal, counts: dict, what: str) -> None:
         _log(f"synthesize: {what}: {counts['resumed_prompts']} prompts resumed from its journal")
 
 
+def synthesis_line(counts: dict) -> str:
+    """One line of a synthesis result: ``synthesize: 51 pairs kept from 70 documents (50 with pairs); 59 dropped:
+    44 no_answer_tag, 9 duplicate_question, ...`` (reasons by count)."""
+    dropped = counts.get("pairs_dropped", {})
+    line = (f"synthesize: {counts['pairs_kept']} pairs kept from {counts['documents']} documents "
+            f"({counts.get('documents_with_pairs', '?')} with pairs)")
+    if dropped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+        line += f"; {sum(dropped.values())} dropped: {reasons}"
+    return line
+
+
 def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Synthesize instruction-response pairs for every document (train and held-out).
 
@@ -163,7 +175,7 @@ def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         except OSError:
             break
     _log_journal(journal, counts, "unsharded run")
-    _log(f"synthesize: {counts['pairs_kept']} pairs kept from {counts['documents']} documents, dropped {counts['pairs_dropped']}")
+    _log(synthesis_line(counts))
     return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
 
 

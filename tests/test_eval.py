@@ -179,4 +179,4 @@ def test_compare_puts_one_model_in_one_column_across_tasks():
     assert table.splitlines() == [
         "| task | metric | base | cpt | cpt (2) |", "| --- | --- | --- | --- | --- |",
         "| rc | answer_nll | 3.0000 | 2.0000 | 2.5000 |", "| rc | examples | 5 | 5 | 5 |",
-        "| heldout_perplexity | raw_nll |  | 1.5000 |  |", "| heldout_perplexity | examples |  | 7 |  |"]
+        "| heldout_perplexity | raw_nll |  | 1.5000 |  |", "| heldout_perplexity | windows scored |  | 7 |  |"]

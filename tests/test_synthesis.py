@@ -140,3 +140,22 @@ def test_unset_batch_size_journals_transformers_batches_of_8(tiny_llama_path, ti
                              progress=False, engine=tiny_engine, journal=journal)
         batches[size] = journal.batches
     assert batches == {None: 2, 4: 3}  # 10 prompts: 8 + 2, and 4 + 4 + 2
+
+
+def test_redirected_output_shows_progress_lines_and_a_resume_says_how_much_was_done(tiny_llama_path, tiny_engine,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """With stdout not a terminal (as under Slurm or nohup) synthesis prints plain progress lines, not a bar drawn
+    once at the end; a rerun on the same journal says how many prompts it already holds."""
+    from data_prep.shards import ShardJournal
+
+    monkeypatch.setenv("IPT_PROGRESS_SECONDS", "0")
+    journal = ShardJournal(tmp_path / "j.jsonl", key="k")
+    synthesize_documents(_cfg(tiny_llama_path), DOCS, tmp_path / "a.jsonl", engine=tiny_engine, journal=journal)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("synthesize: ")]
+    assert lines[0].startswith("synthesize: 2/3 prompts (67%) | ") and "generated tokens/s" in lines[0]
+    assert lines[-1].startswith("synthesize: 3/3 prompts (100%)")
+    synthesize_documents(_cfg(tiny_llama_path), DOCS, tmp_path / "b.jsonl", engine=tiny_engine,
+                         journal=ShardJournal(tmp_path / "j.jsonl", key="k"))
+    out = capsys.readouterr().out
+    assert "synthesize: resuming: 3 of 3 prompts already done" in out
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()

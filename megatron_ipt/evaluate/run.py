@@ -126,10 +126,15 @@ def write_results(path: str | Path, model: dict, task: str, result: dict, settin
     return record
 
 
+# What a record's ``n`` counts, per task, for the table's last row (reading comprehension and harness tasks count
+# examples; held-out perplexity counts the windows of up to the sequence length that were scored).
+COUNT_LABELS = {"heldout_perplexity": "windows scored"}
+
+
 def markdown(records: list[dict]) -> str:
     """A side-by-side table: one column per model (records of one model name on different tasks share a column;
-    the same model and task twice gets a second column), one row per (task, metric), then the task's number of
-    examples."""
+    the same model and task twice gets a second column), one row per (task, metric), then what the task counted
+    (:data:`COUNT_LABELS`: examples, or windows scored for held-out perplexity)."""
     labels: list[str] = []
     taken: list[tuple[str, set]] = []  # per column: model name, tasks in it
     cells: dict[str, dict[str, dict[int, str]]] = {}  # task -> metric ("examples" last) -> column -> text
@@ -149,6 +154,6 @@ def markdown(records: list[dict]) -> str:
     lines = ["| task | metric | " + " | ".join(labels) + " |", "| --- | --- |" + " --- |" * len(labels)]
     for task, metrics in cells.items():
         examples = metrics.pop("\0examples")
-        for metric, row in [*metrics.items(), ("examples", examples)]:
+        for metric, row in [*metrics.items(), (COUNT_LABELS.get(task, "examples"), examples)]:
             lines.append(f"| {task} | {metric} | " + " | ".join(row.get(i, "") for i in range(len(labels))) + " |")
     return "\n".join(lines) + "\n"
