@@ -93,6 +93,11 @@ def test_every_config_key_has_a_description():
     assert not missing, f"config keys without description=: {missing}"
 
 
+def test_readme_reads_in_five_minutes():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details into docs/"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page):
     broken = []
