@@ -111,6 +111,24 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
 
 
+def test_experiment_yaml_snippets_in_the_docs_validate(tmp_path):
+    """A ```yaml block whose top-level keys are all experiment keys is a config fragment: it must load."""
+    import yaml
+
+    from megatron_ipt.config import load_config
+
+    checked = 0
+    for page in PAGES:
+        for block in re.findall(r"```ya?ml\n(.*?)```", page.read_text(), re.S):
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and data and set(data) <= set(ExperimentConfig.model_fields):
+                path = tmp_path / "snippet.yaml"
+                path.write_text(block)
+                load_config(path)  # raises ConfigError naming the key
+                checked += 1
+    assert checked >= 1
+
+
 def test_github_slug_matches_githubs_rules():
     assert github_slug("Supported versions") == "supported-versions"
     assert github_slug("The `ipt` command") == "the-ipt-command"
