@@ -115,7 +115,9 @@ def _shard_options(args) -> tuple[int, int | None]:
 
 def _write_reference(path: str) -> int:
     """``ipt config --reference PATH``: write docs/configuration.md (generated from the config models'
-    field descriptions, :mod:`megatron_ipt.config_reference`) to PATH, or print it when PATH is '-'."""
+    field descriptions, :mod:`megatron_ipt.config_reference`) to PATH, or print it when PATH is '-'.
+
+    Raises IptError (exit 2) when PATH's folder does not exist (e.g. run outside the repository root)."""
     from pathlib import Path
 
     from megatron_ipt.config_reference import reference_markdown
@@ -123,9 +125,13 @@ def _write_reference(path: str) -> int:
     text = reference_markdown()
     if path == "-":
         print(text, end="")
-    else:
-        Path(path).write_text(text)
-        print(f"ipt config: wrote {path}")
+        return 0
+    if not Path(path).parent.is_dir():
+        from megatron_ipt.errors import IptError
+
+        raise IptError(f"--reference: no folder {Path(path).parent}/ here (run it in the repository root, or give a PATH)")
+    Path(path).write_text(text)
+    print(f"ipt config: wrote {path}")
     return 0
 
 

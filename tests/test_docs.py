@@ -80,6 +80,11 @@ def test_ipt_config_reference_writes_the_page(tmp_path, capsys):
     assert capsys.readouterr().out.endswith(text)
 
 
+def test_ipt_config_reference_into_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["config", "--reference", str(tmp_path / "no-such-dir" / "configuration.md")]) == 2
+    assert "no folder" in capsys.readouterr().err
+
+
 def test_every_config_key_has_a_description():
     missing, queue = [], [("", ExperimentConfig)]
     while queue:
