@@ -40,7 +40,6 @@ import json
 import math
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from data_prep.chunking import split_text
 from data_prep.engines import TransformersEngine
 from data_prep.errors import DataPrepError
 from data_prep.models import resolve_model
+from data_prep.progress import StageProgress
 from data_prep.parse import (CON, CON_CLOSE, Pair, ParseResult, filter_grounded, filter_repetitive, parse_pairs,
                              structure_counts)
 from data_prep.prompts import CHAT_INSTRUCTION, Prompt, build_prompt, truncate_to_tokens
@@ -159,7 +159,9 @@ def synthesize_documents(
     loaded engine to reuse (default: built from ``cfg.model``/``cfg.engine``). ``journal``: a
     :class:`data_prep.shards.ShardJournal` to resume from and append finished batches to. Rounds, chains and
     chunks: see the module docstring. Generation runs in batches of :func:`generate_batch_size` prompts, longest first,
-    with a rich progress bar when ``progress``. In lenient mode generation also stops at ``<CON>``/``</CON>``
+    with progress reports when ``progress`` (:class:`data_prep.progress.StageProgress`: a rich bar on a terminal,
+    periodic lines otherwise; a resumed run first says how many prompts the journal holds). In lenient mode
+    generation also stops at ``<CON>``/``</CON>``
     (the parser ignores everything after them anyway). ``out_path`` is written atomically
     (``data_prep.atomic``), so it is complete or absent.
 
@@ -176,7 +178,11 @@ def synthesize_documents(
     gen = _Generation(done=journal.load() if journal is not None else {},
                       seconds=journal.seconds if journal is not None else 0.0)  # time spent on the resumed batches
     total = sum(len(d.contexts) for d in docs)
-    with _progress_bar(progress, total) as bar:
+    resumed = _resumed_prompts(documents, docs, gen.done)
+    if resumed and progress:
+        print(f"synthesize: resuming: {resumed} of {total} prompts already done (journal {journal.path})", flush=True)
+    with StageProgress("synthesize", total, "prompts", rates={"generated tokens": 0}, done=resumed,
+                       enabled=progress) as bar:
         for r in range(plan.rounds):
             members = [i for i, d in enumerate(docs) if d.round == r]
             _build_round_prompts(cfg, docs, members, plan)
@@ -274,7 +280,8 @@ def _generate_round(cfg, engine, plan: _PromptPlan, documents: list[dict], docs:
     for start in range(0, len(order), size):
         batch = order[start : start + size]
         keys = [(str(documents[units[k][0]]["id"]), units[k][1]) for k in batch]
-        if all(key in gen.done for key in keys):
+        fresh = not all(key in gen.done for key in keys)
+        if not fresh:
             results = [gen.done[key] for key in keys]
         else:
             t0 = time.perf_counter()
@@ -289,11 +296,14 @@ def _generate_round(cfg, engine, plan: _PromptPlan, documents: list[dict], docs:
             outputs[units[k]] = res
             gen.tokens += int(res["tokens"])
         gen.finished += len(batch)
-        bar_progress, task = bar
-        if bar_progress is not None:
-            bar_progress.update(task, advance=len(batch), tok_s=gen.tokens / max(gen.seconds, 1e-9),
-                                doc_s=gen.finished / max(gen.seconds, 1e-9))
+        if fresh:  # resumed batches were counted as done when the progress report started
+            bar.advance(len(batch), generated_tokens=sum(int(res["tokens"]) for res in results))
     return outputs
+
+
+def _resumed_prompts(documents: list[dict], docs: list[_Doc], done: dict) -> int:
+    """Prompts (document, chunk) whose output the journal already holds."""
+    return sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts)) if (str(doc["id"]), c) in done)
 
 
 def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen: _Generation, model_path: Path) -> dict:
@@ -303,8 +313,6 @@ def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen
     for d in docs:
         pairs_dropped.update(d.dropped)
         structure.update(structure_counts(d.kept))
-    resumed = sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts))
-                  if (str(doc["id"]), c) in gen.done)
     return {
         "documents": len(documents),
         "documents_with_pairs": sum(bool(d.kept) for d in docs),
@@ -315,7 +323,7 @@ def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen
         "chunked_documents": sum(len(d.contexts) > 1 for d in docs),
         "rounds": plan.rounds,
         "chained_documents": sum(d.link is not None for d in docs),
-        "resumed_prompts": resumed,
+        "resumed_prompts": _resumed_prompts(documents, docs, gen.done),
         "generated_tokens": gen.tokens,
         "generation_seconds": round(gen.seconds, 3),
         "generated_tokens_per_second": round(gen.tokens / gen.seconds, 2) if gen.seconds > 0 else 0.0,
@@ -388,25 +396,3 @@ def _record(cfg, doc: dict, d: _Doc, documents: list[dict], rounds: int) -> dict
     if getattr(cfg, "save_prompts", False):
         record["prompts"] = [p.text for p in d.prompts]
     return record
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int):
-    """Yield (rich Progress, task id): prompts bar, prompts/s, generated tokens/s, elapsed and ETA; or (None, None)."""
-    if not enabled:
-        yield None, None
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    with Progress(
-        TextColumn("synthesize"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("prompts  {task.fields[doc_s]:.2f} prompts/s"),
-        TextColumn("{task.fields[tok_s]:.1f} generated tokens/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    ) as bar:
-        yield bar, bar.add_task("synthesize", total=total, tok_s=0.0, doc_s=0.0)

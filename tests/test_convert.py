@@ -82,6 +82,20 @@ def test_logits_match_transformers_and_round_trip_is_bit_identical(case, tmp_pat
     assert "config.json" in files
 
 
+def test_loading_a_checkpoint_prints_no_library_deprecation_warnings(tmp_path):
+    """megatron-core's torch_dist load calls torch's deprecated ``load_state_dict`` and ShardedTensor: FutureWarnings
+    the user cannot act on, printed on every load unless the seam silences them."""
+    import warnings
+
+    hf_model(tmp_path / "hf", "llama3")
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    tokens = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        megatron_logits(tmp_path / "mg", tmp_path / "hf", tokens)
+    assert not [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+
+
 def scratch_bytes(model, itemsize):
     """Bytes of the megatron tensors that are not one slice of one Hugging Face tensor: fused QKV (weights and
     biases) and the embedding / output layer (padded from 200 to 256 rows)."""

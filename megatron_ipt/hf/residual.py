@@ -151,7 +151,7 @@ def _run(out: Path, sources: dict[str, ModelWeights], meta_from: Path, plan: lis
                 block = compute(t.name, r0, min(info_rows, r0 + step))
                 writer.write(t.name, block)
                 if bar:
-                    bar.update(block.numel() * block.element_size())
+                    bar.advance(block.numel() * block.element_size())
             report.tensors += 1
         shards = writer.close()
         if bar:
@@ -171,11 +171,12 @@ def _run(out: Path, sources: dict[str, ModelWeights], meta_from: Path, plan: lis
 
 
 def _progress(enabled: bool, total: int):
+    """Bytes written so far: a rich bar on a terminal, periodic lines otherwise; None when not ``enabled``."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    from data_prep.progress import StageProgress
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="residual", leave=False)
+    return StageProgress("residual", total, "", byte_units=True)
 
 
 def _rows(name: str, r0: int, r1: int, limit: int | None, shared: Callable[[int, int], torch.Tensor],

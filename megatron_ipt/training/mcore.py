@@ -343,8 +343,16 @@ def load_distributed(template: dict, directory: Path | str, *, whole_tensors: bo
     tensor whole, is skipped."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory),
-                                   validate_access_integrity=whole_tensors)
+    with warnings.catch_warnings():  # torch deprecations inside megatron-core's torch_dist loader, on every load
+        for message in LOAD_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        return dist_checkpointing.load(sharded_state_dict=template, checkpoint_dir=str(directory),
+                                       validate_access_integrity=whole_tensors)
+
+
+# FutureWarnings torch raises from megatron-core's torch_dist load path (megatron-core 0.16-0.19 with torch 2.13+):
+# ``torch.distributed.checkpoint.load_state_dict`` and ``ShardedTensor`` are deprecated. Nothing a user can act on.
+LOAD_DEPRECATIONS = (r"`load_state_dict` is deprecated", r"Please use DTensor instead and we are deprecating ShardedTensor")
 
 
 def filesystem_async_module():
