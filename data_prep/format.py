@@ -1,4 +1,4 @@
-"""The instruction-augmented corpus (Instruction Pre-Training, ipt-method.md section 2).
+"""The instruction-augmented corpus (Instruction Pre-Training, arXiv 2406.14491; LMOps reference).
 
 A chain of up to M documents (rebuilt from the synthesis's ``prev_id`` links; without links each document
 is its own chain, or ``group_consecutive`` groups consecutive training documents) becomes ONE training

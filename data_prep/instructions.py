@@ -1,4 +1,4 @@
-"""General instruction data for continual pre-training (ipt-method.md section 3).
+"""General instruction data for continual pre-training (Instruction Pre-Training, arXiv 2406.14491).
 
 Reads any JSONL of instruction data with a configurable field mapping: question/response records as in
 OpenOrca-style sets, or multi-turn ``conversations`` lists (``[{"from": "human", "value": ...}, ...]``).

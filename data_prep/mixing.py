@@ -1,9 +1,10 @@
 """Mixing general instructions into the instruction-augmented domain texts at a target token ratio.
 
-The paper's domain-adaptive set-up mixes the augmented domain corpus with general instructions at 1:1 by
-tokens of the training tokenizer (ipt-method.md section 3). :func:`select_general` takes general texts in a
-seeded order until their tokens reach ``ratio`` times the domain tokens, going through the pool at most
-``max_passes`` times, and keeps the last text only if that lands closer to the target.
+The paper's domain-adaptive set-up (arXiv 2406.14491) mixes the augmented domain corpus with general
+instructions (OpenOrca, each example rendered ``{question} {response}``) at 1:1 by tokens of the training
+tokenizer. :func:`select_general` takes general texts in a seeded order until their tokens reach ``ratio``
+times the domain tokens, going through the pool at most ``max_passes`` times, and keeps the last text only
+if that lands closer to the target.
 """
 
 from __future__ import annotations

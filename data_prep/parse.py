@@ -56,10 +56,11 @@ class Pair:
     def to_dict(self) -> dict[str, str]:
         return {"question": self.question, "answer": self.answer}
 
-    # Structure of the pair under the synthesizer's conventions (shared/notes/ipt-method.md): multiple-choice
-    # questions carry "\nOptions:\n- o1\n- o2"; chain-of-thought questions end with "Let's think step by
-    # step." and their answers end "Therefore, the answer is {final}". data_prep.format.parse_item sorts
-    # pairs into the same families when formatting; these properties expose it at parse time.
+    # Structure of the pair under the released synthesizer's conventions (LMOps instruction_pretrain; Cheng et
+    # al., arXiv 2406.14491): multiple-choice questions carry "\nOptions:\n- o1\n- o2"; chain-of-thought
+    # questions end with "Let's think step by step." and their answers end "Therefore, the answer is {final}".
+    # data_prep.format.parse_item sorts pairs into the same families when formatting; these properties expose
+    # it at parse time.
 
     @property
     def cot(self) -> bool:

@@ -8,8 +8,10 @@ Formats (``SynthesisConfig.prompt_format``):
 - ``fewshot``: for instruct models not tuned on the format (SmolLM2): short demonstrations in the tag
   format, then ``<CON> {text} </CON>\\n\\n<QUE>``; the trailing ``<QUE>`` is prefilled, so the parser must
   see ``prefill + output``; tokenized with the tokenizer's default special tokens (a BOS for
-  Llama/Mistral tokenizers, nothing for SmolLM2). Raw continuation works better than chat turns for SmolLM2-135M
-  (shared/notes/offline-assets.md).
+  Llama/Mistral tokenizers, nothing for SmolLM2). Raw continuation works better than chat turns for SmolLM2-135M:
+  with chat prompts it writes one question and ends its turn, or drifts into unrelated code (0 usable pairs of
+  8 documents tried); with two demonstrations and ``<QUE>`` prefilled, greedy, it writes about one pair per
+  document, most of them grounded in the text.
 - ``chat``: any instruct model through its own chat template: an instruction (system message), the
   demonstrations as user/assistant turns, the document as the last user turn, then ``<QUE>`` prefilled
   after the assistant header; tokenized with ``add_special_tokens=False`` (the template has them).

@@ -1,4 +1,4 @@
-"""The project's own template bank for instruction-augmented texts (ipt-method.md section 2).
+"""The project's own template bank for instruction-augmented texts (Instruction Pre-Training, arXiv 2406.14491).
 
 Written for megatron-ipt (the reference's bank derives from FLAN v2; nothing here is copied from it). The
 bank is data: lists of parts that :mod:`data_prep.format` draws from, once per chain, with a seeded RNG.

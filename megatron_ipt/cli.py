@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(p, required=False)
         if name == "synthesize":
             _add_shard_arguments(p)
-    p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.")
+    p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.",
+                       description="Print the resolved config (defaults, file and --set overrides) as YAML, or, with "
+                       "--reference, write the configuration reference (every key, its type, default and description).")
     _add_common(p)
+    p.add_argument("--reference", nargs="?", const="docs/configuration.md", default=None, metavar="PATH",
+                   help="write the Markdown configuration reference generated from the config models to PATH "
+                   "(default: docs/configuration.md; '-': print it) instead of printing a config")
     # Tools that work on files rather than on an experiment's stages: each module adds its own subcommand
     # with ``add_parser(sub)`` and sets ``handler`` (args -> exit status) through ``set_defaults``.
     for module in TOOL_MODULES:
@@ -106,6 +111,28 @@ def _shard_options(args) -> tuple[int, int | None]:
     if args.shard_index is None and not args.merge:
         raise IptError("ipt synthesize --num-shards needs --shard-index I (or --merge)")
     return args.num_shards, args.shard_index
+
+
+def _write_reference(path: str) -> int:
+    """``ipt config --reference PATH``: write docs/configuration.md (generated from the config models'
+    field descriptions, :mod:`megatron_ipt.config_reference`) to PATH, or print it when PATH is '-'.
+
+    Raises IptError (exit 2) when PATH's folder does not exist (e.g. run outside the repository root)."""
+    from pathlib import Path
+
+    from megatron_ipt.config_reference import reference_markdown
+
+    text = reference_markdown()
+    if path == "-":
+        print(text, end="")
+        return 0
+    if not Path(path).parent.is_dir():
+        from megatron_ipt.errors import IptError
+
+        raise IptError(f"--reference: no folder {Path(path).parent}/ here (run it in the repository root, or give a PATH)")
+    Path(path).write_text(text)
+    print(f"ipt config: wrote {path}")
+    return 0
 
 
 def _reading_comprehension(cfg) -> dict | None:
@@ -197,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.tokenize import run as tokenize_standalone
 
             return tokenize_standalone(args)
+        if args.command == "config" and args.reference is not None:
+            return _write_reference(args.reference)
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             import yaml

@@ -96,9 +96,10 @@ class SynthesisConfig(_Section):
     batch_size: int | None = Field(
         None, ge=1, description="Prompts per generate call, and per journaled batch (what a crash can lose). Default: "
         "every prompt of a round in one call for vllm (the reference; vLLM schedules them itself), 8 for transformers.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="transformers engine: where the synthesizer runs; auto: cuda when torch sees a GPU, else cpu.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Synthesizer weights' dtype.")
+    seed: int = Field(0, description="Sampling seed of the engine (matters only when temperature > 0).")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily (the reference).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs the synthesizer is sharded over.")
@@ -178,8 +179,9 @@ class PerSplitBlend(_Section):
 class BlendConfig(_Section):
     """Training blend of raw domain text, instruction-augmented text and extra prefixes (weights, normalised)."""
 
-    raw_weight: float = Field(0.5, ge=0.0)
-    instruct_weight: float = Field(0.5, ge=0.0)
+    raw_weight: float = Field(0.5, ge=0.0, description="Blend weight of the raw training documents (train_raw).")
+    instruct_weight: float = Field(
+        0.5, ge=0.0, description="Blend weight of train_ipt: augmented chains, raw replay and general instructions.")
     extra: list[BlendComponent] = Field(
         default_factory=list, description="More indexed datasets in the blend: [{prefix, weight, name, valid_prefix}].")
     mock: bool = Field(
@@ -212,11 +214,12 @@ class ModelConfig(_Section):
     hf_config: str | None = Field(
         None, description="Take the architecture from a Hugging Face Llama/Qwen2 folder or config.json instead of "
         "the preset (the model a converted checkpoint came from; see ipt convert).")
-    num_layers: int | None = Field(None, ge=1)
-    hidden_size: int | None = Field(None, ge=1)
-    ffn_hidden_size: int | None = Field(None, ge=1)
-    num_attention_heads: int | None = Field(None, ge=1)
-    num_query_groups: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1, description="Transformer layers; default: the preset's (or hf_config's).")
+    hidden_size: int | None = Field(None, ge=1, description="Model width; default: the preset's.")
+    ffn_hidden_size: int | None = Field(None, ge=1, description="SwiGLU inner size (per gate); default: the preset's.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Query heads; default: the preset's.")
+    num_query_groups: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention); default: the preset's.")
     seq_length: int = Field(256, ge=8, description="Training sequence length in tokens.")
     transformer_impl: Literal["auto", "transformer_engine", "local"] = Field(
         "auto", description="Layer implementation: Transformer Engine (GPU), megatron-core's local modules (what runs "
@@ -226,10 +229,11 @@ class ModelConfig(_Section):
 class ParallelConfig(_Section):
     """Parallel layout; data parallel size is derived: world size / (TP * PP * CP)."""
 
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    pipeline_model_parallel_size: int = Field(1, ge=1)
+    tensor_model_parallel_size: int = Field(1, ge=1, description="Tensor parallel size (TP): each layer split over this many ranks.")
+    pipeline_model_parallel_size: int = Field(1, ge=1, description="Pipeline parallel size (PP): layers split into this many stages.")
     nproc_per_node: int = Field(1, ge=1, description="Processes to start on this machine (torchrun) when not launched by one.")
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = Field(
+        False, description="Shard optimizer state over data-parallel ranks (megatron-core's distributed optimizer).")
     virtual_pipeline_model_parallel_size: int | None = Field(
         None, ge=1, description="Model chunks per pipeline stage (interleaved 1F1B; needs PP >= 2, layers divisible by "
         "PP x this, micro-batches per iteration divisible by PP).")
@@ -240,38 +244,48 @@ class ParallelConfig(_Section):
 class TrainConfig(_Section):
     """Stage ``train``: Megatron-Core training on the blend."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when torch sees a GPU, else cpu (megatron-core through the CPU backend); cuda "
+        "without a GPU is an error.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: parameters in bf16 (megatron's Float16Module), fp32 main weights in the optimizer, "
+        "gradients reduced in fp32; on CPU and GPU.")
     fp8: Literal["hybrid", "e4m3"] | None = Field(
         None, description="FP8 through Transformer Engine on a GPU (on top of bf16): hybrid = e4m3 forward, e5m2 grads.")
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(
         "delayed", description="FP8 scaling recipe (megatron-core's fp8_recipe; mxfp8 needs Blackwell).")
     fp8_amax_history_len: int = Field(1024, ge=1, description="delayed scaling: amax history length.")
-    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = Field(
+        "max", description="delayed scaling: scale from the history's maximum or its most recent amax.")
     fp8_bf16_layers: int = Field(0, ge=0, description="Keep this many first and last layers in bf16 (not with delayed).")
-    train_iters: int = Field(300, ge=1)
-    micro_batch_size: int = Field(4, ge=1)
-    global_batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    min_lr: float = Field(3e-4, ge=0)
-    lr_warmup_iters: int = Field(20, ge=0)
+    train_iters: int = Field(300, ge=1, description="Training iterations (optimizer steps) of the whole run.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass on one data-parallel rank.")
+    global_batch_size: int = Field(
+        8, ge=1, description="Sequences per iteration over all ranks; must be divisible by micro_batch_size x data "
+        "parallel size (the quotient is the number of micro-batches, gradient accumulation).")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (Adam), reached after warmup.")
+    min_lr: float = Field(3e-4, ge=0, description="Learning rate at the end of the decay; not larger than lr.")
+    lr_warmup_iters: int = Field(20, ge=0, description="Iterations of linear warmup from 0 to lr.")
     lr_decay_style: Literal["cosine", "linear", "constant", "wsd"] = Field(
         "cosine", description="After warmup: cosine / linear decay to min_lr, constant, or wsd (warmup-stable-decay: "
         "constant until the last lr_wsd_decay_fraction of the run, then lr_wsd_decay_style down to min_lr).")
     lr_wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of train_iters spent decaying.")
-    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
-    weight_decay: float = Field(0.1, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = Field(1.0, ge=0)
-    seed: int = 1234
-    log_interval: int = Field(10, ge=1)
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = Field(
+        "linear", description="wsd: shape of the final decay to min_lr.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay (constant over the run).")
+    adam_beta1: float = Field(0.9, description="Adam beta1.")
+    adam_beta2: float = Field(0.95, description="Adam beta2.")
+    clip_grad: float = Field(1.0, ge=0, description="Clip the global gradient norm to this value.")
+    seed: int = Field(1234, description="Seed of model initialisation and of the datasets' sample order.")
+    log_interval: int = Field(10, ge=1, description="Log (console and metrics.jsonl) every this many iterations.")
     tensorboard: bool = Field(False, description="Also write the logged scalars to TensorBoard (train/tensorboard/).")
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
     eval_interval: int | None = Field(
         None, ge=1, description="Also evaluate every held-out component (raw, pairs, each blend.extra valid_prefix) every "
         "this many iterations (metrics.jsonl event 'eval'); before and after training always.")
-    save_checkpoint: bool = True
+    save_checkpoint: bool = Field(
+        True, description="Save a checkpoint at the end of training (a run stopped early by exit_duration_minutes or "
+        "a signal saves anyway).")
     save_interval: int | None = Field(
         None, ge=1, description="Also save a checkpoint every this many iterations (a rerun resumes from the latest)."
     )
@@ -299,7 +313,7 @@ class TrainConfig(_Section):
 class ExperimentConfig(_Section):
     """One experiment: where its run folder is, and one section per stage."""
 
-    name: str = "quickstart"
+    name: str = Field("quickstart", description="Experiment name; fills '{name}' in run_dir.")
     run_dir: str = Field("runs/{name}", description="Run folder; '{name}' is replaced by the experiment name.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)

@@ -2,7 +2,7 @@
 
 megatron-core calls ``torch.cuda.current_device()``, passes ``device="cuda"`` literals, calls
 ``.cuda()``, asserts ``tensor.type() == "torch.cuda.FloatTensor"``, reads the CUDA RNG state and uses
-CUDA streams and events in about a hundred files (see ``shared/notes/megatron-core-on-cpu.md``).
+CUDA streams and events in about a hundred files.
 Rather than patching call sites, this module, while active:
 
 - points ``torch.cuda.current_device`` at device index 0, and the CUDA RNG functions
