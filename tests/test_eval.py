@@ -121,7 +121,7 @@ def tiny_hf_model(folder, vocab=512):
     return folder
 
 
-def test_free_form_answers_by_hf_generate_match_the_greedy_loop(tmp_path, tiny_tokenizer_dir):
+def test_free_form_answers_by_hf_generate_match_the_greedy_loop(tmp_path, tiny_tokenizer_dir, capsys):
     from data_prep.encoders import load_encoder
     from megatron_ipt.evaluate.generate import greedy_generate
     from megatron_ipt.evaluate.run import evaluate_rc
@@ -140,6 +140,8 @@ def test_free_form_answers_by_hf_generate_match_the_greedy_loop(tmp_path, tiny_t
         assert g["f1"] == pytest.approx(scoring.token_f1(g["prediction"], g["reference"]))
     assert result["metrics"]["exact_match"] == pytest.approx(sum(g["exact_match"] for g in result["generations"]) / 2)
     assert 0.0 <= result["metrics"]["f1"] <= 1.0
+    err = capsys.readouterr().err  # progress on stderr (not a terminal here: plain lines), results stay on stdout
+    assert "eval: scoring: 2/2 sequences (100%)" in err and "eval: generating: 2/2 answers (100%)" in err
 
 
 @pytest.mark.parametrize("record, message", [

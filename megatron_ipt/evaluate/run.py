@@ -74,12 +74,23 @@ def answer_nlls(scorer, sequences: list[tuple[list[int], int]], batch_size: int)
     """Mean NLL (nats/token) of the tokens from ``answer_start`` on, for each ``(ids, answer_start)``, in order;
     the model runs ``batch_size`` sequences per forward (``scorer.logits_batch``)."""
     out: list[float] = [0.0] * len(sequences)
-    for batch in by_length([ids for ids, _ in sequences], batch_size):
-        logits = scorer.logits_batch([sequences[i][0] for i in batch])
-        for i, row in zip(batch, logits):
-            ids, start = sequences[i]
-            out[i] = scoring.mean_nll(*scoring.answer_logprob(row, _tensor(ids), start))
+    with _progress("eval: scoring", len(sequences), "sequences") as progress:
+        for batch in by_length([ids for ids, _ in sequences], batch_size):
+            logits = scorer.logits_batch([sequences[i][0] for i in batch])
+            for i, row in zip(batch, logits):
+                ids, start = sequences[i]
+                out[i] = scoring.mean_nll(*scoring.answer_logprob(row, _tensor(ids), start))
+            progress.advance(len(batch))
     return out
+
+
+def _progress(name: str, total: int, unit: str):
+    """Progress on stderr (stdout carries the results table): a bar on a terminal, periodic lines otherwise."""
+    import sys
+
+    from data_prep.progress import StageProgress
+
+    return StageProgress(name, total, unit, stream=sys.stderr)
 
 
 def free_form_answers(scorer, encoder, examples: list[rc.RCExample], max_length: int, max_new_tokens: int,
@@ -94,9 +105,11 @@ def free_form_answers(scorer, encoder, examples: list[rc.RCExample], max_length:
         ids, start, _ = tokenized_example(encoder, ex, "", max_length - max_new_tokens)
         prompts.append(ids[:start])
     generated: list[list[int]] = [[] for _ in prompts]
-    for batch in by_length(prompts, batch_size):
-        for i, new in zip(batch, scorer.generate_batch([prompts[i] for i in batch], max_new_tokens, encoder.eod_id)):
-            generated[i] = new
+    with _progress("eval: generating", len(prompts), "answers") as progress:
+        for batch in by_length(prompts, batch_size):
+            for i, new in zip(batch, scorer.generate_batch([prompts[i] for i in batch], max_new_tokens, encoder.eod_id)):
+                generated[i] = new
+            progress.advance(len(batch), generated_tokens=sum(len(generated[i]) for i in batch))
     out = []
     for ex, new in zip(examples, generated):
         prediction = answer_text(decode(encoder, new))
