@@ -32,7 +32,7 @@ from pathlib import Path
 from megatron_ipt.errors import IptError, LaunchError
 
 STAGES = ("train", "run", "synthesize", "tokenize", "eval")
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding megatron_ipt/ and data_prep/
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding megatron_ipt/ and data_prep/
 
 
 class LaunchFailed(LaunchError):
