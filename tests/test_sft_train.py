@@ -128,3 +128,29 @@ def test_a_packed_conversation_sees_only_itself(sft_dir):
                 assert not torch.allclose(leaky[0, offset - n:offset], alone[0], atol=1e-5, rtol=0)
         finally:
             parallel.teardown()
+
+
+def test_ipt_sft_tokenizes_trains_and_reuses_a_finished_run(tmp_path, tiny_tokenizer_dir, capsys):
+    from megatron_ipt.cli import main
+
+    rows = [{"question": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
+            for a in range(8) for b in range(4)]
+    (tmp_path / "conv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"""
+name: sft-cli
+run_dir: {tmp_path}/runs/{{name}}
+model: {{preset: llama-test, seq_length: 64}}
+train: {{device: cpu, micro_batch_size: 2, global_batch_size: 4, log_interval: 1}}
+sft: {{data: ["{tmp_path}/conv.jsonl"], valid_data: ["{tmp_path}/conv.jsonl"], tokenizer: "{tiny_tokenizer_dir}",
+       template: plain, train_iters: 2, lr: 1.0e-3, min_lr: 1.0e-4, lr_warmup_iters: 1}}
+""")
+    assert main(["sft", str(config)]) == 0
+    run = tmp_path / "runs" / "sft-cli"
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["counts"]["iterations"] == 2
+    assert set(manifest["losses"]) == {"sft_valid"}
+    assert json.loads((run / "sft_data" / "train.manifest.json").read_text())["conversations"] == len(rows)
+    capsys.readouterr()
+    assert main(["sft", str(config)]) == 0
+    assert "up to date" in capsys.readouterr().err
