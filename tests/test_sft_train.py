@@ -77,25 +77,34 @@ def test_packing_groups_whole_conversations_in_order():
     assert pack(np.arange(6), positions, 64, packed=False) == [[0], [1], [2], [4], [5]]
 
 
-def test_sft_loss_decreases_and_resume_is_exact(sft_dir, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    summary = sft_stage(_cfg(), sft_dir, straight, "fp")
+@pytest.fixture(scope="module")
+def straight(sft_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """Six SFT iterations without interruption (packed samples, held-out conversations)."""
+    out = tmp_path_factory.mktemp("sft_straight")
+    return out, sft_stage(_cfg(), sft_dir, out, "fp")
+
+
+def test_sft_loss_decreases(straight):
+    out, summary = straight
     assert summary["completed"] and summary["packed"]
-    manifest = json.loads((straight / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "sft" and manifest["config"]["train"]["train_iters"] == 6
-    losses = _losses(straight)
+    losses = _losses(out)
     assert losses[6] < losses[1] - 0.3, losses
     valid = summary["losses"]["sft_valid"]
     assert valid["after"] < valid["before"] - 0.3, valid
     print("sft losses", losses, "valid", valid)
 
+
+def test_sft_resume_is_exact(straight, sft_dir, tmp_path):
+    resumed = tmp_path / "resumed"
     first = sft_stage(_cfg(), sft_dir, resumed, "fp", exit_after_iterations=3)
     assert not first["completed"]
     second = sft_stage(_cfg(), sft_dir, resumed, "fp")
     assert second["resumed_from_iteration"] == 3
-    got = _losses(resumed)
+    expected, got = _losses(straight[0]), _losses(resumed)
     for it in (4, 5, 6):
-        assert got[it] == pytest.approx(losses[it], rel=1e-6, abs=1e-6), it
+        assert got[it] == pytest.approx(expected[it], rel=1e-6, abs=1e-6), it
 
 
 def test_a_packed_conversation_sees_only_itself(sft_dir):
