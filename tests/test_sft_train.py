@@ -163,3 +163,16 @@ sft: {{data: ["{tmp_path}/conv.jsonl"], valid_data: ["{tmp_path}/conv.jsonl"], t
     capsys.readouterr()
     assert main(["sft", str(config)]) == 0
     assert "up to date" in capsys.readouterr().err
+
+
+def test_ipt_sft_names_the_key_of_a_missing_input(tmp_path, tiny_tokenizer_dir, capsys):
+    from megatron_ipt.cli import main
+
+    (tmp_path / "conv.jsonl").write_text(json.dumps({"question": "q?", "response": "a."}) + "\n")
+    base = ["sft", "--set", f"run_dir={tmp_path}/run", "--set", "train.device=cpu", "--set", "model.preset=llama-test",
+            "--set", f"sft.tokenizer={tiny_tokenizer_dir}", "--set", "sft.template=plain"]
+    assert main(base) == 2
+    assert "sft.data is empty" in capsys.readouterr().err
+    assert main(base + ["--set", f"sft.data=[{tmp_path}/conv.jsonl]", "--set", f"sft.init_from={tmp_path}/nowhere"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ipt sft:")]
+    assert len(error) == 1 and "sft.init_from" in error[0] and "nowhere" in error[0], error
