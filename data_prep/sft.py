@@ -290,3 +290,28 @@ def _render_line(line: bytes, opts: SFTOptions, chat, where: str) -> tuple[str |
     if isinstance(messages, str):
         return messages, None
     return None, (render_chat(chat, messages, where) if chat is not None else render_plain(messages))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m data_prep.sft``: the data side alone (e.g. in the synthesis environment), no experiment file."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.sft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", action="append", required=True, metavar="GLOB", help="JSONL conversations; repeatable")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with a chat template for chat)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_mask.bin/.idx, PREFIX.manifest.json")
+    p.add_argument("--template", choices=TEMPLATES, default="chat", help="chat (default) or plain")
+    p.add_argument("--bad-input", choices=["skip", "fail"], default="skip")
+    a = p.parse_args(argv)
+    try:
+        tokenize_conversations(a.input, a.output_prefix, a.tokenizer,
+                               SFTOptions(template=a.template, bad_input=a.bad_input))
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -127,3 +127,17 @@ def test_bad_records_are_counted_or_fatal_with_file_and_line(tmp_path, tiny_toke
                                SFTOptions(template="plain", bad_input="fail"), log=lambda *_: None)
     with pytest.raises(DataPrepError, match="no chat template"):
         tokenize_conversations([src], tmp_path / "sft3", tiny_tokenizer_dir, SFTOptions(template="chat"))
+
+
+def test_the_standalone_command_writes_the_same_bytes(tmp_path, tiny_tokenizer_dir, capsys):
+    from data_prep.sft import main
+
+    src = _write(tmp_path / "qa.jsonl", CONVERSATIONS)
+    assert main(["--input", str(src), "--tokenizer", str(tiny_tokenizer_dir), "--output-prefix", str(tmp_path / "cli"),
+                 "--template", "plain"]) == 0
+    tokenize_conversations([src], tmp_path / "api", tiny_tokenizer_dir, SFTOptions(template="plain"), log=lambda *_: None)
+    for suffix in (".bin", ".idx", f"{MASK_SUFFIX}.bin", f"{MASK_SUFFIX}.idx"):
+        assert (tmp_path / f"cli{suffix}").read_bytes() == (tmp_path / f"api{suffix}").read_bytes()
+    assert main(["--input", str(tmp_path / "none.jsonl"), "--tokenizer", str(tiny_tokenizer_dir),
+                 "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
