@@ -3,6 +3,7 @@
     ipt run examples/quickstart.yaml                 # corpus -> synthesize -> format -> tokenize -> train
     ipt synthesize examples/quickstart.yaml --set synthesis.max_new_tokens=64
     ipt train examples/quickstart.yaml --set train.train_iters=50 --force
+    ipt sft examples/paper/quickstart-sft.yaml       # instruction tuning (sft section)
     ipt config examples/quickstart.yaml              # print the resolved config
 
 Imports of torch, transformers and megatron-core happen inside the stages, so ``--help`` is instant.
@@ -23,6 +24,8 @@ STAGE_HELP = {
               "bank (modes, pair families, inversion), plus general instructions mixed in at a token ratio (format section).",
     "tokenize": "Tokenize raw and augmented texts into Megatron indexed datasets, PREFIX.bin/.idx, one EOD per document.",
     "train": "Train with Megatron-Core on the raw : instruction-augmented blend; evaluates held-out loss before and after.",
+    "sft": "Instruction-tune with Megatron-Core on JSONL conversations (sft section), loss on assistant tokens only, "
+           "usually from sft.init_from (a continually pre-trained checkpoint); not part of ipt run.",
 }
 
 # Modules that register a file-level tool as a subcommand (light imports only at module level).

@@ -310,6 +310,47 @@ class TrainConfig(_Section):
         return self
 
 
+class SFTConfig(_Section):
+    """Stage ``sft``: supervised instruction tuning on JSONL conversations (loss on the assistant's tokens only)."""
+
+    data: list[str] = Field(
+        default_factory=list, description="JSONL files or globs of training conversations (messages with role/content, "
+        "ShareGPT conversations with from/value, or question/response records).")
+    valid_data: list[str] = Field(
+        default_factory=list, description="JSONL of held-out conversations; their loss (assistant tokens) is reported "
+        "as sft_valid before, during (train.eval_interval) and after tuning.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder (a chat template for template chat); default: tokenize.tokenizer, else "
+        "the synthesizer's.")
+    template: Literal["chat", "plain"] = Field(
+        "chat", description="chat: the tokenizer's chat template (apply_chat_template); plain: '{question} {response}' "
+        "for base models (BOS first, end-of-text as the last target).")
+    fields: dict[Literal["messages", "conversations", "role", "content", "question", "response", "system"], str] = Field(
+        default_factory=dict, description="Field names in the JSONL (defaults: messages, conversations, role, content, "
+        "question, response, system).")
+    bad_input: Literal["skip", "fail"] = Field(
+        "skip", description="Records without an assistant reply, malformed JSON, non-UTF-8: skip (counted) or fail.")
+    packing: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="packed: several conversations per sequence, position ids restarting, no attention across "
+        "them (needs attention that applies a per-sample mask: the local layer spec without fused softmax); padded: one "
+        "conversation per sequence; auto: packed where supported, else padded.")
+    init_from: str | None = Field(
+        None, description="Start from this torch_dist checkpoint (weights only), usually the continually pre-trained "
+        "model (e.g. runs/NAME/train/checkpoints); None: random initialisation.")
+    train_iters: int = Field(100, ge=1, description="Tuning iterations (optimizer steps).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of the tuning run.")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the (train.lr_decay_style) decay.")
+    lr_warmup_iters: int = Field(10, ge=0, description="Warmup iterations of the tuning run.")
+    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per micro-batch; default: train's.")
+    global_batch_size: int | None = Field(None, ge=1, description="Sequences per iteration; default: train's.")
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> "SFTConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"sft.min_lr {self.min_lr} is larger than sft.lr {self.lr}")
+        return self
+
+
 class ExperimentConfig(_Section):
     """One experiment: where its run folder is, and one section per stage."""
 
@@ -323,6 +364,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
 
     @property
     def run_path(self) -> Path:

@@ -7,6 +7,7 @@ Run folder layout (``cfg.run_path``)::
     formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs .jsonl   {"id", "text"}
     tokenized/    the same four names as Megatron indexed datasets (.bin/.idx)
     train/        checkpoints/, metrics.jsonl
+    sft/          data/ (train, valid: tokens + loss mask, data_prep.sft), checkpoints/, metrics.jsonl   (ipt sft)
     config.yaml   the resolved experiment config
 
 Each folder ends with a ``manifest.json`` (see :mod:`megatron_ipt.manifest`). A stage whose manifest
@@ -32,7 +33,8 @@ from megatron_ipt.errors import LaunchError, TrainingStopped
 from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
 
 STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
-STAGE_DIRS = {"corpus": "corpus", "synthesize": "synthesis", "format": "formatted", "tokenize": "tokenized", "train": "train"}
+STAGE_DIRS = {"corpus": "corpus", "synthesize": "synthesis", "format": "formatted", "tokenize": "tokenized", "train": "train",
+              "sft": "sft"}
 DATASETS = ("train_raw", "train_ipt", "heldout_raw", "heldout_pairs")
 
 
@@ -326,14 +328,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         return done
     out = stage_path(cfg, "train")
     rank = int(os.environ.get("RANK", "0"))
-    stamp = out / "fingerprint"
-    if rank == 0:  # folder housekeeping happens once, before any process group exists
-        if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
-            aside = out.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(out, aside)
-            _log(f"[yellow]train: {out} held a different run; moved it to {aside}[/yellow]")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stamp, fp + "\n")
+    _claim_training_dir(out, fp, force, rank)
 
     from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
 
@@ -357,6 +352,20 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     return StageResult("train", out, read_manifest(out, "train"), False)
 
 
+def _claim_training_dir(out: Path, fp: str, force: bool, rank: int) -> None:
+    """Rank 0, before any process group exists: a folder holding another run (other fingerprint, or ``force``) is
+    moved aside to ``NAME.replaced-<time>``; the fingerprint is stamped."""
+    stamp = out / "fingerprint"
+    if rank != 0:
+        return
+    if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out, aside)
+        _log(f"[yellow]{out.name}: {out} held a different run; moved it to {aside}[/yellow]")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, fp + "\n")
+
+
 def _raise_if_stopped(out: Path) -> None:
     """Raise TrainingStopped when the (relaunched) training processes saved and stopped early on request."""
     from megatron_ipt.training.train import STOPPED
@@ -367,7 +376,69 @@ def _raise_if_stopped(out: Path) -> None:
                               "was saved: rerun the same command to resume")
 
 
-RUNNERS = {"corpus": run_corpus, "synthesize": run_synthesize, "format": run_format, "tokenize": run_tokenize, "train": run_train}
+def sft_data(cfg: ExperimentConfig) -> tuple[Path, dict]:
+    """Tokenize ``sft.data`` (and ``sft.valid_data``) into ``run_dir/sft_data/{train,valid}`` (tokens + loss mask,
+    ``data_prep.sft``; a rerun with the same inputs, tokenizer and settings reuses them). Returns the folder and
+    the data manifests. Under torchrun only rank 0 writes; the others read what it (or the launcher) wrote."""
+    from data_prep.sft import SFTFields, SFTOptions, tokenize_conversations
+    from megatron_ipt.config import ConfigError
+    from megatron_ipt.training.sft import read_data_manifest
+
+    s = cfg.sft
+    if not s.data:
+        raise ConfigError("sft.data is empty: give the JSONL files (or globs) of training conversations")
+    out = cfg.run_path / "sft_data"
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out, {name: read_data_manifest(out, name) for name in ("train", "valid")[: 1 + bool(s.valid_data)]}
+    tok = Path(s.tokenizer) if s.tokenizer else tokenizer_path(cfg)
+    opts = SFTOptions(template=s.template, fields=SFTFields(**s.fields), bad_input=s.bad_input)
+    manifests = {"train": tokenize_conversations(s.data, out / "train", tok, opts, log=_log)}
+    if s.valid_data:
+        manifests["valid"] = tokenize_conversations(s.valid_data, out / "valid", tok, opts, log=_log)
+    else:  # no held-out set configured: leave none behind for the trainer to find
+        for stale in out.glob("valid*"):
+            stale.unlink()
+    return out, manifests
+
+
+def run_sft(cfg: ExperimentConfig, force: bool = False) -> StageResult:
+    """Instruction tuning (``sft`` section): tokenize the conversations, then train through megatron-core from
+    ``sft.init_from``, loss on the assistant tokens only; resumes from the stage folder's latest checkpoint."""
+    data_dir, manifests = sft_data(cfg)
+    fp = fingerprint("sft", cfg.model.model_dump(mode="json"), cfg.parallel.model_dump(mode="json"),
+                     cfg.train.model_dump(mode="json"), cfg.sft.model_dump(mode="json"),
+                     {k: m["settings"] for k, m in manifests.items() if "settings" in m})
+    if done := _skip(cfg, "sft", fp, force):
+        return done
+    out = stage_path(cfg, "sft")
+    rank = int(os.environ.get("RANK", "0"))
+    _claim_training_dir(out, fp, force, rank)
+    from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
+
+    if needs_relaunch(cfg.parallel.nproc_per_node):
+        config_file = save_resolved_config(cfg)
+        cmd = torchrun_command(["-m", "megatron_ipt.cli", "sft", str(config_file)], cfg.parallel.nproc_per_node)
+        _log(f"sft: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
+        rc = subprocess.call(cmd)
+        _raise_if_stopped(out)
+        if rc != 0:
+            raise LaunchError(f"sft processes exited with status {rc}; see their output above")
+        return StageResult("sft", out, read_manifest(out, "sft"), False)
+    from megatron_ipt.training.sft import sft_stage
+
+    summary = sft_stage(cfg, data_dir, out, fp)
+    if summary.get("stopped_by"):
+        raise TrainingStopped(f"sft stopped at iteration {summary['iterations']} ({summary['stopped_by']}); "
+                              "a checkpoint was saved: rerun the same command to resume")
+    if rank != 0:
+        return StageResult("sft", out, {"counts": summary}, False)
+    _log(f"sft: {summary['iterations']} iterations, final loss {summary['final_train_loss']:.4f}"
+         + "".join(f"; {k} {v['before']:.4f} -> {v['after']:.4f}" for k, v in summary.get("losses", {}).items()))
+    return StageResult("sft", out, read_manifest(out, "sft"), False)
+
+
+RUNNERS = {"corpus": run_corpus, "synthesize": run_synthesize, "format": run_format, "tokenize": run_tokenize, "train": run_train,
+           "sft": run_sft}
 
 
 def run_all(cfg: ExperimentConfig, force: bool = False, until: str = "train") -> dict[str, StageResult]:

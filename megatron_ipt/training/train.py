@@ -455,8 +455,10 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
 
 
 def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint: str, started: float, run: Run,
-           sets: Datasets, state: StartState, loop: LoopResult, device: torch.device) -> dict:
-    """The run's summary; when training completed, the held-out losses after it and (rank 0) the stage manifest.
+           sets: Datasets, state: StartState, loop: LoopResult, device: torch.device, *, stage: str = "train",
+           manifest_inputs: dict | None = None) -> dict:
+    """The run's summary; when training completed, the held-out losses after it and (rank 0) the stage manifest
+    (``stage``; its inputs: ``manifest_inputs``, default the tokenize manifest in ``tokenized_dir``).
     A run stopped early on request writes ``STOPPED`` (iteration, reason) instead of a manifest."""
     t, progress, layout = cfg.train, state.progress, run.layout
     if loop.stopped_by and run.rank0:
@@ -500,8 +502,8 @@ def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprin
     if run.rank0:
         loop.reporter.log({"event": "heldout_after", **after})
         write_manifest(
-            out_dir, stage="train", fingerprint=fingerprint, config=cfg.model_dump(mode="json"),
-            inputs={"tokenize_manifest": tokenized_dir / "manifest.json"},
+            out_dir, stage=stage, fingerprint=fingerprint, config=cfg.model_dump(mode="json"),
+            inputs=manifest_inputs or {"tokenize_manifest": tokenized_dir / "manifest.json"},
             counts={k: summary[k] for k in ("iterations", "consumed_samples", "tokens_trained", "parameters")},
             started=started, losses=summary["losses"],
             train={k: v for k, v in summary.items() if k not in ("losses", "parallel")},
