@@ -5,6 +5,8 @@ the scripts, and the residual and evaluate scripts."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -253,3 +255,42 @@ def test_a_two_node_job_preempted_and_requeued_ends_with_the_single_node_loss_cu
     assert sorted(two) == sorted(one)
     assert all(two[i] == pytest.approx(one[i], rel=1e-6, abs=1e-6) for i in one), (two, one)
 
+
+def _training_pid(config: Path, rank: str) -> int | None:
+    """The pid of this config's training process with RANK=rank (read from /proc), or None."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in cmdline and str(config).encode() in cmdline and f"RANK={rank}".encode() in environ \
+                and b"megatron_ipt.cli" in cmdline and b"torch.distributed.run" not in cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_training_process_on_one_node_ends_the_job_and_latest_names_a_complete_checkpoint(
+        slurm_cluster, tokenized, tmp_path):
+    if _nodes(slurm_cluster) < 2:
+        pytest.skip("the local cluster has one node (IPT_SLURM_NODES=1)")
+    from megatron_ipt.training.checkpoint import checkpoint_dir, latest_iteration
+
+    config = _experiment(tmp_path, tokenized, ITERS, "killed", train__save_interval=2)
+    log = tmp_path / "job.out"
+    job = _train(slurm_cluster, config, log, 29615, "--nodes=2")
+    checkpoints = tmp_path / "killed" / "train" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not ((checkpoints / "latest").is_file() and (pid := _training_pid(config, "1"))):
+        assert time.monotonic() < deadline and slurm_cluster.state(job)[0] in ("PENDING", "RUNNING"), _log(log)
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)  # rank 1, the second node's training process
+    killed = time.monotonic()
+    state = slurm_cluster.wait(job, timeout=300)
+    assert state == "FAILED", f"{state}\n{_log(log)}"
+    assert time.monotonic() - killed < 120, _log(log)
+    iteration = latest_iteration(checkpoints)  # raises if 'latest' names a missing folder
+    assert iteration and (checkpoint_dir(checkpoints, iteration) / ".metadata").is_file()
+    assert not (tmp_path / "killed" / "train" / "stopped.json").exists()
