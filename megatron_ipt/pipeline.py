@@ -344,6 +344,12 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         from megatron_ipt.training.train import train_stage
 
         summary = train_stage(cfg, stage_path(cfg, "tokenize"), out, fp)
+        if summary.get("stopped_by") and os.environ.get("IPT_STOPPED_EXIT") == "0":
+            # a job script (slurm/train.sbatch) that reads stopped.json itself: a clean stop is a clean exit,
+            # so torchrun and srun report no failure
+            if rank == 0:
+                _log(f"train: stopped at iteration {summary['iterations']} ({summary['stopped_by']}); checkpoint saved")
+            return StageResult("train", out, {"counts": summary}, False)
         if summary.get("stopped_by"):
             raise TrainingStopped(f"training stopped at iteration {summary['iterations']} ({summary['stopped_by']}); "
                                   "a checkpoint was saved: rerun the same command to resume")

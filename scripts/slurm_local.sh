@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# A real single-node Slurm cluster on this machine (Slurm 22.05 from Debian: slurmctld, slurmd, slurmdbd with
-# MariaDB for accounting, munge), without systemd or cgroups, for the test suite and for trying the sbatch
-# scripts before a real cluster. Every daemon runs from STATE_DIR with its own pid file and is stopped by pid.
+# A real Slurm cluster on this machine (Slurm 22.05 from Debian: slurmctld, slurmd, slurmdbd with MariaDB for
+# accounting, munge), without systemd or cgroups, for the test suite and for trying the sbatch scripts before a
+# real cluster. Every daemon runs from STATE_DIR with its own pid file and is stopped by pid.
+# Two nodes by default (IPT_SLURM_NODES): Debian builds Slurm with multiple-slurmd support (`scontrol show config`:
+# MULTIPLE_SLURMD = Yes), so one slurmd per node runs here, each with its own node name (slurmd -N), port, spool,
+# log and pid file. Both nodes are this machine (same CPUs, same file system, NodeAddr 127.0.0.1): a multi-node
+# test gets a real two-node allocation, one slurmd/slurmstepd per node, srun steps spanning both, and processes
+# of different nodes meeting over TCP; it does not get separate hosts or network stacks.
 #
 #   bash scripts/slurm_local.sh up [STATE_DIR]       # idempotent; prints: export SLURM_CONF=STATE_DIR/etc/slurm.conf
 #   bash scripts/slurm_local.sh status [STATE_DIR]   # exit 0 when every daemon runs and the node answers
@@ -16,7 +21,9 @@
 # The daemons never inherit the lock (fd 9) nor the caller's stdout, so a caller reading this script's output
 # through a pipe sees it end.
 # Variables: STATE_DIR (argument) or IPT_SLURM_STATE (default /tmp/ipt-slurm); IPT_SLURM_PORT, the first of
-# four consecutive TCP ports on 127.0.0.1 (slurmctld, slurmd, slurmdbd, mariadbd; default 16817);
+# consecutive TCP ports on 127.0.0.1 (slurmctld, the first slurmd, slurmdbd, mariadbd, then one per further
+# slurmd; default 16817); IPT_SLURM_NODES (default 2; the first node is named after this host, the others
+# HOST-2, HOST-3...);
 # IPT_SLURM_CLUSTER (cluster name, default ipt), IPT_SLURM_PARTITION (default local), IPT_SLURM_ACCOUNT
 # (default ipt). Logs: STATE_DIR/log/.
 set -euo pipefail
@@ -28,17 +35,27 @@ port="${IPT_SLURM_PORT:-16817}"
 cluster="${IPT_SLURM_CLUSTER:-ipt}"
 partition="${IPT_SLURM_PARTITION:-local}"
 account="${IPT_SLURM_ACCOUNT:-ipt}"
+n_nodes="${IPT_SLURM_NODES:-2}"
+[[ "$n_nodes" =~ ^[1-9][0-9]*$ ]] || { echo "slurm_local.sh: IPT_SLURM_NODES=$n_nodes: expected a positive integer" >&2; exit 2; }
 conf="$state/etc/slurm.conf"
 export SLURM_CONF="$conf"
-daemons=(munged mariadbd slurmdbd slurmctld slurmd)
+host="$(hostname -s)"
+nodes=("$host")
+for ((i = 2; i <= n_nodes; i++)); do nodes+=("$host-$i"); done
+node_port() {  # the slurmd port of node number $1 (1-based)
+  if [ "$1" = 1 ]; then echo $((port + 1)); else echo $((port + 2 + $1)); fi
+}
+daemons=(munged mariadbd slurmdbd slurmctld "${nodes[@]/#/slurmd:}")
 
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
 log() { echo "slurm_local.sh: $*" >&2; }
 
+# Daemons are named by program; a slurmd as slurmd:NODE (one per node).
 pidfile() {
   case "$1" in
     munged) echo "$state/munge/munged.pid" ;;
     mariadbd) echo "$state/mysql/mariadbd.pid" ;;
+    slurmd:*) echo "$state/run/slurmd-${1#slurmd:}.pid" ;;
     *) echo "$state/run/$1.pid" ;;
   esac
 }
@@ -49,7 +66,7 @@ daemon_pid() {
   file="$(pidfile "$1")"
   [ -s "$file" ] || return 1
   pid="$(tr -dc 0-9 <"$file")"
-  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${1%%:*}" ] || return 1
   echo "$pid"
 }
 
@@ -82,8 +99,8 @@ install_packages() {
 }
 
 write_configs() {
-  local node node_hw auth
-  node="$(hostname -s)"
+  local node node_hw auth i
+  node="$host"
   # slurmd -C prints this machine's node line: NodeName=... CPUs=... RealMemory=...; keep all but the name.
   node_hw="$(slurmd -C | head -n 1 | sed 's/^NodeName=[^ ]* *//')"
   [ -n "$node_hw" ] || die "slurmd -C printed no node line"
@@ -93,18 +110,17 @@ write_configs() {
 ClusterName=$cluster
 SlurmctldHost=$node(127.0.0.1)
 SlurmctldPort=$port
-SlurmdPort=$((port + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=$auth
 CredType=cred/munge
 StateSaveLocation=$state/spool/ctld
-SlurmdSpoolDir=$state/spool/d
+SlurmdSpoolDir=$state/spool/d-%n
 SlurmctldPidFile=$(pidfile slurmctld)
-SlurmdPidFile=$(pidfile slurmd)
+SlurmdPidFile=$state/run/slurmd-%n.pid
 SlurmctldLogFile=$state/log/slurmctld.log
-SlurmdLogFile=$state/log/slurmd.log
+SlurmdLogFile=$state/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -118,9 +134,11 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$((port + 2))
 AccountingStoragePass=$auth
-NodeName=$node NodeAddr=127.0.0.1 $node_hw State=UNKNOWN
-PartitionName=$partition Nodes=$node Default=YES MaxTime=INFINITE State=UP
+PartitionName=$partition Nodes=$(IFS=,; echo "${nodes[*]}") Default=YES MaxTime=INFINITE State=UP
 EOF
+  for i in "${!nodes[@]}"; do
+    echo "NodeName=${nodes[$i]} NodeHostname=$node NodeAddr=127.0.0.1 Port=$(node_port $((i + 1))) $node_hw State=UNKNOWN"
+  done >>"$conf.tmp"
   mv "$conf.tmp" "$conf"
   (
     umask 077  # slurmdbd refuses a slurmdbd.conf that others can read
@@ -180,10 +198,12 @@ start_mariadbd() {
   started+=(mariadbd)
 }
 
-start_slurm_daemon() {  # slurmdbd | slurmctld | slurmd: each forks into the background and writes its pid file
+start_slurm_daemon() {  # slurmdbd | slurmctld | slurmd:NODE: each forks into the background, writes its pid file
   daemon_pid "$1" >/dev/null && return 0
-  "$1" </dev/null >>"$state/log/$1.start.log" 2>&1 9>&- || { show_log "$1"; die "$1 did not start"; }
-  wait_for 30 daemon_pid "$1" || { show_log "$1"; die "$1 did not write its pid file"; }
+  local cmd=("${1%%:*}") name="${1/:/-}"
+  case "$1" in slurmd:*) mkdir -p "$state/spool/d-${1#slurmd:}"; cmd+=(-N "${1#slurmd:}") ;; esac
+  "${cmd[@]}" </dev/null >>"$state/log/$name.start.log" 2>&1 9>&- || { show_log "$name"; die "$1 did not start"; }
+  wait_for 30 daemon_pid "$1" || { show_log "$name"; die "$1 did not write its pid file"; }
   started+=("$1")
 }
 
@@ -201,9 +221,20 @@ ensure_association() {
 
 no_jobs() { [ -z "$(squeue -h -o %i 2>/dev/null)" ]; }
 
-node_state() { sinfo -h -N -n "$(hostname -s)" -o %T 2>/dev/null; }
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null; }
 
-node_idle() { case "$(node_state)" in idle | mixed | allocated) return 0 ;; *) return 1 ;; esac; }
+node_idle() { case "$(node_state "$1")" in idle | mixed | allocated) return 0 ;; *) return 1 ;; esac; }
+
+nodes_idle() {
+  local n
+  for n in "${nodes[@]}"; do node_idle "$n" || return 1; done
+}
+
+nodes_states() {
+  local n out=()
+  for n in "${nodes[@]}"; do out+=("$n $(node_state "$n")"); done
+  (IFS=,; echo "${out[*]}")
+}
 
 up() {
   [ "$(id -u)" = 0 ] || die "bringing up the local cluster needs root (slurmd, munged as the munge user)"
@@ -215,6 +246,12 @@ up() {
   if [ ! -s "$state/mysql.pass" ]; then
     (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$state/mysql.pass")
   fi
+  if [ -e "$state/run/slurmd.pid" ]; then
+    # a cluster brought up by the single-node version of this script: its slurmd and slurmctld know one node
+    stop_legacy_slurmd
+    stop slurmctld
+    rm -f "$state/run/slurmd.pid"
+  fi
   write_configs
   started=()
   start_munged
@@ -224,14 +261,17 @@ up() {
   ensure_association
   start_slurm_daemon slurmctld
   wait_for 30 scontrol ping || { show_log slurmctld; die "slurmctld does not answer scontrol ping"; }
-  start_slurm_daemon slurmd
-  if ! wait_for 30 node_idle; then
+  local n
+  for n in "${nodes[@]}"; do start_slurm_daemon "slurmd:$n"; done
+  if ! wait_for 30 nodes_idle; then
     # a node left down or drained by an earlier run: tell slurmctld it is back
-    scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
-    wait_for 30 node_idle || { show_log slurmd; die "node $(hostname -s) is $(node_state), not idle"; }
+    for n in "${nodes[@]}"; do
+      node_idle "$n" || scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
+    done
+    wait_for 30 nodes_idle || { show_log "slurmd-$host"; die "nodes not idle: $(nodes_states)"; }
   fi
   wait_for 30 sacct -n -X || { show_log slurmdbd; die "sacct does not answer"; }
-  log "${#started[@]} daemon(s) started${started[*]:+: ${started[*]}}; node $(hostname -s) $(node_state)," \
+  log "${#started[@]} daemon(s) started${started[*]:+: ${started[*]}}; nodes $(nodes_states)," \
     "partition $partition, account $account, cluster $cluster"
   echo "export SLURM_CONF=$conf"
 }
@@ -242,8 +282,8 @@ status() {
     if pid="$(daemon_pid "$name")"; then echo "$name: running (pid $pid)"; else echo "$name: stopped"; ok=1; fi
   done
   if [ "$ok" = 0 ]; then
-    echo "node $(hostname -s): $(node_state)"
-    node_idle && sacct -n -X >/dev/null 2>&1 || ok=1
+    echo "nodes: $(nodes_states)"
+    nodes_idle && sacct -n -X >/dev/null 2>&1 || ok=1
   fi
   [ "$ok" = 0 ] && echo "export SLURM_CONF=$conf"
   return "$ok"
@@ -263,8 +303,21 @@ down() {
     fi
   fi
   # the Slurm daemons together, then what they use (the database, munge) together
-  stop slurmd slurmctld slurmdbd
+  # every slurmd with a pid file (also of nodes an earlier IPT_SLURM_NODES had, and the single-node layout's)
+  local f slurmds=()
+  for f in "$state"/run/slurmd-*.pid; do [ -e "$f" ] && slurmds+=("slurmd:$(basename "$f" .pid | sed 's/^slurmd-//')"); done
+  stop "${slurmds[@]}" slurmctld slurmdbd
+  [ -e "$state/run/slurmd.pid" ] && stop_legacy_slurmd
   stop mariadbd munged
+}
+
+stop_legacy_slurmd() {  # the single slurmd of a cluster brought up by an earlier version of this script
+  local pid
+  pid="$(tr -dc 0-9 <"$state/run/slurmd.pid")"
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmd ]; then
+    kill -TERM "$pid" && wait_for 30 test ! -e "/proc/$pid" && echo "stopped slurmd (pid $pid)"
+  fi
+  return 0
 }
 
 stop() {  # TERM to each running daemon named, then wait for all of them (KILL after 30 s)

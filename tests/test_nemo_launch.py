@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from megatron_ipt.errors import IptError
-from megatron_ipt.launch.nemo import SlurmOptions, StageCommand, environment, find_log, slurm_options
+from megatron_ipt.launch.nemo import (STAGES, SlurmOptions, StageCommand, align_time_limit, environment, find_log,
+                                      slurm_options)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir  # noqa: E402
@@ -60,6 +61,29 @@ def test_local_environment_puts_the_project_on_pythonpath():
     env = environment(True, {"X": "1"})
     assert env["PYTHONPATH"].split(":")[0] == str(ROOT) and env["X"] == "1"
     assert "PYTHONPATH" not in environment(False)  # remote (ssh) file systems: nothing local leaks in
+
+
+def test_the_slurm_time_limit_defaults_to_the_training_budget_plus_a_save_margin():
+    opts = SlurmOptions(account="a")
+    align_time_limit(opts, 235)  # examples/llama3-8b-cpt.yaml: save and stop after 235 minutes
+    assert opts.time == "04:00:00"
+    opts = SlurmOptions(account="a")
+    align_time_limit(opts, None)
+    opts.check()
+    assert opts.time == "01:00:00"
+
+
+def test_a_time_limit_shorter_than_the_training_budget_is_refused_naming_both(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"exit_duration_minutes": 235}}))
+    r = _ipt("launch", str(config), "--stage", "train", "--executor", "slurm", "--account", "a", "--time", "01:00:00",
+             cwd=tmp_path)
+    assert r.returncode == 2
+    assert "--time 01:00:00" in r.stderr and "train.exit_duration_minutes=235" in r.stderr
+
+
+def test_every_pipeline_stage_can_be_launched():
+    assert {"corpus", "synthesize", "format", "tokenize", "train"} <= set(STAGES)
 
 
 def _tiny_experiment(tmp_path: Path, **sets) -> Path:
@@ -149,3 +173,30 @@ def test_launch_trains_with_torchrun_inside_a_slurm_job(slurm_cluster, tmp_path)
     assert log.name.startswith(f"log-{slurm_cluster.account}") and "iteration 3/3" in log.read_text()
     manifest = yaml.safe_load((tmp_path / "run" / "train" / "manifest.json").read_text())
     assert manifest["parallel"]["world_size"] == 2 and manifest["counts"]["iterations"] == 3
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+def test_launch_trains_across_two_slurm_nodes_with_one_process_each(slurm_cluster, tmp_path):
+    """SlurmExecutor with --nodes 2 on the local two-node cluster (two slurmd on this machine): NeMo-Run's
+    torchrun launcher, one process per node, data parallel across the nodes."""
+    pytest.importorskip("nemo_run")
+    nodes = slurm_cluster.run("sinfo", "-h", "-p", slurm_cluster.partition, "-o", "%D").stdout.split()
+    if not nodes or int(nodes[0]) < 2:
+        pytest.skip("the local cluster has one node (IPT_SLURM_NODES=1)")
+    config = _tiny_experiment(tmp_path)
+    home = tmp_path / "nr_home"
+    env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "megatron_ipt.cli", "launch", str(config), "--stage", "train",
+                        "--set", "parallel.nproc_per_node=1", "--executor", "slurm", "--nodes", "2",
+                        "--account", slurm_cluster.account, "--partition", slurm_cluster.partition,
+                        "--time", "00:10:00", "--nemo-run-home", str(home)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = yaml.safe_load((tmp_path / "run" / "train" / "manifest.json").read_text())
+    assert manifest["parallel"]["world_size"] == 2 and manifest["counts"]["iterations"] == 3
+    job = Path(r.stdout.strip().rsplit("log: ", 1)[1]).name.rsplit("_", 2)[-2]
+    steps = [line.split("|") for line in
+             slurm_cluster.run("sacct", "-n", "-P", "-j", job, "--format=JobID,NNodes").stdout.split()]
+    # NeMo-Run's script runs a one-node step first (the head node's address), then torchrun on both nodes
+    assert any(step.split(".")[-1].isdigit() and "." in step and nnodes == "2" for step, nnodes in steps), steps

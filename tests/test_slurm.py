@@ -5,6 +5,8 @@ the scripts, and the residual and evaluate scripts."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,8 +33,16 @@ def _submit(cluster, script: str, out: Path, *args: str, **env: str) -> str:
                           f"--account={cluster.account}", f"--partition={cluster.partition}", env=full, cwd=ROOT)
 
 
-def _train(cluster, config: Path, log: Path, port: int, **env: str) -> str:
-    return _submit(cluster, "train.sbatch", log, CONFIG=str(config), GPUS_PER_NODE="2", MASTER_PORT=str(port), **env)
+def _train(cluster, config: Path, log: Path, port: int, *args: str, **env: str) -> str:
+    """slurm/train.sbatch; the log is appended to by the script's own #SBATCH --open-mode=append."""
+    return cluster.sbatch(ROOT / "slurm" / "train.sbatch", f"--output={log}", *args, f"--account={cluster.account}",
+                          f"--partition={cluster.partition}", cwd=ROOT,
+                          env={**cluster.env, "IPT_VENV": VENV, "OMP_NUM_THREADS": "1", "CONFIG": str(config),
+                               "MASTER_PORT": str(port), **env})
+
+
+def _two_process_experiment(tmp: Path, tokenized: Path, iters: int, name: str) -> Path:
+    return _experiment(tmp, tokenized, iters, name, parallel__nproc_per_node=2)
 
 
 def _log(path: Path) -> str:
@@ -48,7 +58,7 @@ def tokenized(tmp_path_factory):
 def straight_run(slurm_cluster, tokenized, tmp_path_factory):
     """An uninterrupted ITERS-iteration run of slurm/train.sbatch: (its train folder, the job's final state)."""
     tmp = tmp_path_factory.mktemp("slurm_straight")
-    job = _train(slurm_cluster, _experiment(tmp, tokenized, ITERS, "straight"), tmp / "job.out", 29611)
+    job = _train(slurm_cluster, _two_process_experiment(tmp, tokenized, ITERS, "straight"), tmp / "job.out", 29611)
     return tmp / "straight" / "train", slurm_cluster.wait(job, timeout=600), tmp / "job.out"
 
 
@@ -73,7 +83,7 @@ def test_train_sbatch_trains_with_two_gloo_processes_and_leaves_a_checkpoint(str
 
 def test_a_signalled_job_saves_requeues_itself_and_resumes_to_the_same_final_loss(
         slurm_cluster, straight_run, tokenized, tmp_path):
-    config = _experiment(tmp_path, tokenized, ITERS, "preempted")
+    config = _two_process_experiment(tmp_path, tokenized, ITERS, "preempted")
     log = tmp_path / "job.out"
     job = _train(slurm_cluster, config, log, 29612)
     metrics = tmp_path / "preempted" / "train" / "metrics.jsonl"
@@ -95,6 +105,9 @@ def test_a_signalled_job_saves_requeues_itself_and_resumes_to_the_same_final_los
     assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
     text = log.read_text()
     assert "saved and stopped" in text and f"requeueing job {job}" in text
+    # both segments in one log (append mode), the second one saying where it resumed; a clean stop is no failure
+    assert "starting at iteration 0" in text and f"resuming from iteration {stopped['iteration']}" in text, text
+    assert "ChildFailedError" not in text and "srun: error" not in text, text
     assert not (tmp_path / "preempted" / "train" / "stopped.json").exists()
     straight_dir = straight_run[0]
     assert losses(tmp_path / "preempted" / "train")[ITERS] == losses(straight_dir)[ITERS]
@@ -107,7 +120,7 @@ def test_hostile_config_paths_and_arguments_reach_the_job_literally(slurm_cluste
     pwned = tmp_path / "pwned"
     odd = tmp_path / "it's a \"dir\" $(touch pwned); x"
     odd.mkdir()
-    config = _experiment(odd, tokenized, 1, "odd run")
+    config = _two_process_experiment(odd, tokenized, 1, "odd run")
     hostile_config = odd / "cfg 'q' $(touch x);.yaml"
     config.rename(hostile_config)
     name = HOSTILE.format(pwned=pwned)
@@ -175,3 +188,109 @@ def test_evaluate_sbatch_scores_a_hugging_face_folder_with_quoted_arguments(slur
     record = json.loads(output.read_text())
     assert record["model"]["name"] == name and record["n"] == 1 and record["n_multiple_choice"] == 1
     assert not (tmp_path / "pwned").exists() and not (odd / "pwned").exists() and not (ROOT / "pwned").exists()
+
+
+CONTAINER_JOBS = {  # script: the variables it requires (values are never used: the container check comes first)
+    "train.sbatch": {"CONFIG": "examples/quickstart.yaml"},
+    "synthesize.sbatch": {"CONFIG": "examples/quickstart.yaml"},
+    "tokenize.sbatch": {"INPUT_GLOB": "x/*.jsonl", "TOKENIZER": "t", "OUTPUT_PREFIX": "out/p"},
+    "evaluate.sbatch": {"CONFIG": "examples/quickstart.yaml"},
+    "residual.sbatch": {"CPT": "a", "OUTPUT": "b", "RESIDUAL": "c"},
+}
+
+
+@pytest.mark.parametrize("script", sorted(CONTAINER_JOBS))
+def test_container_mode_runs_no_python_on_the_host_and_names_a_missing_pyxis(slurm_cluster, script, tmp_path):
+    """With CONTAINER_IMAGE set and no Python on the host's PATH, every command (the train script's config read
+    included) goes through srun --container-image; this cluster has no pyxis, which the job names in one line.
+    (A real container run needs pyxis + enroot, which this machine does not have.)"""
+    log = tmp_path / "job.out"
+    job = _submit(slurm_cluster, script, log, "--array=0-0" if script == "synthesize.sbatch" else "--ntasks=1",
+                  "--cpus-per-task=1", "--time=00:05:00",
+                  CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.01-py3", CONTAINER_MOUNTS="/lustre:/lustre",
+                  IPT_VENV="/nonexistent", PATH="/usr/sbin:/usr/bin:/sbin:/bin", **CONTAINER_JOBS[script])
+    assert slurm_cluster.wait(job if script != "synthesize.sbatch" else f"{job}_0", timeout=120) == "FAILED"
+    text = _log(log)
+    assert "CONTAINER_IMAGE is set but srun has no --container-image option" in text, text
+    assert "command not found" not in text and "No such file" not in text, text
+
+
+def _nodes(cluster) -> int:
+    out = cluster.run("sinfo", "-h", "-p", cluster.partition, "-o", "%D", check=False).stdout.split()
+    return int(out[0]) if out else 0
+
+
+def test_a_two_node_job_preempted_and_requeued_ends_with_the_single_node_loss_curve(
+        slurm_cluster, straight_run, tokenized, tmp_path):
+    """2 nodes x 1 gloo process (data parallel across the nodes, c10d rendezvous on the first node's address),
+    USR1 to the job: both ranks stop and save at one iteration, the job requeues itself, resumes from the
+    checkpoint on both nodes, and every iteration's loss equals the single-node 2-process run's (1e-6).
+    The two nodes are two slurmd on this machine (scripts/slurm_local.sh): real Slurm multi-node allocation and
+    steps, one host and one network stack."""
+    if _nodes(slurm_cluster) < 2:
+        pytest.skip("the local cluster has one node (IPT_SLURM_NODES=1)")
+    config = _experiment(tmp_path, tokenized, ITERS, "two-nodes")  # parallel.nproc_per_node = 1
+    log = tmp_path / "job.out"
+    job = _train(slurm_cluster, config, log, 29614, "--nodes=2")
+    metrics = tmp_path / "two-nodes" / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"iteration": 2,' in metrics.read_text()):
+        assert time.monotonic() < deadline and slurm_cluster.state(job)[0] in ("PENDING", "RUNNING"), _log(log)
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.monotonic() + 300
+    while (state := slurm_cluster.state(job)) != ("PENDING", 1):
+        assert time.monotonic() < deadline and state[0] not in FINISHED, f"job {job} not requeued: {state}\n{_log(log)}"
+        time.sleep(0.5)
+    stopped = json.loads((tmp_path / "two-nodes" / "train" / "stopped.json").read_text())
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now+5")
+    assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
+    text = log.read_text()
+    assert "2 node(s) x 1 process(es)" in text and f"resuming from iteration {stopped['iteration']}" in text, text
+    steps = slurm_cluster.run("sacct", "-n", "-P", "-j", job, "--format=JobID,NNodes", "--duplicates").stdout
+    assert any(line.split("|") == [f"{job}.0", "2"] for line in steps.split()), steps  # the torchrun step: 2 nodes
+    manifest = json.loads((tmp_path / "two-nodes" / "train" / "manifest.json").read_text())
+    assert manifest["parallel"]["world_size"] == 2 and manifest["parallel"]["data_parallel_size"] == 2
+    two, one = losses(tmp_path / "two-nodes" / "train"), losses(straight_run[0])
+    assert sorted(two) == sorted(one)
+    assert all(two[i] == pytest.approx(one[i], rel=1e-6, abs=1e-6) for i in one), (two, one)
+
+
+def _training_pid(config: Path, rank: str) -> int | None:
+    """The pid of this config's training process with RANK=rank (read from /proc), or None."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in cmdline and str(config).encode() in cmdline and f"RANK={rank}".encode() in environ \
+                and b"megatron_ipt.cli" in cmdline and b"torch.distributed.run" not in cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_training_process_on_one_node_ends_the_job_and_latest_names_a_complete_checkpoint(
+        slurm_cluster, tokenized, tmp_path):
+    if _nodes(slurm_cluster) < 2:
+        pytest.skip("the local cluster has one node (IPT_SLURM_NODES=1)")
+    from megatron_ipt.training.checkpoint import checkpoint_dir, latest_iteration
+
+    config = _experiment(tmp_path, tokenized, ITERS, "killed", train__save_interval=2)
+    log = tmp_path / "job.out"
+    job = _train(slurm_cluster, config, log, 29615, "--nodes=2")
+    checkpoints = tmp_path / "killed" / "train" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not ((checkpoints / "latest").is_file() and (pid := _training_pid(config, "1"))):
+        assert time.monotonic() < deadline and slurm_cluster.state(job)[0] in ("PENDING", "RUNNING"), _log(log)
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)  # rank 1, the second node's training process
+    killed = time.monotonic()
+    state = slurm_cluster.wait(job, timeout=300)
+    assert state == "FAILED", f"{state}\n{_log(log)}"
+    assert time.monotonic() - killed < 120, _log(log)
+    iteration = latest_iteration(checkpoints)  # raises if 'latest' names a missing folder
+    assert iteration and (checkpoint_dir(checkpoints, iteration) / ".metadata").is_file()
+    assert not (tmp_path / "killed" / "train" / "stopped.json").exists()

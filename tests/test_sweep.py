@@ -86,6 +86,17 @@ def test_plan_lists_the_points_and_validates_their_configs(tmp_path, capsys):
     assert "train.min_lr 1.0 is larger than train.lr" in capsys.readouterr().err
 
 
+def test_plan_shows_the_sweeps_own_set_overrides_on_every_point(tmp_path, capsys):
+    from megatron_ipt.cli import main
+
+    path = _write_sweep(tmp_path, {}, {"set": ["train.train_iters=7"], "grid": {"instruction_share": [0.0, 1.0]}})
+    assert main(["sweep", str(path), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "share0: train.train_iters=7 blend.instruct_weight=0.0 blend.raw_weight=1.0" in out
+    assert "share1: train.train_iters=7 blend.instruct_weight=1.0" in out
+    assert f"data stages: run once in {tmp_path / 'sweep' / 'data'}" in out
+
+
 def test_the_shipped_example_plans_three_points_over_the_quickstart(capsys):
     from megatron_ipt.cli import main
 
@@ -157,19 +168,23 @@ def _fake_synthesis(cfg) -> None:
                                "pairs_dropped": {}})
 
 
-def tiny_sweep(tmp_path: Path, tokenizer: Path, shares=(0.0, 1.0), **launch) -> Path:
-    """A sweep file (2 points by default) over a tiny experiment whose data stages are already in SWEEP_DIR/data."""
-    from megatron_ipt.pipeline import run_corpus, run_format, run_tokenize
+def tiny_sweep(tmp_path: Path, tokenizer: Path, shares=(0.0, 1.0), data_from: Path | None = None, **launch) -> Path:
+    """A sweep file (2 points by default) over a tiny experiment whose data stages are already in SWEEP_DIR/data
+    (or, with ``data_from``, in that run folder, with its config.yaml, and named by the sweep's data_from)."""
+    from megatron_ipt.pipeline import run_corpus, run_format, run_tokenize, save_resolved_config
 
     base = {"name": "tiny", "corpus": {"source": "pydoc_topics", "max_documents": 16, "heldout_fraction": 0.25},
             "tokenize": {"tokenizer": str(tokenizer), "workers": 1},
             "model": {"preset": "llama-test", "seq_length": 64},
             "train": {"device": "cpu", "micro_batch_size": 2, "global_batch_size": 4, "lr_warmup_iters": 1,
                       "log_interval": 1, "eval_iters": 2}}
+    extra = {"data_from": str(data_from)} if data_from else {}
     path = _write_sweep(tmp_path, base, {"name": "tiny", "set": ["train.train_iters=4"],
-                                         "grid": {"instruction_share": list(shares)}, "launch": launch})
+                                         "grid": {"instruction_share": list(shares)}, "launch": launch, **extra})
     sweep, base_path = load_sweep(path)
     cfg = data_config(sweep, base_path)
+    if data_from:
+        save_resolved_config(cfg)
     run_corpus(cfg)
     _fake_synthesis(cfg)
     run_format(cfg)
@@ -230,6 +245,28 @@ def test_two_point_sweep_through_the_local_executor_then_a_rerun_skips_both(tmp_
     assert time.time() - started < 60
     assert list(csv.DictReader((sweep_dir / "results.csv").open())) == rows
     assert len(list((sweep_dir / "nemorun" / "experiments" / "tiny-share0").iterdir())) == 1  # not launched again
+
+
+@pytest.mark.e2e
+def test_a_sweep_with_data_from_trains_on_that_runs_data_and_runs_no_data_stage(tmp_path, tiny_tokenizer_dir, capsys):
+    from megatron_ipt.cli import main
+
+    pytest.importorskip("nemo_run")
+    prepared = tmp_path / "prepared"
+    path = tiny_sweep(tmp_path, tiny_tokenizer_dir, shares=(1.0,), data_from=prepared)
+    assert main(["sweep", str(path), "--plan"]) == 0
+    assert f"data stages: reused from {prepared} (data_from)" in capsys.readouterr().out
+    # a data section that differs from the prepared run's config is named before anything runs
+    assert main(["sweep", str(path), "--plan", "--set", "format.seed=7"]) == 2
+    assert "format.seed is 0 there but 7 in this sweep" in capsys.readouterr().err
+    r = _ipt("sweep", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    sweep_dir = tmp_path / "sweep"
+    assert not (sweep_dir / "data").exists()
+    assert sorted(p.name for p in (sweep_dir / "nemorun" / "experiments").iterdir()) == ["tiny-share1"]
+    link = sweep_dir / "points" / "share1" / "tokenized"
+    assert link.is_symlink() and link.resolve() == (prepared / "tokenized").resolve()
+    assert (sweep_dir / "points" / "share1" / "train" / "manifest.json").is_file()
 
 
 @pytest.mark.e2e

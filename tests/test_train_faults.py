@@ -61,13 +61,14 @@ def test_init_from_loads_weights_only_and_rewarms(tokenized_dir, tmp_path):
     assert not torch.distributed.is_initialized() and not (tmp_path / "c").exists()  # failed before any work
 
 
-def _experiment(tmp_path: Path, tokenized_dir: Path, iters: int, name: str) -> Path:
-    """An experiment whose tokenize stage is already done (a copy of the tiny tokenized folder)."""
+def _experiment(tmp_path: Path, tokenized_dir: Path, iters: int, name: str, **settings) -> Path:
+    """An experiment whose tokenize stage is already done (a copy of the tiny tokenized folder); ``settings``
+    as for ``tiny_config`` (e.g. ``parallel__nproc_per_node=2``)."""
     import shutil
 
     run = tmp_path / name
     shutil.copytree(tokenized_dir, run / "tokenized")
-    cfg = tiny_config(train_iters=iters, eval_iters=1, save_checkpoint=True)
+    cfg = tiny_config(train_iters=iters, eval_iters=1, save_checkpoint=True, **settings)
     data = cfg.model_dump(mode="json")
     data["name"], data["run_dir"] = name, str(run)
     path = tmp_path / f"{name}.yaml"

@@ -22,6 +22,7 @@ Slurm: ``log-<account>-<account>.<task>_<jobid>_0.out``); the error message give
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from megatron_ipt.errors import IptError, LaunchError
 
-STAGES = ("train", "run", "synthesize", "tokenize", "eval")
+STAGES = ("train", "run", "corpus", "synthesize", "format", "tokenize", "eval")
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding megatron_ipt/ and data_prep/
 
 
@@ -51,7 +52,7 @@ class SlurmOptions:
     account: str | None = None
     partition: str | None = None
     nodes: int = 1
-    time: str = "01:00:00"
+    time: str | None = None  # None: 01:00:00, or for training the config's exit_duration_minutes + SAVE_MARGIN
     gpus_per_node: int | None = None
     tunnel: str = "local"
     host: str | None = None
@@ -67,12 +68,45 @@ class SlurmOptions:
             raise IptError("the slurm executor needs --account (NeMo-Run's SlurmExecutor requires it)")
         if self.nodes < 1:
             raise IptError(f"--nodes {self.nodes}: must be at least 1")
+        self.time = self.time or DEFAULT_TIME
         if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", self.time):
             raise IptError(f"--time {self.time!r}: expected HH:MM:SS (or D-HH:MM:SS)")
         if self.tunnel not in ("local", "ssh"):
             raise IptError(f"--tunnel {self.tunnel!r}: expected local or ssh")
         if self.tunnel == "ssh" and not (self.host and self.user and self.job_dir):
             raise IptError("--tunnel ssh needs --host, --user and --job-dir (a folder on the cluster for job files)")
+
+
+DEFAULT_TIME = "01:00:00"
+SAVE_MARGIN_MINUTES = 5  # between train.exit_duration_minutes and the Slurm time limit: the final save, the exit
+
+
+def minutes(limit: str) -> float:
+    """Minutes in a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    days, _, rest = limit.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return int(days) * 1440 + h * 60 + m + sec / 60
+    if len(parts) == 3:
+        return parts[0] * 60 + parts[1] + parts[2] / 60
+    return parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
+
+
+def align_time_limit(opts: SlurmOptions, exit_duration_minutes: float | None) -> None:
+    """Fit the job's time limit to the config's training budget (``train.exit_duration_minutes``): without
+    ``--time`` the limit becomes the budget plus :data:`SAVE_MARGIN_MINUTES` (235 -> 04:00:00); a ``--time``
+    that leaves no room to save after the budget is an error naming both."""
+    if not exit_duration_minutes:
+        return
+    needed = exit_duration_minutes + SAVE_MARGIN_MINUTES
+    if opts.time is None:
+        total = math.ceil(needed)
+        opts.time = f"{total // 1440}-{total % 1440 // 60:02d}:{total % 60:02d}:00" if total >= 1440 else \
+            f"{total // 60:02d}:{total % 60:02d}:00"
+    elif re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", opts.time) and minutes(opts.time) < needed:
+        raise IptError(f"--time {opts.time} ends before train.exit_duration_minutes={exit_duration_minutes:g} plus "
+                       f"{SAVE_MARGIN_MINUTES} minutes to save: raise --time or lower train.exit_duration_minutes")
 
 
 @dataclass
@@ -281,7 +315,8 @@ def add_executor_arguments(p) -> None:
     g.add_argument("--partition", help="Slurm partition")
     g.add_argument("--nodes", type=int, default=None, help="Slurm nodes for the train stage (default 1)")
     g.add_argument("--gpus-per-node", type=int, default=None, help="Slurm GPUs per node")
-    g.add_argument("--time", default=None, help="Slurm time limit, HH:MM:SS (default 01:00:00)")
+    g.add_argument("--time", default=None, help="Slurm time limit, HH:MM:SS (default: train.exit_duration_minutes + "
+                   f"{SAVE_MARGIN_MINUTES} min for training, else 01:00:00)")
     g.add_argument("--tunnel", choices=["local", "ssh"], default=None,
                    help="local: sbatch on this machine; ssh: through --host/--user (default local)")
     g.add_argument("--host", help="ssh tunnel: the cluster's login host")
@@ -347,8 +382,11 @@ def run(args) -> int:
     extra = ["--force"] if args.force and args.stage != "eval" else []
     command = StageCommand(args.stage, config, list(args.overrides), extra,
                            workdir=args.workdir or os.getcwd(), python=args.python or (sys.executable if local_fs else "python"))
+    opts = slurm_options(args) if slurm else None
+    if opts is not None and args.stage in ("train", "run"):
+        align_time_limit(opts, cfg.train.exit_duration_minutes)
     result = launch_stage(command, executor=args.executor or "local", nproc_per_node=cfg.parallel.nproc_per_node,
-                          slurm=slurm_options(args) if slurm else None, env=env_options(args.env),
+                          slurm=opts, env=env_options(args.env),
                           title=args.name or f"ipt-{args.stage}-{cfg.name}", nemo_run_home=args.nemo_run_home)
     print(f"ipt launch: task '{result.task}' of experiment {result.experiment_id} {result.status}; log: {result.log}")
     return 0

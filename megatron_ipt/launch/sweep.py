@@ -6,6 +6,7 @@ A sweep file (``examples/sweep.yaml``) names a base experiment and a grid::
     base: quickstart.yaml            # relative to the sweep file
     name: quickstart-sweep           # sweep folder: runs/quickstart-sweep (sweep_dir)
     set: [train.train_iters=100]     # overrides for every point (and the data stages)
+    data_from: runs/quickstart       # optional: reuse this run's finished data stages instead of running them
     grid:
       instruction_share: [0.25, 0.5, 0.75]   # required
       train.lr: [3.0e-3]                     # optional
@@ -20,7 +21,8 @@ A grid ``train.lr`` scales ``train.min_lr`` with it (same ratio as in the base c
 
 Folder layout (``SWEEP_DIR``)::
 
-    data/                     corpus, synthesis, formatted, tokenized: the data stages, run once
+    data/                     corpus, synthesis, formatted, tokenized: the data stages, run once (not with
+                              data_from: the points link to that run's folders instead)
     configs/                  data.yaml and one resolved experiment YAML per point (what the jobs run)
     points/<id>/              a run folder per point: symlinks to data/'s stage folders, its own train/ and eval/,
                               point.json once trained and evaluated (a rerun skips that point)
@@ -113,6 +115,9 @@ class SweepConfig(_Model):
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
     sweep_dir: str = Field("runs/{name}", description="Sweep folder; '{name}' is replaced by the sweep name.")
     set: list[str] = Field(default_factory=list, description="Overrides applied to every point and the data stages.")
+    data_from: str | None = Field(None, description="Reuse this run folder's finished data stages (corpus, synthesis, "
+                                  "formatted, tokenized) instead of running them in SWEEP_DIR/data; its config.yaml "
+                                  "must agree on the data sections. Relative paths: to the current folder.")
     grid: SweepGrid
     launch: SweepLaunch = Field(default_factory=SweepLaunch)
     eval: SweepEval = Field(default_factory=SweepEval)
@@ -190,9 +195,34 @@ def expand_grid(grid: SweepGrid) -> list[Point]:
     return [Point(s, lr, it) for lr, it, s in itertools.product(lrs, iters, grid.instruction_share)]
 
 
+DATA_SECTIONS = ("corpus", "synthesis", "format", "tokenize")
+
+
 def data_config(sweep: SweepConfig, base: Path) -> ExperimentConfig:
-    """The experiment whose run folder (SWEEP_DIR/data) holds the shared data stages."""
-    return load_config(base, [*sweep.set, f"run_dir={sweep.path / 'data'}"])
+    """The experiment whose run folder (``data_from``, else SWEEP_DIR/data) holds the shared data stages."""
+    return load_config(base, [*sweep.set, f"run_dir={sweep.data_from or sweep.path / 'data'}"])
+
+
+def check_data_from(cfg: ExperimentConfig) -> None:
+    """Refuse a ``data_from`` run folder whose tokenize stage is unfinished or whose ``config.yaml`` differs from
+    the sweep's data sections (corpus, synthesis, format, tokenize); the error names the first differing key."""
+    from megatron_ipt.manifest import ManifestError, read_manifest
+
+    run = cfg.run_path
+    try:
+        read_manifest(run / DATA_STAGES["tokenize"], "tokenize")
+    except ManifestError as e:
+        raise IptError(f"data_from {run}: no finished tokenize stage ({e}); run its data stages first "
+                       f"(ipt run CONFIG --until tokenize)") from None
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return
+    theirs, ours = load_config(saved).model_dump(mode="json"), cfg.model_dump(mode="json")
+    for section in DATA_SECTIONS:
+        for key in sorted(set(theirs[section]) | set(ours[section]) - {"workers"}):
+            if theirs[section].get(key) != ours[section].get(key):
+                raise IptError(f"data_from {run}: {section}.{key} is {theirs[section].get(key)!r} there but "
+                               f"{ours[section].get(key)!r} in this sweep; set it to match (sweep 'set:') or drop data_from")
 
 
 def point_config(sweep: SweepConfig, base: Path, point: Point) -> ExperimentConfig:
@@ -449,7 +479,10 @@ def run_sweep(sweep: SweepConfig, base: Path, *, executor: str | None = None, sl
             todo.append((p, cfg, overrides))
     _log(f"sweep {sweep.name}: {len(points)} points, {len(todo)} to run, in {sweep_dir}")
 
-    if todo:
+    if todo and sweep.data_from:
+        check_data_from(data_cfg)
+        _log(f"sweep: data stages reused from {data_cfg.run_path} (data_from)")
+    elif todo:
         data_file = write_config(data_cfg, sweep_dir / "configs" / "data.yaml")
         _log("[bold cyan]== sweep: data stages (corpus, synthesize, format, tokenize), once[/bold cyan]")
         launch("run", data_file, ["--until", "tokenize"], 1, f"{sweep.name}-data")
@@ -542,7 +575,13 @@ def run(args) -> int:
         base_cfg = load_config(base, list(sweep.set))
         for p in expand_grid(sweep.grid):
             point_config(sweep, base, p)  # validates every point's config
-            print(f"{p.id}: {' '.join(p.overrides(base_cfg))}")
+            print(f"{p.id}: {' '.join([*sweep.set, *p.overrides(base_cfg)])}")
+        data_cfg = data_config(sweep, base)
+        if sweep.data_from:
+            check_data_from(data_cfg)
+            print(f"data stages: reused from {data_cfg.run_path} (data_from)")
+        else:
+            print(f"data stages: run once in {data_cfg.run_path}")
         print(f"sweep folder: {sweep.path}")
         return 0
     executor = args.executor or sweep.launch.executor

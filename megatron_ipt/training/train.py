@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,17 +409,20 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                 raise FloatingPointError(f"iteration {progress.iteration}: loss is {last['loss']}")
             if async_queue is not None:  # finalize a background save every rank finished (Megatron-LM does it each step)
                 async_queue.maybe_finalize_async_calls(blocking=False)
-            if stopper.should_stop() and progress.iteration < stop:
+            # a stop request (collective, every iteration) ends the loop after this iteration's record is logged
+            # (a resumed run starts after it: without the record, the stopped iteration's loss would be missing)
+            stopping = stopper.should_stop() and progress.iteration < stop
+            if stopping:
                 result.stopped_by = stopper.reason
                 _say(f"train: {result.stopped_by} received: saving at iteration {progress.iteration} and stopping")
-                break
-            if t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
+            elif t.save_interval and progress.iteration % t.save_interval == 0 and progress.iteration < stop:
                 save()
-            if t.eval_interval and progress.iteration % t.eval_interval == 0 and progress.iteration < t.train_iters:
+            if (not stopping and t.eval_interval and progress.iteration % t.eval_interval == 0
+                    and progress.iteration < t.train_iters):
                 evals = _evaluate_all(cfg, run, sets, sets.every_eval)
                 reporter.log({"event": "eval", "at_iteration": progress.iteration, **evals})
                 tensorboard.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
-            if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
+            if progress.iteration % t.log_interval == 0 or progress.iteration == stop or stopping:
                 step_s = sum(window) / len(window)
                 record = {
                     "iteration": progress.iteration, "loss": last["loss"], "lr": last["lr"],
@@ -434,6 +438,8 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                 window = []
             else:
                 reporter.advance(progress.iteration)
+            if stopping:
+                break
     except BaseException:
         if async_queue is not None:
             async_queue.close(abort=True)  # an error: 'latest' stays at the last finished checkpoint
@@ -452,6 +458,13 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
         if result.save_seconds is not None:
             result.save_seconds += time.perf_counter() - tick
     return result
+
+
+def process_environment() -> dict[str, str]:
+    """The launch-relevant variables this process ran with (recorded in the manifest): thread count, CUDA
+    connection count (tensor-parallel overlap), and every ``NCCL_*`` / ``TORCH_NCCL_*`` setting."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k in ("OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS") or k.startswith(("NCCL_", "TORCH_NCCL_"))}
 
 
 def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint: str, started: float, run: Run,
@@ -491,6 +504,7 @@ def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprin
         "padded_vocab_size": run.vocab_size,
         "device": device.type,
         "parallel": layout.as_dict(),
+        "environment": process_environment(),
     }
     if not summary["completed"]:
         return summary
