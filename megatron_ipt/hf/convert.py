@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron checkpoints for Llama 3 / 3.1 and Qwen2 / 2.5, streamed tensor by tensor.
+"""Hugging Face <-> Megatron checkpoints for Llama 3 / 3.1 / 3.2, Mistral, Qwen2 / 2.5 and Qwen3, streamed tensor by tensor.
 
 ``hf_to_megatron`` writes a weights-only torch_dist checkpoint (``DST/iter_0000000`` + ``DST/latest``) that
 ``train.init_from`` loads with any tensor/pipeline layout (torch_dist reshards on load). ``megatron_to_hf``
@@ -27,6 +27,7 @@ The mapping (megatron-core local layer spec names; the layout Megatron-LM's own 
 | ``model.embed_tokens.weight`` [V, H] | ``embedding.word_embeddings.weight`` [V_pad, H] (padded rows zero) |
 | ``layers.i.input_layernorm.weight`` | ``decoder.layers.i.input_layernorm.weight`` |
 | ``q_proj`` [nq*d, H], ``k_proj``, ``v_proj`` [ng*d, H] (+ ``.bias``, Qwen2) | ``self_attention.linear_qkv`` [(nq+2ng)*d, H]: per query group ``[its nq/ng query heads, k, v]`` |
+| ``q_norm``, ``k_norm`` [d] (Qwen3) | ``self_attention.q_layernorm``, ``self_attention.k_layernorm`` |
 | ``o_proj`` | ``self_attention.linear_proj`` |
 | ``post_attention_layernorm`` | ``pre_mlp_layernorm`` |
 | ``gate_proj``, ``up_proj`` [F, H] | ``mlp.linear_fc1`` [2F, H] = ``[gate; up]`` (SwiGLU) |
@@ -82,13 +83,16 @@ class ConvertError(IptError, ValueError):
 
 # ------------------------------------------------------------------------------------------ mapping
 def hf_shape(name: str, p: ModelPreset) -> tuple[int, ...]:
-    """The shape Hugging Face tensor ``name`` has for preset ``p`` (Llama / Qwen2 ``state_dict`` names)."""
+    """The shape Hugging Face tensor ``name`` has for preset ``p`` (Llama / Mistral / Qwen2 / Qwen3 ``state_dict``
+    names; ``d`` below is ``p.kv_channels``, the head dimension)."""
     h, f, d = p.hidden_size, p.ffn_hidden_size, p.kv_channels
     q, kv = p.num_attention_heads * d, p.num_query_groups * d
     leaf = name.split(".")
     kind, what = leaf[-2], leaf[-1]
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (p.vocab_size, h)
+    if kind in ("q_norm", "k_norm"):
+        return (d,)
     if kind.endswith("norm"):
         return (h,)
     rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": h, "gate_proj": f, "up_proj": f, "down_proj": h}[kind]
@@ -106,6 +110,8 @@ def hf_names(p: ModelPreset) -> list[str]:
                   a + "mlp.gate_proj.weight", a + "mlp.up_proj.weight", a + "mlp.down_proj.weight"]
         if p.add_qkv_bias:
             names += [a + "self_attn.q_proj.bias", a + "self_attn.k_proj.bias", a + "self_attn.v_proj.bias"]
+        if p.qk_layernorm:
+            names += [a + "self_attn.q_norm.weight", a + "self_attn.k_norm.weight"]
     names.append("model.norm.weight")
     if not p.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -124,6 +130,9 @@ def megatron_sources(p: ModelPreset) -> dict[str, tuple[str, ...]]:
         out[m + "self_attention.linear_qkv.weight"] = tuple(a + f"self_attn.{x}_proj.weight" for x in "qkv")
         if p.add_qkv_bias:
             out[m + "self_attention.linear_qkv.bias"] = tuple(a + f"self_attn.{x}_proj.bias" for x in "qkv")
+        if p.qk_layernorm:
+            out[m + "self_attention.q_layernorm.weight"] = (a + "self_attn.q_norm.weight",)
+            out[m + "self_attention.k_layernorm.weight"] = (a + "self_attn.k_norm.weight",)
         out[m + "self_attention.linear_proj.weight"] = (a + "self_attn.o_proj.weight",)
         out[m + "pre_mlp_layernorm.weight"] = (a + "post_attention_layernorm.weight",)
         out[m + "mlp.linear_fc1.weight"] = (a + "mlp.gate_proj.weight", a + "mlp.up_proj.weight")
@@ -322,15 +331,15 @@ def _dtype_name(dtype: str | None, hf_cfg: dict) -> str:
 
 def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_size: int = 1,
                    dtype: str | None = None, overwrite: bool = False) -> dict:
-    """Convert a Hugging Face Llama/Qwen2 folder into a weights-only torch_dist checkpoint at ``dst``, streamed:
+    """Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 folder into a weights-only torch_dist checkpoint at ``dst``, streamed:
     the anonymous memory used is a few 64 MB row blocks whatever the model size (see the module docstring).
 
     ``tensor_model_parallel_size``: the TP size training will use (sets the vocabulary padding, 128 x TP);
     ``dtype``: ``float32`` / ``bfloat16`` / ``float16`` (default: the checkpoint's ``torch_dtype``), the dtype
     stored in the checkpoint (training casts on load). ``dst`` gets ``iter_0000000/``, ``latest``, ``hf/``
     (config, tokenizer, chat template of the source, for the export back and for ``model.hf_config``) and
-    ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor or
-    has a wrong shape; ValueError for unsupported configs."""
+    ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor, has one
+    the mapping does not know, or one with a wrong shape; ValueError for unsupported configs."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     preset = preset_from_hf_config(src)
@@ -343,6 +352,12 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
         if missing:
             raise ConvertError(f"{src}: tensor {missing[0]} is missing ({len(missing)} missing) for a "
                                f"{hf_cfg.get('model_type')} model with this config.json")
+        # a tensor the mapping does not know (an o_proj / MLP bias, an MoE router, ...) would be dropped silently
+        known = set(names) | ({"lm_head.weight"} if preset.tie_word_embeddings else set())
+        extra = sorted(n for n in weights.names() if n not in known and not n.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise ConvertError(f"{src}: tensor {extra[0]} is not part of a {hf_cfg.get('model_type')} model with this "
+                               f"config.json ({len(extra)} unknown tensors)")
         for n in names:
             if weights.tensors[n].shape != hf_shape(n, preset):
                 raise ConvertError(f"{src}: tensor {n} has shape {list(weights.tensors[n].shape)}; config.json "

@@ -63,6 +63,7 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=preset.add_qkv_bias,
+        qk_layernorm=preset.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=preset.init_method_std,
@@ -83,9 +84,10 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
     return mcore.transformer_config(**kwargs)
 
 
-def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None):
+def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None, qk_layernorm: bool = False):
     """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec.
 
+    ``qk_layernorm``: an RMSNorm over each query and key head (Qwen3; torch's ``RMSNorm`` in the local spec).
     ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade).
     """
     if use_transformer_engine is None:
@@ -93,8 +95,8 @@ def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = No
     if use_transformer_engine:
         if device.type != "cuda" or not transformer_engine_available():
             raise RuntimeError("the Transformer Engine layer spec needs a cuda device and transformer_engine installed")
-        return mcore.transformer_engine_layer_spec(qk_layernorm=False)
-    return mcore.local_layer_spec(qk_layernorm=False, normalization="RMSNorm")
+        return mcore.transformer_engine_layer_spec(qk_layernorm=qk_layernorm)
+    return mcore.local_layer_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
 
 
 def build_model(
@@ -152,7 +154,7 @@ def build_model_chunks(
     if meta:
         config.perform_initialization = False
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
-    spec = layer_spec(real, use_transformer_engine=use_te)
+    spec = layer_spec(real, use_transformer_engine=use_te, qk_layernorm=preset.qk_layernorm)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
