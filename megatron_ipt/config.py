@@ -235,6 +235,8 @@ class ParallelConfig(_Section):
         "PP x this, micro-batches per iteration divisible by PP).")
     context_parallel_size: int = Field(1, ge=1, description="Split the sequence across GPUs in attention (GPU + TE only).")
     sequence_parallel: bool = Field(False, description="Shard norm/dropout activations along the sequence over TP ranks (GPU only).")
+    expert_model_parallel_size: int = Field(1, ge=1, description="Spread a mixture-of-experts model's experts over "
+                                            "this many ranks (EP; the number of experts must be divisible by it).")
 
 
 class TrainConfig(_Section):

@@ -38,6 +38,13 @@ CASES = {
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}),
     "mistral": lambda: transformers.MistralConfig(**SIZES, rope_theta=1000000.0, sliding_window=None),
+    # mixture of experts: 4 experts of 48, top-2; Qwen3-MoE keeps the softmax weights of the top 2 (norm_topk_prob
+    # false: megatron's pre-softmax router), Mixtral renormalises them
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(
+        **SIZES, head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+        rope_theta=1000000.0),
+    "mixtral": lambda: transformers.MixtralConfig(**{**SIZES, "intermediate_size": 48}, num_local_experts=4,
+                                                  num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None),
 }
 
 

@@ -40,12 +40,23 @@ class ModelPreset:
     rope_scaling_factor: float | None = None  # Llama-3.1 / 3.2 RoPE scaling (megatron-core's rope_scaling; 8 / 32)
     head_dim: int | None = None  # explicit head dimension (Qwen3: 128 whatever the width); None: hidden / heads
     qk_layernorm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3's q_norm / k_norm)
+    # Mixture of experts (every layer's MLP; None: dense): megatron-core's MoELayer (router, token dispatcher, experts)
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2  # experts per token
+    moe_ffn_hidden_size: int | None = None  # each expert's SwiGLU inner size (None: ffn_hidden_size)
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (Qwen3-MoE without norm_topk_prob)
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (Hugging Face router_aux_loss_coef)
 
     def __post_init__(self) -> None:
         # one spelling per architecture: a head_dim equal to hidden / heads is the default (None), so a preset
         # read back from a config.json that spells it out (transformers 5 always does) equals the row
         if self.head_dim is not None and self.head_dim * self.num_attention_heads == self.hidden_size:
             object.__setattr__(self, "head_dim", None)
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Each expert's SwiGLU inner size: ``moe_ffn_hidden_size``, else ``ffn_hidden_size``."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def kv_channels(self) -> int:
@@ -111,6 +122,18 @@ PRESETS.update({
     "llama3.2-1b": _llama32(16, 2048, 32),
     "llama3.2-3b": _llama32(28, 3072, 24),
     # mistralai/Mistral-7B-v0.3 config.json (no sliding window; vocabulary 32,768)
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top-8 renormalised, no shared expert
+    "qwen3-30b-a3b": ModelPreset(
+        num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4,
+        vocab_size=151936, max_position_embeddings=40960, rotary_base=1000000.0, norm_epsilon=1e-6, head_dim=128,
+        qk_layernorm=True, num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, moe_aux_loss_coeff=0.001,
+    ),
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of 14,336, top-2
+    "mixtral-8x7b": ModelPreset(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
+        vocab_size=32000, max_position_embeddings=32768, rotary_base=1000000.0, norm_epsilon=1e-5,
+        num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=0.02,
+    ),
     "mistral-7b": ModelPreset(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
         vocab_size=32768, max_position_embeddings=32768, rotary_base=1000000.0, norm_epsilon=1e-5,
@@ -124,7 +147,31 @@ HF_FAMILIES: dict[str, dict] = {
     "mistral": {},  # Mistral 7B v0.2 / v0.3 (no sliding window)
     "qwen2": {"add_qkv_bias": True},  # Qwen2 / 2.5
     "qwen3": {"qk_layernorm": True},  # Qwen3 dense
+    "qwen3_moe": {"qk_layernorm": True},  # Qwen3-MoE (every layer sparse, no shared expert)
+    "mixtral": {},  # Mixtral 8x7B / 8x22B
 }
+
+
+def _moe_fields(c: dict, file: Path) -> dict:
+    """The MoE preset fields of a Qwen3-MoE / Mixtral config (empty for dense families).
+
+    Both route with a softmax over the router logits and keep the top-k; Mixtral and Qwen3-MoE with
+    ``norm_topk_prob`` renormalise the k weights (megatron-core: top-k, then softmax), Qwen3-MoE without it
+    keeps them (``moe_router_pre_softmax``)."""
+    model_type = c["model_type"]
+    if model_type not in ("qwen3_moe", "mixtral"):
+        return {}
+    if model_type == "qwen3_moe" and (c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1):
+        raise ValueError(f"{file}: mlp_only_layers / decoder_sparse_step: dense layers between MoE layers are not "
+                         "supported (every layer must be MoE)")
+    if c.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{file}: shared experts are not supported")
+    # Qwen3-MoE's published configs say num_experts; transformers 5 writes num_local_experts for both families
+    experts = c.get("num_experts") or c["num_local_experts"]
+    return dict(num_moe_experts=experts, moe_router_topk=c["num_experts_per_tok"],
+                moe_ffn_hidden_size=c["moe_intermediate_size"] if model_type == "qwen3_moe" else None,
+                moe_router_pre_softmax=model_type == "qwen3_moe" and not c.get("norm_topk_prob", False),
+                moe_aux_loss_coeff=float(c.get("router_aux_loss_coef", 0.0)))
 
 
 def _refuse_unsupported(c: dict, file: Path) -> None:
@@ -147,13 +194,15 @@ def _refuse_unsupported(c: dict, file: Path) -> None:
 
 
 def preset_from_hf_config(path: str | Path) -> ModelPreset:
-    """The architecture of a Hugging Face Llama 3 / 3.1 / 3.2, Mistral, Qwen2 / 2.5 or Qwen3 checkpoint (its
-    ``config.json``, or the folder holding it) as a preset: sizes, GQA groups, ``head_dim``, RoPE theta, RMSNorm
-    epsilon, QKV bias (Qwen2), QK-norm (Qwen3), tied embeddings and Llama-3.1 / 3.2 RoPE scaling
+    """The architecture of a Hugging Face Llama 3 / 3.1 / 3.2, Mistral, Qwen2 / 2.5, Qwen3, Qwen3-MoE or Mixtral
+    checkpoint (its ``config.json``, or the folder holding it) as a preset: sizes, GQA groups, ``head_dim``, RoPE
+    theta, RMSNorm epsilon, QKV bias (Qwen2), QK-norm (Qwen3), experts and routing (:func:`_moe_fields`), tied
+    embeddings and Llama-3.1 / 3.2 RoPE scaling
     (``rope_scaling.rope_type == "llama3"``; megatron-core implements the published low/high frequency factors
     1/4 and original context 8,192, so only the factor is carried).
     Raises ValueError naming the file for other architectures (:data:`HF_FAMILIES`), sliding-window attention,
-    output-projection or MLP biases, other activations, or missing fields."""
+    output-projection or MLP biases, other activations, dense layers between MoE layers, shared experts, or
+    missing fields."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     try:
@@ -180,7 +229,7 @@ def preset_from_hf_config(path: str | Path) -> ModelPreset:
             rotary_base=float(theta), norm_epsilon=c.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             rope_scaling_factor=float(scaling["factor"]) if scaling else None,
-            head_dim=c.get("head_dim"), **HF_FAMILIES[c["model_type"]],
+            head_dim=c.get("head_dim"), **HF_FAMILIES[c["model_type"]], **_moe_fields(c, file),
         )
     except KeyError as e:
         raise ValueError(f"{file}: missing field {e}") from None

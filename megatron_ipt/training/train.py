@@ -219,6 +219,7 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
         num_query_groups=preset.num_query_groups, seed=t.seed, seq_length=cfg.model.seq_length,
+        num_moe_experts=preset.num_moe_experts,
     )
     # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
     model_vocab = max(inputs.tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else inputs.tokenizer.vocab_size
