@@ -98,7 +98,8 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backw
                batches: list[Iterator[dict]], cfg: ExperimentConfig, layout: parallel.Layout) -> dict:
     """One iteration (Megatron-LM's ``train_step``): zero grads, forward/backward over the micro-batches,
     optimizer step, scheduler step. ``model`` / ``batches``: the model chunks and one micro-batch iterator per
-    chunk. Returns loss (token-weighted mean), lr, grad norm, skipped flag."""
+    chunk. Returns loss (token-weighted mean), lr, grad norm, skipped flag, and for an MoE model its router's
+    auxiliary losses (``moe_load_balancing_loss``: :func:`megatron_ipt.training.mcore.moe_aux_losses`)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -111,8 +112,9 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backw
     lr = optimizer.param_groups[0]["lr"]  # the lr this step used
     scheduler.step(increment=1)
     loss_sum, tokens = _reduce_losses(outputs or [])
+    moe = {f"moe_{k}": v for k, v in mcore.moe_aux_losses(layout.num_microbatches).items()}  # {} when dense
     return {"loss": loss_sum / max(tokens, 1.0), "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok}
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok, **moe}
 
 
 def parameter_count(model: list[torch.nn.Module]) -> int:

@@ -424,6 +424,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                 record = {
                     "iteration": progress.iteration, "loss": last["loss"], "lr": last["lr"],
                     "grad_norm": last["grad_norm"], "skipped": last["skipped"],
+                    **{k: v for k, v in last.items() if k.startswith("moe_")},  # MoE router losses
                     "consumed_samples": progress.consumed_samples, "ms_per_iteration": 1000 * step_s,
                     "tokens_per_s": tokens_per_iteration / step_s,
                     **metrics.throughput(tokens_per_iteration / step_s, run.flops_per_token, layout.world_size,
