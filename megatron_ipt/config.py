@@ -210,8 +210,9 @@ class ModelConfig(_Section):
 
     preset: str = Field("llama-tiny", description="A preset from megatron_ipt.training.presets (llama-tiny, llama3-8b, ...).")
     hf_config: str | None = Field(
-        None, description="Take the architecture from a Hugging Face Llama/Qwen2 folder or config.json instead of "
-        "the preset (the model a converted checkpoint came from; see ipt convert).")
+        None, description="Take the architecture from a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / "
+        "Mixtral folder or config.json instead of the preset (the model a converted checkpoint came from; see ipt "
+        "convert).")
     num_layers: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=1)
     ffn_hidden_size: int | None = Field(None, ge=1)
