@@ -155,8 +155,10 @@ def test_tensor_parallel_padding_and_errors(tmp_path, capsys):
     assert "does not fit" in err and "decoder.layers." in err and not (tmp_path / "out").exists()
 
 
-def test_continual_pretraining_flow_convert_train_export(tmp_path):
-    """HF model -> Megatron -> train.init_from (weights only) + model.hf_config -> HF export that loads."""
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_continual_pretraining_flow_convert_train_export(family, tmp_path):
+    """HF model -> Megatron -> train.init_from (weights only) + model.hf_config -> HF export that loads and
+    generates (Llama; Qwen3 with QK-norm, its own head size and tied embeddings; Mistral)."""
     import sys
     from pathlib import Path
 
@@ -166,8 +168,11 @@ def test_continual_pretraining_flow_convert_train_export(tmp_path):
     from megatron_ipt.training.train import train_stage
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**SIZES, "vocab_size": VOCAB})
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    sizes = {**SIZES, "vocab_size": VOCAB}
+    cfg = {"llama": lambda: transformers.LlamaConfig(**sizes),
+           "qwen3": lambda: transformers.Qwen3Config(**sizes, head_dim=24, tie_word_embeddings=True),
+           "mistral": lambda: transformers.MistralConfig(**sizes, sliding_window=None)}[family]()
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
     convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
     tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=60, heldout_docs=4)
     summary = train_stage(tiny_config(train_iters=3, eval_iters=1, init_from=str(tmp_path / "mg"),
@@ -175,10 +180,12 @@ def test_continual_pretraining_flow_convert_train_export(tmp_path):
     assert summary["completed"] and summary["initialized_from"].endswith("iter_0000000")
     assert summary["padded_vocab_size"] == 256
     convert.megatron_to_hf(tmp_path / "run" / "checkpoints", tmp_path / "cpt", hf_config_from=tmp_path / "mg" / "hf")
-    before = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
-    after = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "cpt").state_dict()
-    assert set(before) == set(after)
+    before = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cpt").eval()
+    after = model.state_dict()
+    assert set(before) == set(after) and type(model).__name__.lower().startswith(family)
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
 @pytest.mark.dist

@@ -72,7 +72,7 @@ def test_expert_parallel_2_gives_the_expert_parallel_1_loss_curve(converted, tmp
     from megatron_ipt.training.train import train_stage
 
     root, tokenized = converted
-    train_stage(moe_config(root), tokenized, tmp_path / "ep1", "fp-moe")
+    reference = train_stage(moe_config(root), tokenized, tmp_path / "ep1", "fp-moe")
     worker = Path(__file__).parent / "dist_train_worker.py"
     result = subprocess.run([sys.executable, str(worker), str(tokenized), str(tmp_path / "ep2"), "--procs", "2",
                              "--ep", "2", "--init-from", str(root / "mg"), "--hf-config", str(root / "mg" / "hf")],
@@ -80,6 +80,7 @@ def test_expert_parallel_2_gives_the_expert_parallel_1_loss_curve(converted, tmp
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "ep2" / "summary.json").read_text())
     assert summary["parallel"]["expert_model_parallel_size"] == 2 and summary["parallel"]["data_parallel_size"] == 2
+    assert summary["parameters"] == reference["parameters"]  # experts counted over the expert-parallel ranks
     expected, got = losses_by_iteration(tmp_path / "ep1"), losses_by_iteration(tmp_path / "ep2")
     assert sorted(got) == [1, 2, 3, 4]
     for it in got:  # same weights and samples; the experts and the micro-batches are split over 2 processes

@@ -88,14 +88,14 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
 def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
     """``TransformerConfig`` fields of megatron-core's ``MoELayer`` for an MoE preset (empty for a dense one):
     experts, top-k, expert size, router normalisation, auxiliary load-balancing loss, expert parallel size.
-    Experts run as a ``SequentialMLP`` (no grouped GEMM) and tokens move with the all-gather dispatcher on CPU
-    (gloo); on a GPU as ``TEGroupedMLP`` with the all-to-all dispatcher."""
+    Tokens move with the all-gather dispatcher on CPU (gloo), with the all-to-all dispatcher on a GPU; the experts'
+    module (and ``moe_grouped_gemm``) follows the layer spec (:func:`build_model_chunks`)."""
     if not preset.num_moe_experts:
         return {}
     return dict(num_moe_experts=preset.num_moe_experts, moe_router_topk=preset.moe_router_topk,
                 moe_ffn_hidden_size=preset.expert_ffn_hidden_size, moe_router_pre_softmax=preset.moe_router_pre_softmax,
                 moe_router_load_balancing_type="aux_loss" if preset.moe_aux_loss_coeff else "none",
-                moe_aux_loss_coeff=preset.moe_aux_loss_coeff, moe_grouped_gemm=not on_cpu,
+                moe_aux_loss_coeff=preset.moe_aux_loss_coeff,
                 moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
                 expert_model_parallel_size=layout.expert_model_parallel_size)
 
@@ -176,6 +176,8 @@ def build_model_chunks(
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
     spec = layer_spec(real, use_transformer_engine=use_te, qk_layernorm=preset.qk_layernorm,
                       num_experts=preset.num_moe_experts)
+    if preset.num_moe_experts:  # TE spec: grouped GEMM (TEGroupedMLP); local spec: SequentialMLP
+        config.moe_grouped_gemm = use_te if use_te is not None else real.type == "cuda" and transformer_engine_available()
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
