@@ -239,6 +239,18 @@ def moe_aux_losses(num_microbatches: int) -> dict[str, float]:
     return out
 
 
+def reset_moe_aux_losses() -> None:
+    """Forget the MoE router-loss entries an earlier model of this process left in megatron-core's global tracker
+    (they hold that model's process groups); call before building a model. 0.19's ``MoEMetricsTracker``
+    (``get_moe_metrics_tracker``) when present, else 0.16's module-level dict."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
 def forward_backward_func():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -227,6 +227,7 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     te = transformer_engine_available()
     impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
     fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
+    mcore.reset_moe_aux_losses()  # router losses tracked for an earlier model of this process
     model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
                                device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
     model = wrap_ddp(cfg, model)
