@@ -15,7 +15,7 @@ import torch
 from megatron_ipt.hf import convert
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import VOCAB, make_tokenized_dir, tiny_config  # noqa: E402
+from train_fixtures import VOCAB, losses_by_iteration, make_tokenized_dir, tiny_config  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,11 +33,6 @@ def converted(tmp_path_factory):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "hf")
     convert.hf_to_megatron(root / "hf", root / "mg")
     return root, make_tokenized_dir(root / "tokenized", train_docs=60, heldout_docs=4)
-
-
-def losses_by_iteration(out: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in lines if "iteration" in r and "loss" in r}
 
 
 def moe_config(root: Path, **train):
