@@ -212,8 +212,9 @@ class ModelConfig(_Section):
 
     preset: str = Field("llama-tiny", description="A preset from megatron_ipt.training.presets (llama-tiny, llama3-8b, ...).")
     hf_config: str | None = Field(
-        None, description="Take the architecture from a Hugging Face Llama/Qwen2 folder or config.json instead of "
-        "the preset (the model a converted checkpoint came from; see ipt convert).")
+        None, description="Take the architecture from a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / "
+        "Mixtral folder or config.json instead of the preset (the model a converted checkpoint came from; see ipt "
+        "convert).")
     num_layers: int | None = Field(None, ge=1, description="Transformer layers; default: the preset's (or hf_config's).")
     hidden_size: int | None = Field(None, ge=1, description="Model width; default: the preset's.")
     ffn_hidden_size: int | None = Field(None, ge=1, description="SwiGLU inner size (per gate); default: the preset's.")
@@ -239,6 +240,8 @@ class ParallelConfig(_Section):
         "PP x this, micro-batches per iteration divisible by PP).")
     context_parallel_size: int = Field(1, ge=1, description="Split the sequence across GPUs in attention (GPU + TE only).")
     sequence_parallel: bool = Field(False, description="Shard norm/dropout activations along the sequence over TP ranks (GPU only).")
+    expert_model_parallel_size: int = Field(1, ge=1, description="Spread a mixture-of-experts model's experts over "
+                                            "this many ranks (EP; the number of experts must be divisible by it).")
 
 
 class TrainConfig(_Section):

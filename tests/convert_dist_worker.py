@@ -1,11 +1,12 @@
 """Load converted checkpoints into a TP x PP world of gloo processes and save each one's logits and per-token
 losses (used by tests/test_convert.py), relaunching itself under torchrun.
 
-    python tests/convert_dist_worker.py TOKENS.pt --tp 2 --pp 2 --case CKPT HF_FOLDER OUT.pt [--case ...]
+    python tests/convert_dist_worker.py TOKENS.pt --tp 2 --pp 2 [--ep 1] --case CKPT HF_FOLDER OUT.pt [--case ...]
 
-``TOKENS.pt``: a [batch, seq] token tensor; labels are the next tokens (``tokens.roll(-1, 1)``). The rank on
-the last pipeline stage with tensor-parallel rank 0 writes ``OUT.pt``: ``{"logits": [b, s, V] (vocabulary
-padding cut, gathered over TP), "losses": [b, s]}``; every rank saves the loaded weights again from this
+``TOKENS.pt``: a [batch, seq] token tensor; labels are the next tokens (``tokens.roll(-1, 1)``); with expert
+parallel every data-parallel rank runs the same batch. The rank on the last pipeline stage with tensor- and
+data-parallel rank 0 writes ``OUT.pt``: ``{"logits": [b, s, V] (vocabulary
+padding cut, gathered over TP), "losses": [b, s], "local_experts": experts held by that rank (0: dense)}``; every rank saves the loaded weights again from this
 layout into ``OUT.resaved`` (weights-only torch_dist, like the converter's output).
 """
 
@@ -52,9 +53,11 @@ def run_case(ckpt: str, hf: str, out: str, tokens, layout, tp: int) -> None:
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         parts = [torch.empty_like(results["logits"]) for _ in range(tp)]
         torch.distributed.all_gather(parts, results["logits"].contiguous(), group=ps.get_tensor_model_parallel_group())
-        if ps.get_tensor_model_parallel_rank() == 0:
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             logits = torch.cat(parts, dim=-1)[..., : preset.vocab_size]
-            torch.save({"logits": logits, "losses": results["losses"]}, out)
+            local_experts = {n.split(".local_experts.")[1].split(".")[0] for n, _ in model.named_parameters()
+                             if ".local_experts." in n}
+            torch.save({"logits": logits, "losses": results["losses"], "local_experts": len(local_experts)}, out)
     torch.distributed.barrier()
 
 
@@ -63,9 +66,10 @@ def main() -> None:
     p.add_argument("tokens")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE; the world is TP x PP x EP)")
     p.add_argument("--case", nargs=3, action="append", required=True, metavar=("CKPT", "HF", "OUT"))
     args = p.parse_args()
-    relaunch_under_torchrun([__file__, *sys.argv[1:]], args.tp * args.pp)
+    relaunch_under_torchrun([__file__, *sys.argv[1:]], args.tp * args.pp * args.ep)
 
     import torch
 
@@ -77,10 +81,11 @@ def main() -> None:
     preset = preset_from_hf_config(args.case[0][1])
     with cpu_backend.cpu_backend(enabled=True):
         layout = parallel.setup(
-            ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
-            torch.device("cpu"), micro_batch_size=tokens.shape[0], global_batch_size=tokens.shape[0],
+            ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                           expert_model_parallel_size=args.ep),
+            torch.device("cpu"), micro_batch_size=tokens.shape[0], global_batch_size=tokens.shape[0] * args.ep,
             num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-            num_query_groups=preset.num_query_groups, seed=0)
+            num_query_groups=preset.num_query_groups, num_moe_experts=preset.num_moe_experts, seed=0)
         try:
             for ckpt, hf, out in args.case:
                 run_case(ckpt, hf, out, tokens, layout, args.tp)

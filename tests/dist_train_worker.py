@@ -2,6 +2,7 @@
 
     python tests/dist_train_worker.py TOKENIZED_DIR OUT_DIR --procs 2 --tp 2 --pp 1 [--vpp 2] [--layers 4]
         [--distopt] [--iters 4] [--stop-at N] [--init-from CHECKPOINTS] [--async-save] [--save-interval N]
+        [--ep 2] [--hf-config HF_FOLDER]
 
 Rank 0 writes ``OUT_DIR/summary.json``.
 """
@@ -34,15 +35,18 @@ def main() -> None:
     p.add_argument("--async-save", action="store_true", help="train.async_save")
     p.add_argument("--save-interval", type=int, default=None)
     p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--ep", type=int, default=1, help="parallel.expert_model_parallel_size (MoE)")
+    p.add_argument("--hf-config", default=None, help="model.hf_config: the architecture of a Hugging Face folder")
     p.add_argument("--stop-at", type=int, default=None, help="exit after this many iterations (resume tests)")
     args = p.parse_args()
     cfg = tiny_config(train_iters=args.iters, eval_iters=2, init_from=args.init_from, model__num_layers=args.layers,
-                      async_save=args.async_save, save_interval=args.save_interval)
+                      async_save=args.async_save, save_interval=args.save_interval, model__hf_config=args.hf_config)
     cfg.parallel.nproc_per_node = args.procs
     cfg.parallel.tensor_model_parallel_size = args.tp
     cfg.parallel.pipeline_model_parallel_size = args.pp
     cfg.parallel.virtual_pipeline_model_parallel_size = args.vpp
     cfg.parallel.use_distributed_optimizer = args.distopt
+    cfg.parallel.expert_model_parallel_size = args.ep
     relaunch_under_torchrun([__file__, *sys.argv[1:]], cfg.parallel.nproc_per_node)
 
     import torch

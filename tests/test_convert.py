@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron conversion on tiny random Llama / Qwen2 models: megatron-core's logits (CPU
+"""Hugging Face <-> Megatron conversion on tiny random Llama / Mistral / Qwen2 / Qwen3 models: megatron-core's logits (CPU
 backend, fp32) equal transformers' within 1e-4, and HF -> Megatron -> HF is bit-identical."""
 
 from __future__ import annotations
@@ -28,13 +28,30 @@ CASES = {
                       "original_max_position_embeddings": 8192}),
     "qwen2-bias": lambda: transformers.Qwen2Config(**SIZES, rope_theta=1000000.0, rms_norm_eps=1e-6),
     "qwen2-tied": lambda: transformers.Qwen2Config(**SIZES, rope_theta=1000000.0, tie_word_embeddings=True),
+    # Qwen3: QK-norm, head_dim 24 != 64 / 4, one KV head, tied embeddings (the small sizes)
+    "qwen3-qk-norm-head-dim": lambda: transformers.Qwen3Config(
+        **{**SIZES, "num_key_value_heads": 1}, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3-untied": lambda: transformers.Qwen3Config(**SIZES, head_dim=24, rope_theta=1000000.0),
+    # Llama 3.2: tied embeddings, RoPE scaled by 32
+    "llama3.2-tied-rope32": lambda: transformers.LlamaConfig(
+        **SIZES, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}),
+    "mistral": lambda: transformers.MistralConfig(**SIZES, rope_theta=1000000.0, sliding_window=None),
+    # mixture of experts: 4 experts of 48, top-2; Qwen3-MoE keeps the softmax weights of the top 2 (norm_topk_prob
+    # false: megatron's pre-softmax router), Mixtral renormalises them
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(
+        **SIZES, head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+        rope_theta=1000000.0),
+    "mixtral": lambda: transformers.MixtralConfig(**{**SIZES, "intermediate_size": 48}, num_local_experts=4,
+                                                  num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None),
 }
 
 
 def hf_model(path, case):
     torch.manual_seed(0)
     cfg = CASES[case]()
-    model = (transformers.LlamaForCausalLM if cfg.model_type == "llama" else transformers.Qwen2ForCausalLM)(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor cannot pass
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
@@ -44,8 +61,8 @@ def hf_model(path, case):
 
 
 def megatron_outputs(ckpt, hf_folder, tokens, vocab_multiple_tp=1):
-    """Logits [b, s, V] (padding cut) and per-token losses [b, s] (next token as label) of the converted
-    checkpoint in a TP=1 megatron-core model (CPU backend, fp32)."""
+    """Logits [b, s, V] (padding cut), per-token losses [b, s] (next token as label) and the RoPE inverse
+    frequencies [d/2] of the converted checkpoint in a TP=1 megatron-core model (CPU backend, fp32)."""
     preset = preset_from_hf_config(hf_folder)
     with convert.one_process_world(preset) as layout:
         model = build_model(preset, layout, vocab_size=padded_vocab_size(preset.vocab_size, vocab_multiple_tp),
@@ -56,7 +73,7 @@ def megatron_outputs(ckpt, hf_folder, tokens, vocab_multiple_tp=1):
             pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
             logits = model(input_ids=tokens, position_ids=pos, attention_mask=None)
             losses = model(input_ids=tokens, position_ids=pos, attention_mask=None, labels=tokens.roll(-1, dims=1))
-        return logits[..., : preset.vocab_size].clone(), losses.clone()
+        return logits[..., : preset.vocab_size].clone(), losses.clone(), model.rotary_pos_emb.inv_freq.clone()
 
 
 def megatron_logits(ckpt, hf_folder, tokens):
@@ -71,9 +88,11 @@ def test_logits_match_transformers_and_round_trip_is_bit_identical(case, tmp_pat
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(tokens).logits
-    got = megatron_logits(tmp_path / "mg", tmp_path / "hf", tokens)
+    got, _, inv_freq = megatron_outputs(tmp_path / "mg", tmp_path / "hf", tokens)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+    # RoPE (with Llama 3.1 / 3.2 scaling: its effect on 24 positions is below the logits tolerance)
+    assert torch.allclose(inv_freq, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
     convert.megatron_to_hf(tmp_path / "mg", tmp_path / "back")
     back = type(model).from_pretrained(tmp_path / "back")
     a, b = model.state_dict(), back.state_dict()
@@ -150,8 +169,10 @@ def test_tensor_parallel_padding_and_errors(tmp_path, capsys):
     assert "does not fit" in err and "decoder.layers." in err and not (tmp_path / "out").exists()
 
 
-def test_continual_pretraining_flow_convert_train_export(tmp_path):
-    """HF model -> Megatron -> train.init_from (weights only) + model.hf_config -> HF export that loads."""
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_continual_pretraining_flow_convert_train_export(family, tmp_path):
+    """HF model -> Megatron -> train.init_from (weights only) + model.hf_config -> HF export that loads and
+    generates (Llama; Qwen3 with QK-norm, its own head size and tied embeddings; Mistral)."""
     import sys
     from pathlib import Path
 
@@ -161,8 +182,11 @@ def test_continual_pretraining_flow_convert_train_export(tmp_path):
     from megatron_ipt.training.train import train_stage
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**SIZES, "vocab_size": VOCAB})
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    sizes = {**SIZES, "vocab_size": VOCAB}
+    cfg = {"llama": lambda: transformers.LlamaConfig(**sizes),
+           "qwen3": lambda: transformers.Qwen3Config(**sizes, head_dim=24, tie_word_embeddings=True),
+           "mistral": lambda: transformers.MistralConfig(**sizes, sliding_window=None)}[family]()
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
     convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
     tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=60, heldout_docs=4)
     summary = train_stage(tiny_config(train_iters=3, eval_iters=1, init_from=str(tmp_path / "mg"),
@@ -170,17 +194,20 @@ def test_continual_pretraining_flow_convert_train_export(tmp_path):
     assert summary["completed"] and summary["initialized_from"].endswith("iter_0000000")
     assert summary["padded_vocab_size"] == 256
     convert.megatron_to_hf(tmp_path / "run" / "checkpoints", tmp_path / "cpt", hf_config_from=tmp_path / "mg" / "hf")
-    before = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
-    after = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "cpt").state_dict()
-    assert set(before) == set(after)
+    before = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cpt").eval()
+    after = model.state_dict()
+    assert set(before) == set(after) and type(model).__name__.lower().startswith(family)
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
 @pytest.mark.dist
 def test_converted_checkpoint_loads_into_tp2_pp2_with_the_tp1_logits_and_losses(tmp_path):
     """4 gloo processes (TP=2 x PP=2, CPU): torch_dist reshards the converted checkpoint on load; logits and
     per-token losses equal the TP=1 model's within fp32 tolerance (untied Llama, and tied Qwen2 with QKV bias,
-    whose output layer on the last stage loads from the embedding). The weights saved again from that layout
+    whose output layer on the last stage loads from the embedding; Qwen3 with QK-norm and head_dim != H / heads).
+    The weights saved again from that layout
     export to Hugging Face bit-identically (export reads any layout)."""
     import subprocess
     import sys
@@ -188,7 +215,7 @@ def test_converted_checkpoint_loads_into_tp2_pp2_with_the_tp1_logits_and_losses(
 
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, tmp_path / "tokens.pt")
-    cases = ["llama3", "qwen2-tied"]
+    cases = ["llama3", "qwen2-tied", "qwen3-untied"]
     argv = []
     for case in cases:
         hf_model(tmp_path / f"{case}-hf", case)
@@ -200,7 +227,7 @@ def test_converted_checkpoint_loads_into_tp2_pp2_with_the_tp1_logits_and_losses(
     assert result.returncode == 0, result.stderr[-4000:]
     for case in cases:
         got = torch.load(tmp_path / f"{case}.pt")
-        logits, losses = megatron_outputs(tmp_path / f"{case}-mg", tmp_path / f"{case}-hf", tokens, vocab_multiple_tp=2)
+        logits, losses, _ = megatron_outputs(tmp_path / f"{case}-mg", tmp_path / f"{case}-hf", tokens, vocab_multiple_tp=2)
         assert got["logits"].shape == logits.shape and got["losses"].shape == losses.shape
         assert torch.allclose(got["logits"], logits, atol=1e-5, rtol=0), (case, (got["logits"] - logits).abs().max())
         assert torch.allclose(got["losses"], losses, atol=1e-5, rtol=0), (case, (got["losses"] - losses).abs().max())
@@ -210,6 +237,36 @@ def test_converted_checkpoint_loads_into_tp2_pp2_with_the_tp1_logits_and_losses(
         back = ModelWeights(tmp_path / f"{case}-back")
         assert set(back.names()) == set(source.names())
         assert all(torch.equal(back.read_rows(n), source.read_rows(n)) for n in source.names())
+
+
+@pytest.mark.dist
+def test_converted_moe_checkpoint_loads_into_ep2_with_the_ep1_logits_and_losses(tmp_path):
+    """2 gloo processes with expert parallel 2 (each holds 2 of the 4 Qwen3-MoE experts; the all-gather token
+    dispatcher moves tokens between them): logits and per-token losses equal the EP=1 model's, and the weights
+    saved again from that layout export to Hugging Face bit-identically."""
+    case = "qwen3-moe"
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    hf_model(tmp_path / "hf", case)
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    worker = Path(__file__).parent / "convert_dist_worker.py"
+    result = subprocess.run([sys.executable, str(worker), str(tmp_path / "tokens.pt"), "--tp", "1", "--pp", "1",
+                             "--ep", "2", "--case", str(tmp_path / "mg"), str(tmp_path / "hf"), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["local_experts"] == 2
+    logits, losses, _ = megatron_outputs(tmp_path / "mg", tmp_path / "hf", tokens)
+    assert torch.allclose(got["logits"], logits, atol=1e-5, rtol=0), (got["logits"] - logits).abs().max()
+    assert torch.allclose(got["losses"], losses, atol=1e-5, rtol=0), (got["losses"] - losses).abs().max()
+    convert.megatron_to_hf(tmp_path / "out.resaved", tmp_path / "back", hf_config_from=tmp_path / "hf")
+    source, back = ModelWeights(tmp_path / "hf"), ModelWeights(tmp_path / "back")
+    assert set(back.names()) == set(source.names())
+    assert all(torch.equal(back.read_rows(n), source.read_rows(n)) for n in source.names())
 
 
 @pytest.mark.e2e

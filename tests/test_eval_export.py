@@ -64,7 +64,8 @@ def test_a_config_written_from_the_model_preset_exports_the_same_model(converted
     preset = preset_from_hf_config(converted / "hf")
     ref = hf_export.preset_reference(preset, tmp_path / "ref", vocab_size=512, tokenizer=tiny_tokenizer_dir)
     assert preset_from_hf_config(ref) == preset and (ref / "tokenizer.json").is_file()
-    for name in ("llama3.1-8b", "qwen2.5-7b"):  # RoPE scaling, QKV bias and tied embeddings read back too
+    # RoPE scaling, QKV bias, QK-norm, head_dim and tied embeddings read back too
+    for name in ("llama3.1-8b", "qwen2.5-7b", "qwen3-0.6b", "llama3.2-1b", "mistral-7b", "qwen3-30b-a3b", "mixtral-8x7b"):
         hf_export.preset_reference(PRESETS[name], tmp_path / name, vocab_size=1000, tokenizer=tiny_tokenizer_dir)
     ids = torch.tensor([[1, 5, 9, 300, 2]])
     with torch.no_grad():

@@ -83,3 +83,11 @@ def test_gpu_benchmark_builds_bf16_and_fp8_configs_and_checks_its_arguments():
 def test_gpu_benchmark_fails_clearly_without_a_gpu(tmp_path, capsys):
     assert _gpu_benchmark().main(["--json", str(tmp_path / "x.json")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_moe_flops_count_the_active_experts_and_the_router():
+    # Qwen3-30B-A3B: h 2048, 48 layers, 32 heads x 128 (q 4096 != h), 4 groups x 128, top-8 of 128 experts of 768,
+    # vocabulary 151936, sequence 4096: per layer 2*2048*(8192 + 1024) + 6*2048*768*8 + 2*2048*128 + 4*4096*4096
+    per_layer = 37_748_736 + 75_497_472 + 524_288 + 67_108_864
+    expected = 3 * (48 * per_layer + 2 * 2048 * 151936)
+    assert flops_per_token(PRESETS["qwen3-30b-a3b"], 4096, 151936) == expected == 27_913_617_408

@@ -93,12 +93,30 @@ def test_relaunch_only_when_several_processes_and_not_under_torchrun(monkeypatch
     assert cmd == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_ipt.cli", "train"]
 
 
-def layout_with(world=8, layers=8, seq=256, **parallel_fields):
+def layout_with(world=8, layers=8, seq=256, experts=None, **parallel_fields):
     global_batch = parallel_fields.pop("global_batch", 16)
     return parallel.check_layout(
         ParallelConfig(**parallel_fields), world_size=world, micro_batch_size=1, global_batch_size=global_batch,
-        num_layers=layers, num_attention_heads=8, num_query_groups=4, seq_length=seq,
+        num_layers=layers, num_attention_heads=8, num_query_groups=4, seq_length=seq, num_moe_experts=experts,
     )
+
+
+def test_expert_parallel_shares_the_data_parallel_ranks():
+    got = layout_with(world=8, experts=8, tensor_model_parallel_size=2, expert_model_parallel_size=4)
+    assert (got.data_parallel_size, got.expert_model_parallel_size) == (4, 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(expert_model_parallel_size=2), "expert_model_parallel_size 2 needs a mixture-of-experts model"),
+    (dict(experts=6, expert_model_parallel_size=4), "number of experts 6 is not divisible by expert_model_parallel_size 4"),
+    (dict(world=8, experts=8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2, expert_model_parallel_size=4),
+     "world size 8 is not divisible by tensor_model_parallel_size 2 * expert_model_parallel_size 4 * "
+     "pipeline_model_parallel_size 2 = 16"),
+])
+def test_expert_parallel_errors_name_the_numbers(kwargs, message):
+    with pytest.raises(parallel.ParallelLayoutError) as err:
+        layout_with(**kwargs)
+    assert message in str(err.value)
 
 
 def test_context_parallel_takes_its_share_of_the_world():

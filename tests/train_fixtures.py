@@ -6,6 +6,7 @@ in a few iterations; ``train_ipt`` uses stride 2 so the two prefixes differ.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,9 @@ def tiny_config(**train) -> ExperimentConfig:
         section, name = key.split("__") if "__" in key else ("train", key)
         setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def losses_by_iteration(out_dir: Path) -> dict[int, float]:
+    """Iteration -> training loss, from a run's ``metrics.jsonl`` (the log-line records)."""
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in records if "iteration" in r and "loss" in r}

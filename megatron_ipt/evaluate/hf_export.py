@@ -74,7 +74,8 @@ def reference_folder(checkpoint: str | Path, hf_config_from: str | Path | None =
 def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int, tokenizer: str | Path | None,
                      what: str = "the experiment's model config") -> Path:
     """Write ``folder`` as the Hugging Face reference of a checkpoint trained from ``preset``: ``config.json``
-    (transformers' ``LlamaConfig``, ``Qwen2Config`` for presets with QKV bias) with the preset's sizes, RoPE,
+    (transformers' ``LlamaConfig``, ``Qwen2Config`` for presets with QKV bias, ``Qwen3Config`` for presets with
+    QK-norm, ``Qwen3MoeConfig`` / ``MixtralConfig`` for MoE presets with / without QK-norm) with the preset's sizes, RoPE,
     norm epsilon, tied embeddings and Llama-3.1 RoPE scaling, ``vocab_size`` (the tokenizer's: the export cuts
     the checkpoint's padding rows) and the tokenizer's bos/eos ids, plus the tokenizer files of ``tokenizer``
     (a Hugging Face tokenizer folder or ``tokenizer.json``). Returns ``folder``. Raises ExportError naming
@@ -97,13 +98,22 @@ def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int
     p = preset
     rope = {"rope_type": "llama3", "factor": p.rope_scaling_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192} if p.rope_scaling_factor else None
-    cls = transformers.Qwen2Config if p.add_qkv_bias else transformers.LlamaConfig
-    config = cls(vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_hidden_size,
-                 num_hidden_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
+    cls = (transformers.Qwen3Config if p.qk_layernorm else transformers.Qwen2Config if p.add_qkv_bias
+           else transformers.LlamaConfig)
+    moe = {}
+    if p.num_moe_experts:  # Qwen3-MoE (QK-norm) or Mixtral; a preset neither can express fails the read-back below
+        cls = transformers.Qwen3MoeConfig if p.qk_layernorm else transformers.MixtralConfig
+        moe = dict(num_experts_per_tok=p.moe_router_topk, router_aux_loss_coef=p.moe_aux_loss_coeff)
+        moe.update(dict(num_experts=p.num_moe_experts, moe_intermediate_size=p.expert_ffn_hidden_size,
+                        norm_topk_prob=not p.moe_router_pre_softmax) if p.qk_layernorm
+                   else dict(num_local_experts=p.num_moe_experts, sliding_window=None))
+    config = cls(head_dim=p.kv_channels, vocab_size=vocab_size, hidden_size=p.hidden_size,
+                 intermediate_size=p.ffn_hidden_size, num_hidden_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
                  num_key_value_heads=p.num_query_groups, max_position_embeddings=p.max_position_embeddings,
                  rope_theta=p.rotary_base, rms_norm_eps=p.norm_epsilon, tie_word_embeddings=p.tie_word_embeddings,
                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                 **({"rope_scaling": rope} if rope else {}), **({} if p.add_qkv_bias else {"attention_bias": False}))
+                 **({"rope_scaling": rope} if rope else {}), **({} if p.add_qkv_bias else {"attention_bias": False}),
+                 **moe)
     config.save_pretrained(folder)
     try:
         back = preset_from_hf_config(folder)

@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron checkpoints for Llama 3 / 3.1 and Qwen2 / 2.5, streamed tensor by tensor.
+"""Hugging Face <-> Megatron checkpoints for Llama 3 / 3.1 / 3.2, Mistral, Qwen2 / 2.5, Qwen3, Qwen3-MoE and
+Mixtral, streamed tensor by tensor.
 
 ``hf_to_megatron`` writes a weights-only torch_dist checkpoint (``DST/iter_0000000`` + ``DST/latest``) that
 ``train.init_from`` loads with any tensor/pipeline layout (torch_dist reshards on load). ``megatron_to_hf``
@@ -20,17 +21,23 @@ reads such a checkpoint (or a training run's) and writes sharded safetensors wit
   ranges are streamed into
   :class:`~megatron_ipt.hf.safetensors_stream.ShardedWriter`; peak memory is about two copies of one parameter.
 
-The mapping (megatron-core local layer spec names; the layout Megatron-LM's own Llama converters use):
+The mapping (:mod:`megatron_ipt.hf.mapping`; megatron-core local layer spec names, the layout Megatron-LM's own
+Llama converters use; experts are ``SequentialMLP`` modules, saved by megatron under one key per projection with
+the expert index as an axis, so checkpoints load with any expert-parallel size):
 
 | Hugging Face | megatron-core |
 | --- | --- |
 | ``model.embed_tokens.weight`` [V, H] | ``embedding.word_embeddings.weight`` [V_pad, H] (padded rows zero) |
 | ``layers.i.input_layernorm.weight`` | ``decoder.layers.i.input_layernorm.weight`` |
 | ``q_proj`` [nq*d, H], ``k_proj``, ``v_proj`` [ng*d, H] (+ ``.bias``, Qwen2) | ``self_attention.linear_qkv`` [(nq+2ng)*d, H]: per query group ``[its nq/ng query heads, k, v]`` |
+| ``q_norm``, ``k_norm`` [d] (Qwen3) | ``self_attention.q_layernorm``, ``self_attention.k_layernorm`` |
 | ``o_proj`` | ``self_attention.linear_proj`` |
 | ``post_attention_layernorm`` | ``pre_mlp_layernorm`` |
 | ``gate_proj``, ``up_proj`` [F, H] | ``mlp.linear_fc1`` [2F, H] = ``[gate; up]`` (SwiGLU) |
 | ``down_proj`` | ``mlp.linear_fc2`` |
+| MoE router ``mlp.gate`` (Qwen3-MoE) / ``block_sparse_moe.gate`` (Mixtral) [E, H] | ``mlp.router`` |
+| expert j: ``gate_proj`` / ``w1``, ``up_proj`` / ``w3`` [Fe, H] | ``mlp.experts.local_experts.j.linear_fc1`` [2Fe, H] = ``[gate; up]`` |
+| expert j: ``down_proj`` / ``w2`` [H, Fe] | ``mlp.experts.local_experts.j.linear_fc2`` |
 | ``model.norm.weight`` | ``decoder.final_layernorm.weight`` |
 | ``lm_head.weight`` (absent when tied) | ``output_layer.weight`` [V_pad, H] (absent when tied) |
 
@@ -66,7 +73,11 @@ from megatron_ipt.training import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ParallelConfig
 from megatron_ipt.errors import IptError
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, preset_from_hf_config
+from megatron_ipt.hf.mapping import Rows, hf_names, hf_shape, megatron_sources, row_plan, slice_plan
 from megatron_ipt.hf.safetensors_stream import ModelWeights, PlannedTensor, ShardedWriter, mmap_tensor
+
+__all__ = ["hf_to_megatron", "megatron_to_hf", "hf_files_next_to", "ConvertError", "Rows", "hf_names", "hf_shape",
+           "megatron_sources", "row_plan"]
 
 CONVERT_MANIFEST = "convert_manifest.json"
 HF_FILES_DIR = "hf"  # inside a converted checkpoint: the source's config, tokenizer and chat template
@@ -78,100 +89,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class ConvertError(IptError, ValueError):
     """A checkpoint cannot be converted; the message names the file or tensor."""
-
-
-# ------------------------------------------------------------------------------------------ mapping
-def hf_shape(name: str, p: ModelPreset) -> tuple[int, ...]:
-    """The shape Hugging Face tensor ``name`` has for preset ``p`` (Llama / Qwen2 ``state_dict`` names)."""
-    h, f, d = p.hidden_size, p.ffn_hidden_size, p.kv_channels
-    q, kv = p.num_attention_heads * d, p.num_query_groups * d
-    leaf = name.split(".")
-    kind, what = leaf[-2], leaf[-1]
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (p.vocab_size, h)
-    if kind.endswith("norm"):
-        return (h,)
-    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": h, "gate_proj": f, "up_proj": f, "down_proj": h}[kind]
-    cols = {"o_proj": q, "down_proj": f}.get(kind, h)
-    return (rows,) if what == "bias" else (rows, cols)
-
-
-def hf_names(p: ModelPreset) -> list[str]:
-    """The Hugging Face tensor names of preset ``p``, in the order ``megatron_to_hf`` writes them."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(p.num_layers):
-        a = f"model.layers.{i}."
-        names += [a + "input_layernorm.weight", a + "self_attn.q_proj.weight", a + "self_attn.k_proj.weight",
-                  a + "self_attn.v_proj.weight", a + "self_attn.o_proj.weight", a + "post_attention_layernorm.weight",
-                  a + "mlp.gate_proj.weight", a + "mlp.up_proj.weight", a + "mlp.down_proj.weight"]
-        if p.add_qkv_bias:
-            names += [a + "self_attn.q_proj.bias", a + "self_attn.k_proj.bias", a + "self_attn.v_proj.bias"]
-    names.append("model.norm.weight")
-    if not p.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
-
-
-def megatron_sources(p: ModelPreset) -> dict[str, tuple[str, ...]]:
-    """megatron parameter name -> the Hugging Face tensors it is built from."""
-    out = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
-           "decoder.final_layernorm.weight": ("model.norm.weight",)}
-    if not p.tie_word_embeddings:
-        out["output_layer.weight"] = ("lm_head.weight",)
-    for i in range(p.num_layers):
-        a, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[m + "input_layernorm.weight"] = (a + "input_layernorm.weight",)
-        out[m + "self_attention.linear_qkv.weight"] = tuple(a + f"self_attn.{x}_proj.weight" for x in "qkv")
-        if p.add_qkv_bias:
-            out[m + "self_attention.linear_qkv.bias"] = tuple(a + f"self_attn.{x}_proj.bias" for x in "qkv")
-        out[m + "self_attention.linear_proj.weight"] = (a + "self_attn.o_proj.weight",)
-        out[m + "pre_mlp_layernorm.weight"] = (a + "post_attention_layernorm.weight",)
-        out[m + "mlp.linear_fc1.weight"] = (a + "mlp.gate_proj.weight", a + "mlp.up_proj.weight")
-        out[m + "mlp.linear_fc2.weight"] = (a + "mlp.down_proj.weight",)
-    return out
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Rows ``start:stop`` (dim 0) of Hugging Face tensor ``name``; ``name`` None: zero rows (vocabulary padding)."""
-
-    name: str | None
-    start: int
-    stop: int
-
-    @property
-    def count(self) -> int:
-        return self.stop - self.start
-
-
-def row_plan(mname: str, p: ModelPreset, padded_vocab: int) -> list[Rows]:
-    """Megatron parameter ``mname`` as the concatenation, along dim 0, of these row ranges (all sharing the
-    Hugging Face tensors' trailing dims). QKV: per query group ``[q heads of the group, k, v]``; ``linear_fc1``:
-    ``[gate; up]``; embeddings / output layer: the vocabulary, then zero rows up to ``padded_vocab``."""
-    hf = megatron_sources(p)[mname]
-    if mname.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        d, g = p.kv_channels, p.num_query_groups
-        per = p.num_attention_heads // g
-        q, k, v = hf
-        plan = []
-        for j in range(g):
-            plan += [Rows(q, j * per * d, (j + 1) * per * d), Rows(k, j * d, (j + 1) * d), Rows(v, j * d, (j + 1) * d)]
-        return plan
-    plan = [Rows(n, 0, hf_shape(n, p)[0]) for n in hf]
-    if mname in ("embedding.word_embeddings.weight", "output_layer.weight") and padded_vocab > p.vocab_size:
-        plan.append(Rows(None, p.vocab_size, padded_vocab))
-    return plan
-
-
-def _slice_plan(plan: list[Rows], start: int, stop: int) -> list[Rows]:
-    """The row ranges that make up rows ``start:stop`` of the stacked tensor ``plan`` describes."""
-    out, offset = [], 0
-    for r in plan:
-        lo, hi = max(start, offset), min(stop, offset + r.count)
-        if lo < hi:
-            out.append(Rows(r.name, r.start + lo - offset, r.start + hi - offset))
-        offset += r.count
-    return out
 
 
 # ----------------------------------------------------------------------------- model structure (meta)
@@ -245,13 +162,13 @@ def _bind(sh, data: torch.Tensor):
     return dataclasses.replace(sh, data=data.reshape(sh.data.shape), dtype=data.dtype)
 
 
-def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, preset: ModelPreset, vocab: int,
-                            dtype: torch.dtype, scratch: _Scratch) -> tuple[dict, int]:
+def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, preset: ModelPreset, model_type: str,
+                            vocab: int, dtype: torch.dtype, scratch: _Scratch) -> tuple[dict, int]:
     """The meta model's sharded state dict with every ShardedTensor's data file-backed; returns it and the
     parameter count. Factories are applied here (their pieces are bound one by one)."""
     ShardedTensor, ShardedTensorFactory = mcore.sharded_tensor_classes()
     params = dict(model.named_parameters())
-    sources = megatron_sources(preset)
+    sources = megatron_sources(preset, model_type)
     unmapped = sorted(set(params) - set(sources))
     if unmapped:
         raise ConvertError(f"megatron parameter {unmapped[0]} has no Hugging Face source (mapping incomplete)")
@@ -261,14 +178,14 @@ def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, prese
             continue  # ShardedObjects (local layers' empty _extra_state) are saved as they are
         if key not in params:
             raise ConvertError(f"megatron sharded state dict entry {key} is not a parameter (unsupported layer spec?)")
-        param, plan = params[key], row_plan(key, preset, vocab)
+        param, plan = params[key], row_plan(key, preset, vocab, model_type)
         if sum(r.count for r in plan) != param.shape[0]:
             raise ConvertError(f"megatron parameter {key} has {param.shape[0]} rows; its sources give "
                                f"{sum(r.count for r in plan)}")
         pieces = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
         bound = []
         for sh in pieces:
-            rows = _slice_plan(plan, *_param_rows(sh.data, param, key))
+            rows = slice_plan(plan, *_param_rows(sh.data, param, key))
             one = rows[0] if len(rows) == 1 else None
             if one is not None and one.name is not None and weights.tensors[one.name].torch_dtype == dtype:
                 data = weights.mmap_rows(one.name, one.start, one.stop)  # the Hugging Face file itself
@@ -322,15 +239,15 @@ def _dtype_name(dtype: str | None, hf_cfg: dict) -> str:
 
 def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_size: int = 1,
                    dtype: str | None = None, overwrite: bool = False) -> dict:
-    """Convert a Hugging Face Llama/Qwen2 folder into a weights-only torch_dist checkpoint at ``dst``, streamed:
+    """Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral folder into a weights-only torch_dist checkpoint at ``dst``, streamed:
     the anonymous memory used is a few 64 MB row blocks whatever the model size (see the module docstring).
 
     ``tensor_model_parallel_size``: the TP size training will use (sets the vocabulary padding, 128 x TP);
     ``dtype``: ``float32`` / ``bfloat16`` / ``float16`` (default: the checkpoint's ``torch_dtype``), the dtype
     stored in the checkpoint (training casts on load). ``dst`` gets ``iter_0000000/``, ``latest``, ``hf/``
     (config, tokenizer, chat template of the source, for the export back and for ``model.hf_config``) and
-    ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor or
-    has a wrong shape; ValueError for unsupported configs."""
+    ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor, has one
+    the mapping does not know, or one with a wrong shape; ValueError for unsupported configs."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     preset = preset_from_hf_config(src)
@@ -338,11 +255,18 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
     dtype_name = _dtype_name(dtype, hf_cfg)
     weights = ModelWeights(src)
     try:
-        names = hf_names(preset)
+        model_type = hf_cfg.get("model_type", "llama")
+        names = hf_names(preset, model_type)
         missing = [n for n in names if n not in weights]
         if missing:
             raise ConvertError(f"{src}: tensor {missing[0]} is missing ({len(missing)} missing) for a "
                                f"{hf_cfg.get('model_type')} model with this config.json")
+        # a tensor the mapping does not know (an o_proj / MLP bias, an MoE router, ...) would be dropped silently
+        known = set(names) | ({"lm_head.weight"} if preset.tie_word_embeddings else set())
+        extra = sorted(n for n in weights.names() if n not in known and not n.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise ConvertError(f"{src}: tensor {extra[0]} is not part of a {hf_cfg.get('model_type')} model with this "
+                               f"config.json ({len(extra)} unknown tensors)")
         for n in names:
             if weights.tensors[n].shape != hf_shape(n, preset):
                 raise ConvertError(f"{src}: tensor {n} has shape {list(weights.tensors[n].shape)}; config.json "
@@ -352,8 +276,8 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
         try:
             scratch = _Scratch(tmp / SCRATCH_DIR, weights)
             with one_process_world(preset) as layout:
-                sd, n_params = _file_backed_state_dict(meta_model(preset, layout, vocab), weights, preset, vocab,
-                                                       _DTYPES[dtype_name], scratch)
+                sd, n_params = _file_backed_state_dict(meta_model(preset, layout, vocab), weights, preset, model_type,
+                                                       vocab, _DTYPES[dtype_name], scratch)
                 checkpoint.save_model_weights(tmp, _StateDictHolder(sd))
                 del sd
             shutil.rmtree(tmp / SCRATCH_DIR)
@@ -450,8 +374,9 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
     out_dtype = _DTYPES[dtype_name]
     ckpt_dir = checkpoint.resolve_checkpoint_dir(src)
     vocab, dtypes = _checkpoint_vocab(ckpt_dir), _checkpoint_dtypes(ckpt_dir)
-    names = hf_names(preset)
-    by_hf = {h: m for m, hs in megatron_sources(preset).items() for h in hs}
+    model_type = hf_cfg.get("model_type", "llama")
+    names = hf_names(preset, model_type)
+    by_hf = {h: m for m, hs in megatron_sources(preset, model_type).items() for h in hs}
     tmp = _atomic_folder(dst, overwrite)
     try:
         writer = ShardedWriter(tmp, [PlannedTensor(n, out_dtype, hf_shape(n, preset)) for n in names],
@@ -467,7 +392,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
                     value = _load_parameter(key, sd[key], params[key], dtypes, ckpt_dir, cfg_dir / "config.json")
                     loaded_key = key
                 offset = 0
-                for r in row_plan(key, preset, vocab):
+                for r in row_plan(key, preset, vocab, model_type):
                     if r.name == name:
                         writer.write(name, value[offset:offset + r.count].to(out_dtype))
                     offset += r.count

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = """\
-Convert Llama 3 / 3.1 and Qwen2 / 2.5 checkpoints between Hugging Face (safetensors) and megatron-core's
-torch_dist format (weights only; loadable with any tensor/pipeline layout). Streamed: the model is never
-built in memory (anonymous memory: a few tensors); hf-to-megatron needs scratch disk inside DST while it runs
+Convert Llama 3 / 3.1 / 3.2, Mistral, Qwen2 / 2.5, Qwen3, Qwen3-MoE and Mixtral checkpoints between Hugging Face
+(safetensors) and megatron-core's torch_dist format (weights only; loadable with any tensor/pipeline/expert
+layout). Streamed: the model is never built in memory (anonymous memory: a few tensors); hf-to-megatron needs scratch disk inside DST while it runs
 for the fused QKV (about 10% of a Llama 3 model) and padded embeddings.
 
 examples:
@@ -18,7 +18,7 @@ examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="Convert checkpoints between Hugging Face and Megatron (Llama 3/3.1, Qwen2/2.5).",
+    p = sub.add_parser("convert", help="Convert checkpoints between Hugging Face and Megatron (Llama 3.x, Mistral, Qwen2.5, Qwen3, Qwen3-MoE, Mixtral).",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     a = s.add_parser("hf-to-megatron", help="Hugging Face folder -> torch_dist checkpoint (iter_0000000 + latest)")

@@ -15,7 +15,9 @@ Rather than patching call sites, this module, while active:
   because torch pops function modes while ``Tensor.backward`` dispatches, so code run by the engine
   (DDP grad hooks, activation recompute) would otherwise escape the rewrite;
 - replaces ``torch.cuda.Stream/Event/stream/current_stream/default_stream/synchronize/empty_cache/
-  set_device`` by null stand-ins.
+  set_device`` by null stand-ins;
+- binds ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` to None where megatron-core 0.16.1 leaves
+  it unbound without Transformer Engine (the MoE router then uses ``torch.mm``, as 0.17+ does).
 
 Use it only when the run's device is CPU; the trainer never activates it on a GPU run.
 :func:`deactivate` restores every attribute it replaced and pops the mode, so other code in the same
@@ -195,6 +197,14 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         for name, fn in (("_get_cuda_rng_state", _cpu_get_rng_state), ("_set_cuda_rng_state", _cpu_set_rng_state)):
             if hasattr(module, name):
                 triples.append((module, name, fn))
+    # 0.16.1's MoE router calls moe_utils.te_general_gemm, a name bound only when Transformer Engine imports
+    # (0.17+ binds it to None without TE); None selects its torch.mm path
+    try:
+        moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    except Exception:
+        moe_utils = None
+    if moe_utils is not None and not hasattr(moe_utils, "te_general_gemm"):
+        triples.append((moe_utils, "te_general_gemm", None))
     return triples
 
 

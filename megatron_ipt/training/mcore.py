@@ -219,6 +219,38 @@ def distributed_data_parallel(*, config, module, **ddp_kwargs: Any):
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module), finalize_model_grads
 
 
+def moe_aux_losses(num_microbatches: int) -> dict[str, float]:
+    """The MoE router's auxiliary losses of the last iteration, as Megatron-LM's ``track_moe_metrics`` reports them:
+    name (``load_balancing_loss``: the unweighted loss, before ``moe_aux_loss_coeff``) -> mean over MoE layers
+    and micro-batches, reduced over pipeline stages and data-parallel ranks; then the tracker is cleared. Empty
+    for a dense model. A collective: every rank calls it after each iteration. Uses ``moe_utils``'
+    ``reduce_aux_losses_tracker_across_ranks`` / ``get_moe_layer_wise_logging_tracker`` / ``clear_aux_losses_tracker``,
+    present (deprecated since 0.16 in favour of a metrics tracker object) in every supported version."""
+    from megatron.core.transformer.moe import moe_utils
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not moe_utils.get_moe_layer_wise_logging_tracker():
+            return {}
+        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        out = {name: float(entry["values"].float().mean()) / num_microbatches for name, entry in tracker.items()}
+        moe_utils.clear_aux_losses_tracker()
+    return out
+
+
+def reset_moe_aux_losses() -> None:
+    """Forget the MoE router-loss entries an earlier model of this process left in megatron-core's global tracker
+    (they hold that model's process groups); call before building a model. 0.19's ``MoEMetricsTracker``
+    (``get_moe_metrics_tracker``) when present, else 0.16's module-level dict."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
 def forward_backward_func():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

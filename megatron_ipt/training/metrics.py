@@ -11,7 +11,9 @@ Language Model Training on GPU Clusters Using Megatron-LM*, SC'21, §5.1 eq. 3, 
     training per token = 3 * forward per token
 
 with L layers, hidden size h, g query groups of head size d, SwiGLU size F, sequence length s and
-(padded) vocabulary V. Causal attention is counted as full attention, as Megatron-LM's formula does, so
+(padded) vocabulary V. The Q and output projections count ``h * n*d`` each, which is h x h unless the head
+size is set on its own (Qwen3). A mixture-of-experts layer counts the *active* parameters: its MLP term is
+``6*h*Fe*k`` (k experts of SwiGLU size Fe per token) plus the router ``2*h*E`` over E experts. Causal attention is counted as full attention, as Megatron-LM's formula does, so
 numbers compare with published Megatron/NeMo figures; activation recomputation is not counted (model FLOPs,
 not hardware FLOPs). MFU = achieved model FLOP/s per device / the device's dense peak for the precision.
 """
@@ -38,8 +40,12 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 def flops_per_token(preset: ModelPreset, seq_length: int, vocab_size: int) -> float:
     """Training model FLOPs per token (see the module docstring for the formula and its source)."""
     h, L, F = preset.hidden_size, preset.num_layers, preset.ffn_hidden_size
-    kv = preset.num_query_groups * preset.kv_channels
-    per_layer = 2 * h * (2 * h + 2 * kv) + 6 * h * F + 4 * seq_length * h
+    q, kv = preset.num_attention_heads * preset.kv_channels, preset.num_query_groups * preset.kv_channels
+    if preset.num_moe_experts:  # active parameters: top-k experts and the router
+        mlp = 6 * h * preset.expert_ffn_hidden_size * preset.moe_router_topk + 2 * h * preset.num_moe_experts
+    else:
+        mlp = 6 * h * F
+    per_layer = 2 * h * (2 * q + 2 * kv) + mlp + 4 * seq_length * q
     return 3.0 * (L * per_layer + 2 * h * vocab_size)
 
 

@@ -63,6 +63,8 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=preset.add_qkv_bias,
+        qk_layernorm=preset.qk_layernorm,
+        **moe_fields(preset, layout, on_cpu=on_cpu),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=preset.init_method_std,
@@ -83,9 +85,27 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
     return mcore.transformer_config(**kwargs)
 
 
-def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None):
+def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
+    """``TransformerConfig`` fields of megatron-core's ``MoELayer`` for an MoE preset (empty for a dense one):
+    experts, top-k, expert size, router normalisation, auxiliary load-balancing loss, expert parallel size.
+    Tokens move with the all-gather dispatcher on CPU (gloo), with the all-to-all dispatcher on a GPU; the experts'
+    module (and ``moe_grouped_gemm``) follows the layer spec (:func:`build_model_chunks`)."""
+    if not preset.num_moe_experts:
+        return {}
+    return dict(num_moe_experts=preset.num_moe_experts, moe_router_topk=preset.moe_router_topk,
+                moe_ffn_hidden_size=preset.expert_ffn_hidden_size, moe_router_pre_softmax=preset.moe_router_pre_softmax,
+                moe_router_load_balancing_type="aux_loss" if preset.moe_aux_loss_coeff else "none",
+                moe_aux_loss_coeff=preset.moe_aux_loss_coeff,
+                moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+                expert_model_parallel_size=layout.expert_model_parallel_size)
+
+
+def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None, qk_layernorm: bool = False,
+               num_experts: int | None = None):
     """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec.
 
+    ``qk_layernorm``: an RMSNorm over each query and key head (Qwen3; torch's ``RMSNorm`` in the local spec).
+    ``num_experts``: an MoE layer instead of the MLP (grouped GEMM with TE, ``SequentialMLP`` in the local spec).
     ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade).
     """
     if use_transformer_engine is None:
@@ -93,8 +113,10 @@ def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = No
     if use_transformer_engine:
         if device.type != "cuda" or not transformer_engine_available():
             raise RuntimeError("the Transformer Engine layer spec needs a cuda device and transformer_engine installed")
-        return mcore.transformer_engine_layer_spec(qk_layernorm=False)
-    return mcore.local_layer_spec(qk_layernorm=False, normalization="RMSNorm")
+        return mcore.transformer_engine_layer_spec(qk_layernorm=qk_layernorm, num_experts=num_experts,
+                                                   moe_grouped_gemm=bool(num_experts))
+    return mcore.local_layer_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm", num_experts=num_experts,
+                                  moe_grouped_gemm=False)
 
 
 def build_model(
@@ -152,7 +174,10 @@ def build_model_chunks(
     if meta:
         config.perform_initialization = False
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
-    spec = layer_spec(real, use_transformer_engine=use_te)
+    spec = layer_spec(real, use_transformer_engine=use_te, qk_layernorm=preset.qk_layernorm,
+                      num_experts=preset.num_moe_experts)
+    if preset.num_moe_experts:  # TE spec: grouped GEMM (TEGroupedMLP); local spec: SequentialMLP
+        config.moe_grouped_gemm = use_te if use_te is not None else real.type == "cuda" and transformer_engine_available()
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -46,6 +46,7 @@ class Layout:
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,7 @@ def check_layout(
     num_attention_heads: int,
     num_query_groups: int,
     seq_length: int | None = None,
+    num_moe_experts: int | None = None,
 ) -> Layout:
     """Derive the data parallel size and check every divisibility rule of a Megatron layout.
 
@@ -71,7 +73,9 @@ def check_layout(
     length divisible by TP; with virtual stages the micro-batches per iteration divisible by PP (megatron-core's
     interleaved schedule groups PP micro-batches per virtual stage, ``microbatch_group_size_per_vp_stage``, and
     refuses a remainder smaller than PP: ``pipeline_parallel/schedules.py``,
-    ``forward_backward_pipelining_with_interleaving``). Raises :class:`ParallelLayoutError` with one line per
+    ``forward_backward_pipelining_with_interleaving``). Expert parallel (EP) needs an MoE model
+    (``num_moe_experts``) whose experts it divides, and a world size divisible by TP * EP * PP (megatron-core's
+    expert groups: expert tensor parallel = TP, expert data parallel = world / (TP * EP * PP)). Raises :class:`ParallelLayoutError` with one line per
     broken rule.
     """
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -116,6 +120,14 @@ def check_layout(
         problems.append(f"num_query_groups {num_query_groups} is not divisible by tensor_model_parallel_size {tp}")
     if num_attention_heads % num_query_groups:
         problems.append(f"num_attention_heads {num_attention_heads} is not divisible by num_query_groups {num_query_groups}")
+    ep = parallel.expert_model_parallel_size
+    if ep > 1 and not num_moe_experts:
+        problems.append(f"expert_model_parallel_size {ep} needs a mixture-of-experts model (the model has no experts)")
+    elif ep > 1 and num_moe_experts % ep:
+        problems.append(f"number of experts {num_moe_experts} is not divisible by expert_model_parallel_size {ep}")
+    if ep > 1 and world_size % (tp * ep * pp):
+        problems.append(f"world size {world_size} is not divisible by tensor_model_parallel_size {tp} * "
+                        f"expert_model_parallel_size {ep} * pipeline_model_parallel_size {pp} = {tp * ep * pp}")
     if problems:
         raise ParallelLayoutError("invalid parallel layout:\n  " + "\n  ".join(problems))
     return Layout(
@@ -129,6 +141,7 @@ def check_layout(
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
         sequence_parallel=sp,
+        expert_model_parallel_size=ep,
     )
 
 
@@ -205,6 +218,7 @@ def initialize_model_parallel(layout: Layout, device: torch.device) -> None:
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
     )
 
 
@@ -233,6 +247,7 @@ def setup(
     num_query_groups: int,
     seed: int,
     seq_length: int | None = None,
+    num_moe_experts: int | None = None,
 ) -> Layout:
     """Initialise the process group, check the layout, build megatron's groups and seed. Returns the layout.
 
@@ -252,6 +267,7 @@ def setup(
             num_attention_heads=num_attention_heads,
             num_query_groups=num_query_groups,
             seq_length=seq_length,
+            num_moe_experts=num_moe_experts,
         )
         check_runnable(layout, device.type)
         initialize_model_parallel(layout, device)

@@ -98,7 +98,8 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backw
                batches: list[Iterator[dict]], cfg: ExperimentConfig, layout: parallel.Layout) -> dict:
     """One iteration (Megatron-LM's ``train_step``): zero grads, forward/backward over the micro-batches,
     optimizer step, scheduler step. ``model`` / ``batches``: the model chunks and one micro-batch iterator per
-    chunk. Returns loss (token-weighted mean), lr, grad norm, skipped flag."""
+    chunk. Returns loss (token-weighted mean), lr, grad norm, skipped flag, and for an MoE model its router's
+    auxiliary losses (``moe_load_balancing_loss``: :func:`megatron_ipt.training.mcore.moe_aux_losses`)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -111,19 +112,27 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backw
     lr = optimizer.param_groups[0]["lr"]  # the lr this step used
     scheduler.step(increment=1)
     loss_sum, tokens = _reduce_losses(outputs or [])
+    moe = {f"moe_{k}": v for k, v in mcore.moe_aux_losses(layout.num_microbatches).items()}  # {} when dense
     return {"loss": loss_sum / max(tokens, 1.0), "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok}
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok, **moe}
 
 
 def parameter_count(model: list[torch.nn.Module]) -> int:
-    """Parameters of the whole model: this rank's non-duplicated params (all chunks) summed over TP and PP ranks."""
+    """Parameters of the whole model: this rank's non-duplicated params (all chunks) summed over TP and PP ranks;
+    experts split by expert parallel (megatron marks them ``allreduce=False``) summed over the expert
+    tensor x expert x pipeline group instead."""
     ps = mcore.parallel_state()
-
-    local = sum(p.numel() for chunk in model for p in chunk.parameters()
-                if mcore.param_is_not_tensor_parallel_duplicate(p))
-    total = torch.tensor([local], dtype=torch.int64, device=collective_device())
-    torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
-    return int(total.item())
+    dense = expert = 0
+    for p in (p for chunk in model for p in chunk.parameters() if mcore.param_is_not_tensor_parallel_duplicate(p)):
+        if getattr(p, "allreduce", True):
+            dense += p.numel()
+        else:
+            expert += p.numel()
+    totals = torch.tensor([dense, expert], dtype=torch.int64, device=collective_device())
+    torch.distributed.all_reduce(totals[:1], group=ps.get_model_parallel_group())
+    if ps.get_expert_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(totals[1:], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return int(totals.sum().item())
 
 
 def collective_device() -> torch.device:

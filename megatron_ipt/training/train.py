@@ -220,6 +220,7 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
         num_query_groups=preset.num_query_groups, seed=t.seed, seq_length=cfg.model.seq_length,
+        num_moe_experts=preset.num_moe_experts,
     )
     # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
     model_vocab = max(inputs.tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else inputs.tokenizer.vocab_size
@@ -227,6 +228,7 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     te = transformer_engine_available()
     impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
     fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
+    mcore.reset_moe_aux_losses()  # router losses tracked for an earlier model of this process
     model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
                                device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
     model = wrap_ddp(cfg, model)
@@ -427,6 +429,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                 record = {
                     "iteration": progress.iteration, "loss": last["loss"], "lr": last["lr"],
                     "grad_norm": last["grad_norm"], "skipped": last["skipped"],
+                    **{k: v for k, v in last.items() if k.startswith("moe_")},  # MoE router losses
                     "consumed_samples": progress.consumed_samples, "ms_per_iteration": 1000 * step_s,
                     "tokens_per_s": tokens_per_iteration / step_s,
                     **metrics.throughput(tokens_per_iteration / step_s, run.flops_per_token, layout.world_size,
