@@ -27,7 +27,7 @@ import torch
 
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import atomic_write_text, read_manifest, write_manifest
-from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, signals
+from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, scale, signals
 from megatron_ipt.training.model import build_model_chunks
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, resolve_preset
 from megatron_ipt.training.reporting import Reporter, memory_stats
@@ -55,7 +55,7 @@ def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
         model=model, optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8, clip_grad=t.clip_grad,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, **scale.optimizer_fields(cfg),
     )
     scheduler = mcore.param_scheduler(
         optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, **lr_schedule(t),
@@ -82,22 +82,16 @@ def lr_schedule(t) -> dict[str, Any]:
 
 
 def wrap_ddp(cfg: ExperimentConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """megatron-core's ``DistributedDataParallel`` around each model chunk, wired into the (shared) model config
-    the way Megatron-LM's ``setup_model_and_optimizer`` does (``no_sync_func``: one per chunk, a list with
-    virtual pipeline stages; ``finalize_model_grads_func``) so the schedule reduces grads. Returns the list."""
+    """megatron-core's ``DistributedDataParallel`` around each model chunk (its ``DistributedDataParallelConfig``
+    from :func:`scale.ddp_fields`: grad reduction in fp32, overlap, buckets), wired into the (shared) model config
+    the way Megatron-LM does (:func:`scale.wire_schedule`: ``no_sync_func``, the grad / param sync functions when
+    overlapping, ``finalize_model_grads_func``) so the schedule reduces grads. Returns the list."""
     config = chunks[0].config
     wrapped, finalize_model_grads = [], None
     for chunk in chunks:
-        ddp, finalize_model_grads = mcore.distributed_data_parallel(
-            config=config, module=chunk,
-            grad_reduce_in_fp32=cfg.train.precision == "bf16",
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
+        ddp, finalize_model_grads = mcore.distributed_data_parallel(config=config, module=chunk, **scale.ddp_fields(cfg))
         wrapped.append(ddp)
-    no_sync = [ddp.no_sync for ddp in wrapped]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    scale.wire_schedule(cfg, config, wrapped, finalize_model_grads)
     return wrapped
 
 
@@ -215,6 +209,10 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     from megatron_ipt.training.precision import precision_fields, resolve_transformer_impl
 
     t, preset = cfg.train, inputs.preset
+    te = transformer_engine_available()
+    impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
+    # Recompute / overlap / CUDA graph rules, checked before any process group is built (one line per key).
+    scale.check(cfg, num_layers=preset.num_layers, device_type=device.type, te_available=te)
     layout = parallel.setup(
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
@@ -223,9 +221,11 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
     model_vocab = max(inputs.tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else inputs.tokenizer.vocab_size
     vocab_size = padded_vocab_size(model_vocab, layout.tensor_model_parallel_size)
-    te = transformer_engine_available()
-    impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
     fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
+    if cfg.parallel.tp_comm_overlap:
+        scale.initialize_tp_communicators(cfg, hidden_size=preset.hidden_size, fp8=t.fp8 is not None)
+    # The recompute / TP-overlap / CUDA graph fields ride along with the precision fields into TransformerConfig.
+    fields.update(scale.transformer_fields(cfg, num_layers=preset.num_layers))
     model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
                                device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
     model = wrap_ddp(cfg, model)
@@ -311,9 +311,11 @@ def build_datasets(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, in
 
 
 def _evaluate_all(cfg: ExperimentConfig, run: Run, sets: Datasets, keys) -> dict[str, float]:
-    """Mean held-out loss (nats per token) of each set in ``keys``."""
-    return {k: evaluate(run.model, run.forward_backward, sets.heldout[k], cfg, run.layout, sets.eval_seq[k])
-            for k in keys}
+    """Mean held-out loss (nats per token) of each set in ``keys`` (parameters gathered first when their gather is
+    overlapped with the forward: :func:`scale.params_synced`)."""
+    with scale.params_synced(run.model):
+        return {k: evaluate(run.model, run.forward_backward, sets.heldout[k], cfg, run.layout, sets.eval_seq[k])
+                for k in keys}
 
 
 @dataclass
@@ -387,8 +389,9 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
     async_queue = mcore.async_calls_queue() if t.async_save else None
 
     def save() -> float:
-        return checkpoint.save_checkpoint(out_dir / "checkpoints", run.model, run.optimizer, run.scheduler, progress,
-                                          keep_last=t.keep_last, async_queue=async_queue)
+        with scale.params_synced(run.model):  # an overlapped parameter gather has not reached the model yet
+            return checkpoint.save_checkpoint(out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
+                                              progress, keep_last=t.keep_last, async_queue=async_queue)
 
     try:
         stopper.__enter__()
