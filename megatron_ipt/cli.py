@@ -27,7 +27,7 @@ STAGE_HELP = {
 
 # Modules that register a file-level tool as a subcommand (light imports only at module level).
 TOOL_MODULES = ("megatron_ipt.hf.residual_cli", "megatron_ipt.hf.convert_cli", "megatron_ipt.evaluate.cli",
-                "megatron_ipt.launch.nemo", "megatron_ipt.launch.sweep")
+                "megatron_ipt.launch.nemo", "megatron_ipt.launch.sweep", "megatron_ipt.training.plan")
 
 EPILOG = """\
 Every stage reads the previous stage's folder under the run folder (run_dir, default runs/<name>) and writes

@@ -1,0 +1,127 @@
+"""``ipt plan``: the memory estimate counts the bytes of the tensors the trainer really builds, reports every config
+problem at once, and says whether the large examples fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ipt.config import load_config
+from megatron_ipt.training import cpu_backend, parallel, plan
+from megatron_ipt.training.presets import resolve_preset
+from megatron_ipt.training.train import check_inputs, setup_model_and_optimizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenized_dir(tmp_path_factory):
+    return make_tokenized_dir(tmp_path_factory.mktemp("tokenized"), train_docs=40, heldout_docs=4)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def built_bytes(cfg, tokenized_dir, out_dir) -> tuple[dict, int]:
+    """Bytes of the weights, gradient buffers and optimizer states a real world-size-1 setup builds (after one
+    optimizer step, when Adam's moments exist), and the padded vocabulary."""
+    with cpu_backend.cpu_backend(enabled=True):
+        try:
+            run = setup_model_and_optimizer(cfg, check_inputs(cfg, tokenized_dir, out_dir), torch.device("cpu"))
+            run.optimizer.step()
+            inner = run.optimizer.optimizer
+            states = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+            main = [p for g in inner.param_groups for p in g["params"]] if cfg.train.precision == "bf16" else []
+            (ddp,) = run.model
+            if cfg.parallel.use_distributed_optimizer:  # the weights are views into the padded parameter buffer
+                weights = sum(b.param_data.numel() * b.param_data.element_size() for b in ddp.buffers)
+            else:
+                weights = tensor_bytes(ddp.parameters())
+            return {"parameters": sum(p.numel() for p in ddp.parameters()), "weight_bytes": weights,
+                    "gradient_bytes": sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers),
+                    "optimizer_bytes": tensor_bytes(states) + tensor_bytes(main)}, run.vocab_size
+        finally:
+            parallel.teardown()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
+@pytest.mark.parametrize("settings", [
+    {},
+    {"precision": "bf16", "parallel__use_distributed_optimizer": True},
+    {"precision": "bf16", "parallel__use_distributed_optimizer": True, "parallel__overlap_grad_reduce": True,
+     "parallel__bucket_size": 3000},
+], ids=["fp32", "bf16-distopt", "bf16-distopt-buckets"])
+def test_weights_grads_and_optimizer_states_match_the_tensors_the_trainer_builds(tokenized_dir, tmp_path, settings):
+    cfg = tiny_config(**settings)
+    built, vocab = built_bytes(cfg, tokenized_dir, tmp_path)
+    estimate = plan.estimate(cfg, resolve_preset(cfg.model), world_size=1, vocab_size=vocab, fused_attention=False)
+    for key, value in built.items():
+        assert getattr(estimate, key) == pytest.approx(value, rel=0.01), key
+
+
+def test_buffer_padding_follows_megatron_core():
+    # distributed optimizer: each parameter starts at a multiple of 64, the bucket ends at a multiple of lcm(DP, 128)
+    assert plan.buffer_numel([10, 100], distributed_optimizer=True, dp=2, bucket_size=None) == 256
+    assert plan.buffer_numel([10, 100], distributed_optimizer=False, dp=2, bucket_size=None) == 110
+    assert plan.buffer_numel([100, 100], distributed_optimizer=True, dp=3, bucket_size=50) == 2 * 384
+
+
+def ipt_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_ipt.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name, world", [("llama3-8b", 8), ("llama3-70b", 64)])
+def test_the_large_examples_fit_in_80_gb(name, world):
+    out = ipt_plan(f"examples/{name}-cpt.yaml", "--set", "model.hf_config=null", "--set", f"model.preset={name}",
+                   "--world-size", str(world))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("fits: yes (") and "of 80 GB)" in out.stdout
+
+
+def test_a_layout_that_does_not_fit_exits_3():
+    out = ipt_plan("examples/llama3-70b-cpt.yaml", "--set", "model.hf_config=null", "--set", "model.preset=llama3-70b",
+                   "--world-size", "64", "--set", "parallel.overlap_param_gather=false",
+                   "--set", "parallel.use_distributed_optimizer=false", "--set", "parallel.align_param_gather=false")
+    assert out.returncode == plan.EXIT_DOES_NOT_FIT, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("fits: no (")
+
+
+def test_every_problem_is_reported_at_once_before_any_gpu():
+    out = ipt_plan("examples/quickstart.yaml", "--set", "train.fp8=hybrid", "--set", "train.device=cpu",
+                   "--set", "train.global_batch_size=7", "--set", "parallel.tensor_model_parallel_size=3",
+                   "--world-size", "3")
+    assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert any("global_batch_size 7" in line for line in lines)
+    assert any("tensor_model_parallel_size 3" in line for line in lines)
+    assert any("train.fp8" in line for line in lines)
+    assert len(lines) >= 3
+
+
+def test_the_model_must_resolve():
+    out = ipt_plan("examples/llama3-8b-cpt.yaml")  # its hf_config lies on the cluster
+    assert out.returncode == 2 and out.stderr.startswith("ipt plan: model:")
+
+
+def test_activations_follow_the_recompute_setting():
+    cfg = load_config(ROOT / "examples/llama3-8b-cpt.yaml", ["model.hf_config=null", "model.preset=llama3-8b"])
+    preset = resolve_preset(cfg.model)
+
+    def activations(**train):
+        for k, v in train.items():
+            setattr(cfg.train, k, v)
+        return plan.estimate(cfg, preset, world_size=8, vocab_size=128256, fused_attention=True).activation_bytes
+
+    block5 = activations()
+    none = activations(recompute="none")
+    full = activations(recompute="full", recompute_method="uniform", recompute_num_layers=1)
+    assert full < block5 < none
