@@ -125,3 +125,36 @@ def test_activations_follow_the_recompute_setting():
     none = activations(recompute="none")
     full = activations(recompute="full", recompute_method="uniform", recompute_num_layers=1)
     assert full < block5 < none
+
+
+def megatron_lm_layer_activations(cfg, preset) -> float:
+    """The transformer-layer part of Megatron-LM's ``megatron/training/theoretical_memory_usage.py`` (same formula
+    family: Korthikanti et al. 2022, Table 2), first pipeline stage: per layer s·b·h·(18 + 4f/h) / t with sequence
+    parallel and selective recompute (``compute_activation_memory``), else s·b·h·(10 + 24/t)
+    (``compute_activation_memory_without_sp``); times the layers of the model (PP stages x PP micro-batches in
+    flight) and the interleaved schedule's penalty 1 + (PP-1)/(PP·VPP)."""
+    p, t = cfg.parallel, cfg.train
+    s, b, h, f = cfg.model.seq_length // p.context_parallel_size, t.micro_batch_size, preset.hidden_size, preset.ffn_hidden_size
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    if p.sequence_parallel and t.recompute == "selective":
+        per_layer = s * b * h * (18 + 4 * f / h) / tp
+    else:
+        per_layer = s * b * h * (10 + 24 / tp)
+    total = per_layer * preset.num_layers
+    return total * (1 + (pp - 1) / (pp * vpp)) if vpp else total
+
+
+@pytest.mark.parametrize("name, world, settings", [
+    ("llama3-8b", 8, ["train.recompute=none", "train.fp8=null"]),  # bf16, no recompute, TP 1
+    ("llama3-70b", 64, ["train.recompute=selective", "train.fp8=null"]),  # TP 4 + SP, selective, CP 2, VPP 5
+])
+def test_layer_activations_agree_with_megatron_lm_theoretical_memory_within_5_percent(name, world, settings):
+    cfg = load_config(ROOT / f"examples/{name}-cpt.yaml", ["model.hf_config=null", f"model.preset={name}", *settings])
+    preset = resolve_preset(cfg.model)
+    estimate = plan.estimate(cfg, preset, world_size=world, vocab_size=128256, fused_attention=True)
+    embedding = estimate.in_flight_microbatches * 2 * cfg.model.seq_length // cfg.parallel.context_parallel_size * \
+        preset.hidden_size // (cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1)
+    ours = estimate.activation_bytes - embedding
+    reference = megatron_lm_layer_activations(cfg, preset)
+    print(f"{name}: layer activations {ours / 1e9:.2f} GB, Megatron-LM's formula {reference / 1e9:.2f} GB")
+    assert ours == pytest.approx(reference, rel=0.05)

@@ -218,6 +218,14 @@ def problems(cfg, *, world_size: int) -> tuple[list[str], object | None]:
     return found, preset
 
 
+def for_run(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: bool) -> dict:
+    """The estimate of a starting run as plain data (GB), for the train manifest and the start-up line."""
+    p = estimate(cfg, preset, world_size=world_size, vocab_size=vocab_size, fused_attention=fused_attention)
+    fields = ("weight_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "total_bytes")
+    return {"stage": p.stage, "parameters": p.parameters,
+            **{k.replace("_bytes", "_gb"): round(getattr(p, k) / GB, 3) for k in fields}}
+
+
 def report(plan: Plan, gpu_memory_gb: float) -> tuple[str, bool]:
     """The printed plan and whether it fits."""
     gb = lambda n: f"{n / GB:8.2f} GB"  # noqa: E731

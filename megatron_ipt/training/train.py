@@ -27,7 +27,7 @@ import torch
 
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import atomic_write_text, read_manifest, write_manifest
-from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, scale, signals
+from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, plan, scale, signals
 from megatron_ipt.training.model import build_model_chunks
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, resolve_preset
 from megatron_ipt.training.reporting import Reporter, memory_stats
@@ -195,6 +195,7 @@ class Run:
     parameters: int
     flops_per_token: float
     peak_tflops: float | None
+    memory_plan: dict | None = None  # ipt plan's per-GPU estimate (megatron_ipt.training.plan)
 
     @property
     def rank0(self) -> bool:
@@ -233,10 +234,15 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     # Throughput in model FLOPs (megatron_ipt.training.metrics documents the formula); MFU where the peak is known.
     peak = metrics.peak_tflops(torch.cuda.get_device_name() if device.type == "cuda" else None,
                                "fp8" if t.fp8 else "bf16") if t.precision == "bf16" else None
+    memory_plan = plan.for_run(cfg, preset, world_size=layout.world_size, vocab_size=vocab_size,
+                               fused_attention=impl == "transformer_engine")
+    if device.type == "cuda":
+        _say("train: memory plan per GPU (ipt plan): " + ", ".join(f"{k} {v}" for k, v in memory_plan.items()))
     return Run(layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                forward_backward=mcore.forward_backward_func(), vocab_size=vocab_size,
                parameters=parameter_count(model),
-               flops_per_token=metrics.flops_per_token(preset, cfg.model.seq_length, vocab_size), peak_tflops=peak)
+               flops_per_token=metrics.flops_per_token(preset, cfg.model.seq_length, vocab_size), peak_tflops=peak,
+               memory_plan=memory_plan)
 
 
 @dataclass
@@ -508,7 +514,7 @@ def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprin
             counts={k: summary[k] for k in ("iterations", "consumed_samples", "tokens_trained", "parameters")},
             started=started, losses=summary["losses"],
             train={k: v for k, v in summary.items() if k not in ("losses", "parallel")},
-            parallel=summary["parallel"],
+            parallel=summary["parallel"], memory_plan=run.memory_plan,
             checkpoint=str(checkpoint.checkpoint_dir(out_dir / "checkpoints", progress.iteration)),
         )
     return summary
