@@ -185,6 +185,13 @@ class BlendConfig(_Section):
     mock: bool = Field(
         False, description="Train on megatron-core's MockGPTDataset (synthetic tokens) instead of the blend: a smoke or "
         "throughput test; held-out sets are still evaluated.")
+    reset_position_ids: bool = Field(
+        False, description="Packed sequences: position ids restart at 0 after every EOD (GPTDatasetConfig).")
+    reset_attention_mask: bool = Field(
+        False, description="Packed sequences: no attention across an EOD (a per-sample mask; needs the local layer "
+        "spec, model.transformer_impl local: Transformer Engine's attention ignores a per-sample mask).")
+    eod_mask_loss: bool = Field(
+        False, description="No loss at positions whose input token is EOD (predicting across a document boundary).")
     per_split: PerSplitBlend | None = Field(
         None, description="One blend per split instead of raw_weight / instruct_weight / extra: {train: [{prefix, "
         "weight}], valid: [...], test: [...]} (megatron-core's blend_per_split; no split ratios).")

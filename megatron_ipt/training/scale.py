@@ -93,6 +93,11 @@ def problems(cfg: ExperimentConfig, *, num_layers: int, device_type: str, te_ava
     for key in ("overlap_grad_reduce", "overlap_param_gather", "align_param_gather", "average_in_collective"):
         if getattr(p, key) and key not in ddp_fields:
             out.append(f"parallel.{key}: megatron-core {mcore.version()}'s DistributedDataParallelConfig has no {key}")
+    # Document masking: only megatron-core's own attention (local spec) applies a per-sample mask
+    if cfg.blend.reset_attention_mask and te_available and device_type == "cuda" and \
+            cfg.model.transformer_impl != "local":
+        out.append("blend.reset_attention_mask needs model.transformer_impl: local (Transformer Engine's attention "
+                   "follows its causal mask type and ignores a per-sample mask)")
     # GPU-only settings
     if p.tp_comm_overlap:
         if device_type != "cuda" or not te_available:

@@ -269,7 +269,7 @@ def build_datasets(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, in
     """
     t, per_split = cfg.train, inputs.per_split
     common = dict(tokenizer=inputs.tokenizer, seq_length=cfg.model.seq_length, seed=t.seed,
-                  cache_dir=out_dir / "blend_cache")
+                  cache_dir=out_dir / "blend_cache", masking=data.document_masking(cfg.blend))
     num_samples = t.train_iters * t.global_batch_size
     valid_set = test_set = None
     if per_split is not None:
