@@ -318,6 +318,14 @@ class TrainConfig(_Section):
     seed: int = 1234
     log_interval: int = Field(10, ge=1)
     tensorboard: bool = Field(False, description="Also write the logged scalars to TensorBoard (train/tensorboard/).")
+    wandb_project: str | None = Field(
+        None, description="Also log the same scalars to this Weights & Biases project (rank 0; the trackers extra; "
+        "WANDB_MODE=offline writes a run folder under train/wandb/ to sync later).")
+    wandb_name: str | None = Field(None, description="W&B run name (default: the experiment name).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Also log the same scalars to MLflow at this tracking URI (rank 0; the trackers extra), e.g. "
+        "http://mlflow:5000 or sqlite:///mlflow.db.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (default: the experiment name).")
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
     eval_interval: int | None = Field(
         None, ge=1, description="Also evaluate every held-out component (raw, pairs, each blend.extra valid_prefix) every "

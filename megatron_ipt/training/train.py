@@ -388,7 +388,8 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
     stop = min(t.train_iters, exit_after) if exit_after is not None else t.train_iters
     tokens_per_iteration = t.global_batch_size * cfg.model.seq_length
     reporter = Reporter(out_dir, t.train_iters, progress.iteration, enabled=run.rank0)
-    tensorboard = metrics.TensorBoard(out_dir / "tensorboard", enabled=run.rank0 and t.tensorboard)
+    # TensorBoard, W&B, MLflow: each when configured, rank 0 only, the same scalars
+    tensorboard = metrics.Trackers(out_dir, t, name=cfg.name, config=cfg.model_dump(mode="json"), enabled=run.rank0)
     resumed_from, result, window = progress.iteration, LoopResult(reporter=reporter), []
     stopper = signals.StopRequest(t.exit_duration_minutes, device=device)
     # train.async_save: megatron-core's async checkpoint writer; finished before the next save and before returning.
