@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(p, required=False)
         if name == "synthesize":
             _add_shard_arguments(p)
+        if name == "train":
+            p.add_argument("--prepare-data", action="store_true",
+                           help="only build the blend's index caches (one process, then exit), as Megatron-LM's "
+                           "tools/prepare_cache.py: run it once before a multi-node job, whose ranks then only read them")
     p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.")
     _add_common(p)
     # Tools that work on files rather than on an experiment's stages: each module adds its own subcommand
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = _reading_comprehension(cfg) if "train" in results else None
             Console().print(summary_table(results, rc))
             Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
+        elif args.command == "train" and args.prepare_data:
+            pipeline.prepare_train_data(cfg, force=args.force)
         elif args.command == "synthesize" and (args.num_shards or args.merge):
             num_shards, shard_index = _shard_options(args)
             pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)

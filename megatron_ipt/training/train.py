@@ -140,6 +140,32 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     return finish(cfg, tokenized_dir, out_dir, fingerprint, started, run, sets, state, loop, device)
 
 
+def prepare_data(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path) -> dict[str, int]:
+    """``ipt train --prepare-data``: build the blend's and the held-out sets' index caches in ``out_dir/blend_cache``
+    on this one process and return, as Megatron-LM's ``tools/prepare_cache.py`` does, so a multi-node job never
+    builds them while other ranks wait: its ranks find them and only read. Same inputs and checks as the run (a
+    world-size-1 gloo group, which megatron-core's builder needs); the layout is taken at
+    ``parallel.nproc_per_node`` processes (it matters only for the size of a weighted ``blend.per_split`` valid/test
+    blend). Returns the number of samples per set."""
+    single = cfg.model_copy(deep=True)
+    single.parallel.nproc_per_node = 1  # this process alone (check_inputs refuses several without torchrun)
+    inputs = check_inputs(single, tokenized_dir, out_dir)
+    preset, t = inputs.preset, cfg.train
+    layout = parallel.check_layout(cfg.parallel, world_size=cfg.parallel.nproc_per_node,
+                                   micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                                   num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+                                   num_query_groups=preset.num_query_groups, seq_length=cfg.model.seq_length)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not torch.distributed.is_initialized()
+    parallel.init_process_group(torch.device("cpu"))
+    try:
+        sets = build_datasets(cfg, tokenized_dir, out_dir, inputs, layout)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+    return {"train": len(sets.train), **{k: len(v) for k, v in sets.heldout.items()}}
+
+
 # ------------------------------------------------------------------------------------------ the steps
 @dataclass
 class Inputs:
