@@ -3,12 +3,14 @@ problem at once, and says whether the large examples fit."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from megatron_ipt.config import load_config
 from megatron_ipt.training import cpu_backend, parallel, plan
@@ -158,3 +160,30 @@ def test_layer_activations_agree_with_megatron_lm_theoretical_memory_within_5_pe
     reference = megatron_lm_layer_activations(cfg, preset)
     print(f"{name}: layer activations {ours / 1e9:.2f} GB, Megatron-LM's formula {reference / 1e9:.2f} GB")
     assert ours == pytest.approx(reference, rel=0.05)
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
+@pytest.mark.parametrize("settings", [
+    ["parallel.tensor_model_parallel_size=2"],
+    ["parallel.pipeline_model_parallel_size=2", "model.num_layers=4"],
+    ["parallel.use_distributed_optimizer=true", "train.precision=bf16"],
+], ids=["tp2", "pp2", "dp2-distopt-bf16"])
+def test_every_rank_of_a_two_process_layout_holds_what_the_plan_says(tokenized_dir, tmp_path, settings):
+    out = tmp_path / "bytes.json"
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "plan_worker.py"), str(tokenized_dir), str(out),
+                             "--procs", "2", *[a for s in settings for a in ("--set", s)]],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    cfg = tiny_config()
+    for item in settings:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, yaml.safe_load(value))
+    stages = plan.estimate_stages(cfg, resolve_preset(cfg.model), world_size=2, vocab_size=ranks[0]["vocab_size"],
+                                  fused_attention=False)
+    for rank in ranks:
+        stage = stages["only"] if "only" in stages else stages["first" if rank["pp_rank"] == 0 else "last"]
+        for key in ("parameters", "weight_bytes", "gradient_bytes", "optimizer_bytes"):
+            assert getattr(stage, key) == pytest.approx(rank[key], rel=0.01), (rank["rank"], key)

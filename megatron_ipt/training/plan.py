@@ -134,7 +134,14 @@ def _activation_bytes_per_layer(p, *, s: int, b: int, tp: int, sp: bool, fused_a
 
 def estimate(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: bool) -> Plan:
     """The :class:`Plan` of ``cfg`` (an ``ExperimentConfig``) for ``preset`` on ``world_size`` GPUs; ``vocab_size``
-    padded as the trainer pads it; ``fused_attention``: Transformer Engine's attention (no score matrices kept)."""
+    padded as the trainer pads it; ``fused_attention``: Transformer Engine's attention (no score matrices kept).
+    The most loaded of :func:`estimate_stages`."""
+    return max(estimate_stages(cfg, preset, world_size=world_size, vocab_size=vocab_size,
+                               fused_attention=fused_attention).values(), key=lambda x: x.total_bytes)
+
+
+def estimate_stages(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: bool) -> dict[str, Plan]:
+    """One :class:`Plan` per distinct pipeline stage: ``only`` (PP = 1), or ``first`` and ``last``."""
     from megatron_ipt.training import scale
 
     par, t = cfg.parallel, cfg.train
@@ -182,7 +189,7 @@ def estimate(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: 
                           logits_bytes=logits, in_flight_microbatches=in_flight if first else 1,
                           details={"data_parallel_size": dp, "microbatches": microbatches,
                                    "activation_bytes_per_layer": per_layer, "buffer_numel": buffer}))
-    return max(plans, key=lambda x: x.total_bytes)
+    return {p.stage: p for p in plans}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
