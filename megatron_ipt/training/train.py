@@ -415,7 +415,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
     tokens_per_iteration = t.global_batch_size * cfg.model.seq_length
     reporter = Reporter(out_dir, t.train_iters, progress.iteration, enabled=run.rank0)
     # TensorBoard, W&B, MLflow: each when configured, rank 0 only, the same scalars
-    tensorboard = metrics.Trackers(out_dir, t, name=cfg.name, config=cfg.model_dump(mode="json"), enabled=run.rank0)
+    trackers = metrics.Trackers(out_dir, t, name=cfg.name, config=cfg.model_dump(mode="json"), enabled=run.rank0)
     resumed_from, result, window = progress.iteration, LoopResult(reporter=reporter), []
     stopper = signals.StopRequest(t.exit_duration_minutes, device=device)
     # train.async_save: megatron-core's async checkpoint writer; finished before the next save and before returning.
@@ -453,7 +453,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
             if t.eval_interval and progress.iteration % t.eval_interval == 0 and progress.iteration < t.train_iters:
                 evals = _evaluate_all(cfg, run, sets, sets.every_eval)
                 reporter.log({"event": "eval", "at_iteration": progress.iteration, **evals})
-                tensorboard.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
+                trackers.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop:
                 step_s = sum(window) / len(window)
                 record = {
@@ -466,7 +466,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                     **memory_stats(device),
                 }
                 reporter.log(record)
-                tensorboard.log(record, progress.iteration)
+                trackers.log(record, progress.iteration)
                 window = []
             else:
                 reporter.advance(progress.iteration)
@@ -477,7 +477,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
     finally:
         stopper.__exit__()
         reporter.close()
-        tensorboard.close()
+        trackers.close()
 
     result.trained = progress.iteration - resumed_from
     if (t.save_checkpoint or stop < t.train_iters or result.stopped_by) and result.trained > 0:
