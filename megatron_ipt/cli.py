@@ -30,7 +30,7 @@ STAGE_HELP = {
 
 # Modules that register a file-level tool as a subcommand (light imports only at module level).
 TOOL_MODULES = ("megatron_ipt.hf.residual_cli", "megatron_ipt.hf.convert_cli", "megatron_ipt.evaluate.cli",
-                "megatron_ipt.launch.nemo", "megatron_ipt.launch.sweep")
+                "megatron_ipt.launch.nemo", "megatron_ipt.launch.sweep", "megatron_ipt.training.plan")
 
 EPILOG = """\
 Every stage reads the previous stage's folder under the run folder (run_dir, default runs/<name>) and writes
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(p, required=False)
         if name == "synthesize":
             _add_shard_arguments(p)
+        if name == "train":
+            p.add_argument("--prepare-data", action="store_true",
+                           help="only build the blend's index caches (one process, then exit), as Megatron-LM's "
+                           "tools/prepare_cache.py: run it once before a multi-node job, whose ranks then only read them")
     p = sub.add_parser("config", help="Print the resolved config (defaults, file and --set overrides) as YAML.",
                        description="Print the resolved config (defaults, file and --set overrides) as YAML, or, with "
                        "--reference, write the configuration reference (every key, its type, default and description).")
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = _reading_comprehension(cfg) if "train" in results else None
             Console().print(summary_table(results, rc))
             Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
+        elif args.command == "train" and args.prepare_data:
+            pipeline.prepare_train_data(cfg, force=args.force)
         elif args.command == "synthesize" and (args.num_shards or args.merge):
             num_shards, shard_index = _shard_options(args)
             pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)

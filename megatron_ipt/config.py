@@ -187,6 +187,13 @@ class BlendConfig(_Section):
     mock: bool = Field(
         False, description="Train on megatron-core's MockGPTDataset (synthetic tokens) instead of the blend: a smoke or "
         "throughput test; held-out sets are still evaluated.")
+    reset_position_ids: bool = Field(
+        False, description="Packed sequences: position ids restart at 0 after every EOD (GPTDatasetConfig).")
+    reset_attention_mask: bool = Field(
+        False, description="Packed sequences: no attention across an EOD (a per-sample mask; needs the local layer "
+        "spec, model.transformer_impl local: Transformer Engine's attention ignores a per-sample mask).")
+    eod_mask_loss: bool = Field(
+        False, description="No loss at positions whose input token is EOD (predicting across a document boundary).")
     per_split: PerSplitBlend | None = Field(
         None, description="One blend per split instead of raw_weight / instruct_weight / extra: {train: [{prefix, "
         "weight}], valid: [...], test: [...]} (megatron-core's blend_per_split; no split ratios).")
@@ -242,6 +249,33 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = Field(False, description="Shard norm/dropout activations along the sequence over TP ranks (GPU only).")
     expert_model_parallel_size: int = Field(1, ge=1, description="Spread a mixture-of-experts model's experts over "
                                             "this many ranks (EP; the number of experts must be divisible by it).")
+    # Communication overlap (megatron-core's DistributedDataParallelConfig / OptimizerConfig; docs/training.md).
+    overlap_grad_reduce: bool = Field(
+        False, description="Reduce (all-reduce, or reduce-scatter with the distributed optimizer) each gradient bucket "
+        "asynchronously as soon as its grads are ready in the last micro-batch's backward, overlapped with the rest of it.")
+    overlap_param_gather: bool = Field(
+        False, description="Distributed optimizer: all-gather the updated parameters bucket by bucket in the next "
+        "forward (forward pre-hooks) instead of at the end of the optimizer step; needs overlap_grad_reduce.")
+    overlap_param_gather_with_optimizer_step: bool = Field(
+        False, description="Start the first model chunk's parameter all-gather inside the optimizer step (needs "
+        "overlap_param_gather and virtual pipeline stages; megatron-core's OptimizerConfig field).")
+    align_param_gather: bool = Field(
+        False, description="With overlap_param_gather and virtual pipeline stages: the pipeline schedule launches every "
+        "chunk's parameter all-gather together (config.param_sync_func) instead of from each chunk's first forward.")
+    align_grad_reduce: bool = Field(
+        True, description="With overlap_grad_reduce and pipeline parallel: the schedule launches each chunk's grad "
+        "reduction after its last backward (config.grad_sync_func), Megatron-LM's default.")
+    bucket_size: int | None = Field(
+        None, ge=1, description="Elements per gradient-reduction bucket when overlapping (default: megatron-core's, "
+        "max(40M, 1M x data parallel size)).")
+    average_in_collective: bool = Field(
+        False, description="Average gradients inside the collective (ReduceOp.AVG) instead of scaling before it.")
+    grad_reduce_in_fp32: bool | None = Field(
+        None, description="Accumulate and reduce gradients in fp32 (default: true with bf16, as Megatron-LM's "
+        "recipes run; false halves the gradient buffer).")
+    tp_comm_overlap: bool = Field(
+        False, description="Overlap tensor-parallel communication with GEMMs through Transformer Engine's userbuffers "
+        "(CUDA + Transformer Engine, tensor parallel >= 2 with sequence_parallel).")
 
 
 class TrainConfig(_Section):
@@ -261,6 +295,23 @@ class TrainConfig(_Section):
     fp8_amax_compute_algo: Literal["max", "most_recent"] = Field(
         "max", description="delayed scaling: scale from the history's maximum or its most recent amax.")
     fp8_bf16_layers: int = Field(0, ge=0, description="Keep this many first and last layers in bf16 (not with delayed).")
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none", description="Activation recompute (Korthikanti et al. 2022): selective recomputes recompute_modules "
+        "(default core attention) in the backward pass; full recomputes whole transformer layers from their inputs.")
+    recompute_method: Literal["uniform", "block"] = Field(
+        "uniform", description="full only: uniform checkpoints the input of every recompute_num_layers layers and "
+        "recomputes all of them; block recomputes the first recompute_num_layers layers of each pipeline stage and keeps "
+        "the rest.")
+    recompute_num_layers: int | None = Field(
+        None, ge=1, description="full only: layers per recompute unit (uniform, default 1; must divide the layers of a "
+        "pipeline stage) or recomputed layers per pipeline stage (block, default all).")
+    recompute_modules: list[Literal["core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts",
+                                    "mla_up_proj"]] | None = Field(
+        None, description="selective only: the submodules recomputed (megatron-core's recompute_modules; default "
+        "[core_attn]). Settings of the other recompute kind are ignored, so --set train.recompute=none turns it off.")
+    cuda_graph: Literal["none", "local", "transformer_engine"] = Field(
+        "none", description="Capture the transformer layers as CUDA graphs (megatron-core's cuda_graph_impl; GPU only; "
+        "transformer_engine needs Transformer Engine).")
     train_iters: int = Field(300, ge=1, description="Training iterations (optimizer steps) of the whole run.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass on one data-parallel rank.")
     global_batch_size: int = Field(
@@ -282,6 +333,14 @@ class TrainConfig(_Section):
     seed: int = Field(1234, description="Seed of model initialisation and of the datasets' sample order.")
     log_interval: int = Field(10, ge=1, description="Log (console and metrics.jsonl) every this many iterations.")
     tensorboard: bool = Field(False, description="Also write the logged scalars to TensorBoard (train/tensorboard/).")
+    wandb_project: str | None = Field(
+        None, description="Also log the same scalars to this Weights & Biases project (rank 0; the trackers extra; "
+        "WANDB_MODE=offline writes a run folder under train/wandb/ to sync later).")
+    wandb_name: str | None = Field(None, description="W&B run name (default: the experiment name).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Also log the same scalars to MLflow at this tracking URI (rank 0; the trackers extra), e.g. "
+        "http://mlflow:5000 or sqlite:///mlflow.db.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (default: the experiment name).")
     eval_iters: int | None = Field(None, ge=1, description="Batches per held-out evaluation; default: the whole held-out set.")
     eval_interval: int | None = Field(
         None, ge=1, description="Also evaluate every held-out component (raw, pairs, each blend.extra valid_prefix) every "

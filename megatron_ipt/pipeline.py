@@ -315,6 +315,27 @@ def train_fingerprint(cfg: ExperimentConfig, tokenized: dict) -> str:
                        cfg.train.model_dump(mode="json"), cfg.blend.model_dump(mode="json"), tokenized["fingerprint"])
 
 
+def prepare_train_data(cfg: ExperimentConfig, force: bool = False) -> dict[str, int]:
+    """``ipt train --prepare-data``: the train folder set up as ``run_train`` sets it up, then the blend's index
+    caches built in it by this one process (:func:`megatron_ipt.training.train.prepare_data`); the train job that
+    follows reads them. Returns the samples per set."""
+    tokenized = _upstream(cfg, "tokenize")
+    fp = train_fingerprint(cfg, tokenized)
+    out = stage_path(cfg, "train")
+    stamp = out / "fingerprint"
+    if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+        aside = out.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out, aside)
+        _log(f"[yellow]train: {out} held a different run; moved it to {aside}[/yellow]")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, fp + "\n")
+    from megatron_ipt.training.train import prepare_data
+
+    counts = prepare_data(cfg, stage_path(cfg, "tokenize"), out)
+    _log(f"train: index caches built in {out / 'blend_cache'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
 def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Train on the blend with Megatron-Core; resumes from the stage folder's latest checkpoint.
 

@@ -2,7 +2,7 @@
 
     python tests/dist_train_worker.py TOKENIZED_DIR OUT_DIR --procs 2 --tp 2 --pp 1 [--vpp 2] [--layers 4]
         [--distopt] [--iters 4] [--stop-at N] [--init-from CHECKPOINTS] [--async-save] [--save-interval N]
-        [--ep 2] [--hf-config HF_FOLDER]
+        [--ep 2] [--hf-config HF_FOLDER] [--set section.key=value ...]
 
 Rank 0 writes ``OUT_DIR/summary.json``.
 """
@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=1, help="parallel.expert_model_parallel_size (MoE)")
     p.add_argument("--hf-config", default=None, help="model.hf_config: the architecture of a Hugging Face folder")
     p.add_argument("--stop-at", type=int, default=None, help="exit after this many iterations (resume tests)")
+    p.add_argument("--set", action="append", default=[], help="section.key=value (a YAML value), applied last")
     args = p.parse_args()
     cfg = tiny_config(train_iters=args.iters, eval_iters=2, init_from=args.init_from, model__num_layers=args.layers,
                       async_save=args.async_save, save_interval=args.save_interval, model__hf_config=args.hf_config)
@@ -47,6 +50,10 @@ def main() -> None:
     cfg.parallel.virtual_pipeline_model_parallel_size = args.vpp
     cfg.parallel.use_distributed_optimizer = args.distopt
     cfg.parallel.expert_model_parallel_size = args.ep
+    for item in args.set:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, yaml.safe_load(value))
     relaunch_under_torchrun([__file__, *sys.argv[1:]], cfg.parallel.nproc_per_node)
 
     import torch

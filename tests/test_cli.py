@@ -61,3 +61,13 @@ def test_parallel_layout_that_does_not_divide_is_a_one_line_error(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "tensor" in r.stderr.lower() and "3" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_train_takes_prepare_data_and_plan_is_a_command():
+    from megatron_ipt.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "x.yaml", "--prepare-data"]).prepare_data
+    assert not parser.parse_args(["train", "x.yaml"]).prepare_data
+    args = parser.parse_args(["plan", "x.yaml", "--world-size", "64", "--gpu-memory-gb", "141"])
+    assert (args.world_size, args.gpu_memory_gb) == (64, 141.0)

@@ -63,8 +63,10 @@ def test_the_large_model_examples_validate():
     from megatron_ipt.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "examples"
-    for name, tp, pp in (("llama3-8b-cpt.yaml", 2, 1), ("llama3-70b-cpt.yaml", 8, 4)):
+    for name, tp, pp in (("llama3-8b-cpt.yaml", 1, 1), ("llama3-70b-cpt.yaml", 4, 4)):
         cfg = load_config(root / name)
         assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (tp, pp)
+        assert cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather and cfg.model.seq_length == 8192
+        assert cfg.synthesis.engine == "vllm" and cfg.synthesis.rounds == 3
         assert cfg.train.fp8 == "hybrid" and cfg.train.precision == "bf16" and cfg.train.lr_decay_style == "wsd"
         assert cfg.train.init_from and cfg.model.hf_config and cfg.synthesis.prompt_format == "lmops"

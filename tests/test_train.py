@@ -56,6 +56,8 @@ def test_the_manifest_records_losses_counts_and_layout(twenty_iterations):
     assert manifest["parallel"]["data_parallel_size"] == 1
     assert manifest["train"]["tokens_per_s"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "20"
+    assert manifest["memory_plan"]["parameters"] == summary["parameters"]  # ipt plan's estimate of this run
+    assert manifest["memory_plan"]["total_gb"] > 0
 
 
 def test_cpu_backend_is_off_after_training(twenty_iterations):

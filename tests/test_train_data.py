@@ -215,3 +215,26 @@ def test_eval_micro_batches_round_up_to_a_multiple_with_zero_loss_masks():
     count, batches = eval_micro_batches(dataset, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=1,
                                         max_batches=1, multiple_of=2)  # eval_iters=1: the padding batch counts nothing
     assert count == 2 and [b["loss_mask"].sum().item() for b in batches] == [8, 0]
+
+
+def test_prepared_index_caches_are_read_not_rebuilt_and_give_the_same_samples(tokenized_dir, tmp_path):
+    from megatron_ipt.training.train import prepare_data
+
+    cfg = tiny_config(train_iters=3, eval_iters=1, save_checkpoint=False)
+    prepared = tmp_path / "prepared"
+    counts = prepare_data(cfg, tokenized_dir, prepared)
+    assert counts["train"] >= 12 and set(counts) >= {"heldout_raw", "heldout_pairs"}
+    assert not torch.distributed.is_initialized()
+    cache = prepared / "blend_cache"
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert before
+    train_stage(cfg, tokenized_dir, prepared, "fp")
+    after = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert after == before  # every cache file read as it was; none written
+    fresh = tmp_path / "fresh"
+    train_stage(cfg, tokenized_dir, fresh, "fp")
+    assert records_by_iteration(prepared) == records_by_iteration(fresh)
+
+
+def records_by_iteration(out: Path) -> dict[int, float]:
+    return {r["iteration"]: r["loss"] for r in records(out) if "iteration" in r}

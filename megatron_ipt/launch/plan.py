@@ -8,7 +8,7 @@ NUL-terminated ``KEY=VALUE`` records (safe for any path; read them with ``read -
 - ``run_dir``: the run folder (``RUN_DIR/train/stopped.json`` tells the script that training saved and stopped);
 - ``nproc_per_node``: processes per node, from the config's ``parallel.nproc_per_node`` (the one source of truth);
 - ``resume_iteration``: the iteration ``RUN_DIR/train/checkpoints/latest`` names (0 without a checkpoint);
-- ``env.NAME``: process environment the layout requires (see :func:`required_environment`).
+- ``env.NAME``: process environment for the layout (see :func:`process_environment`).
 
 Arguments other than ``--set KEY=VALUE`` (e.g. ``--force``) are accepted and ignored, so the script can pass
 the same ``IPT_ARGS`` here and to ``ipt train``. A bad config prints one line naming the key and exits 2.
@@ -22,18 +22,27 @@ import sys
 from megatron_ipt.errors import IptError
 
 
-def required_environment(cfg) -> dict[str, str]:
-    """Variables the parallel layout requires in every training process.
+def process_environment(cfg) -> dict[str, str]:
+    """The process environment NVIDIA's performance recipes set for this layout (Megatron-Bridge
+    ``scripts/performance``; Megatron-LM's launch scripts and warnings say the same), exported by
+    ``slurm/train.sbatch`` before the training processes start (CUDA reads them when it creates its context); a
+    variable already set in the submitting shell wins:
 
-    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor (or context / sequence) parallelism: megatron-core's
-    communication overlap relies on kernels being issued to the GPU in program order, which one hardware
-    queue guarantees (Megatron-LM's launch scripts set it; megatron-core warns without it). It does nothing
-    on CPU, so it is set from the layout alone.
-    """
+    - ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor, context or sequence parallelism: one hardware queue, so a
+      communication kernel launched before a GEMM starts before it (what sequence parallel's and userbuffers'
+      overlap rely on; megatron-core warns without it); otherwise 32, so independent kernels (data-parallel
+      overlap) run concurrently;
+    - ``NVTE_FWD_LAYERNORM_SM_MARGIN`` / ``NVTE_BWD_LAYERNORM_SM_MARGIN=16`` with overlapped data-parallel
+      communication: Transformer Engine's norms leave SMs to the NCCL kernels running beside them;
+    - ``TORCH_NCCL_AVOID_RECORD_STREAMS=1`` and ``NCCL_NVLS_ENABLE=0``, which every recipe sets.
+
+    None of them changes anything on CPU, so they are derived from the config alone."""
     p = cfg.parallel
-    env: dict[str, str] = {}
-    if p.tensor_model_parallel_size > 1 or p.context_parallel_size > 1 or p.sequence_parallel:
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    one_queue = p.tensor_model_parallel_size > 1 or p.context_parallel_size > 1 or p.sequence_parallel
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1" if one_queue else "32",
+           "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NCCL_NVLS_ENABLE": "0"}
+    if p.overlap_grad_reduce or p.overlap_param_gather:
+        env.update(NVTE_FWD_LAYERNORM_SM_MARGIN="16", NVTE_BWD_LAYERNORM_SM_MARGIN="16")
     return env
 
 
@@ -52,7 +61,7 @@ def plan(config: str, overrides: list[str]) -> dict[str, str]:
     run_dir = cfg.run_path
     out = {"run_dir": str(run_dir), "nproc_per_node": str(cfg.parallel.nproc_per_node),
            "resume_iteration": str(_latest(run_dir / "train" / "checkpoints" / "latest"))}
-    out.update({f"env.{k}": v for k, v in required_environment(cfg).items()})
+    out.update({f"env.{k}": v for k, v in process_environment(cfg).items()})
     return out
 
 

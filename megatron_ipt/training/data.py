@@ -89,18 +89,29 @@ def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
+def document_masking(blend) -> dict[str, bool]:
+    """``GPTDatasetConfig`` document-masking fields from ``blend`` (a ``BlendConfig``): ``reset_position_ids``
+    (positions restart at 0 after every EOD), ``reset_attention_mask`` (no attention across an EOD: a per-sample
+    boolean mask ``[1, s, s]``, True = masked, so ``create_attention_mask`` is turned on with it) and
+    ``eod_mask_loss`` (no loss at positions whose input token is EOD)."""
+    return {"reset_position_ids": blend.reset_position_ids, "reset_attention_mask": blend.reset_attention_mask,
+            "eod_mask_loss": blend.eod_mask_loss}
+
+
 def _gpt_config(
-    *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path, **kwargs
+    *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path, masking: dict | None = None, **kwargs
 ):
+    masking = masking or {}
     return mcore.gpt_dataset_config(
         random_seed=seed,
         sequence_length=seq_length,
         tokenizer=tokenizer,
         path_to_cache=str(cache_dir),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,  # causal mask built inside the attention; saves S*S bytes per sample
+        reset_position_ids=masking.get("reset_position_ids", False),
+        reset_attention_mask=masking.get("reset_attention_mask", False),
+        eod_mask_loss=masking.get("eod_mask_loss", False),
+        # Without per-document masks the causal mask is built inside the attention (saves S*S bytes per sample).
+        create_attention_mask=masking.get("reset_attention_mask", False),
         mmap_bin_files=True,
         **kwargs,
     )
@@ -141,6 +152,7 @@ def build_train_dataset(
     seed: int,
     cache_dir: Path,
     extra: list[tuple[str | Path, float]] = (),
+    masking: dict | None = None,
 ):
     """The weighted blend of ``train_raw``, ``train_ipt`` and ``extra`` prefixes (``BlendedMegatronDatasetBuilder``).
 
@@ -162,7 +174,7 @@ def build_train_dataset(
             prefixes.append(str(prefix))
             weights.append(float(weight))
     config = _gpt_config(
-        tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+        tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir, masking=masking,
         blend=(prefixes, weights if len(prefixes) > 1 else None), split="100,0,0",
     )
     # Held-out evaluation uses whole held-out documents (corpus stage), so every training document goes to
@@ -218,6 +230,7 @@ def build_per_split_datasets(
     seq_length: int,
     seed: int,
     cache_dir: Path,
+    masking: dict | None = None,
 ) -> tuple:
     """Train, valid and test datasets from one blend per split (megatron-core's ``blend_per_split``; no split
     ratios: every prefix is used whole by its split). ``per_split`` as returned by :func:`check_per_split`.
@@ -238,28 +251,30 @@ def build_per_split_datasets(
         weighted = len(prefixes) > 1
         blends.append((prefixes, [w for _, w in components] if weighted else None))
         sizes.append(num_samples if split == "train" else (eval_samples if weighted else None))
-    config = _gpt_config(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+    config = _gpt_config(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir, masking=masking,
                          blend_per_split=blends)
     train, valid, test = mcore.build_gpt_datasets(sizes, config)
     return train, valid, test
 
 
 def build_mock_train_dataset(*, tokenizer: DatasetTokenizer, num_samples: int, seq_length: int, seed: int,
-                             cache_dir: Path):
+                             cache_dir: Path, masking: dict | None = None):
     """megatron-core's ``MockGPTDataset`` (synthetic documents of token ids, no files): ``blend.mock``, for
     smoke tests and throughput runs without data. Samples have the same keys and shapes as the real blend's."""
-    config = _gpt_config(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir, blend=None)
+    config = _gpt_config(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir, masking=masking,
+                         blend=None)
     train, _valid, _test = mcore.build_mock_gpt_datasets([num_samples, 1, 1], config)
     return train
 
 
 def build_heldout_dataset(
-    tokenized_dir: Path, prefix: str, *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path
+    tokenized_dir: Path, prefix: str, *, tokenizer: DatasetTokenizer, seq_length: int, seed: int, cache_dir: Path,
+    masking: dict | None = None,
 ):
     """One ``GPTDataset`` over the whole ``prefix`` (one epoch, every document, a seeded fixed order)."""
     check_prefixes(tokenized_dir, (prefix,))
     config = _gpt_config(
-        tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+        tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir, masking=masking,
         blend=([str(Path(tokenized_dir) / prefix)], None), split="100,0,0",
     )
     dataset, _valid, _test = mcore.build_gpt_datasets([None, None, None], config)

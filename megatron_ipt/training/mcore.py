@@ -193,6 +193,21 @@ def applies_attention_masks(model) -> bool:
     return bool(cores) and all(isinstance(c, DotProductAttention) for c in cores)
 
 
+# ------------------------------------------------------------------------------ fields of the configs
+def transformer_config_fields() -> set[str]:
+    """Field names of this version's ``TransformerConfig`` (which scale settings it can take)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return field_names(TransformerConfig)
+
+
+def ddp_config_fields() -> set[str]:
+    """Field names of this version's ``DistributedDataParallelConfig``."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return field_names(DistributedDataParallelConfig)
+
+
 # ------------------------------------------------------------------------------- optimizer and DDP
 def optimizer(**config_kwargs: Any):
     """``get_megatron_optimizer`` over the model chunks, its ``OptimizerConfig`` built from the fields this

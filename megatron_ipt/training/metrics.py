@@ -96,3 +96,87 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class WandB:
+    """The same scalars to Weights & Biases (``train.wandb_project`` / ``wandb_name``), rank 0 only; files under
+    ``run_dir`` (``wandb/``). Offline runs (``WANDB_MODE=offline``) write a run folder to sync later. Raises IptError
+    naming the extra when enabled without the ``wandb`` package."""
+
+    def __init__(self, run_dir: Path, *, project: str | None, name: str | None, config: dict, enabled: bool) -> None:
+        self.run = None
+        if not enabled or not project:
+            return
+        try:
+            import wandb
+        except ImportError:
+            from megatron_ipt.errors import IptError
+
+            raise IptError("train.wandb_project needs the wandb package: pip install -e '.[trackers]'") from None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, record: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class MLflow:
+    """The same scalars to MLflow (``train.mlflow_tracking_uri``, experiment ``train.mlflow_experiment``), rank 0
+    only; the run is named after the experiment. Raises IptError naming the extra without the ``mlflow`` package."""
+
+    def __init__(self, *, tracking_uri: str | None, experiment: str, run_name: str, enabled: bool) -> None:
+        self.mlflow = None
+        if not enabled or not tracking_uri:
+            return
+        try:
+            import mlflow
+        except ImportError:
+            from megatron_ipt.errors import IptError
+
+            raise IptError("train.mlflow_tracking_uri needs the mlflow package: pip install -e '.[trackers]'") from None
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
+        mlflow.start_run(run_name=run_name)
+        self.mlflow = mlflow
+
+    def log(self, record: dict, step: int) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({f"train/{k}": float(v) for k, v in _scalars(record).items()}, step=step)
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+            self.mlflow = None
+
+
+def _scalars(record: dict) -> dict:
+    """The numeric entries of a log record (what TensorBoard gets), without the iteration itself."""
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+
+
+class Trackers:
+    """TensorBoard, W&B and MLflow together (each only when configured), rank 0 only: ``log(record, step)``,
+    ``close()``. ``train``: the ``TrainConfig``; ``config``: the resolved experiment config (W&B run config)."""
+
+    def __init__(self, out_dir: Path, train, *, name: str, config: dict, enabled: bool) -> None:
+        self.writers = [
+            TensorBoard(out_dir / "tensorboard", enabled=enabled and train.tensorboard),
+            WandB(out_dir, project=train.wandb_project, name=train.wandb_name or name, config=config, enabled=enabled),
+            MLflow(tracking_uri=train.mlflow_tracking_uri, experiment=train.mlflow_experiment or name, run_name=name,
+                   enabled=enabled),
+        ]
+
+    def log(self, record: dict, step: int) -> None:
+        for writer in self.writers:
+            writer.log(record, step)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()

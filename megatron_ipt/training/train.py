@@ -28,7 +28,7 @@ import torch
 
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import atomic_write_text, read_manifest, write_manifest
-from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, signals
+from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, plan, scale, signals
 from megatron_ipt.training.model import build_model_chunks
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, resolve_preset
 from megatron_ipt.training.reporting import Reporter, memory_stats
@@ -56,7 +56,7 @@ def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
         model=model, optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8, clip_grad=t.clip_grad,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, **scale.optimizer_fields(cfg),
     )
     scheduler = mcore.param_scheduler(
         optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, **lr_schedule(t),
@@ -83,22 +83,16 @@ def lr_schedule(t) -> dict[str, Any]:
 
 
 def wrap_ddp(cfg: ExperimentConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """megatron-core's ``DistributedDataParallel`` around each model chunk, wired into the (shared) model config
-    the way Megatron-LM's ``setup_model_and_optimizer`` does (``no_sync_func``: one per chunk, a list with
-    virtual pipeline stages; ``finalize_model_grads_func``) so the schedule reduces grads. Returns the list."""
+    """megatron-core's ``DistributedDataParallel`` around each model chunk (its ``DistributedDataParallelConfig``
+    from :func:`scale.ddp_fields`: grad reduction in fp32, overlap, buckets), wired into the (shared) model config
+    the way Megatron-LM does (:func:`scale.wire_schedule`: ``no_sync_func``, the grad / param sync functions when
+    overlapping, ``finalize_model_grads_func``) so the schedule reduces grads. Returns the list."""
     config = chunks[0].config
     wrapped, finalize_model_grads = [], None
     for chunk in chunks:
-        ddp, finalize_model_grads = mcore.distributed_data_parallel(
-            config=config, module=chunk,
-            grad_reduce_in_fp32=cfg.train.precision == "bf16",
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
+        ddp, finalize_model_grads = mcore.distributed_data_parallel(config=config, module=chunk, **scale.ddp_fields(cfg))
         wrapped.append(ddp)
-    no_sync = [ddp.no_sync for ddp in wrapped]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    scale.wire_schedule(cfg, config, wrapped, finalize_model_grads)
     return wrapped
 
 
@@ -145,6 +139,32 @@ def _run(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint:
     state = load_or_start(cfg, out_dir, run, sets)
     loop = train_loop(cfg, out_dir, run, sets, state, exit_after, device)
     return finish(cfg, tokenized_dir, out_dir, fingerprint, started, run, sets, state, loop, device)
+
+
+def prepare_data(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path) -> dict[str, int]:
+    """``ipt train --prepare-data``: build the blend's and the held-out sets' index caches in ``out_dir/blend_cache``
+    on this one process and return, as Megatron-LM's ``tools/prepare_cache.py`` does, so a multi-node job never
+    builds them while other ranks wait: its ranks find them and only read. Same inputs and checks as the run (a
+    world-size-1 gloo group, which megatron-core's builder needs); the layout is taken at
+    ``parallel.nproc_per_node`` processes (it matters only for the size of a weighted ``blend.per_split`` valid/test
+    blend). Returns the number of samples per set."""
+    single = cfg.model_copy(deep=True)
+    single.parallel.nproc_per_node = 1  # this process alone (check_inputs refuses several without torchrun)
+    inputs = check_inputs(single, tokenized_dir, out_dir)
+    preset, t = inputs.preset, cfg.train
+    layout = parallel.check_layout(cfg.parallel, world_size=cfg.parallel.nproc_per_node,
+                                   micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                                   num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+                                   num_query_groups=preset.num_query_groups, seq_length=cfg.model.seq_length)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not torch.distributed.is_initialized()
+    parallel.init_process_group(torch.device("cpu"))
+    try:
+        sets = build_datasets(cfg, tokenized_dir, out_dir, inputs, layout)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+    return {"train": len(sets.train), **{k: len(v) for k, v in sets.heldout.items()}}
 
 
 # ------------------------------------------------------------------------------------------ the steps
@@ -202,6 +222,7 @@ class Run:
     parameters: int
     flops_per_token: float
     peak_tflops: float | None
+    memory_plan: dict | None = None  # ipt plan's per-GPU estimate (megatron_ipt.training.plan)
 
     @property
     def rank0(self) -> bool:
@@ -216,6 +237,10 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     from megatron_ipt.training.precision import precision_fields, resolve_transformer_impl
 
     t, preset = cfg.train, inputs.preset
+    te = transformer_engine_available()
+    impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
+    # Recompute / overlap / CUDA graph rules, checked before any process group is built (one line per key).
+    scale.check(cfg, num_layers=preset.num_layers, device_type=device.type, te_available=te)
     layout = parallel.setup(
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
@@ -225,10 +250,12 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
     model_vocab = max(inputs.tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else inputs.tokenizer.vocab_size
     vocab_size = padded_vocab_size(model_vocab, layout.tensor_model_parallel_size)
-    te = transformer_engine_available()
-    impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
     fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
     mcore.reset_moe_aux_losses()  # router losses tracked for an earlier model of this process
+    if cfg.parallel.tp_comm_overlap:
+        scale.initialize_tp_communicators(cfg, hidden_size=preset.hidden_size, fp8=t.fp8 is not None)
+    # The recompute / TP-overlap / CUDA graph fields ride along with the precision fields into TransformerConfig.
+    fields.update(scale.transformer_fields(cfg, num_layers=preset.num_layers))
     model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
                                device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
     model = wrap_ddp(cfg, model)
@@ -236,10 +263,15 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     # Throughput in model FLOPs (megatron_ipt.training.metrics documents the formula); MFU where the peak is known.
     peak = metrics.peak_tflops(torch.cuda.get_device_name() if device.type == "cuda" else None,
                                "fp8" if t.fp8 else "bf16") if t.precision == "bf16" else None
+    memory_plan = plan.for_run(cfg, preset, world_size=layout.world_size, vocab_size=vocab_size,
+                               fused_attention=impl == "transformer_engine")
+    if device.type == "cuda":
+        _say("train: memory plan per GPU (ipt plan): " + ", ".join(f"{k} {v}" for k, v in memory_plan.items()))
     return Run(layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                forward_backward=mcore.forward_backward_func(), vocab_size=vocab_size,
                parameters=parameter_count(model),
-               flops_per_token=metrics.flops_per_token(preset, cfg.model.seq_length, vocab_size), peak_tflops=peak)
+               flops_per_token=metrics.flops_per_token(preset, cfg.model.seq_length, vocab_size), peak_tflops=peak,
+               memory_plan=memory_plan)
 
 
 @dataclass
@@ -266,7 +298,7 @@ def build_datasets(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, in
     """
     t, per_split = cfg.train, inputs.per_split
     common = dict(tokenizer=inputs.tokenizer, seq_length=cfg.model.seq_length, seed=t.seed,
-                  cache_dir=out_dir / "blend_cache")
+                  cache_dir=out_dir / "blend_cache", masking=data.document_masking(cfg.blend))
     num_samples = t.train_iters * t.global_batch_size
     valid_set = test_set = None
     if per_split is not None:
@@ -314,9 +346,11 @@ def build_datasets(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, in
 
 
 def _evaluate_all(cfg: ExperimentConfig, run: Run, sets: Datasets, keys) -> dict[str, float]:
-    """Mean held-out loss (nats per token) of each set in ``keys``."""
-    return {k: evaluate(run.model, run.forward_backward, sets.heldout[k], cfg, run.layout, sets.eval_seq[k])
-            for k in keys}
+    """Mean held-out loss (nats per token) of each set in ``keys`` (parameters gathered first when their gather is
+    overlapped with the forward: :func:`scale.params_synced`)."""
+    with scale.params_synced(run.model):
+        return {k: evaluate(run.model, run.forward_backward, sets.heldout[k], cfg, run.layout, sets.eval_seq[k])
+                for k in keys}
 
 
 @dataclass
@@ -383,15 +417,17 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
     stop = min(t.train_iters, exit_after) if exit_after is not None else t.train_iters
     tokens_per_iteration = t.global_batch_size * cfg.model.seq_length
     reporter = Reporter(out_dir, t.train_iters, progress.iteration, enabled=run.rank0)
-    tensorboard = metrics.TensorBoard(out_dir / "tensorboard", enabled=run.rank0 and t.tensorboard)
+    # TensorBoard, W&B, MLflow: each when configured, rank 0 only, the same scalars
+    trackers = metrics.Trackers(out_dir, t, name=cfg.name, config=cfg.model_dump(mode="json"), enabled=run.rank0)
     resumed_from, result, window = progress.iteration, LoopResult(reporter=reporter), []
     stopper = signals.StopRequest(t.exit_duration_minutes, device=device)
     # train.async_save: megatron-core's async checkpoint writer; finished before the next save and before returning.
     async_queue = mcore.async_calls_queue() if t.async_save else None
 
     def save() -> float:
-        return checkpoint.save_checkpoint(out_dir / "checkpoints", run.model, run.optimizer, run.scheduler, progress,
-                                          keep_last=t.keep_last, async_queue=async_queue)
+        with scale.params_synced(run.model):  # an overlapped parameter gather has not reached the model yet
+            return checkpoint.save_checkpoint(out_dir / "checkpoints", run.model, run.optimizer, run.scheduler,
+                                              progress, keep_last=t.keep_last, async_queue=async_queue)
 
     try:
         stopper.__enter__()
@@ -423,7 +459,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                     and progress.iteration < t.train_iters):
                 evals = _evaluate_all(cfg, run, sets, sets.every_eval)
                 reporter.log({"event": "eval", "at_iteration": progress.iteration, **evals})
-                tensorboard.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
+                trackers.log({f"eval_{k}": v for k, v in evals.items()}, progress.iteration)
             if progress.iteration % t.log_interval == 0 or progress.iteration == stop or stopping:
                 step_s = sum(window) / len(window)
                 record = {
@@ -437,7 +473,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                     **memory_stats(device),
                 }
                 reporter.log(record)
-                tensorboard.log(record, progress.iteration)
+                trackers.log(record, progress.iteration)
                 window = []
             else:
                 reporter.advance(progress.iteration)
@@ -450,7 +486,7 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
     finally:
         stopper.__exit__()
         reporter.close()
-        tensorboard.close()
+        trackers.close()
 
     result.trained = progress.iteration - resumed_from
     if (t.save_checkpoint or stop < t.train_iters or result.stopped_by) and result.trained > 0:
@@ -465,9 +501,9 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
 
 def process_environment() -> dict[str, str]:
     """The launch-relevant variables this process ran with (recorded in the manifest): thread count, CUDA
-    connection count (tensor-parallel overlap), and every ``NCCL_*`` / ``TORCH_NCCL_*`` setting."""
+    connection count (tensor-parallel overlap), and every ``NCCL_*`` / ``TORCH_NCCL_*`` / ``NVTE_*`` setting."""
     return {k: v for k, v in sorted(os.environ.items())
-            if k in ("OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS") or k.startswith(("NCCL_", "TORCH_NCCL_"))}
+            if k in ("OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS") or k.startswith(("NCCL_", "TORCH_NCCL_", "NVTE_"))}
 
 
 def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprint: str, started: float, run: Run,
@@ -524,7 +560,7 @@ def finish(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, fingerprin
             counts={k: summary[k] for k in ("iterations", "consumed_samples", "tokens_trained", "parameters")},
             started=started, losses=summary["losses"],
             train={k: v for k, v in summary.items() if k not in ("losses", "parallel")},
-            parallel=summary["parallel"],
+            parallel=summary["parallel"], memory_plan=run.memory_plan,
             checkpoint=str(checkpoint.checkpoint_dir(out_dir / "checkpoints", progress.iteration)),
         )
     return summary
