@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ipt.training import mcore
+from megatron_ipt.training.attention import resolve_attention_backend, sdpa_core_attention, with_core_attention
 from megatron_ipt.training.parallel import Layout
 from megatron_ipt.training.presets import ModelPreset
 
@@ -83,18 +84,25 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
     return mcore.transformer_config(**kwargs)
 
 
-def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None):
-    """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec.
+def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None, attention_backend: str = "auto"):
+    """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec, whose core
+    attention ``attention_backend`` picks (``model.attention_backend``: ``auto`` / ``sdpa`` = PyTorch's
+    ``scaled_dot_product_attention``, :mod:`megatron_ipt.training.attention`; ``unfused`` = megatron-core's own).
 
-    ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade).
+    ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade); ``sdpa`` or
+    ``unfused`` with TE raise ``AttentionBackendError`` naming the key.
     """
     if use_transformer_engine is None:
         use_transformer_engine = device.type == "cuda" and transformer_engine_available()
     if use_transformer_engine:
         if device.type != "cuda" or not transformer_engine_available():
             raise RuntimeError("the Transformer Engine layer spec needs a cuda device and transformer_engine installed")
+        resolve_attention_backend(attention_backend, "transformer_engine")
         return mcore.transformer_engine_layer_spec(qk_layernorm=False)
-    return mcore.local_layer_spec(qk_layernorm=False, normalization="RMSNorm")
+    spec = mcore.local_layer_spec(qk_layernorm=False, normalization="RMSNorm")
+    if resolve_attention_backend(attention_backend, "local") == "sdpa":
+        spec = with_core_attention(spec, sdpa_core_attention())
+    return spec
 
 
 def build_model(
@@ -107,6 +115,7 @@ def build_model(
     precision: str = "fp32",
     transformer_impl: str = "auto",
     precision_fields: dict | None = None,
+    attention_backend: str = "auto",
 ) -> torch.nn.Module:
     """Build this rank's pipeline stage of a ``GPTModel`` (RoPE; embeddings tied when the preset says so) on ``device``.
 
@@ -120,7 +129,7 @@ def build_model(
         raise ValueError("build_model builds one module; use build_model_chunks with virtual pipeline stages")
     return build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=seq_length, device=device,
                               precision=precision, transformer_impl=transformer_impl,
-                              precision_fields=precision_fields)[0]
+                              precision_fields=precision_fields, attention_backend=attention_backend)[0]
 
 
 def build_model_chunks(
@@ -133,6 +142,7 @@ def build_model_chunks(
     precision: str = "fp32",
     transformer_impl: str = "auto",
     precision_fields: dict | None = None,
+    attention_backend: str = "auto",
 ) -> list[torch.nn.Module]:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without virtual stages).
 
@@ -141,7 +151,8 @@ def build_model_chunks(
     deprecated), so it holds global layers ``i * PP * L + pp_rank * L ... + L - 1`` with ``L = num_layers /
     (PP * VPP)``; the embedding lives in chunk 0 of the first pipeline rank and the output layer in the last
     chunk of the last rank. All chunks share one ``TransformerConfig`` (the schedule reads the first chunk's).
-    Same arguments and wrapping as :func:`build_model`; returns the list (length VPP, or 1). With
+    Same arguments and wrapping as :func:`build_model` (``attention_backend``: ``model.attention_backend``, see
+    :func:`layer_spec`); returns the list (length VPP, or 1). With
     ``device=torch.device("meta")`` the modules have the CPU model's structure and no parameter memory (what
     ``megatron_ipt.hf.convert`` needs for the checkpoint's sharded-state-dict layout).
     """
@@ -152,7 +163,7 @@ def build_model_chunks(
     if meta:
         config.perform_initialization = False
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
-    spec = layer_spec(real, use_transformer_engine=use_te)
+    spec = layer_spec(real, use_transformer_engine=use_te, attention_backend=attention_backend)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

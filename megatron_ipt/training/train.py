@@ -227,7 +227,8 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     impl = resolve_transformer_impl(cfg.model.transformer_impl, device.type, te)
     fields = precision_fields(t, impl, device.type, te, preset.num_layers, layout.pipeline_model_parallel_size)
     model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
-                               device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
+                               device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields,
+                               attention_backend=cfg.model.attention_backend)
     model = wrap_ddp(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, model)
     # Throughput in model FLOPs (megatron_ipt.training.metrics documents the formula); MFU where the peak is known.
