@@ -52,9 +52,10 @@ def batch(case: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     raise ValueError(case)
 
 
-def compare(cases=CASES, *, tp: int = 1, num_query_groups: int | None = None) -> dict:
-    """``{case: {"logits": max |unfused - sdpa|, "grads": max over parameters, "names": same parameter names}}``
-    for each case of :func:`batch`, in one parallel world (set up and torn down here)."""
+def compare(cases=CASES, *, tp: int = 1, num_query_groups: int | None = None, precision: str = "fp32") -> dict:
+    """``{case: {"logits": max |unfused - sdpa|, "grads": max over parameters, "grad_scale": max |gradient|,
+    "names": same parameter names}}`` for each case of :func:`batch`, in one parallel world (set up and torn down
+    here); ``precision`` as ``train.precision`` (bf16: megatron's ``Float16Module``, logits compared in float32)."""
     device = torch.device("cpu")
     preset = resolve_preset(ModelConfig(preset="llama-test", num_query_groups=num_query_groups))
     with cpu_backend.cpu_backend(enabled=True):
@@ -64,7 +65,8 @@ def compare(cases=CASES, *, tp: int = 1, num_query_groups: int | None = None) ->
                                 num_query_groups=preset.num_query_groups, seed=0)
         try:
             models = {b: build_model(preset, layout, vocab_size=padded_vocab_size(VOCAB, tp), seq_length=SEQ,
-                                     device=device, attention_backend=b) for b in ("unfused", "sdpa")}
+                                     device=device, precision=precision, attention_backend=b)
+                      for b in ("unfused", "sdpa")}
             names = list(models["unfused"].state_dict()) == list(models["sdpa"].state_dict())
             models["sdpa"].load_state_dict(models["unfused"].state_dict())
             return {case: {**_differences(models, case), "names": names} for case in cases}
@@ -80,13 +82,13 @@ def _differences(models: dict, case: str) -> dict:
     for name, model in models.items():
         model.train()
         model.zero_grad(set_to_none=True)
-        logits[name] = model(input_ids=tokens, position_ids=pos, attention_mask=mask).detach()[real]
+        logits[name] = model(input_ids=tokens, position_ids=pos, attention_mask=mask).detach()[real].float()
         loss = model(input_ids=tokens, position_ids=pos, attention_mask=mask, labels=labels)[real].mean()
         loss.backward()
         grads[name] = {n: p.grad for n, p in model.named_parameters()}
     return {"logits": (logits["unfused"] - logits["sdpa"]).abs().max().item(),
-            "grads": max((grads["unfused"][n] - grads["sdpa"][n]).abs().max().item() for n in grads["unfused"]),
-            "grad_scale": max(g.abs().max().item() for g in grads["unfused"].values())}
+            "grads": max((grads["unfused"][n] - grads["sdpa"][n]).float().abs().max().item() for n in grads["unfused"]),
+            "grad_scale": max(g.float().abs().max().item() for g in grads["unfused"].values())}
 
 
 def main() -> None:
