@@ -3,8 +3,10 @@
 The model code is megatron-core's; this module only maps our config onto ``TransformerConfig`` and
 picks the layer spec: Transformer Engine's (``get_gpt_layer_with_transformer_engine_spec``) when the
 device is cuda and ``transformer_engine`` imports, else the local spec (``get_gpt_layer_local_spec``),
-which is what runs on CPU. Every megatron-core call goes through :mod:`megatron_ipt.training.mcore` (keywords only,
-``TransformerConfig`` built from its actual fields), so the module works across megatron-core versions.
+which is what runs on CPU; the local spec's core attention is PyTorch's ``scaled_dot_product_attention``
+unless ``model.attention_backend`` is ``unfused`` (:mod:`megatron_ipt.training.attention`). Every
+megatron-core call goes through :mod:`megatron_ipt.training.mcore` (keywords only, ``TransformerConfig`` built
+from its actual fields), so the module works across megatron-core versions.
 """
 
 from __future__ import annotations
