@@ -27,6 +27,7 @@ median of ``--repeats`` runs; the uncached row runs once (it is slow). Writes
 
     OMP_NUM_THREADS=2 python benchmarks/generate_throughput.py                       # SmolLM2-135M, 128 and 512
     OMP_NUM_THREADS=2 python benchmarks/generate_throughput.py --tiny --json /tmp/g.json   # about 30 s
+    OMP_NUM_THREADS=2 python benchmarks/generate_throughput.py --attention-backend unfused --skip-uncached  # before SDPA
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def run(args) -> dict:
     cfg.model.hf_config = str(hf)
     cfg.model.seq_length = max(lengths) + new
     cfg.train.device, cfg.train.precision = "cpu", "fp32"
+    cfg.model.attention_backend = args.attention_backend
     hf_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     hf_model.generation_config.eos_token_id = None  # exactly `new` tokens, as the megatron rows
 
@@ -173,6 +175,8 @@ def run(args) -> dict:
             calls = {"megatron cached": (lambda: scorer.generate(prompt, new), args.repeats),
                      "megatron uncached": (lambda: greedy_generate(scorer.logits, prompt, new), 1),
                      "transformers generate": (lambda: hf_generate(prompt, new), args.repeats)}
+            if args.skip_uncached:
+                del calls["megatron uncached"]
             outs = {}
             for name, (fn, repeats) in calls.items():
                 _, first, _ = timed(ttft[name], repeats)
@@ -183,7 +187,7 @@ def run(args) -> dict:
                              "cpu_s_per_token": cpu / len(out), "runs": repeats})
                 print(f"  prompt {n}: {name}: {len(out)} tokens in {wall:.2f} s", flush=True)
             base = outs["transformers generate"]
-            for r in rows[-3:]:
+            for r in rows[-len(calls):]:
                 out = outs[r["row"]]
                 r["same_ids_as_transformers"] = out == base
                 r["first_difference_at"] = next((i for i, (a, b) in enumerate(zip(out, base)) if a != b), None)
@@ -193,6 +197,7 @@ def run(args) -> dict:
     return {"model": model_name, "hf_folder": None if args.tiny else str(hf),
             "megatron_checkpoint": None if args.tiny else str(ckpt), "parameters": params,
             "prompt_lengths": lengths, "new_tokens": new, "dtype": "float32", "batch_size": 1,
+            "attention_backend": args.attention_backend,
             "kv_cache_fallback_reason": no_cache, "rows": rows, "environment": _environment(mcore, load_before)}
 
 
@@ -235,6 +240,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="runs of the cached and transformers rows (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "unfused"],
+                   help="model.attention_backend of the megatron rows (unfused: megatron-core's DotProductAttention)")
+    p.add_argument("--skip-uncached", action="store_true", help="leave out the (slow) megatron uncached row")
     p.add_argument("--json", default=str(HERE / "results" / "generate_throughput.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,6 +11,7 @@ iterations (warm-up). The ratio plain / ours of iteration time is the framework'
 ours is faster). CPU only; on a GPU the comparison would be dominated by kernels (see gpu_throughput.py).
 
     python benchmarks/train_overhead.py --preset llama-tiny --iters 30
+    python benchmarks/train_overhead.py --preset llama-tiny --iters 30 --attention-backend unfused   # before SDPA
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def run_ours(args) -> dict:
         cfg = tiny_config(train_iters=args.iters, eval_iters=1, log_interval=1, save_checkpoint=False,
                           micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size)
         cfg.model.preset, cfg.model.seq_length = args.preset, args.seq_length
+        cfg.model.attention_backend = args.attention_backend
         train_stage(cfg, tok, Path(d) / "out", "bench")
         rows = [json.loads(x) for x in (Path(d) / "out" / "metrics.jsonl").read_text().splitlines()]
     times = [r["ms_per_iteration"] for r in rows if "iteration" in r and r["iteration"] > args.warmup]
@@ -88,6 +90,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "unfused"],
+                   help="model.attention_backend of ours (unfused: megatron-core's DotProductAttention)")
     p.add_argument("--json", default=str(HERE / "results" / "train_overhead.json"))
     p.add_argument("--child", choices=["ours", "plain"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -108,7 +112,7 @@ def main() -> None:
         r["tokens_per_s"] = tokens / (r["ms_per_iteration"] / 1000)
     ratio = results["plain"]["ms_per_iteration"] / results["ours"]["ms_per_iteration"]
     print(f"{args.preset}, seq {args.seq_length}, micro {args.micro_batch_size} / global {args.global_batch_size}, "
-          f"{args.threads} thread(s), {args.iters} iterations ({args.warmup} warm-up excluded)")
+          f"attention {args.attention_backend}, {args.threads} thread(s), {args.iters} iterations ({args.warmup} warm-up excluded)")
     print(f"{'trainer':<28} {'ms/iteration':>12} {'tokens/s':>10}")
     print(f"{'megatron-ipt (megatron-core)':<28} {results['ours']['ms_per_iteration']:>12.1f} {results['ours']['tokens_per_s']:>10.0f}")
     print(f"{'plain PyTorch + transformers':<28} {results['plain']['ms_per_iteration']:>12.1f} {results['plain']['tokens_per_s']:>10.0f}")

@@ -232,6 +232,10 @@ class ModelConfig(_Section):
     transformer_impl: Literal["auto", "transformer_engine", "local"] = Field(
         "auto", description="Layer implementation: Transformer Engine (GPU), megatron-core's local modules (what runs "
         "on CPU), or auto (TE on a GPU when it imports).")
+    attention_backend: Literal["auto", "sdpa", "unfused"] = Field(
+        "auto", description="Core attention of the local layer spec: sdpa (PyTorch's fused scaled_dot_product_attention), "
+        "unfused (megatron-core's DotProductAttention), or auto (sdpa with the local spec; Transformer Engine's own "
+        "attention with its spec, where sdpa / unfused are an error).")
 
 
 class ParallelConfig(_Section):

@@ -49,7 +49,8 @@ class MegatronScorer:
             # A checkpoint padded for TP > 1 (128 x TP rows) loads too: megatron-core allows the embedding and
             # output layer shapes to differ in their padding rows.
             model = build_model(preset, layout, vocab_size=padded_vocab_size(vocab, 1),
-                                seq_length=self.cfg.model.seq_length, device=self.device, precision=self.cfg.train.precision)
+                                seq_length=self.cfg.model.seq_length, device=self.device, precision=self.cfg.train.precision,
+                                attention_backend=self.cfg.model.attention_backend)
             if self.checkpoint_path is not None:
                 try:
                     folder = checkpoint.load_model_weights(self.checkpoint_path, model)

@@ -182,9 +182,17 @@ def kv_cache_forward_kwargs(forward: Callable, *, max_batch_size: int, max_seque
     return {name: context, **accepted_kwargs(forward, {"runtime_gather_output": True})}
 
 
+def dot_product_attention_class() -> type:
+    """``megatron.core.transformer.dot_product_attention.DotProductAttention``: the local layer spec's unfused core
+    attention (the base of ``megatron_ipt.training.attention``'s SDPA one)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
 def applies_attention_masks(model) -> bool:
-    """True when every core attention in ``model`` is megatron-core's own ``DotProductAttention`` (the local
-    layer spec), whose softmax applies a given boolean ``attention_mask`` (``[b, 1, sq, sk]``, True = masked) as
+    """True when every core attention in ``model`` is megatron-core's own ``DotProductAttention`` or a subclass
+    (the local layer spec, unfused or SDPA: ``megatron_ipt.training.attention``), whose softmax applies a given boolean ``attention_mask`` (``[b, 1, sq, sk]``, True = masked) as
     it is, in prefill and in KV-cached decoding alike (``fused_softmax.forward_torch_softmax``). Transformer
     Engine's attention follows its ``attn_mask_type`` instead, so a per-row padding mask may not reach it: False."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention

@@ -3,8 +3,10 @@
 The model code is megatron-core's; this module only maps our config onto ``TransformerConfig`` and
 picks the layer spec: Transformer Engine's (``get_gpt_layer_with_transformer_engine_spec``) when the
 device is cuda and ``transformer_engine`` imports, else the local spec (``get_gpt_layer_local_spec``),
-which is what runs on CPU. Every megatron-core call goes through :mod:`megatron_ipt.training.mcore` (keywords only,
-``TransformerConfig`` built from its actual fields), so the module works across megatron-core versions.
+which is what runs on CPU; the local spec's core attention is PyTorch's ``scaled_dot_product_attention``
+unless ``model.attention_backend`` is ``unfused`` (:mod:`megatron_ipt.training.attention`). Every
+megatron-core call goes through :mod:`megatron_ipt.training.mcore` (keywords only, ``TransformerConfig`` built
+from its actual fields), so the module works across megatron-core versions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ipt.training import mcore
+from megatron_ipt.training.attention import resolve_attention_backend, sdpa_core_attention, with_core_attention
 from megatron_ipt.training.parallel import Layout
 from megatron_ipt.training.presets import ModelPreset
 
@@ -101,22 +104,29 @@ def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
 
 
 def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None, qk_layernorm: bool = False,
-               num_experts: int | None = None):
-    """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec.
+               num_experts: int | None = None, attention_backend: str = "auto"):
+    """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec, whose core
+    attention ``attention_backend`` picks (``model.attention_backend``: ``auto`` / ``sdpa`` = PyTorch's
+    ``scaled_dot_product_attention``, :mod:`megatron_ipt.training.attention`; ``unfused`` = megatron-core's own).
 
     ``qk_layernorm``: an RMSNorm over each query and key head (Qwen3; torch's ``RMSNorm`` in the local spec).
     ``num_experts``: an MoE layer instead of the MLP (grouped GEMM with TE, ``SequentialMLP`` in the local spec).
-    ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade).
+    ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade); ``sdpa`` or
+    ``unfused`` with TE raise ``AttentionBackendError`` naming the key.
     """
     if use_transformer_engine is None:
         use_transformer_engine = device.type == "cuda" and transformer_engine_available()
     if use_transformer_engine:
         if device.type != "cuda" or not transformer_engine_available():
             raise RuntimeError("the Transformer Engine layer spec needs a cuda device and transformer_engine installed")
+        resolve_attention_backend(attention_backend, "transformer_engine")
         return mcore.transformer_engine_layer_spec(qk_layernorm=qk_layernorm, num_experts=num_experts,
                                                    moe_grouped_gemm=bool(num_experts))
-    return mcore.local_layer_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm", num_experts=num_experts,
+    spec = mcore.local_layer_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm", num_experts=num_experts,
                                   moe_grouped_gemm=False)
+    if resolve_attention_backend(attention_backend, "local") == "sdpa":
+        spec = with_core_attention(spec, sdpa_core_attention())
+    return spec
 
 
 def build_model(
@@ -129,6 +139,7 @@ def build_model(
     precision: str = "fp32",
     transformer_impl: str = "auto",
     precision_fields: dict | None = None,
+    attention_backend: str = "auto",
 ) -> torch.nn.Module:
     """Build this rank's pipeline stage of a ``GPTModel`` (RoPE; embeddings tied when the preset says so) on ``device``.
 
@@ -142,7 +153,7 @@ def build_model(
         raise ValueError("build_model builds one module; use build_model_chunks with virtual pipeline stages")
     return build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=seq_length, device=device,
                               precision=precision, transformer_impl=transformer_impl,
-                              precision_fields=precision_fields)[0]
+                              precision_fields=precision_fields, attention_backend=attention_backend)[0]
 
 
 def build_model_chunks(
@@ -155,6 +166,7 @@ def build_model_chunks(
     precision: str = "fp32",
     transformer_impl: str = "auto",
     precision_fields: dict | None = None,
+    attention_backend: str = "auto",
 ) -> list[torch.nn.Module]:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without virtual stages).
 
@@ -163,7 +175,8 @@ def build_model_chunks(
     deprecated), so it holds global layers ``i * PP * L + pp_rank * L ... + L - 1`` with ``L = num_layers /
     (PP * VPP)``; the embedding lives in chunk 0 of the first pipeline rank and the output layer in the last
     chunk of the last rank. All chunks share one ``TransformerConfig`` (the schedule reads the first chunk's).
-    Same arguments and wrapping as :func:`build_model`; returns the list (length VPP, or 1). With
+    Same arguments and wrapping as :func:`build_model` (``attention_backend``: ``model.attention_backend``, see
+    :func:`layer_spec`); returns the list (length VPP, or 1). With
     ``device=torch.device("meta")`` the modules have the CPU model's structure and no parameter memory (what
     ``megatron_ipt.hf.convert`` needs for the checkpoint's sharded-state-dict layout).
     """
@@ -175,7 +188,7 @@ def build_model_chunks(
         config.perform_initialization = False
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
     spec = layer_spec(real, use_transformer_engine=use_te, qk_layernorm=preset.qk_layernorm,
-                      num_experts=preset.num_moe_experts)
+                      num_experts=preset.num_moe_experts, attention_backend=attention_backend)
     if preset.num_moe_experts:  # TE spec: grouped GEMM (TEGroupedMLP); local spec: SequentialMLP
         config.moe_grouped_gemm = use_te if use_te is not None else real.type == "cuda" and transformer_engine_available()
     vpp = layout.virtual_pipeline_model_parallel_size

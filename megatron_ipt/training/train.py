@@ -257,7 +257,8 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     # The recompute / TP-overlap / CUDA graph fields ride along with the precision fields into TransformerConfig.
     fields.update(scale.transformer_fields(cfg, num_layers=preset.num_layers))
     model = build_model_chunks(preset, layout, vocab_size=vocab_size, seq_length=cfg.model.seq_length,
-                               device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields)
+                               device=device, precision=t.precision, transformer_impl=impl, precision_fields=fields,
+                               attention_backend=cfg.model.attention_backend)
     model = wrap_ddp(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, model)
     # Throughput in model FLOPs (megatron_ipt.training.metrics documents the formula); MFU where the peak is known.

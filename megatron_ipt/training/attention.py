@@ -1,0 +1,129 @@
+"""Core attention for megatron-core's local layer spec on ``torch.nn.functional.scaled_dot_product_attention``.
+
+Without Transformer Engine, megatron-core's local spec computes attention with ``DotProductAttention``: the full
+``[b, heads, sq, sk]`` score matrix in unfused ``baddbmm`` / masked softmax / ``bmm`` ops, with the grouped key/value
+heads repeated first. :func:`sdpa_core_attention` returns a subclass of it whose ``forward`` calls PyTorch's
+``scaled_dot_product_attention`` (SDPA) instead: flash / memory-efficient kernels on a GPU, a fused flash kernel on
+CPU, keys and values of grouped-query attention passed ungrouped (``enable_gqa``). Everything else is the parent's:
+constructor, parameters (none), ``sharded_state_dict``, so checkpoints are the same either way and
+``isinstance(m, DotProductAttention)`` holds (``megatron_ipt.training.mcore.applies_attention_masks``).
+
+It is plugged in through megatron-core's module spec (:func:`with_core_attention` replaces the ``core_attention``
+entry of the local spec's self-attention), no fork. ``model.attention_backend`` selects it
+(:func:`resolve_attention_backend`): ``auto`` and ``sdpa`` use it with the local spec, ``unfused`` keeps
+megatron-core's own ``DotProductAttention``.
+
+Same results as the parent (tested within 1e-5 in float32, logits and gradients):
+
+- causal self-attention with no mask: ``is_causal=True`` (the parent builds an upper-triangular mask);
+- a boolean ``attention_mask`` (``[b or 1, 1, sq, sk]``, True = masked: padding, document masks of
+  ``reset_attention_mask``, the KV-cached batch's left padding) is applied as it is, as the parent's
+  ``masked_fill`` does; one query row with every key masked (a left-padding position) attends to every key
+  instead (the parent spreads it evenly; SDPA kernels could return NaN or 0 there) - its output is never used;
+- one query with no mask (KV-cached decoding, ``sq == 1``): no mask, as the parent;
+- dropout ``attention_dropout`` in training, under megatron's CUDA RNG tracker as the parent (other random draws,
+  so not the same dropped entries);
+- ``softmax_scale`` (default ``1 / sqrt(head dim)``) as SDPA's ``scale``.
+
+Cases SDPA cannot express run the parent's unfused ``forward``, with the same result: sliding-window attention,
+an off-by-one or learnable softmax offset, ``apply_query_key_layer_scaling``, a non-boolean mask, a causal
+call with ``sq != sk`` and no mask, attention bias or packed sequences (the parent refuses the last two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ipt.errors import IptError
+from megatron_ipt.training import mcore
+
+BACKENDS = ("auto", "sdpa", "unfused")
+
+
+class AttentionBackendError(IptError, ValueError):
+    """``model.attention_backend`` that cannot be used with the run's layer implementation; names the key."""
+
+
+def resolve_attention_backend(backend: str, transformer_impl: str) -> str | None:
+    """``sdpa`` or ``unfused`` for ``model.attention_backend`` with the resolved ``model.transformer_impl``
+    (``local`` or ``transformer_engine``); None with Transformer Engine, whose spec brings its own fused attention.
+    ``auto``: ``sdpa`` with the local spec. Raises AttentionBackendError for ``sdpa`` / ``unfused`` with
+    Transformer Engine and for an unknown value."""
+    if backend not in BACKENDS:
+        raise AttentionBackendError(f"model.attention_backend = {backend!r}: use one of {', '.join(BACKENDS)}")
+    if transformer_impl == "transformer_engine":
+        if backend != "auto":
+            raise AttentionBackendError(
+                f"model.attention_backend = {backend} applies to megatron-core's local layer spec; with "
+                "model.transformer_impl transformer_engine use auto (Transformer Engine's own fused attention)")
+        return None
+    return "unfused" if backend == "unfused" else "sdpa"
+
+
+def with_core_attention(spec, core_attention: type):
+    """A copy of a GPT layer ``ModuleSpec`` (``get_gpt_layer_local_spec``'s) whose self-attention builds
+    ``core_attention`` (a ``DotProductAttention`` drop-in: same constructor and ``forward`` arguments)."""
+    attention = spec.submodules.self_attention
+    attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
+    return replace(spec, submodules=replace(spec.submodules, self_attention=attention))
+
+
+def sdpa_core_attention() -> type:
+    """The ``DotProductAttention`` subclass that computes attention with ``scaled_dot_product_attention``
+    (this module's docstring says what it covers). Built once per process from the installed megatron-core."""
+    return _sdpa_class()
+
+
+def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                   *, causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention in megatron's layout: ``query`` ``[sq, b, heads, d]``, ``key`` / ``value`` ``[sk, b, groups, d]``
+    (``heads`` a multiple of ``groups``; not repeated: SDPA's ``enable_gqa``), ``attention_mask`` boolean,
+    broadcastable to ``[b, heads, sq, sk]``, True = masked (rows masked everywhere attend to every key). ``causal``
+    applies the causal mask (top-left aligned: only meaningful with ``sq == sk`` and no mask). Returns
+    ``[sq, b, heads * d]``, contiguous."""
+    sq, b, heads, d = query.shape
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads or groups, s, d], views
+    attend = None
+    if attention_mask is not None:
+        attend = ~attention_mask
+        attend = attend | ~attend.any(dim=-1, keepdim=True)  # a fully masked row: NaN or 0 in SDPA kernels
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p, is_causal=causal,
+                                             scale=scale, enable_gqa=heads != key.size(2))
+    return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)  # [b, heads, sq, d] -> [sq, b, heads * d]
+
+
+@lru_cache(maxsize=1)
+def _sdpa_class() -> type:
+    base = mcore.dot_product_attention_class()
+
+    class SDPADotProductAttention(base):
+        """megatron-core's ``DotProductAttention`` computed by ``scaled_dot_product_attention`` (see
+        :mod:`megatron_ipt.training.attention`). ``forward(query [sq, b, np, hn], key / value [sk, b, ng, hn],
+        attention_mask [b, 1, sq, sk] bool or None, ...)`` -> ``[sq, b, np * hn]``, as the parent."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            # The parent ignores attn_mask_type too: its softmax follows the mask type given at construction.
+            sq, sk = query.size(0), key.size(0)
+            causal = self.attn_mask_type.name == "causal" and attention_mask is None and sq > 1
+            if (attention_bias is not None or packed_seq_params is not None
+                    or getattr(self.scale_mask_softmax, "window_size", None) is not None
+                    or getattr(self, "softmax_offset", None) is not None or self.config.apply_query_key_layer_scaling
+                    or (attention_mask is not None and attention_mask.dtype != torch.bool) or (causal and sq != sk)):
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                       attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            if dropout_p > 0.0 and not self.config.sequence_parallel:
+                with mcore.cuda_rng_tracker().fork():  # as the parent: dropout draws from the model-parallel RNG
+                    return sdpa_attention(query, key, value, attention_mask, causal=causal, scale=self.softmax_scale,
+                                          dropout_p=dropout_p)
+            return sdpa_attention(query, key, value, attention_mask, causal=causal, scale=self.softmax_scale,
+                                  dropout_p=dropout_p)
+
+    SDPADotProductAttention.__module__ = __name__
+    SDPADotProductAttention.__qualname__ = "SDPADotProductAttention"
+    return SDPADotProductAttention
