@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from megatron_ipt.errors import IptError
 
 
+SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+"""A name that is one safe path component: letters, digits, ``_ . -``, not starting with ``.`` or ``-`` (so never
+``.``, ``..``, a hidden name, an option or a path with ``/``). Experiment and sweep names become folder names."""
+
+
 class ConfigError(IptError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -299,7 +304,8 @@ class TrainConfig(_Section):
 class ExperimentConfig(_Section):
     """One experiment: where its run folder is, and one section per stage."""
 
-    name: str = "quickstart"
+    name: str = Field("quickstart", pattern=SAFE_NAME, description="Experiment name: one path component (letters, "
+                      "digits, '_', '.', '-'; not starting with '.' or '-'); names the run folder through run_dir.")
     run_dir: str = Field("runs/{name}", description="Run folder; '{name}' is replaced by the experiment name.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)

@@ -29,7 +29,7 @@ import yaml
 from data_prep.atomic import write_jsonl
 from megatron_ipt.config import ExperimentConfig, resolved
 from megatron_ipt.errors import LaunchError, TrainingStopped
-from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
+from megatron_ipt.manifest import atomic_dir, check_replaceable, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
 
 STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
 STAGE_DIRS = {"corpus": "corpus", "synthesize": "synthesis", "format": "formatted", "tokenize": "tokenized", "train": "train"}
@@ -68,6 +68,8 @@ def _skip(cfg: ExperimentConfig, stage: str, fp: str, force: bool) -> StageResul
     if not force and is_done(path, fp):
         _log(f"[dim]{stage}: up to date in {path}, reusing it[/dim]")
         return StageResult(stage, path, read_manifest(path, stage), True)
+    if stage != "train":  # the train folder is moved aside instead (run_train)
+        check_replaceable(path, stage)  # refused before any work, naming the folder
     return None
 
 
@@ -91,7 +93,7 @@ def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 
     started = time.time()
     documents, counts = read_corpus(cfg.corpus)
-    with atomic_dir(stage_path(cfg, "corpus")) as out:
+    with atomic_dir(stage_path(cfg, "corpus"), "corpus") as out:
         write_jsonl(out / "documents.jsonl", documents)
         manifest = write_manifest(out, stage="corpus", fingerprint=fp, config=resolved(cfg), outputs=["documents.jsonl"],
                                   counts=counts, started=started)
@@ -152,7 +154,7 @@ def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     src = stage_path(cfg, "corpus") / "documents.jsonl"
     documents = _read_jsonl(src)
     journal = _synthesis_journal(cfg, fp, src, 0, 1, force)
-    with atomic_dir(stage_path(cfg, "synthesize")) as out:
+    with atomic_dir(stage_path(cfg, "synthesize"), "synthesize") as out:
         counts = synthesize_documents(cfg.synthesis, documents, out / "pairs.jsonl", journal=journal)
         manifest = write_manifest(out, stage="synthesize", fingerprint=fp, config=resolved(cfg), inputs={"documents": src},
                                   outputs=["pairs.jsonl"], counts=counts, started=started)
@@ -203,7 +205,7 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     if not merge:
         return None
     started = time.time()
-    with atomic_dir(stage_path(cfg, "synthesize")) as out:
+    with atomic_dir(stage_path(cfg, "synthesize"), "synthesize") as out:
         counts = merge_shards(shard_dir, num_shards, documents, out / "pairs.jsonl")
         recs = _read_jsonl(out / "pairs.jsonl")
         counts["documents_with_pairs"] = sum(bool(r.get("pairs")) for r in recs)
@@ -247,7 +249,7 @@ def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         general=read_instructions(general, InstructionFields(**fc.general_fields)) if general else None,
         general_ratio=fc.general_ratio, general_max_passes=fc.general_max_passes)
     inputs = {"pairs": src, **({"general_instructions": general} if general else {})}
-    with atomic_dir(stage_path(cfg, "format")) as out:
+    with atomic_dir(stage_path(cfg, "format"), "format") as out:
         for name in DATASETS:
             write_jsonl(out / f"{name}.jsonl", outputs[name])
         manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs=inputs,
@@ -282,7 +284,7 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
                            bpe_backend=cfg.tokenize.bpe_backend)
     src_dir = stage_path(cfg, "format")
     counts = {}
-    with atomic_dir(stage_path(cfg, "tokenize")) as out:
+    with atomic_dir(stage_path(cfg, "tokenize"), "tokenize") as out:
         for name in DATASETS:
             m = tokenize_corpus([src_dir / f"{name}.jsonl"], out / name, tok_path, opts, log=lambda _: None)
             counts[name] = {"documents": m["documents"], "tokens": m["tokens"], "skipped": m["skipped"]}

@@ -1,0 +1,85 @@
+"""A stage never deletes a folder it did not write (issue 16, item 1): only a folder holding its own finished
+manifest is replaced; ``name`` is one safe path component. Each test runs the real ``ipt`` command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ipt.manifest import ManifestError, atomic_dir, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ipt(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "megatron_ipt.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def _user_corpus(folder: Path) -> dict[str, str]:
+    """The user's own ``corpus/`` folder: raw JSONL and notes, no manifest."""
+    folder.mkdir(parents=True)
+    text = "A document long enough to be kept by the corpus stage. " * 20
+    files = {"raw.jsonl": "".join(json.dumps({"id": f"d{i}", "text": text}) + "\n" for i in range(6)),
+             "notes.txt": "where this corpus came from\n"}
+    for name, content in files.items():
+        (folder / name).write_text(content)
+    return files
+
+
+def test_run_dir_dot_never_replaces_the_users_own_corpus_folder(tmp_path):
+    files = _user_corpus(tmp_path / "corpus")
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(
+        {"name": "mine", "run_dir": ".", "corpus": {"source": "jsonl", "paths": ["corpus/raw.jsonl"], "min_chars": 10}}))
+    r = ipt("run", "exp.yaml", "--until", "corpus", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "corpus: exists and is not a finished 'corpus' stage folder" in r.stderr
+    assert "refusing to replace it" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2  # the stage banner and the one-line error
+    assert {p.name: p.read_text() for p in (tmp_path / "corpus").iterdir()} == files
+    r = ipt("run", "exp.yaml", "--until", "corpus", "--force", cwd=tmp_path)  # --force does not change that
+    assert r.returncode == 2 and {p.name for p in (tmp_path / "corpus").iterdir()} == set(files)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus.")]  # no temporary folder left
+
+
+def test_a_finished_stage_folder_of_its_own_is_still_redone(tmp_path):
+    run = tmp_path / "run"
+    assert ipt("corpus", "examples/quickstart.yaml", "--set", f"run_dir={run}").returncode == 0
+    r = ipt("corpus", "examples/quickstart.yaml", "--set", f"run_dir={run}", "--set", "corpus.seed=7")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "corpus" / "manifest.json").read_text())["config"]["corpus"]["seed"] == 7
+
+
+def test_atomic_dir_refuses_another_stages_folder_a_file_and_a_link(tmp_path):
+    other = tmp_path / "formatted"
+    other.mkdir()
+    write_manifest(other, stage="format", fingerprint="x", config={})
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "link").symlink_to(other)
+    for final, stage, why in ((other, "tokenize", "is a 'format' manifest"), (tmp_path / "file", None, "a file"),
+                              (tmp_path / "link", "format", "a link")):
+        with pytest.raises(ManifestError, match=why):
+            with atomic_dir(final, stage) as out:
+                (out / "x").write_text("new")
+    assert json.loads((other / "manifest.json").read_text())["stage"] == "format"
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "formatted", "link"]
+
+
+def test_a_folder_that_appears_while_the_stage_runs_is_not_replaced(tmp_path):
+    final = tmp_path / "corpus"
+    with pytest.raises(ManifestError, match="holds no readable manifest.json"):
+        with atomic_dir(final, "corpus") as out:
+            (out / "documents.jsonl").write_text("{}\n")
+            final.mkdir()
+            (final / "user.txt").write_text("mine")
+    assert [p.name for p in final.iterdir()] == ["user.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", ".hidden", "-rf", "my run", ""])
+def test_name_must_be_one_safe_path_component(name):
+    r = ipt("config", "examples/quickstart.yaml", "--set", f"name={name}")
+    assert r.returncode == 2 and "name = " in r.stderr and "Traceback" not in r.stderr, r.stderr
