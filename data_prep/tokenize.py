@@ -27,6 +27,7 @@ Command line (for your own corpora; the pipeline's ``tokenize`` stage calls :fun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -42,6 +43,7 @@ import numpy as np
 from data_prep import atomic
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
+from data_prep.locks import exclusive_lock
 from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
 from data_prep.readers import Batch, expand_inputs, read_batches
 
@@ -250,6 +252,14 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     _setup(encoder, opts)  # checks EOD/BOS here, before any worker starts
     dtype = token_dtype(encoder.vocab_size)
     prefix = Path(output_prefix)
+    with contextlib.ExitStack() as held:  # the prefix while merging, each shard while it is checked and written
+        if opts.merge:
+            held.enter_context(exclusive_lock(prefix.with_name(prefix.name + ".lock"), f"output prefix {prefix}"))
+        return _tokenize_locked(files, prefix, encoder, dtype, opts, started, log, str(tokenizer), held)
+
+
+def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, opts: TokenizeOptions, started: float,
+                     log, tokenizer: str, held: contextlib.ExitStack) -> dict:
     shard_dir = prefix.with_name(prefix.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     settings = {"tokenizer": encoder.fingerprint, **opts.key()}
@@ -261,6 +271,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     try:
         for path in files:
             shard = shard_dir / _shard_name(path)
+            held.enter_context(exclusive_lock(shard.with_name(shard.name + ".lock"), f"tokenizer shard {shard}"))
             done_file = shard.with_name(shard.name + ".done.json")
             stamp = _source_stamp(path)
             done = json.loads(done_file.read_text()) if done_file.is_file() else None
@@ -273,7 +284,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
             else:
                 if pool is None and workers > 1:
                     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-                    pool = ctx.Pool(workers, _init_worker, (str(tokenizer), opts))
+                    pool = ctx.Pool(workers, _init_worker, (tokenizer, opts))
                 t0 = time.time()
                 stats = tokenize_file(path, shard, pool, opts, dtype, workers)
                 stats["seconds"] = round(time.time() - t0, 3)

@@ -11,12 +11,16 @@ Run folder layout (``cfg.run_path``)::
 
 Each folder ends with a ``manifest.json`` (see :mod:`megatron_ipt.manifest`). A stage whose manifest
 fingerprint matches its config and inputs is skipped on rerun; data stages are written to a temporary
-folder and renamed when complete. Heavy imports (torch, transformers, megatron-core) happen inside the
+folder and renamed when complete, replacing only a folder that holds their own finished manifest. Each stage
+holds an exclusive lock (``RUN/.FOLDER.lock``, :func:`stage_lock`) while it runs, so a second run of it on the
+same run folder fails at once. Heavy imports (torch, transformers, megatron-core) happen inside the
 stage functions, so ``ipt --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -46,6 +50,26 @@ class StageResult:
 
 def stage_path(cfg: ExperimentConfig, stage: str) -> Path:
     return cfg.run_path / STAGE_DIRS[stage]
+
+
+def stage_lock(cfg: ExperimentConfig, stage: str):
+    """The exclusive lock of a stage folder (``RUN/.FOLDER.lock``, :func:`data_prep.locks.exclusive_lock`): a
+    second run of the same stage on the same run folder fails at once (LockHeld, exit 2) naming the holder."""
+    from data_prep.locks import exclusive_lock
+
+    folder = stage_path(cfg, stage)
+    return exclusive_lock(folder.with_name(f".{folder.name}.lock"), f"{stage} stage folder {folder}")
+
+
+def _locked(stage: str):
+    """Run the decorated stage function while holding :func:`stage_lock` (the reuse check included)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg: ExperimentConfig, *args, **kwargs):
+            with stage_lock(cfg, stage):
+                return fn(cfg, *args, **kwargs)
+        return run
+    return wrap
 
 
 def _log(msg: str) -> None:
@@ -84,6 +108,7 @@ def save_resolved_config(cfg: ExperimentConfig) -> Path:
 # ---------------------------------------------------------------------------------------------- stages
 
 
+@_locked("corpus")
 def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Read the raw corpus and split it into train and held-out documents."""
     fp = fingerprint("corpus", cfg.corpus.model_dump(mode="json"))
@@ -137,6 +162,7 @@ def _log_journal(journal, counts: dict, what: str) -> None:
         _log(f"synthesize: {what}: {counts['resumed_prompts']} prompts resumed from its journal")
 
 
+@_locked("synthesize")
 def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Synthesize instruction-response pairs for every document (train and held-out).
 
@@ -178,6 +204,20 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     ``synthesis/pairs.jsonl`` + ``manifest.json`` are written as by :func:`run_synthesize`. Raises
     DataPrepError naming a missing or corrupt shard.
     """
+    from data_prep.locks import exclusive_lock
+
+    shard_dir = synthesis_shard_dir(cfg)
+    with contextlib.ExitStack() as locks:  # a shard task locks its shard; the merge locks the stage folder
+        if shard_index is not None:
+            locks.enter_context(exclusive_lock(shard_dir / f".shard-{shard_index:05d}-of-{num_shards:05d}.lock",
+                                               f"synthesis shard {shard_index} of {num_shards} in {shard_dir}"))
+        if merge:
+            locks.enter_context(stage_lock(cfg, "synthesize"))
+        return _synthesize_sharded(cfg, num_shards, shard_index, merge, force)
+
+
+def _synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: int | None, merge: bool,
+                        force: bool) -> StageResult | None:
     from data_prep.shards import merge_shards, select_shard, shard_finished, write_shard
 
     fp = synthesis_fingerprint(cfg)
@@ -223,6 +263,7 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
 
 
+@_locked("format")
 def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Build instruction-augmented texts and the raw / held-out text sets."""
     from hashlib import sha256
@@ -268,6 +309,7 @@ def tokenizer_path(cfg: ExperimentConfig) -> Path:
     return resolve_model(cfg.synthesis.model)
 
 
+@_locked("tokenize")
 def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Tokenize the four text sets into Megatron indexed datasets, one EOD per document."""
     fmt = _upstream(cfg, "format")
@@ -308,14 +350,20 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 
     The train folder is not replaced atomically (its checkpoints are what a rerun resumes from); the
     manifest, written last, marks it finished. A folder left by a run with a different fingerprint is moved
-    aside to ``train.replaced-<time>`` rather than deleted.
+    aside to ``train.replaced-<time>`` rather than deleted. Rank 0 holds ``RUN/.train.lock`` throughout (a
+    launcher holds it for the torchrun workers it starts); a second run raises LockHeld before moving anything.
     """
     tokenized = _upstream(cfg, "tokenize")
     fp = train_fingerprint(cfg, tokenized)
-    if done := _skip(cfg, "train", fp, force):
-        return done
     out = stage_path(cfg, "train")
     rank = int(os.environ.get("RANK", "0"))
+    with stage_lock(cfg, "train") if rank == 0 else contextlib.nullcontext() as lock:  # rank 0 holds the lock
+        if done := _skip(cfg, "train", fp, force):
+            return done
+        return _train(cfg, fp, out, rank, lock, force)
+
+
+def _train(cfg: ExperimentConfig, fp: str, out: Path, rank: int, lock: Path | None, force: bool) -> StageResult:
     stamp = out / "fingerprint"
     if rank == 0:  # folder housekeeping happens once, before any process group exists
         if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
@@ -331,7 +379,10 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         config_file = save_resolved_config(cfg)
         cmd = torchrun_command(["-m", "megatron_ipt.cli", "train", str(config_file)], cfg.parallel.nproc_per_node)
         _log(f"train: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
-        rc = subprocess.call(cmd)
+        from data_prep.locks import lend_to_children
+
+        with lend_to_children(lock) if lock else contextlib.nullcontext():  # the workers' rank 0 holds it through us
+            rc = subprocess.call(cmd)
         _raise_if_stopped(out)
         if rc != 0:
             raise LaunchError(f"training processes exited with status {rc}; see their output above")
