@@ -367,6 +367,10 @@ def _train(cfg: ExperimentConfig, fp: str, out: Path, rank: int, lock: Path | No
     stamp = out / "fingerprint"
     if rank == 0:  # folder housekeeping happens once, before any process group exists
         if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+            from megatron_ipt.training.train import preflight
+
+            # validate first: a config error must not move the earlier run aside
+            preflight(cfg, stage_path(cfg, "tokenize"), int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc_per_node)))
             aside = out.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(out, aside)
             _log(f"[yellow]train: {out} held a different run; moved it to {aside}[/yellow]")

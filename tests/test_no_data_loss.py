@@ -83,3 +83,33 @@ def test_a_folder_that_appears_while_the_stage_runs_is_not_replaced(tmp_path):
 def test_name_must_be_one_safe_path_component(name):
     r = ipt("config", "examples/quickstart.yaml", "--set", f"name={name}")
     assert r.returncode == 2 and "name = " in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("override, message", [("parallel.tensor_model_parallel_size=3", "invalid parallel layout"),
+                                                ("train.init_from=/nonexistent/ckpt", "train.init_from")])
+def test_a_config_error_never_moves_the_earlier_train_folder_aside(tmp_path, override, message):
+    """Issue 16, item 19: validate first, move nothing until the new run is known to start."""
+    from train_fixtures import make_tokenized_dir
+
+    run = tmp_path / "run"
+    make_tokenized_dir(run / "tokenized", train_docs=20, heldout_docs=4)
+    (run / "train").mkdir()
+    (run / "train" / "fingerprint").write_text("an earlier run\n")
+    (run / "train" / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    r = ipt("train", "--set", f"run_dir={run}", "--set", "train.device=cpu", "--set", "model.preset=llama-test",
+            "--set", override)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["tokenized", "train"]
+    assert (run / "train" / "fingerprint").read_text() == "an earlier run\n"
+
+
+def test_preflight_passes_a_valid_run_and_names_the_layout_for_the_world_size(tmp_path):
+    from megatron_ipt.training.parallel import ParallelLayoutError
+    from megatron_ipt.training.train import preflight
+    from train_fixtures import make_tokenized_dir, tiny_config
+
+    tokenized = make_tokenized_dir(tmp_path / "tokenized", train_docs=20, heldout_docs=4)
+    preflight(tiny_config(), tokenized, world_size=1)
+    preflight(tiny_config(parallel__nproc_per_node=2), tokenized, world_size=2)  # the launcher, not torchrun
+    with pytest.raises(ParallelLayoutError, match="global"):
+        preflight(tiny_config(global_batch_size=3), tokenized, world_size=2)
