@@ -93,7 +93,20 @@ def _record_doc(record, where: str, text_field: str, id_field: str, report: Corp
         report.skip("text_not_a_string", where)
         return None
     doc_id = record.get(id_field)
-    return (None if doc_id is None else str(doc_id)), text, where
+    doc_id = None if doc_id is None else str(doc_id)
+    if not _encodable(text) or (doc_id is not None and not _encodable(doc_id)):
+        report.skip("lone_surrogate", where)  # JSON "\ud800" parses, but is no Unicode text: UTF-8 cannot hold it
+        return None
+    return doc_id, text, where
+
+
+def _encodable(text: str) -> bool:
+    """False for a string holding a lone UTF-16 surrogate (U+D800..U+DFFF), which no UTF-8 file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_jsonl(files: list[Path], text_field: str, id_field: str, report: CorpusReport):
