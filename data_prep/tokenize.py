@@ -66,6 +66,7 @@ class TokenizeOptions:
     max_examples: int = 5
     bpe_backend: str = "auto"  # data_prep.encoders.BPE_BACKENDS
     check_docs: int = 16  # per batch, documents also encoded by the reference library when the tiktoken view runs
+    require_documents: bool = False  # merging no document at all: DataPrepError "no documents", nothing written
 
     def key(self) -> dict:
         """The settings that change a shard's content."""
@@ -297,6 +298,11 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
         if pool is not None:
             pool.terminate()
             pool.join()
+    if opts.require_documents and opts.merge and not sum(s["documents"] for s in sources):
+        skipped_all = sum((Counter(s["skipped"]) for s in sources), Counter())
+        raise DataPrepError(f"no documents in {', '.join(str(f) for f in files)}"
+                            + (f" (every record was skipped: {dict(skipped_all)})" if skipped_all else "")
+                            + f"; {prefix}.bin/.idx not written (megatron-core cannot open an empty dataset)")
     merged = None
     if opts.merge:
         merged = merge_datasets(shard_prefixes, prefix)
@@ -356,7 +362,7 @@ def run(a: argparse.Namespace) -> int:
         raise DataPrepError("--no-merge and --merge-only exclude each other")
     opts = TokenizeOptions(text_field=a.text_field, workers=a.workers, append_bos=a.append_bos,
                            append_eod=not a.no_eod, bad_input=a.bad_input, merge=not a.no_merge,
-                           merge_only=a.merge_only, bpe_backend=a.bpe_backend)
+                           merge_only=a.merge_only, bpe_backend=a.bpe_backend, require_documents=True)
     m = tokenize_corpus(a.input, a.output_prefix, a.tokenizer, opts)
     print(f"{m['documents']:,} documents, {m['tokens']:,} tokens in {m['seconds']} s "
           f"({m['tokens_per_s']:,} tokens/s); skipped {m['skipped'] or 'none'}")
