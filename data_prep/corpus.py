@@ -71,6 +71,19 @@ def _expand(paths: list[str]) -> list[Path]:
     return files
 
 
+def inputs_stamp(cfg) -> str | None:
+    """A short hash of every file the corpus ``cfg`` (a ``CorpusConfig``) reads: path, size in bytes and
+    modification time in ns (no content is read), so an added, removed, renamed or edited file changes it;
+    None for ``pydoc_topics``. Raises DataPrepError when a path matches no file."""
+    if cfg.source == "pydoc_topics" or not cfg.paths:
+        return None
+    h = hashlib.sha256()
+    for path in _expand(cfg.paths):
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def content_id(text: str) -> str:
     """A stable id for a document without one: ``sha256:`` + the first 16 hex digits of its text's SHA-256."""
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

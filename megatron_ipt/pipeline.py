@@ -110,18 +110,30 @@ def save_resolved_config(cfg: ExperimentConfig) -> Path:
 
 @_locked("corpus")
 def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
-    """Read the raw corpus and split it into train and held-out documents."""
-    fp = fingerprint("corpus", cfg.corpus.model_dump(mode="json"))
+    """Read the raw corpus and split it into train and held-out documents.
+
+    The fingerprint covers the corpus section and the input files' paths, sizes and modification times
+    (:func:`data_prep.corpus.inputs_stamp`), so an added or edited input file redoes the stage."""
+    from data_prep.corpus import inputs_stamp, read_corpus
+    from data_prep.errors import DataPrepError
+
+    path = stage_path(cfg, "corpus")
+    try:
+        stamp = inputs_stamp(cfg.corpus)
+    except DataPrepError as e:  # inputs deleted after the stage finished: keep using what it wrote
+        if force or not (path / "manifest.json").is_file():
+            raise
+        _log(f"[yellow]corpus: {e}; reusing the finished corpus in {path}[/yellow]")
+        return StageResult("corpus", path, read_manifest(path, "corpus"), True)
+    fp = fingerprint("corpus", cfg.corpus.model_dump(mode="json"), *([stamp] if stamp else []))
     if done := _skip(cfg, "corpus", fp, force):
         return done
-    from data_prep.corpus import read_corpus
-
     started = time.time()
     documents, counts = read_corpus(cfg.corpus)
     with atomic_dir(stage_path(cfg, "corpus"), "corpus") as out:
         write_jsonl(out / "documents.jsonl", documents)
         manifest = write_manifest(out, stage="corpus", fingerprint=fp, config=resolved(cfg), outputs=["documents.jsonl"],
-                                  counts=counts, started=started)
+                                  counts=counts, started=started, inputs_stamp=stamp)
     _log(f"corpus: {counts['train_documents']} train + {counts['heldout_documents']} held-out documents")
     return StageResult("corpus", stage_path(cfg, "corpus"), manifest, False)
 

@@ -113,3 +113,27 @@ def test_preflight_passes_a_valid_run_and_names_the_layout_for_the_world_size(tm
     preflight(tiny_config(parallel__nproc_per_node=2), tokenized, world_size=2)  # the launcher, not torchrun
     with pytest.raises(ParallelLayoutError, match="global"):
         preflight(tiny_config(global_batch_size=3), tokenized, world_size=2)
+
+
+def test_the_corpus_stage_sees_an_added_or_edited_input_file(tmp_path):
+    """Issue 16, item 17: the corpus fingerprint covers its input files (paths, sizes, modification times)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    text = "A document long enough to be kept by the corpus stage, number {n}. " * 5
+    (raw / "a.jsonl").write_text(json.dumps({"id": "a", "text": text.format(n=1)}) + "\n")
+    sets = ["--set", f"run_dir={tmp_path / 'run'}", "--set", "corpus.source=jsonl", "--set", f"corpus.paths=[{raw}]",
+            "--set", "corpus.min_chars=10", "--set", "corpus.heldout_fraction=0"]
+    docs = lambda: [json.loads(x)["id"] for x in (tmp_path / "run" / "corpus" / "documents.jsonl").read_text().splitlines()]  # noqa: E731
+    assert ipt("corpus", *sets).returncode == 0 and docs() == ["a"]
+    (raw / "b.jsonl").write_text(json.dumps({"id": "b", "text": text.format(n=2)}) + "\n")
+    r = ipt("corpus", *sets)
+    assert r.returncode == 0 and "reusing" not in r.stderr and docs() == ["a", "b"]
+    (raw / "b.jsonl").write_text(json.dumps({"id": "b2", "text": text.format(n=3)}) + "\n")  # edited in place
+    r = ipt("corpus", *sets)
+    assert r.returncode == 0 and "reusing" not in r.stderr and docs() == ["a", "b2"]
+    assert "reusing" in ipt("corpus", *sets).stderr  # unchanged: reused
+    for f in raw.iterdir():  # inputs deleted after the stage finished: the corpus is kept and reused
+        f.unlink()
+    raw.rmdir()
+    r = ipt("corpus", *sets)
+    assert r.returncode == 0 and "reusing the finished corpus" in " ".join(r.stderr.split()) and docs() == ["a", "b2"]
