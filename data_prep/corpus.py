@@ -71,6 +71,19 @@ def _expand(paths: list[str]) -> list[Path]:
     return files
 
 
+def inputs_stamp(cfg) -> str | None:
+    """A short hash of every file the corpus ``cfg`` (a ``CorpusConfig``) reads: path, size in bytes and
+    modification time in ns (no content is read), so an added, removed, renamed or edited file changes it;
+    None for ``pydoc_topics``. Raises DataPrepError when a path matches no file."""
+    if cfg.source == "pydoc_topics" or not cfg.paths:
+        return None
+    h = hashlib.sha256()
+    for path in _expand(cfg.paths):
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def content_id(text: str) -> str:
     """A stable id for a document without one: ``sha256:`` + the first 16 hex digits of its text's SHA-256."""
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -93,7 +106,20 @@ def _record_doc(record, where: str, text_field: str, id_field: str, report: Corp
         report.skip("text_not_a_string", where)
         return None
     doc_id = record.get(id_field)
-    return (None if doc_id is None else str(doc_id)), text, where
+    doc_id = None if doc_id is None else str(doc_id)
+    if not _encodable(text) or (doc_id is not None and not _encodable(doc_id)):
+        report.skip("lone_surrogate", where)  # JSON "\ud800" parses, but is no Unicode text: UTF-8 cannot hold it
+        return None
+    return doc_id, text, where
+
+
+def _encodable(text: str) -> bool:
+    """False for a string holding a lone UTF-16 surrogate (U+D800..U+DFFF), which no UTF-8 file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_jsonl(files: list[Path], text_field: str, id_field: str, report: CorpusReport):

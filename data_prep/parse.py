@@ -218,7 +218,8 @@ def trim_repeated_sentences(answer: str) -> str:
 
     Sentences (split after ``.``, ``!`` or ``?``) are kept up to the first one that repeats an earlier
     sentence (case- and whitespace-insensitive); an unfinished last sentence (no final punctuation, as
-    when generation hit ``max_new_tokens``) is cut when a finished one precedes it. Small greedy models
+    when generation hit ``max_new_tokens``) is cut when a finished one precedes it, unless it holds a chain of
+    thought's final answer (``Therefore, the answer is ...``, often written without a full stop). Small greedy models
     loop ("X is a Y. X is a Y. X is a") until they run out of tokens; this keeps the first statement.
     Returns the answer unchanged when it is one sentence.
     """
@@ -231,8 +232,8 @@ def trim_repeated_sentences(answer: str) -> str:
             break
         seen.add(key)
         kept.append(sentence)
-    if len(kept) > 1 and not kept[-1].rstrip().endswith((".", "!", "?")):
-        kept.pop()
+    if len(kept) > 1 and not kept[-1].rstrip().endswith((".", "!", "?")) and COT_FINAL not in kept[-1]:
+        kept.pop()  # a chain of thought's final line ("Therefore, the answer is 3") is the answer, not a trail-off
     return " ".join(kept) if len(kept) < len(sentences) else answer.strip()
 
 

@@ -27,6 +27,7 @@ Command line (for your own corpora; the pipeline's ``tokenize`` stage calls :fun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -42,6 +43,7 @@ import numpy as np
 from data_prep import atomic
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
+from data_prep.locks import exclusive_lock
 from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
 from data_prep.readers import Batch, expand_inputs, read_batches
 
@@ -64,6 +66,7 @@ class TokenizeOptions:
     max_examples: int = 5
     bpe_backend: str = "auto"  # data_prep.encoders.BPE_BACKENDS
     check_docs: int = 16  # per batch, documents also encoded by the reference library when the tiktoken view runs
+    require_documents: bool = False  # merging no document at all: DataPrepError "no documents", nothing written
 
     def key(self) -> dict:
         """The settings that change a shard's content."""
@@ -250,6 +253,14 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     _setup(encoder, opts)  # checks EOD/BOS here, before any worker starts
     dtype = token_dtype(encoder.vocab_size)
     prefix = Path(output_prefix)
+    with contextlib.ExitStack() as held:  # the prefix while merging, each shard while it is checked and written
+        if opts.merge:
+            held.enter_context(exclusive_lock(prefix.with_name(prefix.name + ".lock"), f"output prefix {prefix}"))
+        return _tokenize_locked(files, prefix, encoder, dtype, opts, started, log, str(tokenizer), held)
+
+
+def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, opts: TokenizeOptions, started: float,
+                     log, tokenizer: str, held: contextlib.ExitStack) -> dict:
     shard_dir = prefix.with_name(prefix.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     settings = {"tokenizer": encoder.fingerprint, **opts.key()}
@@ -261,6 +272,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     try:
         for path in files:
             shard = shard_dir / _shard_name(path)
+            held.enter_context(exclusive_lock(shard.with_name(shard.name + ".lock"), f"tokenizer shard {shard}"))
             done_file = shard.with_name(shard.name + ".done.json")
             stamp = _source_stamp(path)
             done = json.loads(done_file.read_text()) if done_file.is_file() else None
@@ -273,7 +285,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
             else:
                 if pool is None and workers > 1:
                     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-                    pool = ctx.Pool(workers, _init_worker, (str(tokenizer), opts))
+                    pool = ctx.Pool(workers, _init_worker, (tokenizer, opts))
                 t0 = time.time()
                 stats = tokenize_file(path, shard, pool, opts, dtype, workers)
                 stats["seconds"] = round(time.time() - t0, 3)
@@ -286,6 +298,11 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
         if pool is not None:
             pool.terminate()
             pool.join()
+    if opts.require_documents and opts.merge and not sum(s["documents"] for s in sources):
+        skipped_all = sum((Counter(s["skipped"]) for s in sources), Counter())
+        raise DataPrepError(f"no documents in {', '.join(str(f) for f in files)}"
+                            + (f" (every record was skipped: {dict(skipped_all)})" if skipped_all else "")
+                            + f"; {prefix}.bin/.idx not written (megatron-core cannot open an empty dataset)")
     merged = None
     if opts.merge:
         merged = merge_datasets(shard_prefixes, prefix)
@@ -345,7 +362,7 @@ def run(a: argparse.Namespace) -> int:
         raise DataPrepError("--no-merge and --merge-only exclude each other")
     opts = TokenizeOptions(text_field=a.text_field, workers=a.workers, append_bos=a.append_bos,
                            append_eod=not a.no_eod, bad_input=a.bad_input, merge=not a.no_merge,
-                           merge_only=a.merge_only, bpe_backend=a.bpe_backend)
+                           merge_only=a.merge_only, bpe_backend=a.bpe_backend, require_documents=True)
     m = tokenize_corpus(a.input, a.output_prefix, a.tokenizer, opts)
     print(f"{m['documents']:,} documents, {m['tokens']:,} tokens in {m['seconds']} s "
           f"({m['tokens_per_s']:,} tokens/s); skipped {m['skipped'] or 'none'}")

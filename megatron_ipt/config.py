@@ -14,20 +14,44 @@ is allowed.
 from __future__ import annotations
 
 from pathlib import Path
+import types
+import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megatron_ipt.errors import IptError
+
+
+SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+"""A name that is one safe path component: letters, digits, ``_ . -``, not starting with ``.`` or ``-`` (so never
+``.``, ``..``, a hidden name, an option or a path with ``/``). Experiment and sweep names become folder names."""
 
 
 class ConfigError(IptError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+def _union_members(annotation: Any) -> set:
+    """The types of a field annotation: ``int | None`` -> {int, NoneType}; a plain type -> {it}."""
+    args = typing.get_args(annotation)
+    return set(args) if args and typing.get_origin(annotation) in (typing.Union, types.UnionType) else {annotation}
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    """A config section: unknown keys, NaN and infinities are errors, and a boolean is no number."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        if isinstance(value, bool):
+            members = _union_members(cls.model_fields[info.field_name].annotation)
+            if bool not in members and members & {int, float}:
+                raise ValueError("a boolean is not a number here")
+        return value
 
 
 class CorpusConfig(_Section):
@@ -331,8 +355,8 @@ class TrainConfig(_Section):
     lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = Field(
         "linear", description="wsd: shape of the final decay to min_lr.")
     weight_decay: float = Field(0.1, ge=0, description="Weight decay (constant over the run).")
-    adam_beta1: float = Field(0.9, description="Adam beta1.")
-    adam_beta2: float = Field(0.95, description="Adam beta2.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1.")
+    adam_beta2: float = Field(0.95, ge=0.0, lt=1.0, description="Adam beta2.")
     clip_grad: float = Field(1.0, ge=0, description="Clip the global gradient norm to this value.")
     seed: int = Field(1234, description="Seed of model initialisation and of the datasets' sample order.")
     log_interval: int = Field(10, ge=1, description="Log (console and metrics.jsonl) every this many iterations.")
@@ -420,7 +444,8 @@ class SFTConfig(_Section):
 class ExperimentConfig(_Section):
     """One experiment: where its run folder is, and one section per stage."""
 
-    name: str = Field("quickstart", description="Experiment name; fills '{name}' in run_dir.")
+    name: str = Field("quickstart", pattern=SAFE_NAME, description="Experiment name: one path component (letters, "
+                      "digits, '_', '.', '-'; not starting with '.' or '-'); names the run folder through run_dir.")
     run_dir: str = Field("runs/{name}", description="Run folder; '{name}' is replaced by the experiment name.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
@@ -456,10 +481,25 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _is_text_field(parts: list[str]) -> bool:
+    """True when the dotted key names a ``str`` (or ``str | None``) field of ExperimentConfig."""
+    model: Any = ExperimentConfig
+    for p in parts[:-1]:
+        field = model.model_fields.get(p)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(parts[-1])
+    return field is not None and str in _union_members(field.annotation) and _union_members(field.annotation) <= {str, type(None)}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` overrides to a nested dict (in place) and return it.
 
-    Raises ConfigError for an override without '=' or one that descends into a non-section value.
+    Values are read as YAML ('3' -> 3, 'true' -> True), except for a text field (``str``, e.g. ``run_dir``,
+    ``tokenize.tokenizer``), which takes the value literally (``run_dir=/data/my runs #3`` keeps ``#3``;
+    ``null`` still clears an optional one). Raises ConfigError for an override without '=' or one that
+    descends into a non-section value.
     """
     for item in overrides:
         if "=" not in item:
@@ -472,7 +512,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        literal = _is_text_field(parts) and value.strip() not in ("null", "~")
+        node[parts[-1]] = value if literal else _parse_value(value)
     return data
 
 

@@ -91,10 +91,36 @@ def _remove_stale_siblings(final: Path, host: str) -> list[Path]:
     return removed
 
 
+def check_replaceable(final: str | Path, stage: str | None = None) -> None:
+    """Refuse to let a stage replace ``final`` unless it is absent or a finished stage folder of its own.
+
+    ``final`` may be replaced only when it is a folder (not a link) holding a readable ``manifest.json`` whose
+    ``stage`` is ``stage`` (any stage when None): a stage never deletes a folder it did not write, such as the
+    user's own ``corpus/`` beside a config with ``run_dir: "."``. Raises ManifestError naming the folder.
+    """
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    what = f"a finished '{stage}' stage folder" if stage else "a finished stage folder"
+    hint = "; move it away or point run_dir at another folder"
+    if final.is_symlink() or not final.is_dir():
+        raise ManifestError(f"{final}: exists and is not {what} (a {'link' if final.is_symlink() else 'file'}); "
+                            f"refusing to replace it{hint}")
+    try:
+        found = json.loads((final / MANIFEST).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found is None or (stage is not None and found != stage):
+        detail = f"its manifest.json is a '{found}' manifest" if found else "it holds no readable manifest.json"
+        raise ManifestError(f"{final}: exists and is not {what} ({detail}); refusing to replace it{hint}")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_dir(final: str | Path, stage: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces ``final`` only if the block finishes without error.
 
+    An existing ``final`` must be a finished stage folder of ``stage`` (:func:`check_replaceable`, checked
+    before the block runs and again before the swap); anything else raises ManifestError and is left as is.
     The temporary folder is ``.NAME.tmp-HOST-PID`` beside ``final``. On error it is removed and ``final`` (if
     any) is left untouched; what a killed process (``kill -9``, node failure) of this host left behind is removed
     at the next call for the same ``final``. A previous ``final`` is swapped with the new folder in one atomic
@@ -102,6 +128,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     missing; where the file system cannot swap, it is moved aside to ``.NAME.old-HOST-PID`` first.
     """
     final = Path(final)
+    check_replaceable(final, stage)
     final.parent.mkdir(parents=True, exist_ok=True)
     host = platform.node().replace("/", "_") or "host"
     _remove_stale_siblings(final, host)
@@ -112,6 +139,11 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        check_replaceable(final, stage)  # what the block ran for may have taken hours
+    except ManifestError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic.replace_dir(tmp, final, aside=final.with_name(f".{final.name}.old-{host}-{os.getpid()}"))

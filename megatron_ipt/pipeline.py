@@ -12,25 +12,30 @@ Run folder layout (``cfg.run_path``)::
 
 Each folder ends with a ``manifest.json`` (see :mod:`megatron_ipt.manifest`). A stage whose manifest
 fingerprint matches its config and inputs is skipped on rerun; data stages are written to a temporary
-folder and renamed when complete. Heavy imports (torch, transformers, megatron-core) happen inside the
+folder and renamed when complete, replacing only a folder that holds their own finished manifest. Each stage
+holds an exclusive lock (``RUN/.FOLDER.lock``, :func:`stage_lock`) while it runs, so a second run of it on the
+same run folder fails at once. Heavy imports (torch, transformers, megatron-core) happen inside the
 stage functions, so ``ipt --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from data_prep.atomic import write_jsonl
 from megatron_ipt.config import ExperimentConfig, resolved
 from megatron_ipt.errors import LaunchError, TrainingStopped
-from megatron_ipt.manifest import atomic_dir, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
+from megatron_ipt.manifest import atomic_dir, check_replaceable, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
 
 STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
 STAGE_DIRS = {"corpus": "corpus", "synthesize": "synthesis", "format": "formatted", "tokenize": "tokenized", "train": "train",
@@ -48,6 +53,26 @@ class StageResult:
 
 def stage_path(cfg: ExperimentConfig, stage: str) -> Path:
     return cfg.run_path / STAGE_DIRS[stage]
+
+
+def stage_lock(cfg: ExperimentConfig, stage: str):
+    """The exclusive lock of a stage folder (``RUN/.FOLDER.lock``, :func:`data_prep.locks.exclusive_lock`): a
+    second run of the same stage on the same run folder fails at once (LockHeld, exit 2) naming the holder."""
+    from data_prep.locks import exclusive_lock
+
+    folder = stage_path(cfg, stage)
+    return exclusive_lock(folder.with_name(f".{folder.name}.lock"), f"{stage} stage folder {folder}")
+
+
+def _locked(stage: str):
+    """Run the decorated stage function while holding :func:`stage_lock` (the reuse check included)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg: ExperimentConfig, *args, **kwargs):
+            with stage_lock(cfg, stage):
+                return fn(cfg, *args, **kwargs)
+        return run
+    return wrap
 
 
 def _log(msg: str) -> None:
@@ -70,6 +95,8 @@ def _skip(cfg: ExperimentConfig, stage: str, fp: str, force: bool) -> StageResul
     if not force and is_done(path, fp):
         _log(f"[dim]{stage}: up to date in {path}, reusing it[/dim]")
         return StageResult(stage, path, read_manifest(path, stage), True)
+    if stage not in ("train", "sft"):  # training folders are moved aside instead (_claim_training_dir)
+        check_replaceable(path, stage)  # refused before any work, naming the folder
     return None
 
 
@@ -84,19 +111,32 @@ def save_resolved_config(cfg: ExperimentConfig) -> Path:
 # ---------------------------------------------------------------------------------------------- stages
 
 
+@_locked("corpus")
 def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
-    """Read the raw corpus and split it into train and held-out documents."""
-    fp = fingerprint("corpus", cfg.corpus.model_dump(mode="json"))
+    """Read the raw corpus and split it into train and held-out documents.
+
+    The fingerprint covers the corpus section and the input files' paths, sizes and modification times
+    (:func:`data_prep.corpus.inputs_stamp`), so an added or edited input file redoes the stage."""
+    from data_prep.corpus import inputs_stamp, read_corpus
+    from data_prep.errors import DataPrepError
+
+    path = stage_path(cfg, "corpus")
+    try:
+        stamp = inputs_stamp(cfg.corpus)
+    except DataPrepError as e:  # inputs deleted after the stage finished: keep using what it wrote
+        if force or not (path / "manifest.json").is_file():
+            raise
+        _log(f"[yellow]corpus: {e}; reusing the finished corpus in {path}[/yellow]")
+        return StageResult("corpus", path, read_manifest(path, "corpus"), True)
+    fp = fingerprint("corpus", cfg.corpus.model_dump(mode="json"), *([stamp] if stamp else []))
     if done := _skip(cfg, "corpus", fp, force):
         return done
-    from data_prep.corpus import read_corpus
-
     started = time.time()
     documents, counts = read_corpus(cfg.corpus)
-    with atomic_dir(stage_path(cfg, "corpus")) as out:
+    with atomic_dir(stage_path(cfg, "corpus"), "corpus") as out:
         write_jsonl(out / "documents.jsonl", documents)
         manifest = write_manifest(out, stage="corpus", fingerprint=fp, config=resolved(cfg), outputs=["documents.jsonl"],
-                                  counts=counts, started=started)
+                                  counts=counts, started=started, inputs_stamp=stamp)
     _log(f"corpus: {counts['train_documents']} train + {counts['heldout_documents']} held-out documents")
     return StageResult("corpus", stage_path(cfg, "corpus"), manifest, False)
 
@@ -149,6 +189,7 @@ def synthesis_line(counts: dict) -> str:
     return line
 
 
+@_locked("synthesize")
 def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Synthesize instruction-response pairs for every document (train and held-out).
 
@@ -166,7 +207,7 @@ def run_synthesize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     src = stage_path(cfg, "corpus") / "documents.jsonl"
     documents = _read_jsonl(src)
     journal = _synthesis_journal(cfg, fp, src, 0, 1, force)
-    with atomic_dir(stage_path(cfg, "synthesize")) as out:
+    with atomic_dir(stage_path(cfg, "synthesize"), "synthesize") as out:
         counts = synthesize_documents(cfg.synthesis, documents, out / "pairs.jsonl", journal=journal)
         manifest = write_manifest(out, stage="synthesize", fingerprint=fp, config=resolved(cfg), inputs={"documents": src},
                                   outputs=["pairs.jsonl"], counts=counts, started=started)
@@ -190,6 +231,20 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     ``synthesis/pairs.jsonl`` + ``manifest.json`` are written as by :func:`run_synthesize`. Raises
     DataPrepError naming a missing or corrupt shard.
     """
+    from data_prep.locks import exclusive_lock
+
+    shard_dir = synthesis_shard_dir(cfg)
+    with contextlib.ExitStack() as locks:  # a shard task locks its shard; the merge locks the stage folder
+        if shard_index is not None:
+            locks.enter_context(exclusive_lock(shard_dir / f".shard-{shard_index:05d}-of-{num_shards:05d}.lock",
+                                               f"synthesis shard {shard_index} of {num_shards} in {shard_dir}"))
+        if merge:
+            locks.enter_context(stage_lock(cfg, "synthesize"))
+        return _synthesize_sharded(cfg, num_shards, shard_index, merge, force)
+
+
+def _synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: int | None, merge: bool,
+                        force: bool) -> StageResult | None:
     from data_prep.shards import merge_shards, select_shard, shard_finished, write_shard
 
     fp = synthesis_fingerprint(cfg)
@@ -217,7 +272,7 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     if not merge:
         return None
     started = time.time()
-    with atomic_dir(stage_path(cfg, "synthesize")) as out:
+    with atomic_dir(stage_path(cfg, "synthesize"), "synthesize") as out:
         counts = merge_shards(shard_dir, num_shards, documents, out / "pairs.jsonl")
         recs = _read_jsonl(out / "pairs.jsonl")
         counts["documents_with_pairs"] = sum(bool(r.get("pairs")) for r in recs)
@@ -235,6 +290,7 @@ def run_synthesize_sharded(cfg: ExperimentConfig, num_shards: int, shard_index: 
     return StageResult("synthesize", stage_path(cfg, "synthesize"), manifest, False)
 
 
+@_locked("format")
 def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Build instruction-augmented texts and the raw / held-out text sets."""
     from hashlib import sha256
@@ -261,7 +317,7 @@ def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         general=read_instructions(general, InstructionFields(**fc.general_fields)) if general else None,
         general_ratio=fc.general_ratio, general_max_passes=fc.general_max_passes)
     inputs = {"pairs": src, **({"general_instructions": general} if general else {})}
-    with atomic_dir(stage_path(cfg, "format")) as out:
+    with atomic_dir(stage_path(cfg, "format"), "format") as out:
         for name in DATASETS:
             write_jsonl(out / f"{name}.jsonl", outputs[name])
         manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs=inputs,
@@ -280,6 +336,7 @@ def tokenizer_path(cfg: ExperimentConfig) -> Path:
     return resolve_model(cfg.synthesis.model)
 
 
+@_locked("tokenize")
 def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Tokenize the four text sets into Megatron indexed datasets, one EOD per document."""
     fmt = _upstream(cfg, "format")
@@ -296,7 +353,7 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
                            bpe_backend=cfg.tokenize.bpe_backend)
     src_dir = stage_path(cfg, "format")
     counts = {}
-    with atomic_dir(stage_path(cfg, "tokenize")) as out:
+    with atomic_dir(stage_path(cfg, "tokenize"), "tokenize") as out:
         for name in DATASETS:
             m = tokenize_corpus([src_dir / f"{name}.jsonl"], out / name, tok_path, opts, log=lambda _: None)
             counts[name] = {"documents": m["documents"], "tokens": m["tokens"], "skipped": m["skipped"]}
@@ -341,15 +398,26 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 
     The train folder is not replaced atomically (its checkpoints are what a rerun resumes from); the
     manifest, written last, marks it finished. A folder left by a run with a different fingerprint is moved
-    aside to ``train.replaced-<time>`` rather than deleted.
+    aside to ``train.replaced-<time>`` rather than deleted. Rank 0 holds ``RUN/.train.lock`` throughout (a
+    launcher holds it for the torchrun workers it starts); a second run raises LockHeld before moving anything.
     """
     tokenized = _upstream(cfg, "tokenize")
     fp = train_fingerprint(cfg, tokenized)
-    if done := _skip(cfg, "train", fp, force):
-        return done
     out = stage_path(cfg, "train")
     rank = int(os.environ.get("RANK", "0"))
-    _claim_training_dir(out, fp, force, rank)
+    with stage_lock(cfg, "train") if rank == 0 else contextlib.nullcontext() as lock:  # rank 0 holds the lock
+        if done := _skip(cfg, "train", fp, force):
+            return done
+        return _train(cfg, fp, out, rank, lock, force)
+
+
+def _train(cfg: ExperimentConfig, fp: str, out: Path, rank: int, lock: Path | None, force: bool) -> StageResult:
+    def validate() -> None:  # a config error must not move the earlier run aside
+        from megatron_ipt.training.train import preflight
+
+        preflight(cfg, stage_path(cfg, "tokenize"), int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc_per_node)))
+
+    _claim_training_dir(out, fp, force, rank, validate)
 
     from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
 
@@ -357,7 +425,10 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         config_file = save_resolved_config(cfg)
         cmd = torchrun_command(["-m", "megatron_ipt.cli", "train", str(config_file)], cfg.parallel.nproc_per_node)
         _log(f"train: launching {cfg.parallel.nproc_per_node} processes: {' '.join(cmd)}")
-        rc = subprocess.call(cmd)
+        from data_prep.locks import lend_to_children
+
+        with lend_to_children(lock) if lock else contextlib.nullcontext():  # the workers' rank 0 holds it through us
+            rc = subprocess.call(cmd)
         _raise_if_stopped(out)
         if rc != 0:
             raise LaunchError(f"training processes exited with status {rc}; see their output above")
@@ -379,13 +450,16 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     return StageResult("train", out, read_manifest(out, "train"), False)
 
 
-def _claim_training_dir(out: Path, fp: str, force: bool, rank: int) -> None:
+def _claim_training_dir(out: Path, fp: str, force: bool, rank: int, validate: Callable[[], None] | None = None) -> None:
     """Rank 0, before any process group exists: a folder holding another run (other fingerprint, or ``force``) is
-    moved aside to ``NAME.replaced-<time>``; the fingerprint is stamped."""
+    moved aside to ``NAME.replaced-<time>``, only after ``validate()`` (the new run's checks) passed, so a config
+    error leaves the earlier run in place; the fingerprint is stamped."""
     stamp = out / "fingerprint"
     if rank != 0:
         return
     if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+        if validate is not None:
+            validate()
         aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(out, aside)
         _log(f"[yellow]{out.name}: {out} held a different run; moved it to {aside}[/yellow]")

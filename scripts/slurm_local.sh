@@ -236,10 +236,30 @@ nodes_states() {
   (IFS=,; echo "${out[*]}")
 }
 
+# The state folder holds secrets (munge.key, mysql.pass) under a predictable name (/tmp/ipt-slurm) anyone could
+# have made first: it is created fresh with mode 0700, and an existing one is used only when it is a real folder
+# owned by this user and writable by nobody else (so everything in it was written by this user or by the daemons'
+# users in the folders made for them); anything else is refused, never trusted.
+claim_state() {
+  if [ -e "$state" ] || [ -L "$state" ]; then
+    [ -d "$state" ] && [ ! -L "$state" ] || die "$state: exists and is not a folder (a link or a file); remove it or pick another STATE_DIR"
+    [ "$(stat -c %u "$state")" = "$(id -u)" ] || die "$state: owned by uid $(stat -c %u "$state"), not by this user; refusing to use a munge.key or mysql.pass found there (remove it or pick another STATE_DIR)"
+    case "$(stat -c %A "$state")" in ?????w????|????????w?) die "$state: writable by others; refusing to use a munge.key or mysql.pass found there (remove it or pick another STATE_DIR)" ;; esac
+    local f
+    for f in "$state/mysql.pass" "$state/munge" "$state/munge/munge.key" "$state/etc"; do
+      [ ! -L "$f" ] || die "$f: a link; refusing to use it (remove $state or pick another STATE_DIR)"
+    done
+  else
+    mkdir -p "$(dirname "$state")"
+    mkdir -m 700 "$state"
+  fi
+}
+
 up() {
   [ "$(id -u)" = 0 ] || die "bringing up the local cluster needs root (slurmd, munged as the munge user)"
+  claim_state
   mkdir -p "$state"/{etc,log,run,spool/ctld,spool/d}
-  chmod 755 "$state"
+  chmod 711 "$state"  # the munge and mysql users reach their own folders in it; nobody else lists it
   exec 9>"$state/lock"
   flock 9
   install_packages

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,25 @@ def test_the_large_model_examples_validate():
         assert cfg.synthesis.engine == "vllm" and cfg.synthesis.rounds == 3
         assert cfg.train.fp8 == "hybrid" and cfg.train.precision == "bf16" and cfg.train.lr_decay_style == "wsd"
         assert cfg.train.init_from and cfg.model.hf_config and cfg.synthesis.prompt_format == "lmops"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.adam_beta1=.nan", "train.adam_beta1 = nan: Input should be a finite number"),
+    ("train.clip_grad=.inf", "train.clip_grad = inf: Input should be a finite number"),
+    ("blend.raw_weight=.inf", "blend.raw_weight = inf: Input should be a finite number"),
+    ("train.adam_beta2=1.0", "train.adam_beta2 = 1.0: Input should be less than 1"),
+    ("train.adam_beta1=-0.1", "train.adam_beta1 = -0.1: Input should be greater than or equal to 0"),
+    ("train.train_iters=true", "train.train_iters = True: Value error, a boolean is not a number here"),
+    ("train.lr=false", "train.lr = False: Value error, a boolean is not a number here"),
+])
+def test_non_finite_out_of_range_and_boolean_numbers_are_refused_naming_the_key(override, message):
+    """Issue 16, item 12: these used to be accepted (NaN / inf betas, clip and weights; True as 1 iteration)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("examples/quickstart.yaml", [override])
+
+
+def test_a_set_value_for_a_text_field_is_taken_literally():
+    cfg = load_config("examples/quickstart.yaml", ["run_dir=/data/my runs #3", "name=2024", "tokenize.tokenizer=null",
+                                                   "train.train_iters=7", "corpus.paths=[a.jsonl, b.jsonl]"])
+    assert cfg.run_dir == "/data/my runs #3" and cfg.name == "2024" and cfg.tokenize.tokenizer is None
+    assert cfg.train.train_iters == 7 and cfg.corpus.paths == ["a.jsonl", "b.jsonl"]

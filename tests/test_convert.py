@@ -149,6 +149,13 @@ def test_tensor_parallel_padding_and_errors(tmp_path, capsys):
     assert json.loads((tmp_path / "mg" / convert.CONVERT_MANIFEST).read_text())["padded_vocab_size"] == 256
     assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "mg")]) == 2
     assert "exists" in capsys.readouterr().err
+    # a TP size the query groups do not divide could never train: refused (issue 16, item 16)
+    groups = json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"]
+    assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "mg-tp"),
+                 "--tensor-parallel-size", str(groups + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"--tensor-parallel-size {groups + 1}:" in err and f"{groups} query groups" in err
+    assert "can never train" in err and not (tmp_path / "mg-tp").exists()
     # a tensor missing from the source is named
     (tmp_path / "bad").mkdir()
     for f in (tmp_path / "hf").iterdir():

@@ -35,6 +35,19 @@ def test_jsonl_malformed_lines_are_skipped_and_located(tmp_path):
     assert counts["skipped_examples"][:2] == [f"{p}:2: malformed_json", f"{p}:3: missing_field_text"]
 
 
+def test_a_lone_surrogate_is_skipped_and_counted_like_other_bad_lines(tmp_path):
+    """Issue 16, item 11: JSON "\\ud800" parses to a str that UTF-8 cannot encode; it used to crash the stage."""
+    p = tmp_path / "docs.jsonl"
+    p.write_text('{"text": "' + "a" * 20 + '"}\n{"text": "' + "b" * 20 + '\\ud800"}\n'
+                 '{"id": "\\udfff", "text": "' + "c" * 20 + '"}\n')
+    docs, counts = read_corpus(CorpusConfig(source="jsonl", paths=[str(p)], min_chars=10, heldout_fraction=0))
+    assert [d["text"] for d in docs] == ["a" * 20]
+    assert counts["skipped"] == {"lone_surrogate": 2}
+    assert counts["skipped_examples"] == [f"{p}:2: lone_surrogate", f"{p}:3: lone_surrogate"]
+    with pytest.raises(DataPrepError, match=f"{p}:2: lone_surrogate"):
+        read_corpus(CorpusConfig(source="jsonl", paths=[str(p)], min_chars=10, on_error="fail"))
+
+
 def test_on_error_fail_stops_at_the_first_malformed_line_naming_it(tmp_path):
     p = tmp_path / "docs.jsonl"
     p.write_text('{"text": "' + "a" * 20 + '"}\n{broken\n')

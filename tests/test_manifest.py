@@ -24,7 +24,8 @@ def test_atomic_dir_replaces_previous_output(tmp_path):
     final = tmp_path / "stage"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with atomic_dir(final) as out:
+    write_manifest(final, stage="format", fingerprint="old", config={})  # only a finished stage folder is replaced
+    with atomic_dir(final, "format") as out:
         (out / "new.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
@@ -38,6 +39,7 @@ def test_a_replaced_stage_folder_is_never_missing_for_a_reader(tmp_path):
     final = tmp_path / "stage"
     with atomic_dir(final) as out:
         (out / "data.txt").write_text("0")
+        (out / "manifest.json").write_text('{"stage": "s"}')
     missing, stop = [], threading.Event()
 
     def read():
@@ -53,6 +55,7 @@ def test_a_replaced_stage_folder_is_never_missing_for_a_reader(tmp_path):
         for i in range(1, 101):
             with atomic_dir(final) as out:
                 (out / "data.txt").write_text(str(i))
+                (out / "manifest.json").write_text('{"stage": "s"}')
     finally:
         stop.set()
         reader.join()

@@ -210,3 +210,17 @@ def test_pairs_expose_options_cot_and_final_answer_like_the_formatter():
                                        "issue:cot_without_final_answer": 1, "issue:options_answer_matches_no_option": 1}
     assert pairs[0].to_structured_dict() == {"question": pairs[0].question, "answer": "while",
                                              "options": ["while", "pass"], "cot": False, "final_answer": "while"}
+
+
+def test_lenient_keeps_a_cot_final_answer_line_without_closing_punctuation():
+    """Issue 16, item 16: the unpunctuated final line was cut as a trail-off and the pair then dropped as
+    cot_without_final_answer."""
+    out = ("<QUE> How many sides has a triangle? Let's think step by step. <ANS> A triangle has "
+           "three sides. Nothing else adds any.\nTherefore, the answer is 3\n")
+    result = parse_pairs(out, "lenient")
+    assert len(result.pairs) == 1
+    pair = result.pairs[0]
+    assert pair.cot and pair.answer.endswith("Therefore, the answer is 3") and pair.final_answer == "3"
+    assert pair.structure_issue is None
+    trailing = parse_pairs("<QUE> What is X? <ANS> X is a Y. X is a", "lenient").pairs[0]  # still cut
+    assert trailing.answer == "X is a Y."

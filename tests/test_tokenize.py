@@ -186,6 +186,21 @@ def test_command_line_tokenizes_a_glob(tmp_path, tiny_tokenizer_dir, capsys):
                  "--output-prefix", str(tmp_path / "c")]) == 2
 
 
+@pytest.mark.parametrize("content, skipped", [("", None), ('{"text": ""}\n{broken\n', "every record was skipped")])
+def test_an_input_without_documents_fails_with_no_documents_and_writes_nothing(tmp_path, tiny_tokenizer_dir,
+                                                                                 capsys, content, skipped):
+    """Issue 16, item 9: it used to write a 0-byte .bin that megatron-core cannot open."""
+    from megatron_ipt.cli import main as ipt
+
+    (tmp_path / "empty.jsonl").write_text(content)
+    assert ipt(["tokenize", "--input", str(tmp_path / "empty.jsonl"), "--tokenizer", str(tiny_tokenizer_dir),
+                "--output-prefix", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"no documents in {tmp_path / 'empty.jsonl'}" in err and "out.bin/.idx not written" in err
+    assert (skipped or "every record") in err if skipped else "skipped" not in err
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
+
+
 def test_ipt_tokenize_standalone_array_tasks_then_merge_only(tmp_path, tiny_tokenizer_dir, capsys):
     from megatron_ipt.cli import main as ipt
 

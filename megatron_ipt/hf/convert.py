@@ -247,10 +247,16 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
     stored in the checkpoint (training casts on load). ``dst`` gets ``iter_0000000/``, ``latest``, ``hf/``
     (config, tokenizer, chat template of the source, for the export back and for ``model.hf_config``) and
     ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor, has one
-    the mapping does not know, or one with a wrong shape; ValueError for unsupported configs."""
+    the mapping does not know, or one with a wrong shape, and naming the sizes when the heads or query groups do
+    not divide by ``tensor_model_parallel_size``; ValueError for unsupported configs."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     preset = preset_from_hf_config(src)
+    tp = tensor_model_parallel_size
+    if preset.num_attention_heads % tp or preset.num_query_groups % tp:
+        raise ConvertError(f"--tensor-parallel-size {tp}: {src / 'config.json'} has {preset.num_attention_heads} "
+                           f"attention heads and {preset.num_query_groups} query groups (num_key_value_heads); "
+                           f"tensor parallelism needs both divisible by {tp}, so this model can never train at TP={tp}")
     hf_cfg = json.loads((src / "config.json").read_text())
     dtype_name = _dtype_name(dtype, hf_cfg)
     weights = ModelWeights(src)

@@ -53,7 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_prep.atomic import open_atomic
-from megatron_ipt.config import ConfigError, ExperimentConfig, load_config, resolved
+from megatron_ipt.config import SAFE_NAME, ConfigError, ExperimentConfig, load_config, resolved
 from megatron_ipt.errors import IptError
 from megatron_ipt.manifest import atomic_write_text
 
@@ -112,7 +112,7 @@ class SweepEval(_Model):
 
 class SweepConfig(_Model):
     base: str = Field(description="The base experiment YAML (relative paths: to the sweep file's folder).")
-    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("sweep", pattern=SAFE_NAME, description="Sweep name: one path component (see config.SAFE_NAME).")
     sweep_dir: str = Field("runs/{name}", description="Sweep folder; '{name}' is replaced by the sweep name.")
     set: list[str] = Field(default_factory=list, description="Overrides applied to every point and the data stages.")
     data_from: str | None = Field(None, description="Reuse this run folder's finished data stages (corpus, synthesis, "

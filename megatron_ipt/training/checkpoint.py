@@ -37,6 +37,7 @@ import json
 import queue
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -67,10 +68,20 @@ def checkpoint_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def iteration_folders(root: Path, *, complete: bool = False) -> list[tuple[int, Path]]:
+    """``(N, root/iter_N)`` for every ``iter_<digits>`` folder under ``root``, sorted by N as a number (so
+    ``iter_10000000`` comes after ``iter_9999999``). With ``complete``, only the checkpoints whose save finished
+    on every rank (``layout.json`` is written after that, before ``latest``)."""
+    found = [(int(p.name[5:]), p) for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted((n, p) for n, p in found if not complete or (p / LAYOUT).is_file())
+
+
 def latest_iteration(root: Path) -> int | None:
     """The iteration named by ``root/latest``, or None when there is no finished checkpoint.
 
-    Raises ValueError naming the file when it does not hold an integer or its folder is missing.
+    A ``latest`` naming a missing folder falls back, with a warning, to the newest complete checkpoint
+    (:func:`iteration_folders`); raises ValueError naming the file when it does not hold an integer, or names a
+    missing folder and no complete checkpoint is left.
     """
     path = Path(root) / LATEST
     if not path.is_file():
@@ -80,7 +91,12 @@ def latest_iteration(root: Path) -> int | None:
         raise ValueError(f"{path}: expected an iteration number, found {text!r}")
     iteration = int(text)
     if not checkpoint_dir(root, iteration).is_dir():
-        raise ValueError(f"{path}: names iteration {iteration}, but {checkpoint_dir(root, iteration)} is missing")
+        complete = iteration_folders(root, complete=True)
+        if not complete:
+            raise ValueError(f"{path}: names iteration {iteration}, but {checkpoint_dir(root, iteration)} is missing")
+        warnings.warn(f"{path}: names iteration {iteration}, but {checkpoint_dir(root, iteration)} is missing; "
+                      f"using the newest complete checkpoint, {complete[-1][1]}", stacklevel=2)
+        return complete[-1][0]
     return iteration
 
 
@@ -317,12 +333,14 @@ def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *,
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest ``keep_last`` ``iter_*`` folders under ``root``; the one ``latest`` names is
-    always kept. Call on rank 0 after a save finished. Returns the removed folders."""
+    """Remove all but the newest ``keep_last`` complete checkpoints (:func:`iteration_folders`, by iteration
+    number) under ``root``; the one ``latest`` names is always kept, and a folder whose save has not finished
+    (no ``layout.json``: an asynchronous save in flight, or one a crash interrupted) is neither counted nor
+    removed. Call on rank 0 after a save finished. Returns the removed folders."""
     import shutil
 
     keep = latest_iteration(root)
-    folders = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    folders = [p for _, p in iteration_folders(root, complete=True)]
     removed = []
     for p in folders[: max(0, len(folders) - keep_last)]:
         if keep is not None and p == checkpoint_dir(root, keep):

@@ -177,17 +177,19 @@ class Inputs:
     preset: ModelPreset
 
 
-def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path) -> Inputs:
+def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path | None, *, launcher: bool = False) -> Inputs:
     """Every input the run reads, checked before any process group or model is built.
 
-    Raises ManifestError (no or a foreign tokenize manifest), ``data.DataError`` naming the config key (a
-    missing prefix, ``train.init_from`` that holds no checkpoint, a bad ``blend.extra`` / ``blend.per_split``
-    prefix) and RuntimeError when ``parallel.nproc_per_node > 1`` without torchrun.
+    ``out_dir`` None checks a run that starts fresh (``train.init_from`` must then hold a checkpoint);
+    ``launcher`` skips the torchrun check (the caller starts the workers). Raises ManifestError (no or a
+    foreign tokenize manifest), ``data.DataError`` naming the config key (a missing prefix, ``train.init_from``
+    that holds no checkpoint, a bad ``blend.extra`` / ``blend.per_split`` prefix) and RuntimeError when
+    ``parallel.nproc_per_node > 1`` without torchrun.
     """
     t = cfg.train
     tokenizer = data.DatasetTokenizer.from_manifest(read_manifest(tokenized_dir, "tokenize"))
     data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
-    if t.init_from and checkpoint.latest_iteration(out_dir / "checkpoints") is None:
+    if t.init_from and (out_dir is None or checkpoint.latest_iteration(out_dir / "checkpoints") is None):
         try:
             checkpoint.resolve_checkpoint_dir(t.init_from)
         except FileNotFoundError as err:
@@ -200,12 +202,24 @@ def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path) -> I
     if cfg.blend.per_split is not None:
         per_split = data.check_per_split({split: [(c.prefix, c.weight) for c in getattr(cfg.blend.per_split, split)]
                                           for split in data.SPLITS}, tokenized_dir)
-    if cfg.parallel.nproc_per_node > 1 and not parallel.launched_by_torchrun():
+    if cfg.parallel.nproc_per_node > 1 and not launcher and not parallel.launched_by_torchrun():
         raise RuntimeError(
             f"parallel.nproc_per_node = {cfg.parallel.nproc_per_node} but this process was not started by torchrun; "
             "start it through megatron_ipt.launch.torchrun.relaunch_under_torchrun (the ipt CLI does)"
         )
     return Inputs(tokenizer=tokenizer, per_split=per_split, preset=resolve_preset(cfg.model))
+
+
+def preflight(cfg: ExperimentConfig, tokenized_dir: Path, world_size: int) -> None:
+    """Check a run that starts fresh before anything of an earlier run is moved aside: :func:`check_inputs` (as
+    the launcher) and the parallel layout for ``world_size`` processes (:func:`parallel.check_layout`). Raises
+    what they raise (ManifestError, ``data.DataError``, ParallelLayoutError), one line naming the key."""
+    inputs = check_inputs(cfg, Path(tokenized_dir), None, launcher=True)
+    t, preset = cfg.train, inputs.preset
+    parallel.check_layout(cfg.parallel, world_size=world_size, micro_batch_size=t.micro_batch_size,
+                          global_batch_size=t.global_batch_size, num_layers=preset.num_layers,
+                          num_attention_heads=preset.num_attention_heads, num_query_groups=preset.num_query_groups,
+                          seq_length=cfg.model.seq_length)
 
 
 @dataclass
