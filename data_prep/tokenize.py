@@ -57,7 +57,7 @@ class TokenizeOptions:
     bad_input: str = "skip"  # or "fail"
     workers: int = 0  # 0: one per CPU core
     batch_docs: int = 1024
-    batch_bytes: int = 1 << 22
+    batch_bytes: int = 1 << 21
     min_parallel_bytes: int = 8 << 20  # smaller inputs are tokenized in-process
     merge: bool = True
     merge_only: bool = False  # tokenize nothing: merge shards that earlier runs (e.g. array tasks) finished
