@@ -4,7 +4,9 @@ The replacement for Megatron-LM's ``tools/preprocess_data.py``, with the same ou
 
 - inputs: globs of JSONL (plain, ``.gz``, ``.zst``), Parquet and text files (``data_prep.readers``); the text
   field is configurable;
-- tokenizers: Hugging Face, sentencepiece, tiktoken-style BPE files (``data_prep.encoders``); optional BOS,
+- tokenizers: Hugging Face, sentencepiece, tiktoken-style BPE files (``data_prep.encoders``; the BPE runs in
+  gigatoken where it gives the reference library's ids, see ``bpe_backend``; a sample of up to
+  ``check_chars`` characters per batch is also encoded by the reference library and compared); optional BOS,
   EOD appended per document; token dtype from the vocabulary size (``uint16`` below 65,500, else ``int32``);
 - parallel: the main process reads raw lines in batches; worker processes decode, parse JSON and batch-encode,
   and return numpy arrays; at most ``2 × workers`` batches are in flight, so memory stays bounded whatever
