@@ -96,9 +96,7 @@ def _pick_backend(requested: str, builders: dict, reference, file: Path, referen
 
     A backend is used only if it builds and gives ``reference``'s ids on :data:`PROBES`. ``requested``
     other than ``auto`` and the reference name must succeed, else DataPrepError naming the file and reason."""
-    if requested not in BPE_BACKENDS:
-        raise DataPrepError(f"bpe_backend {requested!r}: choose one of {', '.join(BPE_BACKENDS)}")
-    if requested != "auto" and requested != "tokenizers" and requested not in builders:
+    if requested not in ("auto", "tokenizers", *builders):
         raise DataPrepError(f"{file}: bpe_backend {requested} does not apply to this tokenizer "
                             f"(choose one of auto, tokenizers{''.join(', ' + b for b in builders)})")
     order = list(builders) if requested == "auto" else [requested] if requested in builders else []

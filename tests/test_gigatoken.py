@@ -14,8 +14,6 @@ from data_prep.encoders import LLAMA3_PATTERN, PROBES, load_encoder
 from data_prep.errors import DataPrepError
 from data_prep.tokenize import TokenizeOptions, check_sample, frame_documents, tokenize_corpus
 
-pytest.importorskip("gigatoken")
-
 
 def _topics() -> list[str]:
     from pydoc_data.topics import topics
