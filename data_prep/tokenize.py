@@ -4,7 +4,9 @@ The replacement for Megatron-LM's ``tools/preprocess_data.py``, with the same ou
 
 - inputs: globs of JSONL (plain, ``.gz``, ``.zst``), Parquet and text files (``data_prep.readers``); the text
   field is configurable;
-- tokenizers: Hugging Face, sentencepiece, tiktoken-style BPE files (``data_prep.encoders``); optional BOS,
+- tokenizers: Hugging Face, sentencepiece, tiktoken-style BPE files (``data_prep.encoders``; the BPE runs in
+  gigatoken where it gives the reference library's ids, see ``bpe_backend``; a sample of up to
+  ``check_chars`` characters per batch is also encoded by the reference library and compared); optional BOS,
   EOD appended per document; token dtype from the vocabulary size (``uint16`` below 65,500, else ``int32``);
 - parallel: the main process reads raw lines in batches; worker processes decode, parse JSON and batch-encode,
   and return numpy arrays; at most ``2 × workers`` batches are in flight, so memory stays bounded whatever
@@ -59,13 +61,13 @@ class TokenizeOptions:
     bad_input: str = "skip"  # or "fail"
     workers: int = 0  # 0: one per CPU core
     batch_docs: int = 1024
-    batch_bytes: int = 1 << 22
+    batch_bytes: int = 1 << 21
     min_parallel_bytes: int = 8 << 20  # smaller inputs are tokenized in-process
     merge: bool = True
     merge_only: bool = False  # tokenize nothing: merge shards that earlier runs (e.g. array tasks) finished
     max_examples: int = 5
     bpe_backend: str = "auto"  # data_prep.encoders.BPE_BACKENDS
-    check_docs: int = 16  # per batch, documents also encoded by the reference library when the tiktoken view runs
+    check_chars: int = 8192  # per batch, characters also encoded by the reference library when a fast backend runs
     require_documents: bool = False  # merging no document at all: DataPrepError "no documents", nothing written
 
     def key(self) -> dict:
@@ -89,8 +91,11 @@ _W: dict = {}
 def _init_worker(tokenizer: str, opts: TokenizeOptions) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no Rust thread pool on top
     os.environ["RAYON_NUM_THREADS"] = "1"
+    if _W.get("opts") == opts and _W.get("tokenizer") == str(tokenizer):
+        return  # forked from the main process, which loaded and probed the same encoder
     enc = load_encoder(tokenizer, opts.bpe_backend)
     _setup(enc, opts)
+    _W["tokenizer"] = str(tokenizer)
 
 
 def _setup(enc: Encoder, opts: TokenizeOptions) -> None:
@@ -154,44 +159,81 @@ def encode_batch(batch: Batch) -> Encoded:
 
     texts, lines = _texts(batch, opts, skip)
     try:
-        encoded = enc.encode_batch(texts)
+        ids, lengths = enc.encode_flat(texts)
     except Exception:  # one bad text (e.g. lone surrogates from a JSON escape) fails the whole batch call
-        encoded, kept = [], []
+        kept = []
         for text, lineno in zip(texts, lines):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 skip("not_utf8", lineno)
                 continue
-            encoded.append(enc.encode_batch([text])[0])
             kept.append((text, lineno))
         texts, lines = [t for t, _ in kept], [n for _, n in kept]
-    if getattr(enc, "fast", None) is not None and opts.check_docs:
-        n = opts.check_docs
-        _check_fast(enc, texts[:n], encoded[:n], lines[:n], batch.source)
-    flat: list[int] = []
-    bos, eod = [enc.bos_id] if opts.append_bos else [], [enc.eod_id] if opts.append_eod else []
-    for ids in encoded:
-        flat += bos
-        flat += ids
-        flat += eod
-    extra = len(bos) + len(eod)
-    lengths = np.fromiter((len(ids) + extra for ids in encoded), dtype=np.int32, count=len(encoded))
-    arr = np.array(flat, dtype=np.int64)
-    if arr.size and (arr.max() > np.iinfo(dtype).max or arr.min() < 0):
-        raise DataPrepError(f"{batch.source}: token id {arr.max()} does not fit {np.dtype(dtype).name} "
+        ids, lengths = enc.encode_flat(texts)
+    if enc.fast is not None and opts.check_chars:
+        _check_fast(enc, texts, lines, batch.source, opts.check_chars, ids, lengths)
+    bos = enc.bos_id if opts.append_bos else None
+    eod = enc.eod_id if opts.append_eod else None
+    if ids.size and (int(ids.max()) > np.iinfo(dtype).max or int(ids.min()) < 0):
+        raise DataPrepError(f"{batch.source}: token id {ids.max()} does not fit {np.dtype(dtype).name} "
                             f"(vocabulary {enc.vocab_size}): tokenizer and dtype do not match")
-    return Encoded(arr.astype(dtype), lengths, skipped, examples)
+    out, out_lengths = frame_documents(ids, lengths, bos, eod, dtype)
+    return Encoded(out, out_lengths, skipped, examples)
 
 
-def _check_fast(enc, texts: list[str], encoded: list[list[int]], lines: list[int], source: str) -> None:
-    """Stop with an error naming file:line if the tiktoken view disagrees with ``tokenizers`` on a document."""
-    reference = enc.reference_encode_batch(texts)
-    for ref, ids, lineno in zip(reference, encoded, lines):
-        if list(ids) != ref:
-            raise DataPrepError(f"{source}:{lineno}: the tiktoken view of {enc.path} gives other token ids than "
-                                "the tokenizers library for this document; rerun with bpe_backend tokenizers "
-                                "(ipt tokenize --bpe-backend tokenizers, or tokenize.bpe_backend) and report it")
+def frame_documents(ids: np.ndarray, lengths: np.ndarray, bos: int | None, eod: int | None,
+                    dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Documents ``ids`` (back to back, ``lengths[i]`` tokens each) with ``bos`` before and ``eod`` after each
+    one (None: not added), as ``(tokens of dtype, lengths int32)``; vectorised, no Python loop per token."""
+    extra = (bos is not None) + (eod is not None)
+    out_lengths = (np.asarray(lengths, dtype=np.int64) + extra).astype(np.int32)
+    if not extra:
+        return ids.astype(dtype, copy=False), out_lengths
+    ends = np.cumsum(out_lengths, dtype=np.int64)
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=dtype)
+    keep = np.ones(out.size, dtype=bool)
+    if bos is not None:
+        out[ends - out_lengths] = bos
+        keep[ends - out_lengths] = False
+    if eod is not None:
+        out[ends - 1] = eod
+        keep[ends - 1] = False
+    out[keep] = ids
+    return out, out_lengths
+
+
+def check_sample(texts: list[str], budget: int) -> list[str]:
+    """The texts the in-run cross-check encodes twice: from the first text on, each cut to what is left of
+    ``budget`` characters, so the check costs at most ``budget`` characters per batch whatever the documents'
+    sizes (a cut text is a text like any other: both libraries must agree on it)."""
+    sample = []
+    for text in texts:
+        if budget <= 0:
+            break
+        sample.append(text[:budget])
+        budget -= len(sample[-1])
+    return sample
+
+
+def _check_fast(enc, texts: list[str], lines: list[int], source: str, budget: int, ids: np.ndarray,
+                lengths: np.ndarray) -> None:
+    """Stop with an error naming file:line if the fast backend's ids differ from the reference library's on the
+    batch's sample (:func:`check_sample`): a whole document is checked in the ids about to be written, a cut
+    one by encoding the cut text with both."""
+    sample = check_sample(texts, budget)
+    ends = np.cumsum(lengths[: len(sample)])
+    reference = enc.reference_encode_batch(sample)
+    for i, (text, ref, lineno) in enumerate(zip(sample, reference, lines)):
+        if len(text) == len(texts[i]):
+            got = ids[ends[i] - lengths[i]: ends[i]].tolist()
+        else:
+            got = list(enc.encode_batch([text])[0])
+        if got != ref:
+            raise DataPrepError(f"{source}:{lineno}: the {enc.bpe_backend} backend of {enc.path} gives other token "
+                                "ids than the reference library for this document; rerun with bpe_backend "
+                                "tokenizers (ipt tokenize --bpe-backend tokenizers, or tokenize.bpe_backend) and "
+                                "report it")
 
 
 # ---- main side -----------------------------------------------------------------------------------------------
@@ -250,7 +292,8 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
     started = time.time()
     files = expand_inputs([str(p) for p in inputs])
     encoder = load_encoder(tokenizer, opts.bpe_backend)
-    _setup(encoder, opts)  # checks EOD/BOS here, before any worker starts
+    _setup(encoder, opts)  # checks EOD/BOS here, before any worker starts (forked workers inherit it)
+    _W["tokenizer"] = str(tokenizer)
     dtype = token_dtype(encoder.vocab_size)
     prefix = Path(output_prefix)
     with contextlib.ExitStack() as held:  # the prefix while merging, each shard while it is checked and written
@@ -344,10 +387,11 @@ def add_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     g.add_argument("--append-bos", action="store_true", help="prepend the BOS token to each document")
     g.add_argument("--no-eod", action="store_true", help="do not append the EOD token to each document")
-    g.add_argument("--bpe-backend", choices=["auto", "tokenizers", "tiktoken"], default="auto",
-                   help="Hugging Face byte-level BPE tokenizers: auto (default) encodes through an identical tiktoken "
-                   "view when it represents the tokenizer (about 4x less CPU; the first documents of every batch are "
-                   "checked against tokenizers), tokenizers forces the reference library")
+    g.add_argument("--bpe-backend", choices=["auto", "gigatoken", "tiktoken", "tokenizers"], default="auto",
+                   help="the BPE implementation (tokenizer.json, sentencepiece BPE): auto (default) picks gigatoken "
+                   "where it loads the tokenizer and agrees with the reference library on probe texts, else the "
+                   "tiktoken view for byte-level BPE, else the reference; tokenizers forces the reference library "
+                   "(a sample of every batch is checked against it whenever a faster backend runs)")
     g.add_argument("--bad-input", choices=["skip", "fail"], default="skip",
                    help="malformed/empty/non-UTF-8 records: skip and count them (default) or stop at the first")
     g.add_argument("--no-merge", action="store_true",

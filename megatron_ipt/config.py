@@ -165,9 +165,11 @@ class TokenizeConfig(_Section):
     append_bos: bool = Field(False, description="Put the BOS token before every document.")
     bad_input: Literal["skip", "fail"] = Field("skip", description="Malformed/empty records: skip (counted) or fail.")
     workers: int = Field(0, ge=0, description="Tokenizer worker processes; 0: one per CPU core (small inputs run in-process).")
-    bpe_backend: Literal["auto", "tokenizers", "tiktoken"] = Field(
-        "auto", description="Hugging Face byte-level BPE tokenizers: auto encodes through an identical tiktoken view "
-        "when it represents the tokenizer (about 4x less CPU; data_prep/fast_bpe.py), tokenizers forces the reference.")
+    bpe_backend: Literal["auto", "gigatoken", "tiktoken", "tokenizers"] = Field(
+        "auto", description="The BPE implementation for tokenizer.json and sentencepiece BPE tokenizers: auto picks "
+        "gigatoken where it loads the tokenizer and agrees with the reference library on probe texts, else the "
+        "tiktoken view (data_prep/fast_bpe.py) for byte-level BPE, else the reference (tokenizers / sentencepiece); "
+        "tokenizers forces the reference; gigatoken and tiktoken require that backend (docs/tokenization.md).")
 
 
 class BlendComponent(_Section):
