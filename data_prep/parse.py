@@ -15,8 +15,10 @@ Two modes:
   pairs after it are dropped as ``after_new_context``); empty questions are dropped.
 
 Every dropped piece is counted under a named reason (see ``DROP_REASONS``); whitespace-only pieces are
-not pairs and are not counted. :func:`grounding` and :func:`filter_grounded` implement the project's
-grounding filter (not in the reference): the share of an answer's content words found in the document.
+not pairs and are not counted. In lenient mode a blank line right after ``<ANS>`` does not end the pair (the
+answer after it is kept). :func:`grounding` and :func:`filter_grounded` implement the project's grounding
+filter (not in the reference): the share of the answer's content words that are not in the question found in
+the document; an answer that only restates the question is dropped as ``circular``.
 :func:`repetition` and :func:`filter_repetitive` drop answers that loop on one phrase (small greedy models
 do this until they run out of tokens); also not in the reference.
 """
@@ -41,7 +43,9 @@ DROP_REASONS = {
     "empty_question": "lenient: nothing between <QUE> and <ANS>",
     "duplicate_question": "the same question (case-insensitive) was already kept",
     "after_new_context": "lenient: a pair written after the model wrote <CON> or </CON> (a document of its own)",
-    "ungrounded": "the answer's grounding in the document is below min_grounding",
+    "ungrounded": "the grounding in the document of the answer's words that are not in the question is below "
+                  "min_grounding",
+    "circular": "the answer has content words but none beyond the question's: it only restates the question",
     "repetitive": "the answer repeats itself: its share of repeated word trigrams is above max_repetition",
 }
 
@@ -145,6 +149,7 @@ class ParseResult:
 
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _BEFORE_QUE = re.compile(r"(?=<QUE>)")
+_ANS_THEN_SPACE = re.compile(re.escape(ANS) + r"\s+")
 
 
 def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
@@ -167,6 +172,7 @@ def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
         head, tail = output[:cut], output[cut:]
         if tail.count(QUE):
             dropped["after_new_context"] += tail.count(QUE)
+        head = _ANS_THEN_SPACE.sub(ANS + " ", head)  # "<ANS>\n\nanswer": the blank line does not end the pair
         pieces = [
             sub
             for closed in head.split(END)
@@ -255,29 +261,56 @@ def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in STOPWORDS}
 
 
-def grounding(answer: str, document: str) -> float:
-    """Share (0..1) of the answer's distinct content words that occur as words in the document.
+def new_content_words(answer: str, question: str = "") -> set[str]:
+    """The answer's content words that are not content words of the question's stem (the question without
+    its options block and CoT trigger, see :attr:`Pair.stem`): what the answer adds to the question."""
+    stem = Pair(question, "").stem if question else ""
+    return content_words(answer) - content_words(stem)
 
-    An answer without content words (e.g. "No", "42") scores 1.0: nothing in it is ungrounded.
+
+def grounding(answer: str, document: str, question: str = "") -> float:
+    """Share (0..1) of the answer's distinct content words that are not in ``question`` and occur as words in
+    the document.
+
+    Words the answer copies from the question are not counted: an invented answer that restates the question
+    ("The assert statement is a fantasy") would otherwise pass on the question's words. A multiple-choice
+    answer is measured against the document, not the options it picks from. An answer with no such words
+    ("No", "42", or one that only restates the question) scores 1.0: nothing in it is ungrounded
+    (:func:`filter_grounded` drops the restating kind as ``circular``).
     """
-    words = content_words(answer)
+    words = new_content_words(answer, question)
     if not words:
         return 1.0
     doc_words = set(_WORD.findall(document.lower()))
     return sum(w in doc_words for w in words) / len(words)
 
 
-def filter_grounded(result: ParseResult, document: str, min_grounding: float) -> ParseResult:
-    """Drop pairs whose answer grounding in ``document`` is below ``min_grounding`` (0 disables).
+def is_circular(pair: Pair) -> bool:
+    """True when the answer has content words and every one of them is in the question's stem: it restates
+    the question and says nothing new (``What is the "global" statement?`` / ``The "global" statement is a
+    statement.``)."""
+    return bool(content_words(pair.answer)) and not new_content_words(pair.answer, pair.question)
 
-    Returns a new ParseResult; each removed pair adds one ``ungrounded`` drop.
+
+def filter_grounded(result: ParseResult, document: str, min_grounding: float) -> ParseResult:
+    """Drop pairs whose answer restates the question (``circular``) or whose :func:`grounding` in
+    ``document``, measured on the answer's words that are not in the question, is below ``min_grounding``
+    (``ungrounded``). ``min_grounding`` <= 0 disables both.
+
+    Returns a new ParseResult; each removed pair adds one drop under its reason. Not in the reference
+    (LMOps keeps every parsed pair); a filter for small synthesizers that invent.
     """
     if min_grounding <= 0:
         return ParseResult(list(result.pairs), Counter(result.dropped))
-    kept = [p for p in result.pairs if grounding(p.answer, document) >= min_grounding]
+    kept: list[Pair] = []
     dropped = Counter(result.dropped)
-    if len(kept) < len(result.pairs):
-        dropped["ungrounded"] += len(result.pairs) - len(kept)
+    for p in result.pairs:
+        if is_circular(p):
+            dropped["circular"] += 1
+        elif grounding(p.answer, document, p.question) < min_grounding:
+            dropped["ungrounded"] += 1
+        else:
+            kept.append(p)
     return ParseResult(kept, dropped)
 
 

@@ -210,3 +210,40 @@ def test_pairs_expose_options_cot_and_final_answer_like_the_formatter():
                                        "issue:cot_without_final_answer": 1, "issue:options_answer_matches_no_option": 1}
     assert pairs[0].to_structured_dict() == {"question": pairs[0].question, "answer": "while",
                                              "options": ["while", "pass"], "cot": False, "final_answer": "while"}
+
+
+# --- issue 23: pairs worth training on ---
+
+
+def test_lenient_keeps_an_answer_written_after_a_blank_line_following_the_answer_tag():
+    # SmolLM2 did this on 2 of the 70 quickstart documents: "<ANS>\n\n" then the answer.
+    output = "<QUE> What does pass do? <ANS>\n\nIt does nothing.\n\n<QUE> What is a set? <ANS> An unordered collection."
+    result = parse_pairs(output, "lenient")
+    assert result.pairs == [Pair("What does pass do?", "It does nothing."), Pair("What is a set?", "An unordered collection.")]
+    assert result.dropped == {}
+
+
+def test_grounding_counts_only_answer_words_that_are_not_in_the_question():
+    document = 'The "assert" statement is a convenient way to insert debugging assertions into a program.'
+    question = 'What is the "assert" statement?'
+    # new content words: fantasy, magical, magic -> none in the document (the old rule counted assert, statement)
+    assert grounding('The "assert" statement is a fantasy of magical magic.', document, question) == 0.0
+    assert grounding("A convenient way to insert debugging assertions.", document, question) == 1.0
+    # options of a multiple-choice question are not the question's words: the answer picks one of them
+    assert grounding("debugging", document, "Which is it for?\nOptions:\n- debugging\n- painting") == 1.0
+
+
+def test_filter_grounded_drops_an_invented_answer_that_repeats_the_question():
+    document = 'The "assert" statement is a convenient way to insert debugging assertions into a program.'
+    invented = Pair('What is the "assert" statement?', 'The "assert" statement is a fantasy statement, magical magic.')
+    good = Pair('What is the "assert" statement?', "A convenient way to insert debugging assertions.")
+    assert filter_grounded(ParseResult([invented]), document, 0.3).dropped == {"ungrounded": 1}
+    assert filter_grounded(ParseResult([good]), document, 0.3).pairs == [good]
+
+
+def test_filter_grounded_drops_a_circular_answer_under_its_own_reason():
+    document = "The global statement is a declaration which holds for the entire current code block."
+    circular = Pair('What is the "global" statement?', 'The "global" statement is a statement.')
+    result = filter_grounded(ParseResult([circular, Pair("Is it a declaration?", "Yes.")]), document, 0.3)
+    assert result.pairs == [Pair("Is it a declaration?", "Yes.")]  # no content words at all: nothing to ground
+    assert result.dropped == {"circular": 1}
