@@ -47,6 +47,8 @@ DROP_REASONS = {
                   "min_grounding",
     "circular": "the answer has content words but none beyond the question's: it only restates the question",
     "repetitive": "the answer repeats itself: its share of repeated word trigrams is above max_repetition",
+    "duplicate_answer": "the same answer (case, spacing and final punctuation aside) was kept for another document; "
+                        "dropped from every document that has it (answers without content words, e.g. 'No.', exempt)",
 }
 
 
@@ -338,3 +340,33 @@ def filter_repetitive(result: ParseResult, max_repetition: float) -> ParseResult
     if len(kept) < len(result.pairs):
         dropped["repetitive"] += len(result.pairs) - len(kept)
     return ParseResult(kept, dropped)
+
+
+def answer_key(answer: str) -> str:
+    """The answer compared across documents: lowercase, whitespace collapsed, final punctuation stripped."""
+    return " ".join(answer.lower().split()).rstrip(".!?;:, ")
+
+
+def drop_shared_answers(results: list[ParseResult]) -> list[ParseResult]:
+    """Drop every pair whose answer (:func:`answer_key`) was kept for more than one of ``results`` (one
+    ParseResult per document, in any order), from all of them.
+
+    An answer given for two different documents (the quickstart's ``pydoc:if`` and ``pydoc:else`` got the
+    same pair) says nothing specific about either. Answers without content words ("No.", "42") may recur and
+    are kept; one document repeating its own answer is not touched. Returns new ParseResults; each removed
+    pair adds one ``duplicate_answer`` drop. Not in the reference (LMOps dedups questions within one output).
+    """
+    owners: dict[str, set[int]] = {}
+    for i, result in enumerate(results):
+        for p in result.pairs:
+            if content_words(p.answer):
+                owners.setdefault(answer_key(p.answer), set()).add(i)
+    shared = {key for key, docs in owners.items() if len(docs) > 1}
+    out = []
+    for result in results:
+        kept = [p for p in result.pairs if answer_key(p.answer) not in shared]
+        dropped = Counter(result.dropped)
+        if len(kept) < len(result.pairs):
+            dropped["duplicate_answer"] += len(result.pairs) - len(kept)
+        out.append(ParseResult(kept, dropped))
+    return out

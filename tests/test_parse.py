@@ -247,3 +247,22 @@ def test_filter_grounded_drops_a_circular_answer_under_its_own_reason():
     result = filter_grounded(ParseResult([circular, Pair("Is it a declaration?", "Yes.")]), document, 0.3)
     assert result.pairs == [Pair("Is it a declaration?", "Yes.")]  # no content words at all: nothing to ground
     assert result.dropped == {"circular": 1}
+
+
+def test_answers_shared_by_two_documents_are_dropped_in_both():
+    from data_prep.parse import drop_shared_answers
+
+    same = "The if statement is used for conditional execution."
+    per_doc = [
+        ParseResult([Pair("What is if?", same), Pair("What does elif do?", "It tests another expression.")]),
+        ParseResult([Pair("What is else?", "the if statement is used for  conditional execution")]),  # case, spaces, stop
+        ParseResult([Pair("Is it a loop?", "No."), Pair("What is while?", "Repeated execution.")]),
+        ParseResult([Pair("Is it a function?", "No.")]),  # no content words: a short answer may recur
+    ]
+    out = drop_shared_answers(per_doc)
+    assert [[p.question for p in r.pairs] for r in out] == [
+        ["What does elif do?"], [], ["Is it a loop?", "What is while?"], ["Is it a function?"]]
+    assert [dict(r.dropped) for r in out] == [{"duplicate_answer": 1}, {"duplicate_answer": 1}, {}, {}]
+    # one document repeating its own answer under two questions is not a cross-document duplicate
+    alone = drop_shared_answers([ParseResult([Pair("q1", same), Pair("q2", same)])])
+    assert len(alone[0].pairs) == 2
