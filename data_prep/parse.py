@@ -9,8 +9,9 @@ Two modes:
   ``<ANS>``, its question starts with ``<QUE>`` and its answer is non-empty; drop duplicate questions
   (case-insensitive). Question and answer are stripped, ``<QUE>`` is removed from the question.
 - ``lenient``: for small models that rarely write ``</END>`` (SmolLM2-135M): a pair also ends at a blank
-  line or where the next ``<QUE>`` starts; a trailing unfinished pair is kept if its answer is non-empty,
-  and answers are cut where they start repeating a sentence or trail off (:func:`trim_repeated_sentences`);
+  line or where the next ``<QUE>`` starts; answers are cut where they start repeating a sentence or trail
+  off (:func:`trim_repeated_sentences`), and an answer that still ends mid-sentence (:func:`is_unfinished`,
+  e.g. a trailing pair cut by ``max_new_tokens``) is dropped as ``unfinished``;
   parsing stops at the first ``<CON>`` or ``</CON>`` (the model started writing a document of its own;
   pairs after it are dropped as ``after_new_context``); empty questions are dropped.
 
@@ -41,6 +42,7 @@ DROP_REASONS = {
     "no_question_tag": "the question does not start with <QUE>",
     "empty_answer": "nothing after <ANS>",
     "empty_question": "lenient: nothing between <QUE> and <ANS>",
+    "unfinished": "lenient: the answer ends mid-sentence (cut by max_new_tokens, or a blank line after 'is', 'the', ',')",
     "duplicate_question": "the same question (case-insensitive) was already kept",
     "after_new_context": "lenient: a pair written after the model wrote <CON> or </CON> (a document of its own)",
     "ungrounded": "the grounding in the document of the answer's words that are not in the question is below "
@@ -214,6 +216,9 @@ def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:
         if not question:
             return "empty_question", None
         answer = trim_repeated_sentences(answer)
+        pair = Pair(question, answer)
+        if not (pair.options or pair.cot) and is_unfinished(answer):  # the formatter checks those families
+            return "unfinished", None
     return "", Pair(question, answer)
 
 
@@ -241,6 +246,33 @@ def trim_repeated_sentences(answer: str) -> str:
     if len(kept) > 1 and not kept[-1].rstrip().endswith((".", "!", "?")):
         kept.pop()
     return " ".join(kept) if len(kept) < len(sentences) else answer.strip()
+
+
+# Words a finished sentence does not end on: articles, prepositions, conjunctions, auxiliaries.
+_DANGLING = frozenset(
+    """
+    a an the of to in on at by for from with as into onto than which whose whom where when while if and or but nor
+    because is are was were be been being has have had do does did will would can could shall should may might must
+    its their his her our your my these those such not very more most also i.e e.g like via per both either each every
+    """.split()
+)
+_FINAL = re.compile(r"""[.!?]['"`)\]}]*$|[^\s(\[{'"`]['"`)\]}]+$""")  # "end." / "end.)" / 'is "x"' / "(see x)"
+_MAX_UNPUNCTUATED_WORDS = 4
+
+
+def is_unfinished(answer: str) -> bool:
+    """True when ``answer`` ends mid-sentence: it does not end with ``.``, ``!`` or ``?`` (closing quotes or
+    brackets may follow) or with a closing quote or bracket, and it ends on a dangling word (``is``, ``the``,
+    ``of``... :data:`_DANGLING`; a one-word answer like "a" is an answer), on ``,``, ``;``, ``:``, ``-`` or an opening quote or bracket, or is longer than
+    4 words. Short unpunctuated answers ("Yes", "Repeated execution") count as finished.
+    """
+    text = answer.strip()
+    if not text or _FINAL.search(text):
+        return False
+    words = text.split()
+    last = words[-1].lower().strip("'\"`")
+    return (not last or text[-1] in ",;:-([{'\"`" or (len(words) > 1 and last in _DANGLING)
+            or len(words) > _MAX_UNPUNCTUATED_WORDS)
 
 
 # A small English stopword list: function words that say nothing about grounding.

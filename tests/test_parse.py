@@ -36,12 +36,10 @@ def test_strict_keeps_nothing_from_output_without_end_tags():
     assert result.dropped == {"no_end_tag": 1}
 
 
-def test_lenient_splits_pairs_at_blank_lines_and_keeps_unfinished_last_pair():
+def test_lenient_splits_pairs_at_blank_lines_and_drops_the_cut_off_last_pair():
     result = parse_pairs(SMALL_MODEL, "lenient")
-    assert [p.question for p in result.pairs] == [
-        'What is the "break" statement?', 'What does "continue" do?', "What happens to the else clause?",
-    ]
-    assert result.pairs[2].answer == "It is skipped when the loop"
+    assert [p.question for p in result.pairs] == ['What is the "break" statement?', 'What does "continue" do?']
+    assert result.dropped == {"unfinished": 1}  # "It is skipped when the loop" (max_new_tokens cut it)
 
 
 def test_lenient_ends_a_pair_at_the_next_question_tag():
@@ -266,3 +264,27 @@ def test_answers_shared_by_two_documents_are_dropped_in_both():
     # one document repeating its own answer under two questions is not a cross-document duplicate
     alone = drop_shared_answers([ParseResult([Pair("q1", same), Pair("q2", same)])])
     assert len(alone[0].pairs) == 2
+
+
+def test_lenient_drops_an_answer_that_ends_mid_sentence():
+    output = ("<QUE> What is the syntax of assignment? <ANS> The syntax for the assignment statement is\n\n"
+              "<QUE> What does pass do? <ANS> It does nothing.\n\n"
+              "<QUE> What is a set? <ANS> An unordered collection\n\n"
+              "<QUE> Which statement loops?\nOptions:\n- while\n- pass <ANS> while\n\n"
+              "<QUE> What happens to the else clause? <ANS> It is skipped when the loop")
+    result = parse_pairs(output, "lenient")
+    assert [p.answer for p in result.pairs] == ["It does nothing.", "An unordered collection", "while"]
+    assert result.dropped == {"unfinished": 2}
+    # the reference (strict) keeps what </END> closed
+    assert parse_pairs("<QUE> q <ANS> The syntax is </END>", "strict").pairs == [Pair("q", "The syntax is")]
+
+
+def test_is_unfinished_reads_the_end_of_the_answer():
+    from data_prep.parse import is_unfinished
+
+    finished = ["It does nothing.", 'It is written "x += 1"', "Yes", "Repeated execution", "Is it? Yes!",
+                "(see the for statement)"]
+    unfinished = ["The syntax for the assignment statement is", "It is skipped when the loop", "It returns the",
+                  "The value of", 'It is written as "', "Objects are compared by"]
+    assert [is_unfinished(a) for a in finished] == [False] * len(finished)
+    assert [is_unfinished(a) for a in unfinished] == [True] * len(unfinished)
