@@ -11,7 +11,8 @@ Two modes:
 - ``lenient``: for small models that rarely write ``</END>`` (SmolLM2-135M): a pair also ends at a blank
   line or where the next ``<QUE>`` starts; answers are cut where they start repeating a sentence or trail
   off (:func:`trim_repeated_sentences`), and an answer that still ends mid-sentence (:func:`is_unfinished`,
-  e.g. a trailing pair cut by ``max_new_tokens``) is dropped as ``unfinished``;
+  e.g. a trailing pair cut by ``max_new_tokens``) is dropped as ``unfinished``; an output that ends in a loop of
+  repeated pieces loses that tail as one ``looping_tail`` drop (:func:`looping_tail_start`);
   parsing stops at the first ``<CON>`` or ``</CON>`` (the model started writing a document of its own;
   pairs after it are dropped as ``after_new_context``); empty questions are dropped.
 
@@ -44,6 +45,8 @@ DROP_REASONS = {
     "empty_question": "lenient: nothing between <QUE> and <ANS>",
     "unfinished": "lenient: the answer ends mid-sentence (cut by max_new_tokens, or a blank line after 'is', 'the', ',')",
     "duplicate_question": "the same question (case-insensitive) was already kept",
+    "looping_tail": "lenient: the output ends in a loop (from the first piece that repeats an earlier one, with the "
+                    "unpaired pieces of the loop's first round): the whole tail counts as one drop",
     "after_new_context": "lenient: a pair written after the model wrote <CON> or </CON> (a document of its own)",
     "ungrounded": "the grounding in the document of the answer's words that are not in the question is below "
                   "min_grounding",
@@ -183,11 +186,15 @@ def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
             for para in _BLANK_LINE.split(closed)
             for sub in _BEFORE_QUE.split(para)
         ]
+    pieces = [piece for piece in pieces if piece.strip()]  # whitespace is not a pair and not a drop
+    if mode == "lenient":
+        start = looping_tail_start(pieces)
+        if start < len(pieces):
+            pieces = pieces[:start]
+            dropped["looping_tail"] += 1
     pairs: list[Pair] = []
     seen: set[str] = set()
     for piece in pieces:
-        if not piece.strip():
-            continue
         reason, pair = _check_piece(piece, mode)
         if pair is not None and pair.question.lower() in seen:
             reason, pair = "duplicate_question", None
@@ -197,6 +204,29 @@ def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
         seen.add(pair.question.lower())
         pairs.append(pair)
     return ParseResult(pairs, dropped)
+
+
+def looping_tail_start(pieces: list[str]) -> int:
+    """Index of the first piece of the looping tail of ``pieces`` (non-empty pieces of one output, in order), or
+    ``len(pieces)`` when the output does not loop.
+
+    The tail starts at the first piece that repeats an earlier piece (case- and whitespace-insensitive); the
+    pieces just before it that belong to the loop's first round and are not pairs (no ``<ANS>`` or no
+    ``<QUE>``: the repeated line's first occurrence) start it instead, so a line written 8 times is one drop.
+    Pairs of the first round stay outside the tail and are parsed as usual. Small greedy models loop like this
+    until ``max_new_tokens``; not in the reference, whose synthesizer ends its output with ``</END>``.
+    """
+    first: dict[str, int] = {}
+    for i, piece in enumerate(pieces):
+        key = " ".join(piece.lower().split())
+        if key in first:
+            start = i
+            while start > first[key] and _check_piece(pieces[start - 1], "lenient")[0] in ("no_answer_tag",
+                                                                                          "no_question_tag"):
+                start -= 1
+            return start
+        first[key] = i
+    return len(pieces)
 
 
 def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:

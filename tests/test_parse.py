@@ -288,3 +288,20 @@ def test_is_unfinished_reads_the_end_of_the_answer():
                   "The value of", 'It is written as "', "Objects are compared by"]
     assert [is_unfinished(a) for a in finished] == [False] * len(finished)
     assert [is_unfinished(a) for a in unfinished] == [True] * len(unfinished)
+
+
+def test_lenient_counts_a_looping_tail_as_one_drop():
+    # the quickstart's "pairs dropped 59": 44 no_answer_tag pieces, mostly one line repeated (8 in one document)
+    output = ("<QUE> What is X? <ANS> X is a thing.\n\n" + "What is X used for?\n\n" * 8 + "What is X")
+    result = parse_pairs(output, "lenient")
+    assert result.pairs == [Pair("What is X?", "X is a thing.")]
+    assert result.dropped == {"looping_tail": 1}
+    # a loop of whole pairs keeps its first period, drops the rest as one tail
+    loop = "<QUE> What is X? <ANS> X is a thing.\n\n<QUE> What is Y? <ANS> Y is another.\n\n"
+    result = parse_pairs(loop * 4 + "<QUE> What is", "lenient")
+    assert [p.question for p in result.pairs] == ["What is X?", "What is Y?"]
+    assert result.dropped == {"looping_tail": 1}
+    # pieces without <ANS> that do not repeat are still counted one by one
+    assert parse_pairs("<QUE> q <ANS> Yes.\n\nA note.\n\nAnother note.", "lenient").dropped == {"no_answer_tag": 2}
+    # strict is the reference: every piece is its own drop
+    assert parse_pairs(loop * 2 + "</END>", "strict").dropped["multiple_answer_tags"] == 1
