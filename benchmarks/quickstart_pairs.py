@@ -18,6 +18,7 @@ Results are merged into ``--out`` (default ``benchmarks/results/quickstart_pairs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -36,11 +37,38 @@ def opening(question: str) -> str:
     return " ".join(question.lower().split()[:2])
 
 
-def reparse(records: list[dict], synthesis: dict) -> list[dict]:
-    """``records`` with ``pairs`` and ``dropped`` recomputed from ``raw_output`` by this checkout's parser and
-    filters, with the settings of ``synthesis`` (the run's ``synthesis`` config section)."""
-    from data_prep.parse import ParseResult, drop_shared_answers, filter_grounded, filter_repetitive, parse_pairs
+def load_parser(path: Path | None):
+    """The parse module to re-parse with: this checkout's ``data_prep.parse``, or the file ``path`` (e.g. an
+    older version, ``git show main:data_prep/parse.py > old_parse.py``)."""
+    if path is None:
+        import data_prep.parse as parse
 
+        return parse
+    spec = importlib.util.spec_from_file_location("parse_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def records_from_journal(journal: Path, corpus: Path, prefill: str) -> list[dict]:
+    """Records (``id``, ``split``, ``text``, ``raw_output``) for the prompts a synthesis journal
+    (``RUN/synthesis.shards/<fp>/.shard-*.partial.jsonl``) has finished, in corpus order; ``prefill`` is the
+    prompt's prefilled start of the output (``<QUE>`` for fewshot/chat). Lets an unfinished run be measured."""
+    done = {}
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        for res in json.loads(line)["results"]:
+            done[res["id"]] = prefill + res["text"]
+    docs = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [dict(d, raw_output=done[d["id"]], pairs=[], dropped={}) for d in docs if d["id"] in done]
+
+
+def reparse(records: list[dict], synthesis: dict, parse) -> list[dict]:
+    """``records`` with ``pairs`` and ``dropped`` recomputed from ``raw_output`` by the ``parse`` module's parser
+    and filters (:func:`load_parser`), with the settings of ``synthesis`` (the run's ``synthesis`` config
+    section). A parser without ``drop_shared_answers`` (before issue 23) skips that step."""
+    ParseResult, filter_grounded, parse_pairs = parse.ParseResult, parse.filter_grounded, parse.parse_pairs
+    filter_repetitive = parse.filter_repetitive
     results = []
     for r in records:
         raws = r["raw_output"] if isinstance(r["raw_output"], list) else [r["raw_output"]]
@@ -57,7 +85,8 @@ def reparse(records: list[dict], synthesis: dict) -> list[dict]:
                     pairs.append(p)
             dropped.update(parsed.dropped)
         results.append(ParseResult(pairs, dropped))
-    results = drop_shared_answers(results)
+    if hasattr(parse, "drop_shared_answers"):
+        results = parse.drop_shared_answers(results)
     return [dict(r, pairs=[p.to_dict() for p in res.pairs], dropped=dict(res.dropped))
             for r, res in zip(records, results)]
 
@@ -86,7 +115,10 @@ def measure(records: list[dict], sample: int, seed: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("pairs", type=Path, help="a synthesis stage's pairs.jsonl")
+    ap.add_argument("pairs", type=Path, help="a synthesis stage's pairs.jsonl, or with --corpus a synthesis journal")
+    ap.add_argument("--corpus", type=Path, help="the run's corpus/documents.jsonl: read PAIRS as a journal "
+                    "(implies --reparse)")
+    ap.add_argument("--parser", type=Path, help="re-parse with this parse.py instead of data_prep/parse.py")
     ap.add_argument("--label", required=True, help="the name of this measurement in the result file")
     ap.add_argument("--reparse", action="store_true", help="parse and filter raw_output again with this code")
     ap.add_argument("--config", type=Path, help="the run's config.yaml (default: beside the synthesis folder)")
@@ -94,12 +126,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quickstart_pairs.json")
     args = ap.parse_args(argv)
-    records = [json.loads(line) for line in args.pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
     config = args.config or args.pairs.parent.parent / "config.yaml"
     synthesis = yaml.safe_load(config.read_text(encoding="utf-8")).get("synthesis", {})
+    if args.corpus:
+        prefill = "" if synthesis.get("prompt_format") == "lmops" else "<QUE>"
+        records, args.reparse = records_from_journal(args.pairs, args.corpus, prefill), True
+    else:
+        records = [json.loads(line) for line in args.pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
     if args.reparse:
-        records = reparse(records, synthesis)
+        records = reparse(records, synthesis, load_parser(args.parser))
     result = {"pairs_file": args.pairs.name, "reparsed": args.reparse,
+              "parser": args.parser.name if args.parser else "data_prep/parse.py",
               "settings": {k: synthesis.get(k) for k in ("model", "prompt_format", "parse_mode", "min_grounding",
                                                          "max_repetition", "max_new_tokens", "max_context_tokens")},
               **measure(records, args.sample, args.seed)}
