@@ -43,7 +43,8 @@ DROP_REASONS = {
     "no_question_tag": "the question does not start with <QUE>",
     "empty_answer": "nothing after <ANS>",
     "empty_question": "lenient: nothing between <QUE> and <ANS>",
-    "unfinished": "lenient: the answer ends mid-sentence (cut by max_new_tokens, or a blank line after 'is', 'the', ',')",
+    "unfinished": "lenient: the answer ends mid-sentence (cut by max_new_tokens, or a blank line after 'is', "
+                  "'the', ',')",
     "duplicate_question": "the same question (case-insensitive) was already kept",
     "looping_tail": "lenient: the output ends in a loop (from the first piece that repeats an earlier one, with the "
                     "unpaired pieces of the loop's first round): the whole tail counts as one drop",
@@ -249,6 +250,7 @@ def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:
         pair = Pair(question, answer)
         if not (pair.options or pair.cot) and is_unfinished(answer):  # the formatter checks those families
             return "unfinished", None
+        return "", pair
     return "", Pair(question, answer)
 
 
@@ -293,8 +295,9 @@ _MAX_UNPUNCTUATED_WORDS = 4
 def is_unfinished(answer: str) -> bool:
     """True when ``answer`` ends mid-sentence: it does not end with ``.``, ``!`` or ``?`` (closing quotes or
     brackets may follow) or with a closing quote or bracket, and it ends on a dangling word (``is``, ``the``,
-    ``of``... :data:`_DANGLING`; a one-word answer like "a" is an answer), on ``,``, ``;``, ``:``, ``-`` or an opening quote or bracket, or is longer than
-    4 words. Short unpunctuated answers ("Yes", "Repeated execution") count as finished.
+    ``of``... :data:`_DANGLING`; a one-word answer like "a" is an answer), on ``,``, ``;``, ``:``, ``-`` or an
+    opening quote or bracket, or is longer than 4 words. Short unpunctuated answers ("Yes", "Repeated
+    execution") count as finished. Not in the reference (its synthesizer closes every answer with ``</END>``).
     """
     text = answer.strip()
     if not text or _FINAL.search(text):

@@ -217,7 +217,8 @@ def test_lenient_keeps_an_answer_written_after_a_blank_line_following_the_answer
     # SmolLM2 did this on 2 of the 70 quickstart documents: "<ANS>\n\n" then the answer.
     output = "<QUE> What does pass do? <ANS>\n\nIt does nothing.\n\n<QUE> What is a set? <ANS> An unordered collection."
     result = parse_pairs(output, "lenient")
-    assert result.pairs == [Pair("What does pass do?", "It does nothing."), Pair("What is a set?", "An unordered collection.")]
+    assert result.pairs == [Pair("What does pass do?", "It does nothing."),
+                            Pair("What is a set?", "An unordered collection.")]
     assert result.dropped == {}
 
 
@@ -253,7 +254,7 @@ def test_answers_shared_by_two_documents_are_dropped_in_both():
     same = "The if statement is used for conditional execution."
     per_doc = [
         ParseResult([Pair("What is if?", same), Pair("What does elif do?", "It tests another expression.")]),
-        ParseResult([Pair("What is else?", "the if statement is used for  conditional execution")]),  # case, spaces, stop
+        ParseResult([Pair("What is else?", "the if statement is used for  conditional execution")]),  # case, spacing
         ParseResult([Pair("Is it a loop?", "No."), Pair("What is while?", "Repeated execution.")]),
         ParseResult([Pair("Is it a function?", "No.")]),  # no content words: a short answer may recur
     ]
