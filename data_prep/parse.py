@@ -9,14 +9,18 @@ Two modes:
   ``<ANS>``, its question starts with ``<QUE>`` and its answer is non-empty; drop duplicate questions
   (case-insensitive). Question and answer are stripped, ``<QUE>`` is removed from the question.
 - ``lenient``: for small models that rarely write ``</END>`` (SmolLM2-135M): a pair also ends at a blank
-  line or where the next ``<QUE>`` starts; a trailing unfinished pair is kept if its answer is non-empty,
-  and answers are cut where they start repeating a sentence or trail off (:func:`trim_repeated_sentences`);
+  line or where the next ``<QUE>`` starts; answers are cut where they start repeating a sentence or trail
+  off (:func:`trim_repeated_sentences`), and an answer that still ends mid-sentence (:func:`is_unfinished`,
+  e.g. a trailing pair cut by ``max_new_tokens``) is dropped as ``unfinished``; an output that ends in a loop of
+  repeated pieces loses that tail as one ``looping_tail`` drop (:func:`looping_tail_start`);
   parsing stops at the first ``<CON>`` or ``</CON>`` (the model started writing a document of its own;
   pairs after it are dropped as ``after_new_context``); empty questions are dropped.
 
 Every dropped piece is counted under a named reason (see ``DROP_REASONS``); whitespace-only pieces are
-not pairs and are not counted. :func:`grounding` and :func:`filter_grounded` implement the project's
-grounding filter (not in the reference): the share of an answer's content words found in the document.
+not pairs and are not counted. In lenient mode a blank line right after ``<ANS>`` does not end the pair (the
+answer after it is kept). :func:`grounding` and :func:`filter_grounded` implement the project's grounding
+filter (not in the reference): the share of the answer's content words that are not in the question found in
+the document; an answer that only restates the question is dropped as ``circular``.
 :func:`repetition` and :func:`filter_repetitive` drop answers that loop on one phrase (small greedy models
 do this until they run out of tokens); also not in the reference.
 """
@@ -39,10 +43,18 @@ DROP_REASONS = {
     "no_question_tag": "the question does not start with <QUE>",
     "empty_answer": "nothing after <ANS>",
     "empty_question": "lenient: nothing between <QUE> and <ANS>",
+    "unfinished": "lenient: the answer ends mid-sentence (cut by max_new_tokens, or a blank line after 'is', "
+                  "'the', ',')",
     "duplicate_question": "the same question (case-insensitive) was already kept",
+    "looping_tail": "lenient: the output ends in a loop (from the first piece that repeats an earlier one, with the "
+                    "unpaired pieces of the loop's first round): the whole tail counts as one drop",
     "after_new_context": "lenient: a pair written after the model wrote <CON> or </CON> (a document of its own)",
-    "ungrounded": "the answer's grounding in the document is below min_grounding",
+    "ungrounded": "the grounding in the document of the answer's words that are not in the question is below "
+                  "min_grounding",
+    "circular": "the answer has content words but none beyond the question's: it only restates the question",
     "repetitive": "the answer repeats itself: its share of repeated word trigrams is above max_repetition",
+    "duplicate_answer": "the same answer (case, spacing and final punctuation aside) was kept for another document; "
+                        "dropped from every document that has it (answers without content words, e.g. 'No.', exempt)",
 }
 
 
@@ -146,6 +158,7 @@ class ParseResult:
 
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _BEFORE_QUE = re.compile(r"(?=<QUE>)")
+_ANS_THEN_SPACE = re.compile(re.escape(ANS) + r"\s+")
 
 
 def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
@@ -168,17 +181,22 @@ def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
         head, tail = output[:cut], output[cut:]
         if tail.count(QUE):
             dropped["after_new_context"] += tail.count(QUE)
+        head = _ANS_THEN_SPACE.sub(ANS + " ", head)  # "<ANS>\n\nanswer": the blank line does not end the pair
         pieces = [
             sub
             for closed in head.split(END)
             for para in _BLANK_LINE.split(closed)
             for sub in _BEFORE_QUE.split(para)
         ]
+    pieces = [piece for piece in pieces if piece.strip()]  # whitespace is not a pair and not a drop
+    if mode == "lenient":
+        start = looping_tail_start(pieces)
+        if start < len(pieces):
+            pieces = pieces[:start]
+            dropped["looping_tail"] += 1
     pairs: list[Pair] = []
     seen: set[str] = set()
     for piece in pieces:
-        if not piece.strip():
-            continue
         reason, pair = _check_piece(piece, mode)
         if pair is not None and pair.question.lower() in seen:
             reason, pair = "duplicate_question", None
@@ -188,6 +206,29 @@ def parse_pairs(output: str, mode: ParseMode = "strict") -> ParseResult:
         seen.add(pair.question.lower())
         pairs.append(pair)
     return ParseResult(pairs, dropped)
+
+
+def looping_tail_start(pieces: list[str]) -> int:
+    """Index of the first piece of the looping tail of ``pieces`` (non-empty pieces of one output, in order), or
+    ``len(pieces)`` when the output does not loop.
+
+    The tail starts at the first piece that repeats an earlier piece (case- and whitespace-insensitive); the
+    pieces just before it that belong to the loop's first round and are not pairs (no ``<ANS>`` or no
+    ``<QUE>``: the repeated line's first occurrence) start it instead, so a line written 8 times is one drop.
+    Pairs of the first round stay outside the tail and are parsed as usual. Small greedy models loop like this
+    until ``max_new_tokens``; not in the reference, whose synthesizer ends its output with ``</END>``.
+    """
+    first: dict[str, int] = {}
+    for i, piece in enumerate(pieces):
+        key = " ".join(piece.lower().split())
+        if key in first:
+            start = i
+            while start > first[key] and _check_piece(pieces[start - 1], "lenient")[0] in ("no_answer_tag",
+                                                                                          "no_question_tag"):
+                start -= 1
+            return start
+        first[key] = i
+    return len(pieces)
 
 
 def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:
@@ -207,6 +248,10 @@ def _check_piece(piece: str, mode: ParseMode) -> tuple[str, Pair | None]:
         if not question:
             return "empty_question", None
         answer = trim_repeated_sentences(answer)
+        pair = Pair(question, answer)
+        if not (pair.options or pair.cot) and is_unfinished(answer):  # the formatter checks those families
+            return "unfinished", None
+        return "", pair
     return "", Pair(question, answer)
 
 
@@ -237,6 +282,34 @@ def trim_repeated_sentences(answer: str) -> str:
     return " ".join(kept) if len(kept) < len(sentences) else answer.strip()
 
 
+# Words a finished sentence does not end on: articles, prepositions, conjunctions, auxiliaries.
+_DANGLING = frozenset(
+    """
+    a an the of to in on at by for from with as into onto than which whose whom where when while if and or but nor
+    because is are was were be been being has have had do does did will would can could shall should may might must
+    its their his her our your my these those such not very more most also i.e e.g like via per both either each every
+    """.split()
+)
+_FINAL = re.compile(r"""[.!?]['"`)\]}]*$|[^\s(\[{'"`]['"`)\]}]+$""")  # "end." / "end.)" / 'is "x"' / "(see x)"
+_MAX_UNPUNCTUATED_WORDS = 4
+
+
+def is_unfinished(answer: str) -> bool:
+    """True when ``answer`` ends mid-sentence: it does not end with ``.``, ``!`` or ``?`` (closing quotes or
+    brackets may follow) or with a closing quote or bracket, and it ends on a dangling word (``is``, ``the``,
+    ``of``... :data:`_DANGLING`; a one-word answer like "a" is an answer), on ``,``, ``;``, ``:``, ``-`` or an
+    opening quote or bracket, or is longer than 4 words. Short unpunctuated answers ("Yes", "Repeated
+    execution") count as finished. Not in the reference (its synthesizer closes every answer with ``</END>``).
+    """
+    text = answer.strip()
+    if not text or _FINAL.search(text):
+        return False
+    words = text.split()
+    last = words[-1].lower().strip("'\"`")
+    return (not last or text[-1] in ",;:-([{'\"`" or (len(words) > 1 and last in _DANGLING)
+            or len(words) > _MAX_UNPUNCTUATED_WORDS)
+
+
 # A small English stopword list: function words that say nothing about grounding.
 STOPWORDS = frozenset(
     """
@@ -257,29 +330,56 @@ def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in STOPWORDS}
 
 
-def grounding(answer: str, document: str) -> float:
-    """Share (0..1) of the answer's distinct content words that occur as words in the document.
+def new_content_words(answer: str, question: str = "") -> set[str]:
+    """The answer's content words that are not content words of the question's stem (the question without
+    its options block and CoT trigger, see :attr:`Pair.stem`): what the answer adds to the question."""
+    stem = Pair(question, "").stem if question else ""
+    return content_words(answer) - content_words(stem)
 
-    An answer without content words (e.g. "No", "42") scores 1.0: nothing in it is ungrounded.
+
+def grounding(answer: str, document: str, question: str = "") -> float:
+    """Share (0..1) of the answer's distinct content words that are not in ``question`` and occur as words in
+    the document.
+
+    Words the answer copies from the question are not counted: an invented answer that restates the question
+    ("The assert statement is a fantasy") would otherwise pass on the question's words. A multiple-choice
+    answer is measured against the document, not the options it picks from. An answer with no such words
+    ("No", "42", or one that only restates the question) scores 1.0: nothing in it is ungrounded
+    (:func:`filter_grounded` drops the restating kind as ``circular``).
     """
-    words = content_words(answer)
+    words = new_content_words(answer, question)
     if not words:
         return 1.0
     doc_words = set(_WORD.findall(document.lower()))
     return sum(w in doc_words for w in words) / len(words)
 
 
-def filter_grounded(result: ParseResult, document: str, min_grounding: float) -> ParseResult:
-    """Drop pairs whose answer grounding in ``document`` is below ``min_grounding`` (0 disables).
+def is_circular(pair: Pair) -> bool:
+    """True when the answer has content words and every one of them is in the question's stem: it restates
+    the question and says nothing new (``What is the "global" statement?`` / ``The "global" statement is a
+    statement.``)."""
+    return bool(content_words(pair.answer)) and not new_content_words(pair.answer, pair.question)
 
-    Returns a new ParseResult; each removed pair adds one ``ungrounded`` drop.
+
+def filter_grounded(result: ParseResult, document: str, min_grounding: float) -> ParseResult:
+    """Drop pairs whose answer restates the question (``circular``) or whose :func:`grounding` in
+    ``document``, measured on the answer's words that are not in the question, is below ``min_grounding``
+    (``ungrounded``). ``min_grounding`` <= 0 disables both.
+
+    Returns a new ParseResult; each removed pair adds one drop under its reason. Not in the reference
+    (LMOps keeps every parsed pair); a filter for small synthesizers that invent.
     """
     if min_grounding <= 0:
         return ParseResult(list(result.pairs), Counter(result.dropped))
-    kept = [p for p in result.pairs if grounding(p.answer, document) >= min_grounding]
+    kept: list[Pair] = []
     dropped = Counter(result.dropped)
-    if len(kept) < len(result.pairs):
-        dropped["ungrounded"] += len(result.pairs) - len(kept)
+    for p in result.pairs:
+        if is_circular(p):
+            dropped["circular"] += 1
+        elif grounding(p.answer, document, p.question) < min_grounding:
+            dropped["ungrounded"] += 1
+        else:
+            kept.append(p)
     return ParseResult(kept, dropped)
 
 
@@ -307,3 +407,33 @@ def filter_repetitive(result: ParseResult, max_repetition: float) -> ParseResult
     if len(kept) < len(result.pairs):
         dropped["repetitive"] += len(result.pairs) - len(kept)
     return ParseResult(kept, dropped)
+
+
+def answer_key(answer: str) -> str:
+    """The answer compared across documents: lowercase, whitespace collapsed, final punctuation stripped."""
+    return " ".join(answer.lower().split()).rstrip(".!?;:, ")
+
+
+def drop_shared_answers(results: list[ParseResult]) -> list[ParseResult]:
+    """Drop every pair whose answer (:func:`answer_key`) was kept for more than one of ``results`` (one
+    ParseResult per document, in any order), from all of them.
+
+    An answer given for two different documents (the quickstart's ``pydoc:if`` and ``pydoc:else`` got the
+    same pair) says nothing specific about either. Answers without content words ("No.", "42") may recur and
+    are kept; one document repeating its own answer is not touched. Returns new ParseResults; each removed
+    pair adds one ``duplicate_answer`` drop. Not in the reference (LMOps dedups questions within one output).
+    """
+    owners: dict[str, set[int]] = {}
+    for i, result in enumerate(results):
+        for p in result.pairs:
+            if content_words(p.answer):
+                owners.setdefault(answer_key(p.answer), set()).add(i)
+    shared = {key for key, docs in owners.items() if len(docs) > 1}
+    out = []
+    for result in results:
+        kept = [p for p in result.pairs if answer_key(p.answer) not in shared]
+        dropped = Counter(result.dropped)
+        if len(kept) < len(result.pairs):
+            dropped["duplicate_answer"] += len(result.pairs) - len(kept)
+        out.append(ParseResult(kept, dropped))
+    return out

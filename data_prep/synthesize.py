@@ -48,9 +48,9 @@ from data_prep.chunking import split_text
 from data_prep.engines import TransformersEngine
 from data_prep.errors import DataPrepError
 from data_prep.models import resolve_model
+from data_prep.parse import (CON, CON_CLOSE, Pair, ParseResult, drop_shared_answers, filter_grounded,
+                             filter_repetitive, parse_pairs, structure_counts)
 from data_prep.progress import StageProgress
-from data_prep.parse import (CON, CON_CLOSE, Pair, ParseResult, filter_grounded, filter_repetitive, parse_pairs,
-                             structure_counts)
 from data_prep.prompts import CHAT_INSTRUCTION, Prompt, build_prompt, truncate_to_tokens
 
 REQUIRED_FIELDS = ("id", "split", "text")
@@ -190,6 +190,7 @@ def synthesize_documents(
             for i in members:
                 texts_out = [outputs[(i, c)]["text"] for c in range(len(docs[i].contexts))]
                 _parse_document(cfg, docs[i], documents[i]["text"], texts_out)
+    _drop_shared_answers(docs)
     atomic.write_jsonl(out_path, [_record(cfg, doc, d, documents, plan.rounds) for doc, d in zip(documents, docs)])
     return _counts(cfg, documents, docs, plan, gen, model_path)
 
@@ -376,6 +377,20 @@ def _parse_document(cfg, d: _Doc, text: str, outputs: list[str]) -> None:
         d.dropped.update(parsed.dropped)
     if not d.kept:
         d.link = None  # the reference's inherit_from_prev: chained only when the text kept pairs
+
+
+def _drop_shared_answers(docs: list[_Doc]) -> None:
+    """Drop answers kept for more than one document (``data_prep.parse.drop_shared_answers``), after every round:
+    within this call, so a sharded run compares the documents of one shard. A document left without pairs is
+    no longer a chain link (the prompts chained after it were already built)."""
+    results = drop_shared_answers([ParseResult(d.kept, Counter()) for d in docs])
+    for d, result in zip(docs, results):
+        if result.dropped:
+            keep = set(map(id, result.pairs))
+            d.pairs = [[p for p in chunk if id(p) in keep] for chunk in d.pairs]
+            d.dropped.update(result.dropped)
+            if not d.kept:
+                d.link = None
 
 
 def _record(cfg, doc: dict, d: _Doc, documents: list[dict], rounds: int) -> dict:

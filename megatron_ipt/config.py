@@ -102,7 +102,8 @@ class SynthesisConfig(_Section):
     )
     min_grounding: float = Field(
         0.0, ge=0.0, le=1.0,
-        description="Drop pairs whose answer shares less than this fraction of its content words with the document (0 disables).",
+        description="Drop pairs whose answer's content words that are not in the question are found in the document "
+        "at less than this fraction, and answers that only restate the question (0 disables both).",
     )
     max_repetition: float = Field(
         1.0, ge=0.0, le=1.0,

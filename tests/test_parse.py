@@ -36,12 +36,10 @@ def test_strict_keeps_nothing_from_output_without_end_tags():
     assert result.dropped == {"no_end_tag": 1}
 
 
-def test_lenient_splits_pairs_at_blank_lines_and_keeps_unfinished_last_pair():
+def test_lenient_splits_pairs_at_blank_lines_and_drops_the_cut_off_last_pair():
     result = parse_pairs(SMALL_MODEL, "lenient")
-    assert [p.question for p in result.pairs] == [
-        'What is the "break" statement?', 'What does "continue" do?', "What happens to the else clause?",
-    ]
-    assert result.pairs[2].answer == "It is skipped when the loop"
+    assert [p.question for p in result.pairs] == ['What is the "break" statement?', 'What does "continue" do?']
+    assert result.dropped == {"unfinished": 1}  # "It is skipped when the loop" (max_new_tokens cut it)
 
 
 def test_lenient_ends_a_pair_at_the_next_question_tag():
@@ -224,3 +222,101 @@ def test_lenient_keeps_a_cot_final_answer_line_without_closing_punctuation():
     assert pair.structure_issue is None
     trailing = parse_pairs("<QUE> What is X? <ANS> X is a Y. X is a", "lenient").pairs[0]  # still cut
     assert trailing.answer == "X is a Y."
+
+
+# --- issue 23: pairs worth training on ---
+
+
+def test_lenient_keeps_an_answer_written_after_a_blank_line_following_the_answer_tag():
+    # SmolLM2 did this on 2 of the 70 quickstart documents: "<ANS>\n\n" then the answer.
+    output = "<QUE> What does pass do? <ANS>\n\nIt does nothing.\n\n<QUE> What is a set? <ANS> An unordered collection."
+    result = parse_pairs(output, "lenient")
+    assert result.pairs == [Pair("What does pass do?", "It does nothing."),
+                            Pair("What is a set?", "An unordered collection.")]
+    assert result.dropped == {}
+
+
+def test_grounding_counts_only_answer_words_that_are_not_in_the_question():
+    document = 'The "assert" statement is a convenient way to insert debugging assertions into a program.'
+    question = 'What is the "assert" statement?'
+    # new content words: fantasy, magical, magic -> none in the document (the old rule counted assert, statement)
+    assert grounding('The "assert" statement is a fantasy of magical magic.', document, question) == 0.0
+    assert grounding("A convenient way to insert debugging assertions.", document, question) == 1.0
+    # options of a multiple-choice question are not the question's words: the answer picks one of them
+    assert grounding("debugging", document, "Which is it for?\nOptions:\n- debugging\n- painting") == 1.0
+
+
+def test_filter_grounded_drops_an_invented_answer_that_repeats_the_question():
+    document = 'The "assert" statement is a convenient way to insert debugging assertions into a program.'
+    invented = Pair('What is the "assert" statement?', 'The "assert" statement is a fantasy statement, magical magic.')
+    good = Pair('What is the "assert" statement?', "A convenient way to insert debugging assertions.")
+    assert filter_grounded(ParseResult([invented]), document, 0.3).dropped == {"ungrounded": 1}
+    assert filter_grounded(ParseResult([good]), document, 0.3).pairs == [good]
+
+
+def test_filter_grounded_drops_a_circular_answer_under_its_own_reason():
+    document = "The global statement is a declaration which holds for the entire current code block."
+    circular = Pair('What is the "global" statement?', 'The "global" statement is a statement.')
+    result = filter_grounded(ParseResult([circular, Pair("Is it a declaration?", "Yes.")]), document, 0.3)
+    assert result.pairs == [Pair("Is it a declaration?", "Yes.")]  # no content words at all: nothing to ground
+    assert result.dropped == {"circular": 1}
+
+
+def test_answers_shared_by_two_documents_are_dropped_in_both():
+    from data_prep.parse import drop_shared_answers
+
+    same = "The if statement is used for conditional execution."
+    per_doc = [
+        ParseResult([Pair("What is if?", same), Pair("What does elif do?", "It tests another expression.")]),
+        ParseResult([Pair("What is else?", "the if statement is used for  conditional execution")]),  # case, spacing
+        ParseResult([Pair("Is it a loop?", "No."), Pair("What is while?", "Repeated execution.")]),
+        ParseResult([Pair("Is it a function?", "No.")]),  # no content words: a short answer may recur
+    ]
+    out = drop_shared_answers(per_doc)
+    assert [[p.question for p in r.pairs] for r in out] == [
+        ["What does elif do?"], [], ["Is it a loop?", "What is while?"], ["Is it a function?"]]
+    assert [dict(r.dropped) for r in out] == [{"duplicate_answer": 1}, {"duplicate_answer": 1}, {}, {}]
+    # one document repeating its own answer under two questions is not a cross-document duplicate
+    alone = drop_shared_answers([ParseResult([Pair("q1", same), Pair("q2", same)])])
+    assert len(alone[0].pairs) == 2
+
+
+def test_lenient_drops_an_answer_that_ends_mid_sentence():
+    output = ("<QUE> What is the syntax of assignment? <ANS> The syntax for the assignment statement is\n\n"
+              "<QUE> What does pass do? <ANS> It does nothing.\n\n"
+              "<QUE> What is a set? <ANS> An unordered collection\n\n"
+              "<QUE> Which statement loops?\nOptions:\n- while\n- pass <ANS> while\n\n"
+              "<QUE> What happens to the else clause? <ANS> It is skipped when the loop")
+    result = parse_pairs(output, "lenient")
+    assert [p.answer for p in result.pairs] == ["It does nothing.", "An unordered collection", "while"]
+    assert result.dropped == {"unfinished": 2}
+    # the reference (strict) keeps what </END> closed
+    assert parse_pairs("<QUE> q <ANS> The syntax is </END>", "strict").pairs == [Pair("q", "The syntax is")]
+
+
+def test_is_unfinished_reads_the_end_of_the_answer():
+    from data_prep.parse import is_unfinished
+
+    finished = ["It does nothing.", 'It is written "x += 1"', "Yes", "Repeated execution", "Is it? Yes!",
+                "(see the for statement)"]
+    unfinished = ["The syntax for the assignment statement is", "It is skipped when the loop", "It returns the",
+                  "The value of", 'It is written as "', "Objects are compared by"]
+    assert [is_unfinished(a) for a in finished] == [False] * len(finished)
+    assert [is_unfinished(a) for a in unfinished] == [True] * len(unfinished)
+
+
+def test_lenient_counts_a_looping_tail_as_one_drop():
+    # the quickstart's "pairs dropped 59": 44 no_answer_tag pieces, mostly one line repeated (8 in one document)
+    output = ("<QUE> What is X? <ANS> X is a thing.\n\n" + "What is X used for?\n\n" * 8 + "What is X")
+    result = parse_pairs(output, "lenient")
+    assert result.pairs == [Pair("What is X?", "X is a thing.")]
+    assert result.dropped == {"looping_tail": 1}
+    # a loop of whole pairs keeps its first period, drops the rest as one tail
+    loop = "<QUE> What is X? <ANS> X is a thing.\n\n<QUE> What is Y? <ANS> Y is another.\n\n"
+    result = parse_pairs(loop * 4 + "<QUE> What is", "lenient")
+    assert [p.question for p in result.pairs] == ["What is X?", "What is Y?"]
+    assert result.dropped == {"looping_tail": 1}
+    # pieces without <ANS> that do not repeat are still counted one by one
+    assert parse_pairs("<QUE> q <ANS> Yes.\n\nA note.\n\nAnother note.", "lenient").dropped == {"no_answer_tag": 2}
+    # strict is the reference: every piece is its own drop
+    assert parse_pairs(loop * 2 + "</END>", "strict").dropped["multiple_answer_tags"] == 1

@@ -159,3 +159,20 @@ def test_redirected_output_shows_progress_lines_and_a_resume_says_how_much_was_d
     out = capsys.readouterr().out
     assert "synthesize: resuming: 3 of 3 prompts already done" in out
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_an_answer_identical_to_another_documents_is_dropped_from_both(smollm2_tokenizer, smollm2_path, tmp_path):
+    from fixtures_synth import ScriptedEngine
+
+    # the scripted engine answers with the text's first sentence: documents 0 and 1 share it
+    docs = [{"id": "if", "split": "train", "text": "Conditional execution uses if statements. Then elif may follow."},
+            {"id": "else", "split": "train", "text": "Conditional execution uses if statements. An else may close it."},
+            {"id": "while", "split": "train", "text": "Repeated execution uses while loops. They test an expression."}]
+    cfg = SynthesisConfig(model=str(smollm2_path), device="cpu", prompt_format="lmops", parse_mode="strict",
+                          max_context_tokens=64, max_new_tokens=16, chunking=False, min_grounding=0.3)
+    out = tmp_path / "pairs.jsonl"
+    counts = synthesize_documents(cfg, docs, out, progress=False, engine=ScriptedEngine(smollm2_tokenizer))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r["pairs"]) for r in records] == [0, 0, 1]
+    assert [r["dropped"] for r in records] == [{"duplicate_answer": 1}, {"duplicate_answer": 1}, {}]
+    assert counts["pairs_dropped"] == {"duplicate_answer": 2} and counts["documents_with_pairs"] == 1
