@@ -74,7 +74,10 @@ class TransformersEngine:
             if self.tokenizer.eos_token is None:
                 raise DataPrepError(f"tokenizer of {model_path} has neither a pad nor an EOS token: cannot pad batches")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        from data_prep.progress import library_bars_when_terminal
+
+        with library_bars_when_terminal():  # no 'Loading weights' bar fragments in a log file
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if self.tokenizer.eos_token_id is not None:

@@ -51,7 +51,11 @@ def resolve_model(name_or_path: str) -> Path:
     if name_or_path == SMOLLM2_NAME:
         target = cache_dir() / "models" / SMOLLM2_NAME
         if not (target / "config.json").is_file():
-            convert_gguf(_smollm2_gguf(), target)
+            from data_prep.progress import library_bars_when_terminal
+
+            print(f"converting the {SMOLLM2_NAME} GGUF to a Hugging Face folder once: {target}", flush=True)
+            with library_bars_when_terminal():
+                convert_gguf(_smollm2_gguf(), target)
         return target
     raise DataPrepError(
         f"unknown synthesizer model '{name_or_path}': give an existing Hugging Face model folder "

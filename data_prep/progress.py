@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TextIO
+from contextlib import contextmanager
+from typing import Iterator, TextIO
 
 DEFAULT_INTERVAL_SECONDS = 30.0
 
@@ -144,3 +145,29 @@ class StageProgress:
                              TimeRemainingColumn(), console=Console(file=self.stream))
         self._task = self._bar.add_task(self.name, total=self.total, completed=self.done, rates="")
         self._bar.start()
+
+
+@contextmanager
+def library_bars_when_terminal(stream: TextIO | None = None) -> Iterator[None]:
+    """Let third-party progress bars draw only on a terminal: with ``stream`` (default stderr, where tqdm draws)
+    redirected, transformers' bars ("Loading weights") and plain tqdm bars (the GGUF conversion's) are turned off
+    inside the block, so a log file gets no carriage-return bar fragments on every model load."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    previous = os.environ.get("TQDM_DISABLE")
+    hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous

@@ -58,3 +58,37 @@ def test_byte_units_and_durations():
     p.advance(1_500_000_000)
     assert p.line().startswith("residual: 1.50 GB/3.00 GB (50%) | ")
     assert [format_seconds(s) for s in (9, 75, 3725)] == ["9s", "1m15s", "1h02m"]
+
+
+def test_library_bars_are_off_only_while_output_is_redirected(monkeypatch):
+    import os
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    from data_prep.progress import library_bars_when_terminal
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert hf_logging.is_progress_bar_enabled()
+    with library_bars_when_terminal(io.StringIO()):  # not a terminal
+        assert not hf_logging.is_progress_bar_enabled() and os.environ["TQDM_DISABLE"] == "1"
+    assert hf_logging.is_progress_bar_enabled() and "TQDM_DISABLE" not in os.environ
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with library_bars_when_terminal(Terminal()):
+        assert hf_logging.is_progress_bar_enabled() and "TQDM_DISABLE" not in os.environ
+    assert sys.stderr is not None
+
+
+def test_loading_a_model_with_redirected_output_draws_no_bar(tmp_path, capfd):
+    from fixtures_synth import save_tiny_llama
+
+    from data_prep.engines import TransformersEngine
+
+    path = save_tiny_llama(tmp_path / "m")
+    capfd.readouterr()
+    TransformersEngine(path, device="cpu")
+    assert "Loading weights" not in capfd.readouterr().err
