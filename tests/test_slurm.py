@@ -120,16 +120,17 @@ def test_hostile_config_paths_and_arguments_reach_the_job_literally(slurm_cluste
     pwned = tmp_path / "pwned"
     odd = tmp_path / "it's a \"dir\" $(touch pwned); x"
     odd.mkdir()
-    config = _two_process_experiment(odd, tokenized, 1, "odd run")
+    config = _two_process_experiment(odd, tokenized, 1, "odd_run")  # name: one safe path component (issue 16)
     hostile_config = odd / "cfg 'q' $(touch x);.yaml"
     config.rename(hostile_config)
-    name = HOSTILE.format(pwned=pwned)
-    quoted = "'" + name.replace("'", "'\\''") + "'"  # IPT_ARGS are split like a shell line, never evaluated
+    text = HOSTILE.format(pwned=pwned)  # a free-text key (taken literally by --set) carries the hostile value
+    quoted = "'" + text.replace("'", "'\\''") + "'"  # IPT_ARGS are split like a shell line, never evaluated
     log = tmp_path / "job.out"
-    job = _train(slurm_cluster, hostile_config, log, 29613, IPT_ARGS=f"--set name={quoted} --set train.eval_iters=1")
+    job = _train(slurm_cluster, hostile_config, log, 29613,
+                 IPT_ARGS=f"--set train.wandb_name={quoted} --set train.eval_iters=1")
     assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
-    manifest = json.loads((odd / "odd run" / "train" / "manifest.json").read_text())
-    assert manifest["config"]["name"] == name
+    manifest = json.loads((odd / "odd_run" / "train" / "manifest.json").read_text())
+    assert manifest["config"]["train"]["wandb_name"] == text
     assert not pwned.exists() and not (odd / "pwned").exists() and not (ROOT / "pwned").exists()
     assert not Path("x").exists() and not (ROOT / "x").exists()
 
