@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_ipt.config import ExperimentConfig
-from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, parallel, train
+from megatron_ipt.training import checkpoint, data, mcore, train
 from megatron_ipt.training.presets import resolve_preset
 from megatron_ipt.training.sft_data import SFTDataset
 
@@ -62,12 +62,8 @@ def sft_stage(cfg: ExperimentConfig, data_dir: Path, out_dir: Path, fingerprint:
     ``exit_after_iterations`` saves and stops early (as for ``train``). Must be called on every rank. Raises
     DataError naming the config key for a missing dataset or ``init_from``."""
     cfg = sft_train_config(cfg)
-    device = parallel.resolve_device(cfg.train.device)
-    with cpu_backend.cpu_backend(enabled=device.type == "cpu"):
-        try:
-            return _run(cfg, Path(data_dir), Path(out_dir), fingerprint, device, exit_after_iterations)
-        finally:
-            parallel.teardown()
+    return train.on_training_device(cfg, lambda device: _run(cfg, Path(data_dir), Path(out_dir), fingerprint, device,
+                                                             exit_after_iterations))
 
 
 def _run(cfg: ExperimentConfig, data_dir: Path, out_dir: Path, fingerprint: str, device: torch.device,

@@ -119,10 +119,17 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
     config key) for bad inputs, before any process group is built, and ParallelLayoutError for a layout
     that does not divide.
     """
+    return on_training_device(cfg, lambda device: _run(cfg, Path(tokenized_dir), Path(out_dir), fingerprint, device,
+                                                       exit_after_iterations))
+
+
+def on_training_device(cfg: ExperimentConfig, run: Callable[[torch.device], dict]) -> dict:
+    """``run(device)`` on ``train.device``, inside the CPU backend when that is the CPU; the process groups are torn
+    down afterwards, whatever happens. The entry of every training stage (train, sft)."""
     device = parallel.resolve_device(cfg.train.device)
     with cpu_backend.cpu_backend(enabled=device.type == "cpu"):
         try:
-            return _run(cfg, Path(tokenized_dir), Path(out_dir), fingerprint, device, exit_after_iterations)
+            return run(device)
         finally:
             parallel.teardown()
 
