@@ -81,28 +81,35 @@ def test_train_sbatch_trains_with_two_gloo_processes_and_leaves_a_checkpoint(str
     assert max(losses(train_dir)) == ITERS
 
 
-def test_a_signalled_job_saves_requeues_itself_and_resumes_to_the_same_final_loss(
-        slurm_cluster, straight_run, tokenized, tmp_path):
-    config = _two_process_experiment(tmp_path, tokenized, ITERS, "preempted")
-    log = tmp_path / "job.out"
-    job = _train(slurm_cluster, config, log, 29612)
-    metrics = tmp_path / "preempted" / "train" / "metrics.jsonl"
+def _preempt_requeue_and_finish(slurm_cluster, job: str, train_dir: Path, log: Path) -> dict:
+    """Once ``job`` has logged iteration 2: USR1 to its batch shell (what ``--signal=B:USR1@180`` does before the
+    time limit), wait for the requeue, release it and wait for it to complete. Returns its ``stopped.json``
+    (checked: stopped at iteration 2 or later, before the end)."""
+    metrics = train_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and '"iteration": 2,' in metrics.read_text()):
         assert time.monotonic() < deadline and slurm_cluster.state(job)[0] in ("PENDING", "RUNNING"), _log(log)
         time.sleep(0.2)
-    # what --signal=B:USR1@180 does before the time limit: USR1 to the batch shell only
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     deadline = time.monotonic() + 300
     while (state := slurm_cluster.state(job)) != ("PENDING", 1):
         assert time.monotonic() < deadline and state[0] not in FINISHED, f"job {job} not requeued: {state}\n{_log(log)}"
         time.sleep(0.5)
-    stopped = json.loads((tmp_path / "preempted" / "train" / "stopped.json").read_text())
+    stopped = json.loads((train_dir / "stopped.json").read_text())
     assert 2 <= stopped["iteration"] < ITERS
     # Slurm holds a requeued job for two minutes (BeginTime); release it sooner, but not within the second of
     # the requeue (slurmd would refuse the new launch: "Job credential revoked")
     slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now+5")
     assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
+    return stopped
+
+
+def test_a_signalled_job_saves_requeues_itself_and_resumes_to_the_same_final_loss(
+        slurm_cluster, straight_run, tokenized, tmp_path):
+    config = _two_process_experiment(tmp_path, tokenized, ITERS, "preempted")
+    log = tmp_path / "job.out"
+    job = _train(slurm_cluster, config, log, 29612)
+    stopped = _preempt_requeue_and_finish(slurm_cluster, job, tmp_path / "preempted" / "train", log)
     text = log.read_text()
     assert "saved and stopped" in text and f"requeueing job {job}" in text
     # both segments in one log (append mode), the second one saying where it resumed; a clean stop is no failure
@@ -233,19 +240,7 @@ def test_a_two_node_job_preempted_and_requeued_ends_with_the_single_node_loss_cu
     config = _experiment(tmp_path, tokenized, ITERS, "two-nodes")  # parallel.nproc_per_node = 1
     log = tmp_path / "job.out"
     job = _train(slurm_cluster, config, log, 29614, "--nodes=2")
-    metrics = tmp_path / "two-nodes" / "train" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and '"iteration": 2,' in metrics.read_text()):
-        assert time.monotonic() < deadline and slurm_cluster.state(job)[0] in ("PENDING", "RUNNING"), _log(log)
-        time.sleep(0.2)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
-    deadline = time.monotonic() + 300
-    while (state := slurm_cluster.state(job)) != ("PENDING", 1):
-        assert time.monotonic() < deadline and state[0] not in FINISHED, f"job {job} not requeued: {state}\n{_log(log)}"
-        time.sleep(0.5)
-    stopped = json.loads((tmp_path / "two-nodes" / "train" / "stopped.json").read_text())
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now+5")
-    assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _log(log)
+    stopped = _preempt_requeue_and_finish(slurm_cluster, job, tmp_path / "two-nodes" / "train", log)
     text = log.read_text()
     assert "2 node(s) x 1 process(es)" in text and f"resuming from iteration {stopped['iteration']}" in text, text
     steps = slurm_cluster.run("sacct", "-n", "-P", "-j", job, "--format=JobID,NNodes", "--duplicates").stdout
