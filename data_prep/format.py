@@ -18,7 +18,10 @@ Outputs of :func:`format_documents` (lists of ``{"id", "text"}``):
 - ``train_raw``: training documents as plain text (continual pre-training's raw domain data);
 - ``train_ipt``: instruction-augmented chains, raw replay texts, and mixed-in general instructions;
 - ``heldout_raw``: held-out documents as plain text;
-- ``heldout_pairs``: held-out documents' pairs alone (classic pattern, no document).
+- ``heldout_pairs``: held-out documents' pairs alone (classic pattern, no document);
+- ``train_general`` (only with general instructions): the general-instruction texts mixed into ``train_ipt``,
+  alone, so that an arm without augmentation (the paper's Vanilla PT: raw text + general instructions) can
+  blend the same general data.
 """
 
 from __future__ import annotations
@@ -407,8 +410,11 @@ def format_documents(records: list[dict], seed: int = 0, *, options: FormatOptio
         chosen, mix = select_general(general, gen_tokens, counts["tokens"]["train_ipt_domain"], general_ratio, seed,
                                      general_max_passes)
         outputs["train_ipt"] += chosen
+        outputs["train_general"] = list(chosen)  # the same texts alone, for arms that blend them with raw text
         counts["tokens"]["train_ipt_general"] = mix["general_tokens"]
         counts["tokens"]["train_ipt"] += mix["general_tokens"]
+        counts["tokens"]["train_general"] = mix["general_tokens"]
+        counts["train_general_documents"] = len(chosen)
         counts["train_ipt_documents"] = len(outputs["train_ipt"])
         counts["mixing"] = mix
     return outputs, counts

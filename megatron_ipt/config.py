@@ -187,7 +187,7 @@ class SplitComponent(_Section):
     """One indexed dataset in a split's blend (``blend.per_split``)."""
 
     prefix: str = Field(description="Path prefix of PREFIX.bin / PREFIX.idx, or a tokenize-stage dataset name "
-                        "(train_raw, train_ipt, heldout_raw, heldout_pairs).")
+                        "(train_raw, train_ipt, train_general, heldout_raw, heldout_pairs).")
     weight: float = Field(1.0, gt=0.0, description="Blend weight within the split (normalised).")
 
 
@@ -209,6 +209,10 @@ class BlendConfig(_Section):
     raw_weight: float = Field(0.5, ge=0.0, description="Blend weight of the raw training documents (train_raw).")
     instruct_weight: float = Field(
         0.5, ge=0.0, description="Blend weight of train_ipt: augmented chains, raw replay and general instructions.")
+    general_weight: float = Field(
+        0.0, ge=0.0, description="Blend weight of train_general: the general instructions alone (the texts the format "
+        "stage mixes into train_ipt; written when format.general_instructions is set). The paper's Vanilla PT arm is "
+        "raw_weight 1, instruct_weight 0, general_weight = the general : domain token ratio.")
     extra: list[BlendComponent] = Field(
         default_factory=list, description="More indexed datasets in the blend: [{prefix, weight, name, valid_prefix}].")
     mock: bool = Field(
@@ -228,10 +232,10 @@ class BlendConfig(_Section):
     @model_validator(mode="after")
     def _some_weight(self) -> "BlendConfig":
         if self.per_split is not None:
-            clash = sorted({"raw_weight", "instruct_weight", "extra", "mock"} & self.model_fields_set)
+            clash = sorted({"raw_weight", "instruct_weight", "general_weight", "extra", "mock"} & self.model_fields_set)
             if clash:
                 raise ValueError(f"blend.per_split replaces the single training blend: leave out blend.{', blend.'.join(clash)}")
-        if self.raw_weight + self.instruct_weight + sum(c.weight for c in self.extra) <= 0:
+        if self.raw_weight + self.instruct_weight + self.general_weight + sum(c.weight for c in self.extra) <= 0:
             raise ValueError("blend weights must not all be zero")
         names = [c.name for c in self.extra]
         reserved = {"raw", "ipt", "pairs"}

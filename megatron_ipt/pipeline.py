@@ -4,8 +4,8 @@ Run folder layout (``cfg.run_path``)::
 
     corpus/       documents.jsonl                      {"id", "split", "text"}
     synthesis/    pairs.jsonl                          {"id", "split", "text", "pairs", "raw_output", "dropped"[, "round", "prev_id"]}
-    formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs .jsonl   {"id", "text"}
-    tokenized/    the same four names as Megatron indexed datasets (.bin/.idx)
+    formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs [/ train_general] .jsonl   {"id", "text"}
+    tokenized/    the same names as Megatron indexed datasets (.bin/.idx)
     train/        checkpoints/, metrics.jsonl
     sft/          data/ (train, valid: tokens + loss mask, data_prep.sft), checkpoints/, metrics.jsonl   (ipt sft)
     config.yaml   the resolved experiment config
@@ -41,6 +41,12 @@ STAGES = ("corpus", "synthesize", "format", "tokenize", "train")
 STAGE_DIRS = {"corpus": "corpus", "synthesize": "synthesis", "format": "formatted", "tokenize": "tokenized", "train": "train",
               "sft": "sft"}
 DATASETS = ("train_raw", "train_ipt", "heldout_raw", "heldout_pairs")
+GENERAL = "train_general"  # written by format (and tokenized) only when general instructions are mixed in
+
+
+def _datasets(folder: Path) -> tuple[str, ...]:
+    """The text sets the format stage wrote in ``folder``: the four always, ``train_general`` when present."""
+    return DATASETS + ((GENERAL,) if (folder / f"{GENERAL}.jsonl").is_file() else ())
 
 
 @dataclass
@@ -300,7 +306,7 @@ def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     general = Path(fc.general_instructions) if fc.general_instructions else None
     fp = fingerprint("format", fc.model_dump(mode="json", exclude={"workers"}), synth["fingerprint"],
                      sha256(general.read_bytes()).hexdigest() if general and general.is_file() else None,
-                     cfg.tokenize.tokenizer, cfg.synthesis.model)
+                     cfg.tokenize.tokenizer, cfg.synthesis.model, *([GENERAL] if general else []))
     if done := _skip(cfg, "format", fp, force):
         return done
     from data_prep.format import FormatOptions, format_documents, summary_lines
@@ -317,11 +323,12 @@ def run_format(cfg: ExperimentConfig, force: bool = False) -> StageResult:
         general=read_instructions(general, InstructionFields(**fc.general_fields)) if general else None,
         general_ratio=fc.general_ratio, general_max_passes=fc.general_max_passes)
     inputs = {"pairs": src, **({"general_instructions": general} if general else {})}
+    names = DATASETS + ((GENERAL,) if GENERAL in outputs else ())
     with atomic_dir(stage_path(cfg, "format"), "format") as out:
-        for name in DATASETS:
+        for name in names:
             write_jsonl(out / f"{name}.jsonl", outputs[name])
         manifest = write_manifest(out, stage="format", fingerprint=fp, config=resolved(cfg), inputs=inputs,
-                                  outputs=[f"{n}.jsonl" for n in DATASETS], counts=counts, started=started)
+                                  outputs=[f"{n}.jsonl" for n in names], counts=counts, started=started)
     for line in summary_lines(counts):
         _log(line)
     return StageResult("format", stage_path(cfg, "format"), manifest, False)
@@ -352,16 +359,17 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
                            bad_input=cfg.tokenize.bad_input, workers=cfg.tokenize.workers,
                            bpe_backend=cfg.tokenize.bpe_backend)
     src_dir = stage_path(cfg, "format")
+    names = _datasets(src_dir)
     counts = {}
     with atomic_dir(stage_path(cfg, "tokenize"), "tokenize") as out:
-        for name in DATASETS:
+        for name in names:
             m = tokenize_corpus([src_dir / f"{name}.jsonl"], out / name, tok_path, opts, log=lambda _: None)
             counts[name] = {"documents": m["documents"], "tokens": m["tokens"], "skipped": m["skipped"]}
         tok_info = {k: m["tokenizer"][k] for k in ("path", "kind", "vocab_size", "eod_id", "bos_id", "dtype", "fingerprint")}
         tok_info["bpe_backend"] = m["tokenizer"].get("bpe_backend")
         manifest = write_manifest(out, stage="tokenize", fingerprint=fp, config=resolved(cfg),
-                                  inputs={n: src_dir / f"{n}.jsonl" for n in DATASETS},
-                                  outputs=[f"{n}.{ext}" for n in DATASETS for ext in ("bin", "idx")],
+                                  inputs={n: src_dir / f"{n}.jsonl" for n in names},
+                                  outputs=[f"{n}.{ext}" for n in names for ext in ("bin", "idx")],
                                   counts=counts, tokenizer=tok_info, started=started)
     _log("tokenize: " + ", ".join(f"{n} {c['tokens']:,} tokens" for n, c in counts.items()))
     return StageResult("tokenize", stage_path(cfg, "tokenize"), manifest, False)

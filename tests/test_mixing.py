@@ -66,3 +66,18 @@ def test_a_small_pool_is_reported_when_it_cannot_reach_the_target():
 def test_mixing_without_a_tokenizer_is_an_error():
     with pytest.raises(DataPrepError, match="tokenizer"):
         format_documents([{"id": "a", "split": "train", "text": "t", "pairs": []}], general=[{"id": "g", "text": "x"}])
+
+
+def test_the_general_instructions_are_also_written_alone_for_the_vanilla_arm(tiny_tokenizer_dir):
+    """``train_general`` holds exactly the general texts mixed into ``train_ipt`` (the paper's Vanilla PT arm
+    blends them with raw text), and is absent without general instructions."""
+    count = token_counter(tiny_tokenizer_dir)
+    domain = [{"id": f"d{i}", "split": "train", "text": f"Section {i} of the manual.",
+               "pairs": [{"question": f"What is section {i}?", "answer": f"Section {i} is a part."}]} for i in range(50)]
+    general = [{"id": f"g{i}", "text": f"Question {i}? Answer {i}."} for i in range(400)]
+    out, counts = format_documents(domain, seed=0, general=general, general_ratio=0.5, count_tokens=count)
+    mixed = [r for r in out["train_ipt"] if r["id"].startswith("g")]
+    assert mixed and out["train_general"] == mixed
+    assert counts["tokens"]["train_general"] == counts["mixing"]["general_tokens"] == sum(count([r["text"] for r in mixed]))
+    out, _ = format_documents(domain, seed=0, count_tokens=count)
+    assert "train_general" not in out

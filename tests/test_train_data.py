@@ -70,6 +70,22 @@ def test_missing_or_empty_extra_prefixes_fail_before_any_work(tokenized_dir, gen
         train_stage(cfg, tokenized_dir, tmp_path / "b", "fp")
 
 
+def test_general_weight_blends_train_general_and_fails_before_work_without_it(tokenized_dir, tmp_path):
+    """The Vanilla PT arm's blend (raw + the general instructions alone); without a ``train_general`` dataset the
+    run fails before any process group is made, naming ``blend.general_weight``."""
+    cfg = tiny_config(blend__general_weight=1.0, blend__raw_weight=0.0, blend__instruct_weight=0.0, train_iters=2)
+    with pytest.raises(DataError, match=r"blend.general_weight = 1.0 but .*train_general.bin/.idx do not exist"):
+        train_stage(cfg, tokenized_dir, tmp_path / "a", "fp")
+    assert not torch.distributed.is_initialized() and not (tmp_path / "a").exists()
+    with_general = tmp_path / "tokenized"
+    with_general.mkdir()
+    for f in Path(tokenized_dir).iterdir():
+        (with_general / f.name).symlink_to(f)
+    write_indexed(with_general / "train_general", _documents(40, 3, seed=7))
+    summary = train_stage(cfg, with_general, tmp_path / "b", "fp")
+    assert summary["iterations"] == 2 and np.isfinite(summary["final_train_loss"])
+
+
 @pytest.mark.parametrize("extra, message", [
     ("[{prefix: x, weight: 0, name: g}]", r"blend.extra.0.weight = 0"),
     ("[{prefix: x, weight: -1, name: g}]", r"blend.extra.0.weight = -1"),

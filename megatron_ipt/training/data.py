@@ -24,6 +24,7 @@ from megatron_ipt.training import mcore
 from megatron_ipt.errors import IptError
 
 TRAIN_PREFIXES = ("train_raw", "train_ipt")
+GENERAL_PREFIX = "train_general"  # the general instructions alone; written only when the format stage mixes some in
 
 
 class DataError(IptError, ValueError):
@@ -89,6 +90,16 @@ def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
+def check_general(tokenized_dir: Path, general_weight: float) -> None:
+    """Raise :class:`DataError` naming ``blend.general_weight`` when it is > 0 and the tokenize stage wrote no
+    ``train_general`` (the format stage writes it only when ``format.general_instructions`` is set)."""
+    prefix = Path(tokenized_dir) / GENERAL_PREFIX
+    if general_weight > 0 and not (prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()):
+        raise DataError(f"blend.general_weight = {general_weight} but {prefix}.bin/.idx do not exist: set "
+                        "format.general_instructions (the format stage then writes the general instructions alone "
+                        "as train_general) and rerun ipt run")
+
+
 def document_masking(blend) -> dict[str, bool]:
     """``GPTDatasetConfig`` document-masking fields from ``blend`` (a ``BlendConfig``): ``reset_position_ids``
     (positions restart at 0 after every EOD), ``reset_attention_mask`` (no attention across an EOD: a per-sample
@@ -147,6 +158,7 @@ def build_train_dataset(
     tokenizer: DatasetTokenizer,
     raw_weight: float,
     instruct_weight: float,
+    general_weight: float = 0.0,
     num_samples: int,
     seq_length: int,
     seed: int,
@@ -154,7 +166,8 @@ def build_train_dataset(
     extra: list[tuple[str | Path, float]] = (),
     masking: dict | None = None,
 ):
-    """The weighted blend of ``train_raw``, ``train_ipt`` and ``extra`` prefixes (``BlendedMegatronDatasetBuilder``).
+    """The weighted blend of ``train_raw``, ``train_ipt``, ``train_general`` and ``extra`` prefixes
+    (``BlendedMegatronDatasetBuilder``).
 
     ``num_samples`` is the train split's size in sequences (iterations * global batch). ``extra`` is
     ``[(prefix path, weight > 0)]`` (``blend.extra``). Weights are normalised by megatron-core. A prefix
@@ -164,9 +177,11 @@ def build_train_dataset(
     Raises :class:`DataError` for a blended prefix without documents.
     """
     check_prefixes(tokenized_dir, TRAIN_PREFIXES)
+    check_general(tokenized_dir, general_weight)
     prefixes, weights = [], []
     named = [(Path(tokenized_dir) / p, w, f"blend.{k}") for p, w, k in
-             zip(TRAIN_PREFIXES, (raw_weight, instruct_weight), ("raw_weight", "instruct_weight"))]
+             zip(TRAIN_PREFIXES + (GENERAL_PREFIX,), (raw_weight, instruct_weight, general_weight),
+                 ("raw_weight", "instruct_weight", "general_weight"))]
     named += [(Path(p), w, f"blend.extra[{i}].prefix") for i, (p, w) in enumerate(extra)]
     for prefix, weight, key in named:
         if weight > 0:
@@ -190,8 +205,8 @@ SPLITS = ("train", "valid", "test")
 
 def resolve_split_prefix(prefix: str, tokenized_dir: Path) -> Path:
     """A ``blend.per_split`` prefix as a path: a tokenize-stage dataset name (``train_raw``, ``train_ipt``,
-    ``heldout_raw``, ``heldout_pairs``) names that dataset in ``tokenized_dir``; anything else is a path prefix."""
-    if prefix in TRAIN_PREFIXES + HELDOUT_PREFIXES:
+    ``train_general``, ``heldout_raw``, ``heldout_pairs``) names that dataset in ``tokenized_dir``; anything else is a path prefix."""
+    if prefix in TRAIN_PREFIXES + (GENERAL_PREFIX,) + HELDOUT_PREFIXES:
         return Path(tokenized_dir) / prefix
     return Path(prefix)
 

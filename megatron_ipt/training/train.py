@@ -196,6 +196,7 @@ def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path | Non
     t = cfg.train
     tokenizer = data.DatasetTokenizer.from_manifest(read_manifest(tokenized_dir, "tokenize"))
     data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
+    data.check_general(tokenized_dir, cfg.blend.general_weight)
     if t.init_from and (out_dir is None or checkpoint.latest_iteration(out_dir / "checkpoints") is None):
         try:
             checkpoint.resolve_checkpoint_dir(t.init_from)
@@ -333,6 +334,7 @@ def build_datasets(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, in
     else:
         train_set = data.build_train_dataset(
             tokenized_dir, raw_weight=cfg.blend.raw_weight, instruct_weight=cfg.blend.instruct_weight,
+            general_weight=cfg.blend.general_weight,
             extra=[(c.prefix, c.weight) for c in cfg.blend.extra], num_samples=num_samples, **common,
         )
     sets = Datasets(train=train_set)
