@@ -115,6 +115,23 @@ def test_loading_a_checkpoint_prints_no_library_deprecation_warnings(tmp_path):
     assert not [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
 
 
+def test_a_conversion_redirected_to_a_log_reports_progress_lines_on_stderr(tmp_path, capfd, monkeypatch):
+    """With output going to a file (Slurm, nohup), both directions print plain progress lines on stderr: the
+    import counts parameters and announces the checkpoint write, the export counts bytes; progress=False is quiet."""
+    monkeypatch.setenv("IPT_PROGRESS_SECONDS", "0")
+    hf_model(tmp_path / "hf", "llama3")
+    capfd.readouterr()
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    convert.megatron_to_hf(tmp_path / "mg", tmp_path / "back")
+    err = capfd.readouterr().err
+    assert "convert: 1/" in err and "parameters (100%)" in err
+    assert "convert: writing the torch_dist checkpoint" in err
+    total = sum(p.numel() * 4 for p in transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").parameters())
+    assert f"/{total / 1e3:.2f} kB (100%)" in err or f"/{total / 1e6:.2f} MB (100%)" in err
+    convert.megatron_to_hf(tmp_path / "mg", tmp_path / "quiet", progress=False)
+    assert "convert:" not in capfd.readouterr().err
+
+
 def scratch_bytes(model, itemsize):
     """Bytes of the megatron tensors that are not one slice of one Hugging Face tensor: fused QKV (weights and
     biases) and the embedding / output layer (padded from 200 to 256 rows)."""

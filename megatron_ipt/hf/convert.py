@@ -58,8 +58,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +165,7 @@ def _bind(sh, data: torch.Tensor):
 
 
 def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, preset: ModelPreset, model_type: str,
-                            vocab: int, dtype: torch.dtype, scratch: _Scratch) -> tuple[dict, int]:
+                            vocab: int, dtype: torch.dtype, scratch: _Scratch, bar) -> tuple[dict, int]:
     """The meta model's sharded state dict with every ShardedTensor's data file-backed; returns it and the
     parameter count. Factories are applied here (their pieces are bound one by one)."""
     ShardedTensor, ShardedTensorFactory = mcore.sharded_tensor_classes()
@@ -193,7 +195,15 @@ def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, prese
                 data = scratch.tensor(rows, dtype, tuple(param.shape[1:]))
             bound.append(_bind(sh, data))
         sd[key] = bound if isinstance(entry, ShardedTensorFactory) else bound[0]
+        bar.advance()
     return sd, sum(p.numel() for p in params.values())
+
+
+def _progress(enabled: bool, total: int, unit: str):
+    """A convert progress report on stderr; reports nothing when not ``enabled``. Bytes when ``unit`` is ''."""
+    from data_prep.progress import StageProgress
+
+    return StageProgress("convert", total, unit, byte_units=not unit, enabled=enabled, stream=sys.stderr)
 
 
 class _StateDictHolder:
@@ -238,7 +248,7 @@ def _dtype_name(dtype: str | None, hf_cfg: dict) -> str:
 
 
 def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_size: int = 1,
-                   dtype: str | None = None, overwrite: bool = False) -> dict:
+                   dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral folder into a weights-only torch_dist checkpoint at ``dst``, streamed:
     the anonymous memory used is a few 64 MB row blocks whatever the model size (see the module docstring).
 
@@ -248,7 +258,8 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
     (config, tokenizer, chat template of the source, for the export back and for ``model.hf_config``) and
     ``convert_manifest.json``. Raises ConvertError naming the tensor when the checkpoint lacks a tensor, has one
     the mapping does not know, or one with a wrong shape, and naming the sizes when the heads or query groups do
-    not divide by ``tensor_model_parallel_size``; ValueError for unsupported configs."""
+    not divide by ``tensor_model_parallel_size``; ValueError for unsupported configs. ``progress``: parameters
+    mapped, then one line before megatron-core writes the checkpoint, on stderr (as :func:`megatron_to_hf`)."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     preset = preset_from_hf_config(src)
@@ -282,8 +293,13 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tensor_model_parallel_si
         try:
             scratch = _Scratch(tmp / SCRATCH_DIR, weights)
             with one_process_world(preset) as layout:
-                sd, n_params = _file_backed_state_dict(meta_model(preset, layout, vocab), weights, preset, model_type,
-                                                       vocab, _DTYPES[dtype_name], scratch)
+                model = meta_model(preset, layout, vocab)
+                with _progress(progress, len(list(model.parameters())), "parameters") as bar:
+                    sd, n_params = _file_backed_state_dict(model, weights, preset, model_type, vocab,
+                                                           _DTYPES[dtype_name], scratch, bar)
+                if progress:
+                    print(f"convert: writing the torch_dist checkpoint ({n_params:,} parameters, {dtype_name}) to "
+                          f"{dst}", file=sys.stderr, flush=True)
                 checkpoint.save_model_weights(tmp, _StateDictHolder(sd))
                 del sd
             shutil.rmtree(tmp / SCRATCH_DIR)
@@ -362,15 +378,17 @@ def _load_parameter(key: str, entry, param: torch.Tensor, dtypes: dict[str, torc
 
 
 def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Path | None = None,
-                   dtype: str | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> dict:
+                   dtype: str | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+                   progress: bool = True) -> dict:
     """Export a torch_dist checkpoint (a converted folder, a training run's ``checkpoints`` folder or one
     ``iter_*`` folder, saved with any parallel layout) to a Hugging Face folder with sharded safetensors and
     ``model.safetensors.index.json``, one parameter in memory at a time.
 
     ``hf_config_from``: the Hugging Face folder whose config/tokenizer/chat template describe the model
     (default: the ``hf/`` folder a conversion stored next to the checkpoint). The vocabulary padding is cut
-    back to the config's ``vocab_size``. Raises ConvertError when no config is found or the checkpoint does
-    not fit the config."""
+    back to the config's ``vocab_size``. ``progress``: bytes written, on stderr (:class:`data_prep.progress.
+    StageProgress`: a bar on a terminal, a line every 30 s otherwise). Raises ConvertError when no config is found
+    or the checkpoint does not fit the config."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     cfg_dir = Path(hf_config_from) if hf_config_from else _find_hf_files(src)
@@ -385,9 +403,10 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
     by_hf = {h: m for m, hs in megatron_sources(preset, model_type).items() for h in hs}
     tmp = _atomic_folder(dst, overwrite)
     try:
-        writer = ShardedWriter(tmp, [PlannedTensor(n, out_dtype, hf_shape(n, preset)) for n in names],
-                               max_shard_bytes, metadata={"producer": "megatron-ipt convert"})
-        with one_process_world(preset) as layout:
+        planned = [PlannedTensor(n, out_dtype, hf_shape(n, preset)) for n in names]
+        writer = ShardedWriter(tmp, planned, max_shard_bytes, metadata={"producer": "megatron-ipt convert"})
+        bar = _progress(progress, sum(math.prod(p.shape) for p in planned) * out_dtype.itemsize, "")
+        with bar, one_process_world(preset) as layout:
             model = meta_model(preset, layout, vocab)
             sd, params = model.sharded_state_dict(), dict(model.named_parameters())
             loaded_key, value = None, None
@@ -401,6 +420,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
                 for r in row_plan(key, preset, vocab, model_type):
                     if r.name == name:
                         writer.write(name, value[offset:offset + r.count].to(out_dtype))
+                        bar.advance(r.count * math.prod(value.shape[1:]) * out_dtype.itemsize)
                     offset += r.count
             value = None
         shards = writer.close()
