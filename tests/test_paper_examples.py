@@ -46,3 +46,12 @@ def test_the_sft_arms_start_from_their_cpt_runs():
         assert sft.name == base.name and sft.sft.data
         assert sft.sft.init_from == f"{base.run_path}/train/checkpoints"
         assert sft.model.seq_length == base.model.seq_length
+
+
+def test_the_quickstart_arms_reuse_the_quickstarts_corpus_and_synthesis():
+    """quickstart_arms.py copies the quickstart's corpus and synthesis folders: the sections must be the
+    quickstart's, or the copies would not be reused (their fingerprints cover these sections)."""
+    arms, quick = load_config(PAPER / "quickstart-arms.yaml"), load_config(PAPER / ".." / "quickstart.yaml")
+    assert arms.corpus == quick.corpus and arms.synthesis == quick.synthesis
+    assert arms.model == quick.model and (arms.blend.raw_weight, arms.blend.instruct_weight) == (0.0, 1.0)
+    assert arms.format.general_instructions == arms.sft.data[0] == "runs/quickstart-arms/general-train.jsonl"

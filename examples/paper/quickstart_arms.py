@@ -59,10 +59,12 @@ def arm_sets(root: Path, arm: str) -> list[str]:
 
 
 def split_general(root: Path) -> None:
-    """The demo general instructions: the first 28 for training (format mixes them in, SFT tunes on them), the
-    last 8 as a held-out task JSONL (empty text, the instruction as question, the response as answer)."""
-    records = [r for r in map(json.loads, GENERAL.read_text().splitlines()) if "question" in r]
-    train, held = records[:-HELDOUT_INSTRUCTIONS], records[-HELDOUT_INSTRUCTIONS:]
+    """The demo general instructions: the last 8 question/response records held out as a task JSONL (empty
+    text, the instruction as question, the response as answer); the other 28 (question/response records and
+    conversations) for training: format mixes them in, SFT tunes on them."""
+    records = [r for r in map(json.loads, GENERAL.read_text().splitlines()) if "question" in r or "conversations" in r]
+    held = [r for r in records if "question" in r][-HELDOUT_INSTRUCTIONS:]
+    train = [r for r in records if r not in held]
     files = {"general-train.jsonl": [json.dumps(r) for r in train],
              "instructions-heldout.jsonl": [json.dumps({"id": r["id"], "text": "", "question": r["question"],
                                                          "answer": r["response"]}) for r in held]}
