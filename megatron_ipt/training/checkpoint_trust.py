@@ -1,0 +1,181 @@
+"""Scan a torch_dist checkpoint's pickles before anything unpickles them: only data classes may be named.
+
+Loading a torch_dist checkpoint unpickles parts of it: ``.metadata`` (``pickle.load`` in torch's
+``FileSystemReader``), ``common.pt`` and the sharded objects stored as bytes inside the ``*.distcp`` files (the RNG
+states, TransformerEngine extra state; ``torch.load(weights_only=False)``). A pickle can name any importable
+callable and have it called while it loads (``__reduce__``), so a crafted checkpoint runs code. :func:`scan` reads
+those pickles with a :class:`pickle.Unpickler` whose ``find_class`` resolves only the names in :data:`ALLOWED`
+(plus torch's dtype / layout / memory-format / storage names), and raises :class:`UntrustedCheckpointError` naming
+the first other one, before megatron-core or torch open the folder. Nothing the pickle names outside the list is
+imported or called; tensors in ``torch.save`` files are not materialised (their storages are never read).
+
+The list was built from checkpoints this project's trainer writes with megatron-core 0.16.1 (model, optimizer,
+scheduler, RNG states; data and expert parallel; converted checkpoints) and from the classes torch's
+``torch.distributed.checkpoint`` metadata modules define (what 0.19.2 writes too: its ``.metadata`` is torch's
+``Metadata``; megatron-core's ``MCoreMetadata`` / ``MCoreSavePlan`` are empty placeholder classes older versions
+pickled). ``train.trust_checkpoint: true`` / ``--trust-checkpoint`` skips the scan (:func:`check`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from megatron_ipt.errors import UntrustedCheckpointError
+
+TRUST_HINT = "pass --trust-checkpoint (train.trust_checkpoint: true) only if you trust whoever wrote it"
+
+# "module.name" a checkpoint's pickles may name. Data containers and constructors with no side effects only.
+ALLOWED = frozenset({
+    # torch.distributed.checkpoint's metadata (.metadata), every class its metadata/planner modules define
+    *(f"torch.distributed.checkpoint.metadata.{n}" for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    *(f"torch.distributed.checkpoint.planner.{n}" for n in (
+        "SavePlan", "LoadPlan", "WriteItem", "ReadItem", "WriteItemType", "LoadItemType", "TensorWriteData",
+        "BytesIOWriteData")),
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+    "torch.distributed.checkpoint.filesystem._StoragePrefix",
+    "torch.distributed._shard.sharded_tensor.metadata.TensorProperties",
+    "torch.distributed._shard.sharded_tensor.metadata.MEM_FORMAT_ENCODING",
+    "torch.distributed._shard.metadata.ShardMetadata",
+    "megatron.core.dist_checkpointing.strategies.torch.MCoreMetadata",
+    "megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan",
+    # torch values
+    "torch.Size", "torch.device", "torch.serialization._get_layout",
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch.storage.UntypedStorage", "torch.storage.TypedStorage", "torch.storage._load_from_bytes",
+    # numpy arrays, scalars and dtypes (RNG states), numpy 1 and 2 module names
+    *(f"{m}.{n}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
+    "numpy.ndarray", "numpy.dtype",
+    # containers and plain values
+    "collections.OrderedDict", "collections.defaultdict", "builtins.set", "builtins.frozenset", "builtins.slice",
+    "builtins.range", "builtins.complex", "builtins.bytearray", "builtins.bytes", "builtins.int", "builtins.float",
+    "builtins.bool", "builtins.str", "builtins.tuple", "builtins.list", "builtins.dict", "_codecs.encode",
+    "copyreg._reconstructor", "builtins.object", "argparse.Namespace", "pathlib.PosixPath", "pathlib.WindowsPath",
+    "pathlib.PurePosixPath",
+})
+
+# Resolved to this stub in the scan: tensors are not rebuilt (their storages are never read).
+_TENSOR_REBUILDS = frozenset(n for n in ALLOWED if n.startswith("torch._utils._rebuild") or n.endswith("_load_from_bytes"))
+_RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles (torch.save's)
+
+
+def _not_materialised(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def _is_torch_value(module: str, name: str) -> bool:
+    """``torch.float32`` / ``torch.strided`` / ``torch.contiguous_format`` / ``torch.FloatStorage``-like names."""
+    if module != "torch" or name.startswith("_"):
+        return False
+    import torch
+
+    value = getattr(torch, name, None)
+    if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+        return True
+    return isinstance(value, type) and name.endswith("Storage")
+
+
+class _Scanner(pickle.Unpickler):
+    """An unpickler that resolves only allowed names; ``where`` names the file (and item) in errors."""
+
+    def __init__(self, data: bytes, where: str, *, storages: bool) -> None:
+        super().__init__(io.BytesIO(data))
+        self.where, self.storages = where, storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = _RENAMED_MODULES.get(module, module)
+        full = f"{module}.{name}"
+        if full in _TENSOR_REBUILDS:
+            return _not_materialised
+        if full in ALLOWED or _is_torch_value(module, name):
+            return super().find_class(module, name)
+        raise UntrustedCheckpointError(
+            f"{self.where}: refusing to load this checkpoint: its pickle names {full!r}, not one of the data classes "
+            f"a torch_dist checkpoint holds (unpickling it could run code); {TRUST_HINT}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        # torch.save's storages: ('storage', storage type, key, location, numel); the type went through find_class.
+        if self.storages and isinstance(pid, tuple) and pid and pid[0] == "storage":
+            return None
+        raise UntrustedCheckpointError(f"{self.where}: refusing to load this checkpoint: unexpected persistent id "
+                                       f"{str(pid)[:80]!r} in its pickle; {TRUST_HINT}")
+
+
+def _unpickle(data: bytes, where: str, *, storages: bool = False) -> Any:
+    try:
+        return _Scanner(data, where, storages=storages).load()
+    except UntrustedCheckpointError:
+        raise
+    except Exception as e:  # truncated or malformed pickle: refuse rather than let torch try
+        raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: its pickle cannot be read "
+                                       f"({type(e).__name__}: {str(e)[:120]}); {TRUST_HINT}") from None
+
+
+def scan_torch_save(data: bytes, where: str) -> None:
+    """Scan one ``torch.save`` output (the zip format; every ``*.pkl`` member). A legacy (non-zip) file is refused:
+    torch unpickles it in several pieces before and between the storages, and this project never writes one."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: not a zip torch.save file "
+                                       f"(the legacy format is not scanned); {TRUST_HINT}")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for member in archive.namelist():
+            if member.endswith(".pkl"):
+                _unpickle(archive.read(member), f"{where} ({member})", storages=True)
+
+
+def _bytes_items(directory: Path, metadata: Any) -> list[tuple[str, Path, int, int]]:
+    """``(key, file, offset, length)`` of every bytes item (a ``torch.save`` d sharded object) in the checkpoint."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    where = directory / ".metadata"
+    if not isinstance(metadata, Metadata):
+        raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: holds a "
+                                       f"{type(metadata).__name__}, not torch's checkpoint Metadata; {TRUST_HINT}")
+    items = []
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        name = str(info.relative_path)
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: item {index.fqn!r} is stored "
+                                           f"outside the folder ({name!r})")
+        if getattr(info, "transform_descriptors", None):
+            raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: item {index.fqn!r} is stored "
+                                           f"transformed ({info.transform_descriptors}), which is not scanned; {TRUST_HINT}")
+        items.append((index.fqn, directory / name, int(info.offset), int(info.length)))
+    return items
+
+
+def scan(directory: str | Path) -> int:
+    """Scan every pickle a torch_dist load of ``directory`` would unpickle: ``.metadata``, each bytes item it
+    lists (read from its ``*.distcp`` file at its offset), and every ``*.pt`` file in the folder (``common.pt``,
+    per-object files). Returns the number of pickled parts scanned. Raises UntrustedCheckpointError (one line,
+    naming the file and the refused ``module.name``) on the first name outside :data:`ALLOWED`, a malformed
+    pickle, or a bytes item stored outside the folder."""
+    directory = Path(directory)
+    count = 0
+    if (directory / ".metadata").is_file():
+        metadata = _unpickle((directory / ".metadata").read_bytes(), str(directory / ".metadata"))
+        count += 1
+        for key, path, offset, length in _bytes_items(directory, metadata):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                scan_torch_save(f.read(length), f"{path} (item {key!r})")
+            count += 1
+    for path in sorted(directory.rglob("*.pt")):
+        if path.is_file():
+            scan_torch_save(path.read_bytes(), str(path))
+            count += 1
+    return count
+
+
+def check(directory: str | Path, *, trust: bool) -> None:
+    """:func:`scan` ``directory`` unless ``trust`` (``train.trust_checkpoint`` / ``--trust-checkpoint``)."""
+    if not trust:
+        scan(directory)
