@@ -61,7 +61,8 @@ ALLOWED = frozenset({
 })
 
 # Resolved to this stub in the scan: tensors are not rebuilt (their storages are never read).
-_TENSOR_REBUILDS = frozenset(n for n in ALLOWED if n.startswith("torch._utils._rebuild") or n.endswith("_load_from_bytes"))
+_TENSOR_REBUILDS = frozenset(n for n in ALLOWED
+                             if n.startswith("torch._utils._rebuild") or n.endswith("_load_from_bytes"))
 _RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles (torch.save's)
 
 
@@ -147,7 +148,8 @@ def _bytes_items(directory: Path, metadata: Any) -> list[tuple[str, Path, int, i
                                            f"outside the folder ({name!r})")
         if getattr(info, "transform_descriptors", None):
             raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: item {index.fqn!r} is stored "
-                                           f"transformed ({info.transform_descriptors}), which is not scanned; {TRUST_HINT}")
+                                           f"transformed ({info.transform_descriptors}), which is not scanned; "
+                                           f"{TRUST_HINT}")
         items.append((index.fqn, directory / name, int(info.offset), int(info.length)))
     return items
 
