@@ -128,37 +128,65 @@ def _torch_save(obj) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_crafted_common_pt_or_sharded_object_is_refused(real, tmp_path):
+def _replace_bytes_item(real: Path, tmp_path: Path, key_part: str, payload: bytes) -> Path:
+    """A copy of ``real`` whose first bytes item with ``key_part`` in its key reads ``payload`` from a new .distcp
+    file (its .metadata rewritten to point there); returns the iter folder."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    marker = tmp_path / "payload-ran"
-    root, folder = _copy(real, tmp_path / "a")
-    (folder / "common.pt").write_bytes(_torch_save({"iteration": 1, "x": _Payload(marker)}))
-    with pytest.raises(UntrustedCheckpointError, match=r"common\.pt.*'io\.open'"):
-        checkpoint_trust.scan(folder)
-    # a sharded object (bytes item): .metadata points the RNG state at a torch.save'd payload in a new .distcp file
-    root, folder = _copy(real, tmp_path / "b")
+    _, folder = _copy(real, tmp_path)
     meta = pickle.loads((folder / ".metadata").read_bytes())
-    index, info = next((i, s) for i, s in meta.storage_data.items()
-                       if isinstance(meta.state_dict_metadata[i.fqn], BytesStorageMetadata) and "rng" in i.fqn)
-    payload = _torch_save([_Payload(marker)])
+    info = next(s for i, s in meta.storage_data.items()
+                if isinstance(meta.state_dict_metadata[i.fqn], BytesStorageMetadata) and key_part in i.fqn)
     (folder / "__9_0.distcp").write_bytes(payload)
     info.relative_path, info.offset, info.length = "__9_0.distcp", 0, len(payload)
     (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    return folder
+
+
+def test_a_crafted_common_pt_or_sharded_object_is_refused(real, tmp_path):
+    marker = tmp_path / "payload-ran"
+    _, folder = _copy(real, tmp_path / "a")
+    (folder / "common.pt").write_bytes(_torch_save({"iteration": 1, "x": _Payload(marker)}))
+    with pytest.raises(UntrustedCheckpointError, match=r"common\.pt.*'io\.open'"):
+        checkpoint_trust.scan(folder)
+    # a sharded object (the RNG states) that is a torch.save'd payload
+    folder = _replace_bytes_item(real, tmp_path / "b", "rng_state", _torch_save([_Payload(marker)]))
     with pytest.raises(UntrustedCheckpointError, match=r"__9_0\.distcp \(item 'rng_state.*'io\.open'"):
         checkpoint_trust.scan(folder)
-    info.relative_path = "../elsewhere.distcp"
+    meta = pickle.loads((folder / ".metadata").read_bytes())
+    next(s for i, s in meta.storage_data.items() if s.relative_path == "__9_0.distcp").relative_path = "../x.distcp"
     (folder / ".metadata").write_bytes(pickle.dumps(meta))
     with pytest.raises(UntrustedCheckpointError, match="stored outside the folder"):
         checkpoint_trust.scan(folder)
     assert not marker.exists()
 
 
-def test_a_legacy_or_truncated_pickle_is_refused(tmp_path):
-    (tmp_path / "common.pt").write_bytes(pickle.dumps({"a": 1}))  # not a zip torch.save file
-    with pytest.raises(UntrustedCheckpointError, match="not a zip torch.save file"):
-        checkpoint_trust.scan(tmp_path)
-    (tmp_path / "common.pt").unlink()
+def _extra_state(state) -> bytes:
+    """A sharded object as TransformerEngine 2 stores its FP8 state: a pickle inside a uint8 tensor, torch.save'd."""
+    return _torch_save([torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)])
+
+
+def test_the_pickle_inside_a_transformer_engine_extra_state_is_scanned(real, tmp_path):
+    marker = tmp_path / "payload-ran"
+    fp8 = {"scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(4, 3), "extra_fp8_variables": {"num_gemms": 1}}
+    folder = _replace_bytes_item(real, tmp_path / "a", "_extra_state", _extra_state(fp8))
+    checkpoint_trust.scan(folder)  # tensors pickled with plain pickle: nested legacy torch.save files, scanned too
+    folder = _replace_bytes_item(real, tmp_path / "b", "_extra_state", _extra_state({**fp8, "x": _Payload(marker)}))
+    with pytest.raises(UntrustedCheckpointError, match=r"_extra_state.*extra-state tensor\): .*'io\.open'"):
+        checkpoint_trust.scan(folder)
+    assert not marker.exists()
+
+
+def test_legacy_torch_save_files_are_scanned_and_malformed_pickles_refused(tmp_path):
+    marker = tmp_path / "payload-ran"
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buffer, _use_new_zipfile_serialization=False)
+    checkpoint_trust.scan_torch_save(buffer.getvalue(), "legacy.pt")
+    buffer = io.BytesIO()
+    torch.save({"w": _Payload(marker)}, buffer, _use_new_zipfile_serialization=False)
+    with pytest.raises(UntrustedCheckpointError, match=r"legacy\.pt \(legacy torch.save part 4\).*'io\.open'"):
+        checkpoint_trust.scan_torch_save(buffer.getvalue(), "legacy.pt")
     (tmp_path / ".metadata").write_bytes(pickle.dumps({"a": 1})[:-3])
     with pytest.raises(UntrustedCheckpointError, match="cannot be read"):
         checkpoint_trust.scan(tmp_path)
+    assert not marker.exists()

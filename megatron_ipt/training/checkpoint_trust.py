@@ -7,7 +7,10 @@ callable and have it called while it loads (``__reduce__``), so a crafted checkp
 those pickles with a :class:`pickle.Unpickler` whose ``find_class`` resolves only the names in :data:`ALLOWED`
 (plus torch's dtype / layout / memory-format / storage names), and raises :class:`UntrustedCheckpointError` naming
 the first other one, before megatron-core or torch open the folder. Nothing the pickle names outside the list is
-imported or called; tensors in ``torch.save`` files are not materialised (their storages are never read).
+imported or called; tensors in ``torch.save`` files are not materialised (their storages are never read), except
+two pickles hidden in tensor data, which are scanned too: TransformerEngine's FP8 extra state (a pickle in a
+uint8 tensor, ``pickle.loads``-ed by TE on load) and tensors pickled with plain pickle (a nested legacy
+``torch.save`` file, ``torch.load``-ed with ``weights_only=False``).
 
 The list was built from checkpoints this project's trainer writes with megatron-core 0.16.1 (model, optimizer,
 scheduler, RNG states; data and expert parallel; converted checkpoints) and from the classes torch's
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import tarfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from megatron_ipt.errors import UntrustedCheckpointError
 
@@ -48,7 +52,7 @@ ALLOWED = frozenset({
     "torch.Size", "torch.device", "torch.serialization._get_layout",
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-    "torch.storage.UntypedStorage", "torch.storage.TypedStorage", "torch.storage._load_from_bytes",
+    "torch.storage.UntypedStorage", "torch.storage.TypedStorage",
     # numpy arrays, scalars and dtypes (RNG states), numpy 1 and 2 module names
     *(f"{m}.{n}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
     "numpy.ndarray", "numpy.dtype",
@@ -61,9 +65,14 @@ ALLOWED = frozenset({
 })
 
 # Resolved to this stub in the scan: tensors are not rebuilt (their storages are never read).
-_TENSOR_REBUILDS = frozenset(n for n in ALLOWED
-                             if n.startswith("torch._utils._rebuild") or n.endswith("_load_from_bytes"))
+_TENSOR_REBUILDS = frozenset(n for n in ALLOWED if n.startswith("torch._utils._rebuild"))
+# A tensor pickled with plain pickle (TransformerEngine's extra state) carries its storage as a nested legacy
+# torch.save file, which torch.load(weights_only=False) reads: scanned in turn.
+_NESTED_SAVE = "torch.storage._load_from_bytes"
 _RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles (torch.save's)
+# TransformerEngine keeps its FP8 state as a pickle inside a uint8 tensor (``*._extra_state`` sharded objects) and
+# unpickles it with plain pickle.loads on load: the recipe dataclasses and enums are what it holds.
+_TE_RECIPES = "transformer_engine.common.recipe."
 
 
 def _not_materialised(*_args: Any, **_kwargs: Any) -> None:
@@ -83,51 +92,76 @@ def _is_torch_value(module: str, name: str) -> bool:
 
 
 class _Scanner(pickle.Unpickler):
-    """An unpickler that resolves only allowed names; ``where`` names the file (and item) in errors."""
+    """An unpickler that resolves only allowed names; ``where`` names the file (and item) in errors. With
+    ``storages``, torch.save's storage references are accepted (not read) and listed in :attr:`storages`."""
 
-    def __init__(self, data: bytes, where: str, *, storages: bool) -> None:
-        super().__init__(io.BytesIO(data))
-        self.where, self.storages = where, storages
+    def __init__(self, stream: IO[bytes], where: str, *, storages: bool) -> None:
+        super().__init__(stream)
+        self.where, self.accept_storages = where, storages
+        self.storages: list[tuple[str, str]] = []  # (storage type name, key)
 
     def find_class(self, module: str, name: str) -> Any:
         module = _RENAMED_MODULES.get(module, module)
         full = f"{module}.{name}"
         if full in _TENSOR_REBUILDS:
             return _not_materialised
-        if full in ALLOWED or _is_torch_value(module, name):
+        if full == _NESTED_SAVE:
+            return lambda data, *_: scan_torch_save(bytes(data), f"{self.where} (a pickled tensor)")
+        if full in ALLOWED or _is_torch_value(module, name) or (full.startswith(_TE_RECIPES) and "_extra_state" in
+                                                                  self.where):
             return super().find_class(module, name)
         raise UntrustedCheckpointError(
             f"{self.where}: refusing to load this checkpoint: its pickle names {full!r}, not one of the data classes "
             f"a torch_dist checkpoint holds (unpickling it could run code); {TRUST_HINT}")
 
     def persistent_load(self, pid: Any) -> Any:
-        # torch.save's storages: ('storage', storage type, key, location, numel); the type went through find_class.
-        if self.storages and isinstance(pid, tuple) and pid and pid[0] == "storage":
+        # torch.save's storages: ('storage', storage type, key, location, numel[, view]); the type went through
+        # find_class.
+        if self.accept_storages and isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
+            self.storages.append((getattr(pid[1], "__name__", str(pid[1])), str(pid[2])))
             return None
         raise UntrustedCheckpointError(f"{self.where}: refusing to load this checkpoint: unexpected persistent id "
                                        f"{str(pid)[:80]!r} in its pickle; {TRUST_HINT}")
 
 
-def _unpickle(data: bytes, where: str, *, storages: bool = False) -> Any:
+def _unpickle(stream: IO[bytes], where: str, *, storages: bool = False) -> _Scanner:
+    """Run one pickle of ``stream`` through :class:`_Scanner`; returns the scanner (its ``result``, storages)."""
+    scanner = _Scanner(stream, where, storages=storages)
     try:
-        return _Scanner(data, where, storages=storages).load()
+        scanner.result = scanner.load()
     except UntrustedCheckpointError:
         raise
     except Exception as e:  # truncated or malformed pickle: refuse rather than let torch try
         raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: its pickle cannot be read "
                                        f"({type(e).__name__}: {str(e)[:120]}); {TRUST_HINT}") from None
+    return scanner
 
 
 def scan_torch_save(data: bytes, where: str) -> None:
-    """Scan one ``torch.save`` output (the zip format; every ``*.pkl`` member). A legacy (non-zip) file is refused:
-    torch unpickles it in several pieces before and between the storages, and this project never writes one."""
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: not a zip torch.save file "
-                                       f"(the legacy format is not scanned); {TRUST_HINT}")
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for member in archive.namelist():
-            if member.endswith(".pkl"):
-                _unpickle(archive.read(member), f"{where} ({member})", storages=True)
+    """Scan one ``torch.save`` output: the zip format (every ``*.pkl`` member; in a ``*._extra_state`` item also the
+    pickle TransformerEngine keeps in a uint8 tensor), or the legacy format's five consecutive pickles (torch's
+    own nested tensors use it). A tar-format (torch < 0.4) file is refused."""
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".pkl"):
+                    continue
+                scanner = _unpickle(io.BytesIO(archive.read(member)), f"{where} ({member})", storages=True)
+                if "_extra_state" not in where:
+                    continue
+                prefix = member[: -len("data.pkl")] if member.endswith("data.pkl") else ""
+                for kind, key in scanner.storages:
+                    if kind in ("ByteStorage", "UntypedStorage") and f"{prefix}data/{key}" in archive.namelist():
+                        blob = archive.read(f"{prefix}data/{key}")
+                        if blob:
+                            _unpickle(io.BytesIO(blob), f"{where} (pickle in extra-state tensor)")
+        return
+    if tarfile.is_tarfile(io.BytesIO(data)):
+        raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: a tar-format torch.save file "
+                                       f"is not scanned; {TRUST_HINT}")
+    stream = io.BytesIO(data)  # legacy: magic number, protocol, sys info, the object, its storage keys; raw data
+    for part in range(5):
+        _unpickle(stream, f"{where} (legacy torch.save part {part + 1})", storages=part == 3)
 
 
 def _bytes_items(directory: Path, metadata: Any) -> list[tuple[str, Path, int, int]]:
@@ -163,7 +197,8 @@ def scan(directory: str | Path) -> int:
     directory = Path(directory)
     count = 0
     if (directory / ".metadata").is_file():
-        metadata = _unpickle((directory / ".metadata").read_bytes(), str(directory / ".metadata"))
+        with open(directory / ".metadata", "rb") as f:
+            metadata = _unpickle(f, str(directory / ".metadata")).result
         count += 1
         for key, path, offset, length in _bytes_items(directory, metadata):
             with open(path, "rb") as f:
