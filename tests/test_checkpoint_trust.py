@@ -190,3 +190,34 @@ def test_legacy_torch_save_files_are_scanned_and_malformed_pickles_refused(tmp_p
     with pytest.raises(UntrustedCheckpointError, match="cannot be read"):
         checkpoint_trust.scan(tmp_path)
     assert not marker.exists()
+
+
+def test_ipt_eval_refuses_a_crafted_checkpoint_and_trust_checkpoint_passes_the_scan(real, tmp_path, tiny_tokenizer_dir,
+                                                                                     capsys):
+    import json
+
+    import yaml
+
+    from data_prep.encoders import load_encoder
+    from megatron_ipt.manifest import write_manifest
+    from megatron_ipt.pipeline import stage_path
+    from test_eval_batching import TASK
+
+    root, marker = _crafted(real, tmp_path)
+    cfg = tiny_config()
+    cfg.run_dir = str(tmp_path / "run")
+    encoder = load_encoder(tiny_tokenizer_dir)
+    write_manifest(stage_path(cfg, "tokenize"), stage="tokenize", fingerprint="test", config={},
+                   tokenizer={"path": str(tiny_tokenizer_dir), "vocab_size": encoder.vocab_size,
+                              "eod_id": encoder.eod_id})
+    config, task = tmp_path / "exp.yaml", tmp_path / "task.jsonl"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    task.write_text("".join(json.dumps(t) + "\n" for t in TASK))
+    args = ["eval", str(config), "--checkpoint", str(root), "--data", str(task), "--output", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ipt eval: error: ") and "'io.open'" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+    # trusted: megatron-core unpickles the crafted .metadata (the payload runs), then fails on what it got
+    assert main(args + ["--trust-checkpoint"]) == 2
+    assert marker.exists() and "does not match the model config" in capsys.readouterr().err

@@ -136,7 +136,8 @@ def exported(checkpoint: str | Path, *, reference: Path | None, work_dir: str | 
     temporary Hugging Face folder under ``work_dir`` (created; the folder is named ``.hf-export-*``) with the
     config and tokenizer of ``reference``; yields :class:`Exported`; removes the folder on exit, also on error.
     ``reference`` None: written from ``preset``, ``vocab_size`` and ``tokenizer_dir`` (:func:`preset_reference`)
-    into the temporary folder. ``trust``: skip the scan of the checkpoint's pickles (``megatron_to_hf``'s). ``dtype``: float32 / bfloat16 / float16 (default: the reference config's).
+    into the temporary folder. ``trust``: skip the scan of the checkpoint's pickles (``megatron_to_hf``'s).
+    ``dtype``: float32 / bfloat16 / float16 (default: the reference config's).
     ``tokenizer_dir``: a Hugging Face tokenizer folder (or tokenizer.json) whose tokenizer files are copied when
     ``reference`` has none. Raises ExportError (ConvertError, an IptError, when the checkpoint does not fit the
     config; for a derived config the message says so)."""
