@@ -221,3 +221,14 @@ def test_ipt_eval_refuses_a_crafted_checkpoint_and_trust_checkpoint_passes_the_s
     # trusted: megatron-core unpickles the crafted .metadata (the payload runs), then fails on what it got
     assert main(args + ["--trust-checkpoint"]) == 2
     assert marker.exists() and "does not match the model config" in capsys.readouterr().err
+
+
+def test_only_data_classes_of_the_checkpoint_modules_are_allowed(tmp_path):
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    checkpoint_trust.scan_torch_save(_torch_save({"m": StorageMeta()}), "ok.pt")
+    for module, name in (("torch.distributed.checkpoint.planner", "dataclass"), ("os", "system"),
+                         ("builtins", "eval"), ("builtins", "getattr"), ("torch.distributed.checkpoint.planner", "Enum")):
+        data = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."  # GLOBAL module.name, STOP
+        with pytest.raises(UntrustedCheckpointError, match=f"'{module}.{name}'"):
+            checkpoint_trust._unpickle(io.BytesIO(data), "crafted")

@@ -34,13 +34,8 @@ TRUST_HINT = "pass --trust-checkpoint (train.trust_checkpoint: true) only if you
 
 # "module.name" a checkpoint's pickles may name. Data containers and constructors with no side effects only.
 ALLOWED = frozenset({
-    # torch.distributed.checkpoint's metadata (.metadata), every class its metadata/planner modules define
-    *(f"torch.distributed.checkpoint.metadata.{n}" for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
-    *(f"torch.distributed.checkpoint.planner.{n}" for n in (
-        "SavePlan", "LoadPlan", "WriteItem", "ReadItem", "WriteItemType", "LoadItemType", "TensorWriteData",
-        "BytesIOWriteData")),
+    # torch.distributed.checkpoint's metadata (.metadata): every class of its metadata and planner modules
+    # (_DATA_CLASS_MODULES), and the storage location records of its file system writer
     "torch.distributed.checkpoint.filesystem._StorageInfo",
     "torch.distributed.checkpoint.filesystem._StoragePrefix",
     "torch.distributed._shard.sharded_tensor.metadata.TensorProperties",
@@ -60,10 +55,12 @@ ALLOWED = frozenset({
     "collections.OrderedDict", "collections.defaultdict", "builtins.set", "builtins.frozenset", "builtins.slice",
     "builtins.range", "builtins.complex", "builtins.bytearray", "builtins.bytes", "builtins.int", "builtins.float",
     "builtins.bool", "builtins.str", "builtins.tuple", "builtins.list", "builtins.dict", "_codecs.encode",
-    "copyreg._reconstructor", "builtins.object", "argparse.Namespace", "pathlib.PosixPath", "pathlib.WindowsPath",
-    "pathlib.PurePosixPath",
+    "copyreg._reconstructor", "builtins.object", "argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath",
 })
 
+# Modules of torch's checkpoint format that define only data classes, enums and abstract planners: any class defined
+# there is allowed (a later torch version may add one to its .metadata).
+_DATA_CLASS_MODULES = frozenset({"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner"})
 # Resolved to this stub in the scan: tensors are not rebuilt (their storages are never read).
 _TENSOR_REBUILDS = frozenset(n for n in ALLOWED if n.startswith("torch._utils._rebuild"))
 # A tensor pickled with plain pickle (TransformerEngine's extra state) carries its storage as a nested legacy
@@ -110,6 +107,10 @@ class _Scanner(pickle.Unpickler):
         if full in ALLOWED or _is_torch_value(module, name) or (full.startswith(_TE_RECIPES) and "_extra_state" in
                                                                   self.where):
             return super().find_class(module, name)
+        if module in _DATA_CLASS_MODULES and not name.startswith("__"):
+            value = super().find_class(module, name)
+            if isinstance(value, type) and value.__module__ == module:
+                return value
         raise UntrustedCheckpointError(
             f"{self.where}: refusing to load this checkpoint: its pickle names {full!r}, not one of the data classes "
             f"a torch_dist checkpoint holds (unpickling it could run code); {TRUST_HINT}")
