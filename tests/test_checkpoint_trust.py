@@ -227,8 +227,16 @@ def test_only_data_classes_of_the_checkpoint_modules_are_allowed(tmp_path):
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     checkpoint_trust.scan_torch_save(_torch_save({"m": StorageMeta()}), "ok.pt")
-    for module, name in (("torch.distributed.checkpoint.planner", "dataclass"), ("os", "system"),
-                         ("builtins", "eval"), ("builtins", "getattr"), ("torch.distributed.checkpoint.planner", "Enum")):
+    planner = "torch.distributed.checkpoint.planner"
+    for module, name in ((planner, "dataclass"), (planner, "Enum"), ("os", "system"), ("builtins", "eval"),
+                         ("builtins", "getattr"), ("builtins", "__import__"), ("subprocess", "Popen")):
         data = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."  # GLOBAL module.name, STOP
         with pytest.raises(UntrustedCheckpointError, match=f"'{module}.{name}'"):
             checkpoint_trust._unpickle(io.BytesIO(data), "crafted")
+
+
+def test_a_checkpoint_of_another_sharded_backend_is_refused(real, tmp_path):
+    _, folder = _copy(real, tmp_path)
+    (folder / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1}')
+    with pytest.raises(UntrustedCheckpointError, match="metadata.json: .*sharded_backend 'zarr' is not scanned"):
+        checkpoint_trust.scan(folder)

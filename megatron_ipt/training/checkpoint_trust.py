@@ -22,6 +22,7 @@ pickled). ``train.trust_checkpoint: true`` / ``--trust-checkpoint`` skips the sc
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 import zipfile
@@ -92,9 +93,9 @@ class _Scanner(pickle.Unpickler):
     """An unpickler that resolves only allowed names; ``where`` names the file (and item) in errors. With
     ``storages``, torch.save's storage references are accepted (not read) and listed in :attr:`storages`."""
 
-    def __init__(self, stream: IO[bytes], where: str, *, storages: bool) -> None:
+    def __init__(self, stream: IO[bytes], where: str, *, storages: bool, extra_state: bool) -> None:
         super().__init__(stream)
-        self.where, self.accept_storages = where, storages
+        self.where, self.accept_storages, self.extra_state = where, storages, extra_state
         self.storages: list[tuple[str, str]] = []  # (storage type name, key)
 
     def find_class(self, module: str, name: str) -> Any:
@@ -103,9 +104,9 @@ class _Scanner(pickle.Unpickler):
         if full in _TENSOR_REBUILDS:
             return _not_materialised
         if full == _NESTED_SAVE:
-            return lambda data, *_: scan_torch_save(bytes(data), f"{self.where} (a pickled tensor)")
-        if full in ALLOWED or _is_torch_value(module, name) or (full.startswith(_TE_RECIPES) and "_extra_state" in
-                                                                  self.where):
+            return lambda data, *_: scan_torch_save(bytes(data), f"{self.where} (a pickled tensor)",
+                                                    extra_state=self.extra_state)
+        if full in ALLOWED or _is_torch_value(module, name) or (self.extra_state and full.startswith(_TE_RECIPES)):
             return super().find_class(module, name)
         if module in _DATA_CLASS_MODULES and not name.startswith("__"):
             value = super().find_class(module, name)
@@ -125,9 +126,10 @@ class _Scanner(pickle.Unpickler):
                                        f"{str(pid)[:80]!r} in its pickle; {TRUST_HINT}")
 
 
-def _unpickle(stream: IO[bytes], where: str, *, storages: bool = False) -> _Scanner:
-    """Run one pickle of ``stream`` through :class:`_Scanner`; returns the scanner (its ``result``, storages)."""
-    scanner = _Scanner(stream, where, storages=storages)
+def _unpickle(stream: IO[bytes], where: str, *, storages: bool = False, extra_state: bool = False) -> _Scanner:
+    """Run one pickle of ``stream`` through :class:`_Scanner`; returns the scanner (its ``result``, storages).
+    ``extra_state``: a TransformerEngine extra state, which may also name TE's recipe classes."""
+    scanner = _Scanner(stream, where, storages=storages, extra_state=extra_state)
     try:
         scanner.result = scanner.load()
     except UntrustedCheckpointError:
@@ -138,31 +140,33 @@ def _unpickle(stream: IO[bytes], where: str, *, storages: bool = False) -> _Scan
     return scanner
 
 
-def scan_torch_save(data: bytes, where: str) -> None:
-    """Scan one ``torch.save`` output: the zip format (every ``*.pkl`` member; in a ``*._extra_state`` item also the
-    pickle TransformerEngine keeps in a uint8 tensor), or the legacy format's five consecutive pickles (torch's
-    own nested tensors use it). A tar-format (torch < 0.4) file is refused."""
+def scan_torch_save(data: bytes, where: str, *, extra_state: bool = False) -> None:
+    """Scan one ``torch.save`` output: the zip format (every ``*.pkl`` member; with ``extra_state``, a
+    ``*._extra_state`` sharded object, also the pickle TransformerEngine keeps in a uint8 tensor), or the legacy
+    format's five consecutive pickles (torch's own nested tensors use it). A tar-format (torch < 0.4) file is
+    refused."""
     if zipfile.is_zipfile(io.BytesIO(data)):
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             for member in archive.namelist():
                 if not member.endswith(".pkl"):
                     continue
-                scanner = _unpickle(io.BytesIO(archive.read(member)), f"{where} ({member})", storages=True)
-                if "_extra_state" not in where:
+                scanner = _unpickle(io.BytesIO(archive.read(member)), f"{where} ({member})", storages=True,
+                                    extra_state=extra_state)
+                if not extra_state:
                     continue
                 prefix = member[: -len("data.pkl")] if member.endswith("data.pkl") else ""
                 for kind, key in scanner.storages:
                     if kind in ("ByteStorage", "UntypedStorage") and f"{prefix}data/{key}" in archive.namelist():
                         blob = archive.read(f"{prefix}data/{key}")
                         if blob:
-                            _unpickle(io.BytesIO(blob), f"{where} (pickle in extra-state tensor)")
+                            _unpickle(io.BytesIO(blob), f"{where} (pickle in extra-state tensor)", extra_state=True)
         return
     if tarfile.is_tarfile(io.BytesIO(data)):
         raise UntrustedCheckpointError(f"{where}: refusing to load this checkpoint: a tar-format torch.save file "
                                        f"is not scanned; {TRUST_HINT}")
     stream = io.BytesIO(data)  # legacy: magic number, protocol, sys info, the object, its storage keys; raw data
     for part in range(5):
-        _unpickle(stream, f"{where} (legacy torch.save part {part + 1})", storages=part == 3)
+        _unpickle(stream, f"{where} (legacy torch.save part {part + 1})", storages=part == 3, extra_state=extra_state)
 
 
 def _bytes_items(directory: Path, metadata: Any) -> list[tuple[str, Path, int, int]]:
@@ -189,13 +193,27 @@ def _bytes_items(directory: Path, metadata: Any) -> list[tuple[str, Path, int, i
     return items
 
 
+def _check_backend(directory: Path) -> None:
+    """Refuse a checkpoint whose ``metadata.json`` names a sharded backend other than torch_dist (megatron-core
+    would load it with that backend's reader, which this scan does not cover)."""
+    path = directory / "metadata.json"
+    try:
+        backend = json.loads(path.read_text()).get("sharded_backend") if path.is_file() else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise UntrustedCheckpointError(f"{path}: refusing to load this checkpoint: unreadable ({e})") from None
+    if backend not in (None, "torch_dist"):
+        raise UntrustedCheckpointError(f"{path}: refusing to load this checkpoint: sharded_backend {backend!r} is "
+                                       f"not scanned (only torch_dist is); {TRUST_HINT}")
+
+
 def scan(directory: str | Path) -> int:
     """Scan every pickle a torch_dist load of ``directory`` would unpickle: ``.metadata``, each bytes item it
     lists (read from its ``*.distcp`` file at its offset), and every ``*.pt`` file in the folder (``common.pt``,
     per-object files). Returns the number of pickled parts scanned. Raises UntrustedCheckpointError (one line,
     naming the file and the refused ``module.name``) on the first name outside :data:`ALLOWED`, a malformed
-    pickle, or a bytes item stored outside the folder."""
+    pickle, a bytes item stored outside the folder, or a ``metadata.json`` naming another backend than torch_dist."""
     directory = Path(directory)
+    _check_backend(directory)
     count = 0
     if (directory / ".metadata").is_file():
         with open(directory / ".metadata", "rb") as f:
@@ -204,7 +222,8 @@ def scan(directory: str | Path) -> int:
         for key, path, offset, length in _bytes_items(directory, metadata):
             with open(path, "rb") as f:
                 f.seek(offset)
-                scan_torch_save(f.read(length), f"{path} (item {key!r})")
+                scan_torch_save(f.read(length), f"{path} (item {key!r})",
+                                extra_state=key.split("/", 1)[0].endswith("_extra_state"))
             count += 1
     for path in sorted(directory.rglob("*.pt")):
         if path.is_file():
