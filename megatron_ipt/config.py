@@ -399,6 +399,10 @@ class TrainConfig(_Section):
         None, description="Continual pre-training: load model weights only (no optimizer, scheduler or iteration) "
         "from this torch_dist checkpoint folder (an iter_* folder, or a checkpoints folder with 'latest', e.g. from "
         "ipt convert hf-to-megatron); the learning rate warms up again. Ignored when the run resumes its own checkpoint.")
+    trust_checkpoint: bool = Field(
+        False, description="Load torch_dist checkpoints (init_from, sft.init_from, resume) without first scanning their "
+        "pickles (.metadata, common.pt, sharded objects) for classes other than the data classes such a checkpoint "
+        "holds; a pickle can run code when loaded, so set this only for checkpoints from someone you trust.")
 
     @model_validator(mode="after")
     def _lr_range(self) -> "TrainConfig":

@@ -20,3 +20,8 @@ class TrainingStopped(IptError):
     so a job script can requeue on it."""
 
     exit_code = 3
+
+
+class UntrustedCheckpointError(IptError):
+    """A checkpoint's pickles name a class outside the data classes a torch_dist checkpoint holds (loading it could
+    run code); see :mod:`megatron_ipt.training.checkpoint_trust`. ``--trust-checkpoint`` skips the check."""

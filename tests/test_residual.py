@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import re
+import struct
 
 import pytest
 import torch
@@ -167,7 +171,7 @@ def test_mismatches_name_the_tensor(trio, tmp_path):
     tied = _model(tmp_path / "tied", 3, tie=True)
     with pytest.raises(WeightsError, match=r"tensor lm_head\.weight is missing from the continually pre-trained"):
         r.add_instruction_residual(base, instruct, tied, tmp_path / "o")
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
 
 def test_output_is_atomic_and_not_overwritten(trio, tmp_path):
@@ -177,6 +181,72 @@ def test_output_is_atomic_and_not_overwritten(trio, tmp_path):
         r.add_instruction_residual(base, instruct, cpt, tmp_path / "o")
     r.add_instruction_residual(base, instruct, cpt, tmp_path / "o", overwrite=True)
     assert (tmp_path / "o" / r.RESIDUAL_MANIFEST).is_file()
+
+
+def test_overwrite_swaps_the_output_in_one_step_and_temporary_names_carry_host_and_pid(trio, tmp_path):
+    base, instruct, cpt = trio
+    host = platform.node().replace("/", "_")
+    assert r._Atomic(tmp_path / "o", True).tmp.name == f".o.tmp-{host}-{os.getpid()}"
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.txt").write_text("previous output")
+    foreign = tmp_path / f".o.tmp-{host}x-{os.getpid()}"  # another node's run with the same pid, in flight
+    foreign.mkdir()
+    (foreign / "part").write_text("theirs")
+    wide = _model(tmp_path / "wide", 3, vocab=90)
+    with pytest.raises(WeightsError, match="shapes differ"):  # a failed --overwrite run leaves the old output
+        r.add_instruction_residual(base, instruct, wide, tmp_path / "o", overwrite=True)
+    assert (tmp_path / "o" / "old.txt").read_text() == "previous output"
+    r.add_instruction_residual(base, instruct, cpt, tmp_path / "o", overwrite=True)
+    assert (tmp_path / "o" / r.RESIDUAL_MANIFEST).is_file() and not (tmp_path / "o" / "old.txt").exists()
+    assert (foreign / "part").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.glob(".o.*")) == [foreign.name]  # no temporary or set-aside folder left
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    """Write a safetensors file byte by byte (a crafted header the library itself would not write)."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+F32x4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("header,data,message", [
+    ({"a": {**F32x4, "dtype": "F8_E9"}}, bytes(16), "tensor a has unsupported dtype F8_E9"),
+    ({"a": F32x4}, bytes(8), "the tensors end at byte .* but the file has .* bytes \\(truncated\\)"),
+    ({"a": F32x4}, bytes(24), "the tensors end at byte .* \\(trailing data\\)"),
+    ({"a": {**F32x4, "data_offsets": [16, 0]}}, bytes(16), "tensor a: data_offsets \\[16, 0\\] is not"),
+    ({"a": {**F32x4, "data_offsets": [0, 12]}}, bytes(12), "tensor a: 12 bytes do not hold F32 \\[4\\]"),
+    ({"a": {**F32x4, "shape": [-4]}}, bytes(16), "tensor a: shape \\[-4\\] is not"),
+    ({"a": F32x4, "b": {**F32x4, "data_offsets": [8, 24]}}, bytes(24), "tensor b: .* overlaps the tensor before it"),
+    ({"a": F32x4, "b": {**F32x4, "data_offsets": [20, 36]}}, bytes(36), "tensor b: .* leaves a gap of 4 bytes"),
+    ({"a": {**F32x4, "data_offsets": [4, 20]}}, bytes(20), "tensor a: .* leaves a gap of 4 bytes"),
+    ({"a": "F32"}, bytes(16), "tensor a: header entry is not an object"),
+], ids=["dtype", "truncated", "trailing", "reversed", "size", "shape", "overlap", "gap", "start-gap", "entry"])
+def test_a_bad_safetensors_header_is_refused_naming_the_file_and_tensor(tmp_path, header, data, message):
+    _raw_safetensors(tmp_path / "model.safetensors", {"__metadata__": {"format": "pt"}, **header}, data)
+    with pytest.raises(WeightsError, match="model.safetensors: " + message) as err:
+        ModelWeights(tmp_path)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_header_longer_than_its_file_or_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(WeightsError, match="header length 1000 bytes, file 10 bytes"):
+        ModelWeights(tmp_path)
+    _raw_safetensors(path, [], b"")
+    with pytest.raises(WeightsError, match="header is a JSON list"):
+        ModelWeights(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/model.safetensors", ".."])
+def test_an_index_naming_a_file_outside_the_model_folder_is_refused(tmp_path, name):
+    (tmp_path / "m").mkdir()
+    _raw_safetensors(tmp_path / "outside.safetensors", {"a": F32x4}, bytes(16))
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": name}}))
+    with pytest.raises(WeightsError, match=f"index.json: tensor a: file '{re.escape(name)}' is not a file name inside"):
+        ModelWeights(tmp_path / "m")
 
 
 def test_writer_rejects_out_of_plan_data(tmp_path):

@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="the first N held-out documents (rc), windows per component (perplexity) or documents "
                    "per task (harness)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="load the torch_dist checkpoint without scanning "
+                   "its pickles for non-data classes (train.trust_checkpoint: true); only for checkpoints you trust")
     p.add_argument("--name", help="model name in tables (default: from the source)")
     p.add_argument("--output", help="results JSON (default: RUN_DIR/eval/TASK-NAME.json); --harness: a folder "
                    "(default RUN_DIR/eval), one file per task")
@@ -94,6 +96,8 @@ def run(args) -> int:
     from megatron_ipt.config import load_config
 
     cfg = load_config(args.target[0], args.overrides)
+    if args.trust_checkpoint:
+        cfg.train.trust_checkpoint = True
     source = dict(checkpoint=args.checkpoint, init=args.init, hf=args.hf, name=args.name)
     if args.hf_config_from and not (args.harness and not args.hf):
         raise IptError("--hf-config-from is for --harness on a checkpoint (not with --hf)")
@@ -283,7 +287,7 @@ def evaluate_harness(cfg, hf, tasks: list[str], *, checkpoint=None, hf_config_fr
         vocab_size = (tok or {}).get("vocab_size") or (_vocab_size(tokenizer_dir) if reference is None else None)
         with hf_export.exported(ckpt, reference=reference, work_dir=folder, tokenizer_dir=tokenizer_dir,
                                 dtype="float32" if device == "cpu" else None, preset=resolve_preset(cfg.model),
-                                vocab_size=vocab_size) as export:
+                                vocab_size=vocab_size, trust=cfg.train.trust_checkpoint) as export:
             results = harness.run_harness(export.folder, **run, manager=manager)
         model = {"kind": "megatron", "path": str(ckpt), "name": name or cfg.name,
                  "fingerprint": {**_fingerprint(cfg, tok or {"path": str(tokenizer_dir or reference)}),

@@ -131,12 +131,13 @@ def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int
 @contextmanager
 def exported(checkpoint: str | Path, *, reference: Path | None, work_dir: str | Path, dtype: str | None = None,
              tokenizer_dir: str | Path | None = None, preset: ModelPreset | None = None,
-             vocab_size: int | None = None) -> Iterator[Exported]:
+             vocab_size: int | None = None, trust: bool = False) -> Iterator[Exported]:
     """Export ``checkpoint`` (a checkpoints folder with ``latest``, an ``iter_*`` or a converted folder) to a
     temporary Hugging Face folder under ``work_dir`` (created; the folder is named ``.hf-export-*``) with the
     config and tokenizer of ``reference``; yields :class:`Exported`; removes the folder on exit, also on error.
     ``reference`` None: written from ``preset``, ``vocab_size`` and ``tokenizer_dir`` (:func:`preset_reference`)
-    into the temporary folder. ``dtype``: float32 / bfloat16 / float16 (default: the reference config's).
+    into the temporary folder. ``trust``: skip the scan of the checkpoint's pickles (``megatron_to_hf``'s).
+    ``dtype``: float32 / bfloat16 / float16 (default: the reference config's).
     ``tokenizer_dir``: a Hugging Face tokenizer folder (or tokenizer.json) whose tokenizer files are copied when
     ``reference`` has none. Raises ExportError (ConvertError, an IptError, when the checkpoint does not fit the
     config; for a derived config the message says so)."""
@@ -157,7 +158,7 @@ def exported(checkpoint: str | Path, *, reference: Path | None, work_dir: str | 
                 raise ExportError(f"{checkpoint}: no Hugging Face config to export it with: pass --hf-config-from")
             source = preset_reference(preset, tmp / "reference", vocab_size=vocab_size, tokenizer=tokenizer_dir)
         try:
-            manifest = convert.megatron_to_hf(ckpt_dir, folder, hf_config_from=source, dtype=dtype)
+            manifest = convert.megatron_to_hf(ckpt_dir, folder, hf_config_from=source, dtype=dtype, trust=trust)
         except (ValueError, FileNotFoundError) as e:
             message = str(e) if isinstance(e, IptError) else f"{checkpoint}: cannot export with {source}: {e}"
             if reference is None:  # the temporary config is gone when the user reads this

@@ -53,9 +53,12 @@ class MegatronScorer:
                                 attention_backend=self.cfg.model.attention_backend)
             if self.checkpoint_path is not None:
                 try:
-                    folder = checkpoint.load_model_weights(self.checkpoint_path, model)
+                    folder = checkpoint.load_model_weights(self.checkpoint_path, model,
+                                                           trust=self.cfg.train.trust_checkpoint)
                 except FileNotFoundError as e:
                     raise IptError(str(e)) from None
+                except IptError:  # a refused checkpoint (checkpoint_trust): its own line
+                    raise
                 except (Exception, CheckpointException) as e:  # megatron's own message is long: keep its first line
                     raise IptError(f"{self.checkpoint_path}: does not match the model config ({self.cfg.model.preset}, "
                                    f"seq {self.cfg.model.seq_length}): {checkpoint.load_error_reason(e)}") from None

@@ -71,7 +71,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from data_prep import atomic
-from megatron_ipt.training import checkpoint, cpu_backend, mcore, parallel
+from megatron_ipt.training import checkpoint, checkpoint_trust, cpu_backend, mcore, parallel
 from megatron_ipt.config import ParallelConfig
 from megatron_ipt.errors import IptError
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, preset_from_hf_config
@@ -377,7 +377,7 @@ def _load_parameter(key: str, entry, param: torch.Tensor, dtypes: dict[str, torc
     return value
 
 
-def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Path | None = None,
+def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Path | None = None, trust: bool = False,
                    dtype: str | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
                    progress: bool = True) -> dict:
     """Export a torch_dist checkpoint (a converted folder, a training run's ``checkpoints`` folder or one
@@ -388,15 +388,17 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, hf_config_from: str | Pa
     (default: the ``hf/`` folder a conversion stored next to the checkpoint). The vocabulary padding is cut
     back to the config's ``vocab_size``. ``progress``: bytes written, on stderr (:class:`data_prep.progress.
     StageProgress`: a bar on a terminal, a line every 30 s otherwise). Raises ConvertError when no config is found
-    or the checkpoint does not fit the config."""
+    or the checkpoint does not fit the config, UntrustedCheckpointError when its pickles name a non-data class
+    (unless ``trust``)."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
+    ckpt_dir = checkpoint.resolve_checkpoint_dir(src)
+    checkpoint_trust.check(ckpt_dir, trust=trust)  # before anything reads its .metadata
     cfg_dir = Path(hf_config_from) if hf_config_from else _find_hf_files(src)
     preset = preset_from_hf_config(cfg_dir)
     hf_cfg = json.loads((cfg_dir / "config.json").read_text())
     dtype_name = _dtype_name(dtype, hf_cfg)
     out_dtype = _DTYPES[dtype_name]
-    ckpt_dir = checkpoint.resolve_checkpoint_dir(src)
     vocab, dtypes = _checkpoint_vocab(ckpt_dir), _checkpoint_dtypes(ckpt_dir)
     model_type = hf_cfg.get("model_type", "llama")
     names = hf_names(preset, model_type)

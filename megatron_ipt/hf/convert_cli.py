@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
                    "hf/ folder stored by hf-to-megatron next to the checkpoint)")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the config's torch_dtype")
     b.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB")
+    b.add_argument("--trust-checkpoint", action="store_true", help="load SRC without scanning its pickles for "
+                   "non-data classes (a pickle can run code when loaded); only for checkpoints you trust")
     b.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=run)
 
@@ -52,7 +54,8 @@ def run(args) -> int:
             print(f"train from it with: model.hf_config: {args.dst}/hf   train.init_from: {args.dst}")
         else:
             m = convert.megatron_to_hf(args.src, args.dst, hf_config_from=args.hf_config_from, dtype=args.dtype,
-                                       max_shard_bytes=int(args.max_shard_size * 1e9), overwrite=args.overwrite)
+                                       max_shard_bytes=int(args.max_shard_size * 1e9), overwrite=args.overwrite,
+                                       trust=args.trust_checkpoint)
             print(f"wrote {args.dst}: {len(m['shards'])} shard(s) ({m['dtype']}) in {m['seconds']} s")
     except (ValueError, FileNotFoundError) as e:
         from megatron_ipt.errors import IptError

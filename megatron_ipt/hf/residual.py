@@ -9,7 +9,8 @@ weight 1.0; residuals port across bases of the same ancestor).
 Everything is streamed row block by row block (``block_bytes``, 64 MiB by default) through
 :mod:`megatron_ipt.hf.safetensors_stream`: shard boundaries may differ between the inputs, and peak memory is a
 few blocks, not a model. Arithmetic is in float32; each output tensor is stored in the CPT model's dtype
-(rounded once). The output folder is written under a temporary name and renamed when complete.
+(rounded once). The output folder is written under a temporary name (``.NAME.tmp-HOST-PID``) and put in place
+when complete; ``--overwrite`` swaps an existing output out in one step.
 
 Rules:
 - the three inputs must have the same tensor names and shapes, else WeightsError naming the tensor;
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from data_prep import atomic
 from megatron_ipt.hf.safetensors_stream import (INDEX, ModelWeights, PlannedTensor, ShardedWriter, WeightsError,
                                              read_header, row_blocks)
 
@@ -115,16 +118,21 @@ def _grown_rows(name: str, base, instruct, cpt) -> int | None:
 
 
 class _Atomic:
-    """Write into ``<out>.tmp-<pid>``, rename to ``out`` on success, remove the temporary folder on failure."""
+    """Write into ``.<out>.tmp-HOST-PID`` beside ``out``; on success put it at ``out`` (an existing ``out``, with
+    ``overwrite``, is swapped out in one step and then removed: :func:`data_prep.atomic.replace_dir`); on failure
+    remove the temporary folder, leaving ``out`` as it was. Host and pid keep two writers on a shared file system
+    (another node, the same pid) out of each other's temporary folders."""
 
     def __init__(self, out: Path, overwrite: bool) -> None:
         self.out = out
         if out.exists() and not overwrite:
             raise WeightsError(f"{out} exists; choose another output folder or pass --overwrite")
-        self.tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        host = platform.node().replace("/", "_") or "host"
+        self.tmp = out.with_name(f".{out.name}.tmp-{host}-{os.getpid()}")
+        self.aside = out.with_name(f".{out.name}.old-{host}-{os.getpid()}")
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run of this process id on this host
         self.tmp.mkdir(parents=True)
         return self.tmp
 
@@ -132,9 +140,7 @@ class _Atomic:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        atomic.replace_dir(self.tmp, self.out, aside=self.aside)
 
 
 def _run(out: Path, sources: dict[str, ModelWeights], meta_from: Path, plan: list[PlannedTensor],

@@ -72,36 +72,99 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of one safetensors file and the absolute offset where its data starts.
 
-    Raises WeightsError naming the file when it is too short or its header is not valid JSON."""
+    Raises WeightsError naming the file when it is too short, its header is not a JSON object, or the header
+    claims more bytes than the file has."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise WeightsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 2**20:
-                raise WeightsError(f"{path}: not a safetensors file (header length {n} bytes)")
+            if n > 100 * 2**20 or 8 + n > size:
+                raise WeightsError(f"{path}: not a safetensors file (header length {n} bytes, file {size} bytes)")
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path}: cannot read the safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
+                           "not an object)")
     return header, 8 + n
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def tensor_infos(path: Path, header: dict, start: int) -> dict[str, TensorInfo]:
+    """Validate a safetensors header (:func:`read_header`) as the format requires and the ``safetensors`` library
+    checks: a known dtype, a shape of non-negative integers, ``data_offsets`` ``[begin, end]`` whose length is the
+    shape's element count x the dtype's size, and the tensors' byte ranges, in offset order, tiling the data section
+    from its start to the end of the file (no gap, no overlap, nothing outside the file). Returns name ->
+    :class:`TensorInfo` (absolute byte ranges). Raises WeightsError naming the file and the tensor."""
+    size = os.path.getsize(path)
+    infos: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise WeightsError(f"{path}: tensor {name}: header entry is not an object")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise WeightsError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise WeightsError(f"{path}: tensor {name}: data_offsets {offsets!r} is not [begin, end] with begin <= end")
+        info = TensorInfo(path, dtype, tuple(shape), start + offsets[0], start + offsets[1])
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        if numel * _DTYPES[dtype].itemsize != info.nbytes:
+            raise WeightsError(f"{path}: tensor {name}: {info.nbytes} bytes do not hold {dtype} {list(info.shape)}")
+        infos[name] = info
+    position = start
+    for name, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != position:
+            what = ("overlaps the tensor before it" if info.begin < position
+                    else f"leaves a gap of {info.begin - position} bytes before it")
+            raise WeightsError(f"{path}: tensor {name}: data_offsets {[info.begin - start, info.end - start]} {what} "
+                               "(a safetensors data section is contiguous)")
+        position = info.end
+    if position != size:
+        raise WeightsError(f"{path}: the tensors end at byte {position} but the file has {size} bytes"
+                           + (" (truncated)" if position > size else " (trailing data)"))
+    return infos
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The file names ``index``'s ``weight_map`` lists: plain names of files in its folder (no folder part, not
+    absolute, not ``..``); WeightsError naming the index and the entry otherwise."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{index}: not a safetensors index ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index}: not a safetensors index (weight_map is not an object)")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise WeightsError(f"{index}: tensor {tensor}: file {name!r} is not a file name inside the model folder")
+    return sorted(set(weight_map.values()))
 
 
 class ModelWeights:
     """The tensors of a Hugging Face model folder (single-file or sharded safetensors), read by row blocks.
 
-    Raises WeightsError when the folder has no safetensors weights, when the index names a missing file,
-    or when a tensor's byte range does not match its dtype and shape."""
+    Raises WeightsError when the folder has no safetensors weights, when the index names a missing file or one
+    outside the folder, or when a header is invalid (:func:`tensor_infos`: unknown dtype, byte ranges that do not
+    match dtype and shape, lie outside the file or are not contiguous)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise WeightsError(f"{index}: not a safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
+            files = _shard_names(index)
         elif (self.folder / SINGLE).is_file():
             files = [SINGLE]
         else:
@@ -114,19 +177,7 @@ class ModelWeights:
                 raise WeightsError(f"{index}: names {name}, which is missing")
             self.files.append(path)
             header, start = read_header(path)
-            for tname, meta in header.items():
-                if tname == "__metadata__":
-                    continue
-                if meta["dtype"] not in _DTYPES:
-                    raise WeightsError(f"{path}: tensor {tname} has unsupported dtype {meta['dtype']}")
-                b, e = meta["data_offsets"]
-                info = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), start + b, start + e)
-                numel = 1
-                for d in info.shape:
-                    numel *= d
-                if numel * _DTYPES[info.dtype].itemsize != info.nbytes:
-                    raise WeightsError(f"{path}: tensor {tname}: {info.nbytes} bytes do not hold {info.dtype} {list(info.shape)}")
-                self.tensors[tname] = info
+            self.tensors.update(tensor_infos(path, header, start))
         self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:

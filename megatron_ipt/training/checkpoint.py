@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from megatron_ipt.training import mcore
+from megatron_ipt.training import checkpoint_trust, mcore
 from megatron_ipt.manifest import atomic_write_text
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -290,19 +290,22 @@ def _init_optimizer_states(optimizer) -> None:
             init()
 
 
-def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *, iteration: int | None = None) -> Progress:
+def load_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, *, iteration: int | None = None,
+                    trust: bool = False) -> Progress:
     """Load ``root/iter_{N:07d}`` (``N`` from ``root/latest`` by default) into model, optimizer, scheduler, RNG.
 
     Returns the restored :class:`Progress`. Raises FileNotFoundError when there is nothing to load.
     Must be called on every rank, after the optimizer is built. Mirrors Megatron-LM's
     ``load_checkpoint`` for torch_dist: optimizer states are initialised first and the optimizer
-    state is loaded under ``torch.no_grad()``.
+    state is loaded under ``torch.no_grad()``. Unless ``trust``, the checkpoint's pickles are scanned first
+    (:func:`megatron_ipt.training.checkpoint_trust.scan`: UntrustedCheckpointError naming a refused class).
     """
     if iteration is None:
         iteration = latest_iteration(root)
     if iteration is None:
         raise FileNotFoundError(f"no checkpoint to load: {Path(root) / LATEST} is missing")
     directory = checkpoint_dir(root, iteration)
+    checkpoint_trust.check(directory, trust=trust)
     _init_optimizer_states(optimizer)
     chunks = _chunks(model)
     template = _sharded_state_dict(chunks, optimizer, scheduler, Progress(iteration), is_loading=True)
@@ -380,14 +383,16 @@ def save_model_weights(root: Path, model: torch.nn.Module, iteration: int = 0) -
     return directory
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
+def load_model_weights(path: str | Path, model: torch.nn.Module, *, trust: bool = False) -> Path:
     """Load model weights only from a torch_dist checkpoint (see :func:`resolve_checkpoint_dir`) into
     ``model`` (one module or the list of model chunks; any tensor/pipeline/virtual-pipeline layout: the
     checkpoint is resharded on load); optimizer state, scheduler,
     iteration and RNG are not read. Continual pre-training's starting point (Megatron-LM's
     ``--finetune --no-load-optim --no-load-rng``). Must be called on every rank; returns the folder read.
-    Raises FileNotFoundError when ``path`` holds no checkpoint."""
+    Raises FileNotFoundError when ``path`` holds no checkpoint, UntrustedCheckpointError when its pickles name a
+    class outside :mod:`~megatron_ipt.training.checkpoint_trust`'s list (not checked with ``trust``)."""
     directory = resolve_checkpoint_dir(path)
+    checkpoint_trust.check(directory, trust=trust)
     chunks = _chunks(model)
     state = mcore.load_distributed(_model_state_dicts(chunks), directory)
     _load_model_state(chunks, state)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_ipt.config import ExperimentConfig
-from megatron_ipt.training import checkpoint, data, mcore, train
+from megatron_ipt.training import checkpoint, checkpoint_trust, data, mcore, train
 from megatron_ipt.training.presets import resolve_preset
 from megatron_ipt.training.sft_data import SFTDataset
 
@@ -75,9 +75,10 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out_dir: Path, fingerprint: str,
     tokenizer = data.DatasetTokenizer(vocab_size=int(tok["vocab_size"]), eod=int(tok["eod_id"]), path=str(tok["path"]))
     if cfg.train.init_from and checkpoint.latest_iteration(out_dir / "checkpoints") is None:
         try:
-            checkpoint.resolve_checkpoint_dir(cfg.train.init_from)
+            folder = checkpoint.resolve_checkpoint_dir(cfg.train.init_from)
         except FileNotFoundError as err:
             raise data.DataError(f"sft.init_from = {cfg.train.init_from!r}: {err}") from None
+        checkpoint_trust.check(folder, trust=cfg.train.trust_checkpoint)
     inputs = train.Inputs(tokenizer=tokenizer, per_split=None, preset=resolve_preset(cfg.model))
     run = train.setup_model_and_optimizer(cfg, inputs, device)
     if run.rank0:

@@ -28,7 +28,8 @@ import torch
 
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import atomic_write_text, read_manifest, write_manifest
-from megatron_ipt.training import checkpoint, cpu_backend, data, mcore, metrics, parallel, plan, scale, signals
+from megatron_ipt.training import (checkpoint, checkpoint_trust, cpu_backend, data, mcore, metrics, parallel, plan, scale,
+                                   signals)
 from megatron_ipt.training.model import build_model_chunks
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, resolve_preset
 from megatron_ipt.training.reporting import Reporter, memory_stats
@@ -190,8 +191,9 @@ def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path | Non
     ``out_dir`` None checks a run that starts fresh (``train.init_from`` must then hold a checkpoint);
     ``launcher`` skips the torchrun check (the caller starts the workers). Raises ManifestError (no or a
     foreign tokenize manifest), ``data.DataError`` naming the config key (a missing prefix, ``train.init_from``
-    that holds no checkpoint, a bad ``blend.extra`` / ``blend.per_split`` prefix) and RuntimeError when
-    ``parallel.nproc_per_node > 1`` without torchrun.
+    that holds no checkpoint, a bad ``blend.extra`` / ``blend.per_split`` prefix), UntrustedCheckpointError (an
+    ``init_from`` checkpoint whose pickles name a class other than data; see ``train.trust_checkpoint``) and
+    RuntimeError when ``parallel.nproc_per_node > 1`` without torchrun.
     """
     t = cfg.train
     tokenizer = data.DatasetTokenizer.from_manifest(read_manifest(tokenized_dir, "tokenize"))
@@ -199,9 +201,10 @@ def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path | Non
     data.check_general(tokenized_dir, cfg.blend.general_weight)
     if t.init_from and (out_dir is None or checkpoint.latest_iteration(out_dir / "checkpoints") is None):
         try:
-            checkpoint.resolve_checkpoint_dir(t.init_from)
+            folder = checkpoint.resolve_checkpoint_dir(t.init_from)
         except FileNotFoundError as err:
             raise data.DataError(f"train.init_from = {t.init_from!r}: {err}") from None
+        checkpoint_trust.check(folder, trust=t.trust_checkpoint)
     for i, component in enumerate(cfg.blend.extra):
         data.check_extra_prefix(component.prefix, f"blend.extra[{i}].prefix")
         if component.valid_prefix:
@@ -397,14 +400,15 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
     if run.rank0:
         (out_dir / STOPPED).unlink(missing_ok=True)
     if checkpoint.latest_iteration(ckpt_root) is None and t.init_from:
-        initialized_from = str(checkpoint.load_model_weights(t.init_from, run.model))
+        initialized_from = str(checkpoint.load_model_weights(t.init_from, run.model, trust=t.trust_checkpoint))
         reload = getattr(run.optimizer, "reload_model_params", None)
         if reload is not None:  # main (fp32) copies of bf16 params were taken when the optimizer was built
             reload()
         _say(f"train: initialised model weights from {initialized_from}")
     if checkpoint.latest_iteration(ckpt_root) is not None:
         tick = time.perf_counter()
-        progress = checkpoint.load_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler)
+        progress = checkpoint.load_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler,
+                                              trust=t.trust_checkpoint)
         load_seconds = time.perf_counter() - tick
         before = progress.extra["heldout_before"]
     else:
