@@ -10,8 +10,8 @@ index. ``tests/test_indexed.py`` checks the bytes against the builder's.
 
 Publishing a pair (:func:`publish_pair`): both files are written under temporary names that carry the host and
 the process id (``PREFIX.bin.HOST-PID.tmp``, so two writers of one prefix never share a temporary file), flushed
-and ``fsync``\ ed; then the old ``PREFIX.idx`` is removed (and the removal made durable), the new ``.bin`` is
-renamed into place, then the new ``.idx``, then the folder is ``fsync``\ ed. A crash at any point leaves the old
+and fsynced; then the old ``PREFIX.idx`` is removed (and the removal made durable), the new ``.bin`` is
+renamed into place, then the new ``.idx``, then the folder is fsynced. A crash at any point leaves the old
 pair, or a ``.bin`` without an ``.idx`` (which every reader reports as a missing file and the tokenizer redoes),
 never a new ``.bin`` beside an old ``.idx``. Temporary files that a killed writer of this host left are removed
 by the next writer of the same prefix. ``data_prep.dataset_check`` checks a pair before training reads it.
