@@ -83,27 +83,28 @@ def check_prefixes(tokenized_dir: Path, prefixes: tuple[str, ...]) -> None:
                 raise FileNotFoundError(f"indexed dataset file missing: {path}")
 
 
-def check_indexed(prefix: str | Path, key: str) -> None:
-    """Check the indexed dataset ``prefix`` before anything reads it (``data_prep.dataset_check.check_with_manifest``:
-    the ``.idx`` header and size, the ``.bin`` size against the tokens the ``.idx`` counts, and the size and sampled
-    digest ``PREFIX.manifest.json`` records, if any). Raises :class:`DataError` naming ``key`` and the file,
-    expected vs found."""
-    from data_prep.dataset_check import IndexedDatasetError, check_with_manifest
+def check_indexed(prefix: str | Path, key: str, *, records: bool = True) -> None:
+    """Check the indexed dataset ``prefix`` before anything reads it (``data_prep.dataset_check``: the ``.idx``
+    header and size, the ``.bin`` size against the tokens the ``.idx`` counts, and, with ``records``, the size and
+    sampled digest ``PREFIX.manifest.json`` records, if any). Raises :class:`DataError` naming ``key`` and the
+    file, expected vs found."""
+    from data_prep.dataset_check import IndexedDatasetError, check_dataset, check_with_manifest
 
     try:
-        check_with_manifest(prefix)
+        (check_with_manifest if records else check_dataset)(prefix)
     except (FileNotFoundError, IndexedDatasetError) as err:
         raise DataError(f"{key}: {err}") from None
 
 
 def check_tokenized(tokenized_dir: Path, manifest: dict) -> None:
-    """Check the tokenize stage's four datasets: each output against the size and sampled digest its manifest
-    records (``manifest.verify_outputs``; ManifestError), then each pair (:func:`check_indexed`; DataError)."""
+    """Check the tokenize stage's four datasets: each pair (:func:`check_indexed`; DataError), then each output
+    against the size and sampled digest the stage manifest records (``manifest.verify_outputs``; ManifestError;
+    the per-prefix manifests beside them record the same files and are not read again)."""
     from megatron_ipt.manifest import verify_outputs
 
-    verify_outputs(tokenized_dir, manifest)
     for prefix in TRAIN_PREFIXES + HELDOUT_PREFIXES:
-        check_indexed(Path(tokenized_dir) / prefix, f"tokenize stage dataset {prefix}")
+        check_indexed(Path(tokenized_dir) / prefix, f"tokenize stage dataset {prefix}", records=False)
+    verify_outputs(tokenized_dir, manifest)
 
 
 def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
