@@ -213,9 +213,9 @@ class HFEncoder(Encoder):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
 
-# Files a Hugging Face tokenizer folder holds (one of them at least): fast, sentencepiece, BPE and WordPiece vocabularies.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
+# Files a Hugging Face tokenizer folder holds (one at least): fast, sentencepiece, BPE and WordPiece vocabularies.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 def folder_hint(path: Path) -> str:

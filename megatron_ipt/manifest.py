@@ -75,7 +75,8 @@ def record_mismatch(path: str | Path, record: dict, recorded_in: str | Path) -> 
         return f"{path}: missing, {recorded_in} records it"
     size = os.path.getsize(path)
     if size != record["bytes"]:
-        return f"{path}: {size} bytes, {recorded_in} records {record['bytes']} (changed or replaced since it was written)"
+        return (f"{path}: {size} bytes, {recorded_in} records {record['bytes']} (changed or replaced since it was "
+                "written)")
     found = file_record(path)["sampled_blake2b"]
     if found != record["sampled_blake2b"]:
         return (f"{path}: sampled BLAKE2b {found}, {recorded_in} records {record['sampled_blake2b']} (same size, "

@@ -198,7 +198,8 @@ def test_a_tokenizer_folder_without_tokenizer_files_is_one_line_keeping_the_libr
                 "--output-prefix", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"cannot load a tokenizer from {folder}: {reason}" in err
-    assert f"{folder} holds no tokenizer file: expected tokenizer.json" in err and f"it holds {', '.join(files)})" in err
+    assert f"{folder} holds no tokenizer file: expected tokenizer.json" in err
+    assert f"it holds {', '.join(files)})" in err
     assert not (tmp_path / "out.bin").exists()
 
 

@@ -54,9 +54,9 @@ def pack(order: np.ndarray, positions: np.ndarray, seq_length: int, packed: bool
 
 
 def check_sft_files(prefix: str | Path, key: str) -> None:
-    """Check ``prefix`` and ``prefix_mask`` before training reads them (:func:`megatron_ipt.training.data.check_indexed`:
-    header, sizes, and what ``PREFIX.manifest.json`` records for all four files). Raises :class:`DataError` naming
-    ``key``."""
+    """Check ``prefix`` and ``prefix_mask`` before training reads them
+    (:func:`megatron_ipt.training.data.check_indexed`: header, sizes, and what ``PREFIX.manifest.json`` records for
+    all four files). Raises :class:`DataError` naming ``key``."""
     check_indexed(prefix, key)
     check_indexed(f"{prefix}{MASK_SUFFIX}", key)
 
