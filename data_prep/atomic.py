@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
+    """``fsync`` a folder so that renames and removals in it survive a power loss (a no-op where folders cannot be
+    opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a file system or platform that cannot open folders: the rename is still atomic
@@ -36,6 +38,18 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (another user's counts): stale temporary files are those of a
+    process of this host that no longer runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -64,7 +78,7 @@ def open_atomic(path: str | Path, mode: str = "wb", encoding: str | None = None)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -124,7 +138,7 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     if fn is None:
         return False
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        _fsync_dir(Path(b).parent)
+        fsync_dir(Path(b).parent)
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):

@@ -213,8 +213,26 @@ class HFEncoder(Encoder):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
 
+# Files a Hugging Face tokenizer folder holds (one at least): fast, sentencepiece, BPE and WordPiece vocabularies.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def folder_hint(path: Path) -> str:
+    """For a folder holding none of :data:`TOKENIZER_FILES`: `` (the folder holds no tokenizer file ...; it holds:
+    NAMES)``, else ``""``: what to say when a library cannot make a tokenizer of it."""
+    if not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES):
+        return ""
+    names = sorted(p.name for p in path.iterdir())
+    found = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "nothing"
+    return (f" ({path} holds no tokenizer file: expected tokenizer.json, tokenizer.model, vocab.json + merges.txt or "
+            f"vocab.txt; it holds {found})")
+
+
 class AutoEncoder(Encoder):
-    """A Hugging Face folder without ``tokenizer.json`` (slow tokenizers), through ``AutoTokenizer``."""
+    """A Hugging Face folder without ``tokenizer.json`` (slow tokenizers), through ``AutoTokenizer``. A tokenizer that
+    loads but encodes text to nothing (transformers builds an empty-vocabulary GPT-2 tokenizer from a folder that
+    holds only a model's ``config.json``) is a DataPrepError naming the folder."""
 
     kind = "huggingface-auto"
     bpe_backend = "transformers"
@@ -223,6 +241,9 @@ class AutoEncoder(Encoder):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(str(path))
+        if len(self.tok) < 2 or not self.reference_encode_batch(["Hello world"])[0]:
+            raise DataPrepError(f"cannot load a tokenizer from {path}: transformers makes a {type(self.tok).__name__} "
+                                f"of {len(self.tok)} token(s) that encodes text to nothing{folder_hint(path)}")
         files = sorted(p for p in path.iterdir() if p.is_file())
         super().__init__(path, self.tok.get_vocab(), len(self.tok), files, self.tok.eos_token, self.tok.bos_token)
 
@@ -317,5 +338,13 @@ def load_encoder(path: str | Path, bpe_backend: str = "auto") -> Encoder:
     except DataPrepError:
         raise
     except Exception as e:  # the libraries raise many types (OSError, ValueError, RuntimeError, ...)
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise DataPrepError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {msg}") from None
+        raise DataPrepError(f"cannot load a tokenizer from {path}: {library_message(e)}{folder_hint(path)}") from None
+
+
+def library_message(e: BaseException, limit: int = 400) -> str:
+    """``TYPE: message`` of a library's exception on one line: its lines joined (transformers puts the reason after
+    a first line ending in a colon), runs of whitespace collapsed, cut at ``limit`` characters."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3].rstrip() + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

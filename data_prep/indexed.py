@@ -8,18 +8,28 @@ builder keeps Python lists of every length and computes the offsets in a Python 
 numpy chunks and the ``.idx`` is written chunk by chunk, so a merge of many shards never holds a whole
 index. ``tests/test_indexed.py`` checks the bytes against the builder's.
 
-Both files are written under ``.tmp`` names and renamed when complete.
+Publishing a pair (:func:`publish_pair`): both files are written under temporary names that carry the host and
+the process id (``PREFIX.bin.HOST-PID.tmp``, so two writers of one prefix never share a temporary file), flushed
+and fsynced; then the old ``PREFIX.idx`` is removed (and the removal made durable), the new ``.bin`` is
+renamed into place, then the new ``.idx``, then the folder is fsynced. A crash at any point leaves the old
+pair, or a ``.bin`` without an ``.idx`` (which every reader reports as a missing file and the tokenizer redoes),
+never a new ``.bin`` beside an old ``.idx``. Temporary files that a killed writer of this host left are removed
+by the next writer of the same prefix. ``data_prep.dataset_check`` checks a pair before training reads it.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import platform
 import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from data_prep import atomic
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
 # megatron.core.datasets.indexed_dataset.DType codes
@@ -55,13 +65,55 @@ def write_index(idx_path: str | Path, dtype, count: int, length_chunks: Callable
             np.arange(lo, min(lo + CHUNK, count + 1), dtype=np.int64).tofile(f)
 
 
+def _host() -> str:
+    return platform.node().replace("/", "_") or "host"
+
+
+def temp_names(prefix: str | Path) -> tuple[str, str]:
+    """This process's temporary ``(.bin, .idx)`` names for ``prefix``: ``PREFIX.bin.HOST-PID.tmp`` and the ``.idx``
+    one. Temporary files of ``prefix`` that a process of this host which no longer runs left are removed first
+    (another host's are never touched: its process ids mean nothing here)."""
+    prefix, host = Path(prefix), _host()
+    for ext in ("bin", "idx"):
+        for stale in prefix.parent.glob(f"{glob.escape(prefix.name)}.{ext}.{glob.escape(host)}-*.tmp"):
+            pid = stale.name[: -len(".tmp")].rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not atomic.pid_alive(int(pid)):
+                stale.unlink(missing_ok=True)
+    return tuple(f"{prefix}.{ext}.{host}-{os.getpid()}.tmp" for ext in ("bin", "idx"))
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_pair(bin_tmp: str, idx_tmp: str, prefix: str | Path) -> None:
+    """Move the finished temporary files to ``PREFIX.bin`` / ``PREFIX.idx`` durably, in an order that never lets a
+    reader see a new ``.bin`` beside an old ``.idx`` (module docstring): fsync both, remove the old ``.idx``
+    (durably), rename the ``.bin``, rename the ``.idx``, fsync the folder."""
+    _fsync_file(bin_tmp)
+    _fsync_file(idx_tmp)
+    folder = Path(prefix).parent
+    idx = f"{prefix}.idx"
+    if os.path.lexists(idx):
+        os.remove(idx)
+        atomic.fsync_dir(folder)
+    os.replace(bin_tmp, f"{prefix}.bin")
+    os.replace(idx_tmp, idx)
+    atomic.fsync_dir(folder)
+
+
 class IndexedDatasetWriter:
-    """Append documents (token-id arrays) to ``prefix.bin.tmp``; ``finalize()`` writes the ``.idx`` and renames."""
+    """Append documents (token-id arrays) to a temporary ``.bin`` (:func:`temp_names`); ``finalize()`` writes the
+    ``.idx`` and publishes the pair (:func:`publish_pair`); ``abort()`` removes the temporary files."""
 
     def __init__(self, prefix: str | Path, dtype) -> None:
         self.prefix = str(prefix)
         self.dtype = dtype
-        self.bin_tmp, self.idx_tmp = f"{self.prefix}.bin.tmp", f"{self.prefix}.idx.tmp"
+        self.bin_tmp, self.idx_tmp = temp_names(self.prefix)
         self._bin = open(self.bin_tmp, "wb", buffering=1 << 22)
         self._lengths: list[np.ndarray] = []
         self.documents = 0
@@ -78,8 +130,7 @@ class IndexedDatasetWriter:
     def finalize(self) -> None:
         self._bin.close()
         write_index(self.idx_tmp, self.dtype, self.documents, lambda: self._lengths)
-        os.replace(self.bin_tmp, f"{self.prefix}.bin")
-        os.replace(self.idx_tmp, f"{self.prefix}.idx")
+        publish_pair(self.bin_tmp, self.idx_tmp, self.prefix)
 
     def abort(self) -> None:
         self._bin.close()
@@ -137,7 +188,7 @@ def merge_datasets(prefixes: list[str | Path], out_prefix: str | Path) -> dict:
             for lo in range(0, len(lengths), CHUNK):
                 yield np.array(lengths[lo:lo + CHUNK])
 
-    bin_tmp, idx_tmp = f"{out_prefix}.bin.tmp", f"{out_prefix}.idx.tmp"
+    bin_tmp, idx_tmp = temp_names(out_prefix)
     try:
         if not _linked(prefixes, bin_tmp):
             with open(bin_tmp, "wb") as out:
@@ -150,7 +201,6 @@ def merge_datasets(prefixes: list[str | Path], out_prefix: str | Path) -> dict:
             if os.path.exists(p):
                 os.remove(p)
         raise
-    os.replace(bin_tmp, f"{out_prefix}.bin")
-    os.replace(idx_tmp, f"{out_prefix}.idx")
+    publish_pair(bin_tmp, idx_tmp, out_prefix)
     tokens = os.path.getsize(f"{out_prefix}.bin") // np.dtype(dtype).itemsize
     return {"documents": count, "tokens": int(tokens)}

@@ -44,10 +44,12 @@ from typing import Any
 import numpy as np
 
 from data_prep import atomic
+from data_prep.dataset_check import IndexedDatasetError, check_dataset, check_with_manifest
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
 from data_prep.indexed import IndexedDatasetWriter, token_dtype
 from data_prep.readers import expand_inputs, read_batches
+from megatron_ipt.manifest import file_record
 
 MASK_SUFFIX = "_mask"
 MASK_DTYPE = np.uint8
@@ -196,6 +198,16 @@ def _stamp(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _intact(prefix: Path) -> bool:
+    """Both datasets pass :func:`data_prep.dataset_check.check_with_manifest` (else a rerun writes them again)."""
+    try:
+        check_with_manifest(prefix)
+        check_dataset(f"{prefix}{MASK_SUFFIX}")
+    except (OSError, IndexedDatasetError):
+        return False
+    return True
+
+
 def tokenize_conversations(inputs: list[str | Path], output_prefix: str | Path, tokenizer: str | Path,
                            opts: SFTOptions | None = None, log=print) -> dict:
     """Tokenize JSONL conversations into ``PREFIX`` and ``PREFIX_mask`` (format: module docstring); returns the
@@ -218,8 +230,7 @@ def tokenize_conversations(inputs: list[str | Path], output_prefix: str | Path, 
     settings = {"tokenizer": encoder.fingerprint, **opts.key(), "sources": [_stamp(p) for p in files]}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if old.get("settings") == settings and all(Path(f"{prefix}{s}{x}").is_file()
-                                                    for s in ("", MASK_SUFFIX) for x in (".bin", ".idx")):
+        if old.get("settings") == settings and _intact(prefix):
             log(f"sft data: {prefix} is up to date ({old['conversations']:,} conversations)")
             return old
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +278,8 @@ def tokenize_conversations(inputs: list[str | Path], output_prefix: str | Path, 
         "tokenizer": {**encoder.info(), "dtype": np.dtype(dtype).name},
         "template": opts.template, "settings": settings, "sources": sources,
         "skipped": dict(skipped), "skipped_examples": examples, "seconds": round(seconds, 3),
+        "files": {f"{prefix.name}{sfx}.{ext}": file_record(f"{prefix}{sfx}.{ext}") for sfx in ("", MASK_SUFFIX)
+                  for ext in ("bin", "idx")},  # what training compares (data_prep.dataset_check.check_with_manifest)
     }
     atomic.write_json(manifest_path, manifest, indent=2)
     log(f"sft data: {tokens_out.documents:,} conversations, {tokens_out.tokens:,} tokens ({targets:,} targets) "

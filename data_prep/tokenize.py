@@ -43,11 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import atomic
+from data_prep.dataset_check import IndexedDatasetError, check_dataset
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
 from data_prep.locks import exclusive_lock
 from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
 from data_prep.readers import Batch, expand_inputs, read_batches
+from megatron_ipt.manifest import file_record
 
 REASONS = {"malformed_json": "not valid JSON", "missing_field": "no string field", "not_utf8": "not UTF-8",
            "empty_text": "empty text"}
@@ -249,6 +251,19 @@ def _source_stamp(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _shard_intact(shard: Path, done: dict, log) -> bool:
+    """A finished shard's pair passes :func:`data_prep.dataset_check.check_dataset` and holds the tokens its
+    ``.done.json`` records; else it is tokenized again (logged)."""
+    try:
+        info = check_dataset(shard)
+    except FileNotFoundError:
+        return False
+    except IndexedDatasetError as e:
+        log(f"tokenize: {e}; tokenizing it again")
+        return False
+    return info.tokens == done["stats"]["tokens"] and info.sequences == done["stats"]["documents"]
+
+
 def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, workers: int = 1) -> dict:
     """Tokenize one input file into ``prefix.bin/.idx`` through ``pool`` (None: in-process)."""
     writer = IndexedDatasetWriter(prefix, dtype)
@@ -319,8 +334,7 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
             done_file = shard.with_name(shard.name + ".done.json")
             stamp = _source_stamp(path)
             done = json.loads(done_file.read_text()) if done_file.is_file() else None
-            if (done and done["source"] == stamp and done["settings"] == settings
-                    and Path(f"{shard}.bin").is_file() and Path(f"{shard}.idx").is_file()):
+            if done and done["source"] == stamp and done["settings"] == settings and _shard_intact(shard, done, log):
                 stats, resumed = done["stats"], resumed + 1
             elif opts.merge_only:
                 raise DataPrepError(f"{path}: no finished shard for this input and these settings under {shard_dir} "
@@ -370,6 +384,8 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
     }
     if merged is not None:
         assert merged["documents"] == manifest["documents"] and merged["tokens"] == tokens
+        # what a reader compares before training (data_prep.dataset_check.check_with_manifest)
+        manifest["files"] = {f"{prefix.name}.{ext}": file_record(f"{prefix}.{ext}") for ext in ("bin", "idx")}
     atomic.write_json(prefix.with_name(prefix.name + ".manifest.json"), manifest, indent=2)
     return manifest
 

@@ -46,6 +46,54 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+WHOLE_DIGEST_BYTES = 8 << 20  # files up to this size are hashed whole by file_record
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 1 << 16  # larger ones: 64 blocks of 64 KiB, first and last included
+
+
+def file_record(path: str | Path) -> dict:
+    """``{"bytes": size, "sampled_blake2b": hex}`` of a file, at a cost that does not grow with it: BLAKE2b
+    (16-byte digest) of the size (8 bytes, little endian) and the whole file up to 8 MiB, else of 64 blocks of
+    64 KiB at evenly spread offsets (the first at 0, the last ending at the end). What a later reader compares
+    before trusting an output that a full SHA-256 would take minutes to hash (a multi-GB ``.bin``)."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+    with open(path, "rb") as f:
+        if size <= WHOLE_DIGEST_BYTES:
+            while block := f.read(1 << 20):
+                h.update(block)
+        else:
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(i * (size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return {"bytes": size, "sampled_blake2b": h.hexdigest()}
+
+
+def record_mismatch(path: str | Path, record: dict, recorded_in: str | Path) -> str | None:
+    """None when ``path`` matches ``record`` (:func:`file_record`) written to ``recorded_in``, else one line naming
+    the file, found vs recorded: a missing file, another size (a ``stat``), or another sampled digest."""
+    if not os.path.isfile(path):
+        return f"{path}: missing, {recorded_in} records it"
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+        return (f"{path}: {size} bytes, {recorded_in} records {record['bytes']} (changed or replaced since it was "
+                "written)")
+    found = file_record(path)["sampled_blake2b"]
+    if found != record["sampled_blake2b"]:
+        return (f"{path}: sampled BLAKE2b {found}, {recorded_in} records {record['sampled_blake2b']} (same size, "
+                "other content: changed or replaced since it was written)")
+    return None
+
+
+def verify_outputs(stage_dir: str | Path, manifest: dict) -> None:
+    """Compare each output a stage manifest records in ``output_checks`` with the file now
+    (:func:`record_mismatch`); raises ManifestError naming the file. Manifests written before ``output_checks``
+    existed are not checked."""
+    where = Path(stage_dir) / MANIFEST
+    for name, record in (manifest.get("output_checks") or {}).items():
+        if message := record_mismatch(Path(stage_dir) / name, record, where):
+            raise ManifestError(f"{message}; rerun the '{manifest.get('stage')}' stage with --force")
+
+
 def fingerprint(*parts: Any) -> str:
     """Stable short hash of JSON-serialisable parts (config sections, upstream fingerprints)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -67,16 +115,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic.write_text(path, text)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _remove_stale_siblings(final: Path, host: str) -> list[Path]:
     """Remove ``.NAME.tmp-HOST-PID`` / ``.NAME.old-HOST-PID`` folders of ``final`` left by a process of this host
     that no longer runs (killed with ``kill -9`` mid-stage); another host's folders are never touched (its pids
@@ -85,7 +123,7 @@ def _remove_stale_siblings(final: Path, host: str) -> list[Path]:
     for kind in ("tmp", "old"):
         for sibling in final.parent.glob(f".{final.name}.{kind}-{host}-*"):
             pid = sibling.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not atomic.pid_alive(int(pid)):
                 shutil.rmtree(sibling, ignore_errors=True)
                 removed.append(sibling)
     return removed
@@ -164,7 +202,8 @@ def write_manifest(
     """Write ``out_dir/manifest.json`` (atomically) and return it.
 
     ``inputs`` maps a name to a file whose SHA-256 is recorded; ``outputs`` lists files (relative to
-    ``out_dir``) whose SHA-256 is recorded too; ``started`` is a ``time.time()`` stamp for the duration.
+    ``out_dir``) whose SHA-256 is recorded too, with their :func:`file_record` under ``output_checks`` (what
+    :func:`verify_outputs` compares); ``started`` is a ``time.time()`` stamp for the duration.
     """
     out_dir = Path(out_dir)
     now = time.time()
@@ -175,6 +214,7 @@ def write_manifest(
         "seconds": round(now - started, 3) if started is not None else None,
         "inputs": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in (inputs or {}).items()},
         "outputs": {name: sha256_file(out_dir / name) for name in (outputs or [])},
+        "output_checks": {name: file_record(out_dir / name) for name in (outputs or [])},
         "counts": counts or {},
         **extra,
         "config": config,

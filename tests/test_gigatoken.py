@@ -134,6 +134,52 @@ def test_cross_check_is_bounded_by_characters_not_documents():
     assert sum(map(len, check_sample(["x" * 10] * 10_000, 8192))) == 8192
 
 
+_PEAK_RSS = """
+import json, resource, sys
+limit = 3 << 30  # address space: a regression fails here instead of taking the machine's memory
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from data_prep.tokenize import TokenizeOptions, tokenize_corpus
+src, out, tokenizer, backend = sys.argv[1:]
+m = tokenize_corpus([src], out, tokenizer, TokenizeOptions(workers=2, min_parallel_bytes=0, bpe_backend=backend),
+                    log=lambda *_: None)
+print(json.dumps({"tokens": m["tokens"], "backend": m["tokenizer"]["bpe_backend"],
+                  "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fifty_mb_document(tmp_path_factory):
+    """One JSONL record whose text is 50 MB of random words (no repeated paragraphs for the BPE to cache)."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=int(n))) for n in rng.integers(2, 10, size=5000)]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), size=8_400_000))
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    assert len(text) > 50_000_000
+    return path
+
+
+@pytest.mark.parametrize("backend", ["gigatoken", "tiktoken"])
+def test_a_50_mb_document_keeps_a_tokenizer_worker_under_1_5_gb(fifty_mb_document, tiny_tokenizer_dir, tmp_path,
+                                                                  backend):
+    """Issue 16, item 10: the cross-check used to encode the first documents of each batch whole with the
+    reference library (a 50 MB document: 7.5 GB in one worker). Measured: the worker's peak RSS (the pool's
+    process, ``RUSAGE_CHILDREN`` of the process that runs the pool), with the check on."""
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip(backend)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(fifty_mb_document), str(tmp_path / "out"),
+                        str(tiny_tokenizer_dir), backend], capture_output=True, text=True, timeout=120,
+                       cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["backend"] == backend and got["tokens"] > 40_000_000
+    assert got["worker_peak_rss"] < 1.5e9, f"{got['worker_peak_rss'] / 1e9:.2f} GB"
+
+
 def test_a_missing_gigatoken_falls_back_or_is_named(tiny_tokenizer_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "gigatoken", None)  # as if not installed: import gigatoken raises
     enc = load_encoder(tiny_tokenizer_dir)

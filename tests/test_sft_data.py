@@ -115,6 +115,28 @@ def test_deterministic_atomic_and_resumed(tmp_path, tiny_tokenizer_dir):
     assert again == first and "up to date" in said[0]
 
 
+def test_a_changed_sft_dataset_is_refused_before_training_and_rewritten_on_rerun(tmp_path, tiny_tokenizer_dir):
+    from megatron_ipt.training.data import DataError
+    from megatron_ipt.training.sft_data import check_sft_files
+
+    src = _write(tmp_path / "qa.jsonl", CONVERSATIONS)
+    opts = SFTOptions(template="plain")
+    first = tokenize_conversations([src], tmp_path / "sft", tiny_tokenizer_dir, opts, log=lambda *_: None)
+    check_sft_files(tmp_path / "sft", "sft.data")
+    mask_bin = tmp_path / f"sft{MASK_SUFFIX}.bin"
+    data = bytearray(mask_bin.read_bytes())
+    data[3] ^= 1  # same size, one target flag flipped: only the recorded digest sees it
+    mask_bin.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"^sft.data: {tmp_path}/sft{MASK_SUFFIX}.bin: sampled BLAKE2b \w+, "
+                                        rf"{tmp_path}/sft.manifest.json records"):
+        check_sft_files(tmp_path / "sft", "sft.data")
+    said = []
+    tokenize_conversations([src], tmp_path / "sft", tiny_tokenizer_dir, opts, log=said.append)
+    assert not any("up to date" in s for s in said)
+    check_sft_files(tmp_path / "sft", "sft.data")
+    assert (tmp_path / f"sft{MASK_SUFFIX}.bin").read_bytes() != bytes(data) and first["files"]
+
+
 def test_bad_records_are_counted_or_fatal_with_file_and_line(tmp_path, tiny_tokenizer_dir):
     src = _write(tmp_path / "qa.jsonl", [CONVERSATIONS[2]], ["not json\n", "\n", json.dumps({"question": "q"}) + "\n",
                                                             json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n"])

@@ -177,6 +177,32 @@ def test_unloadable_tokenizer_is_a_one_line_error(tmp_path):
         load_encoder(tmp_path)
 
 
+@pytest.mark.parametrize("files, reason", [
+    ({"README.md": "notes"}, "ValueError: Couldn't instantiate the backend tokenizer from one of: (1) a `tokenizers` "
+                             "library serialization file, (2) a slow tokenizer instance"),
+    ({"config.json": '{"model_type": "gpt2"}'}, "transformers makes a GPT2Tokenizer of 1 token(s) that encodes text to "
+                                                "nothing"),
+])
+def test_a_tokenizer_folder_without_tokenizer_files_is_one_line_keeping_the_library_reason(tmp_path, capsys, files,
+                                                                                            reason):
+    """Issue 16, item 9: the library's reason used to be cut at its first line ("... from one of: "), and a folder
+    holding only a model's config.json loaded as a tokenizer that encodes every text to nothing."""
+    from megatron_ipt.cli import main as ipt
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    write_jsonl(tmp_path / "in.jsonl", TEXTS)
+    assert ipt(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(folder),
+                "--output-prefix", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"cannot load a tokenizer from {folder}: {reason}" in err
+    assert f"{folder} holds no tokenizer file: expected tokenizer.json" in err
+    assert f"it holds {', '.join(files)})" in err
+    assert not (tmp_path / "out.bin").exists()
+
+
 def test_command_line_tokenizes_a_glob(tmp_path, tiny_tokenizer_dir, capsys):
     write_jsonl(tmp_path / "x.jsonl", TEXTS)
     rc = main(["--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(tiny_tokenizer_dir),

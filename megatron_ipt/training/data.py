@@ -84,6 +84,31 @@ def check_prefixes(tokenized_dir: Path, prefixes: tuple[str, ...]) -> None:
                 raise FileNotFoundError(f"indexed dataset file missing: {path}")
 
 
+def check_indexed(prefix: str | Path, key: str, *, records: bool = True) -> None:
+    """Check the indexed dataset ``prefix`` before anything reads it (``data_prep.dataset_check``: the ``.idx``
+    header and size, the ``.bin`` size against the tokens the ``.idx`` counts, and, with ``records``, the size and
+    sampled digest ``PREFIX.manifest.json`` records, if any). Raises :class:`DataError` naming ``key`` and the
+    file, expected vs found."""
+    from data_prep.dataset_check import IndexedDatasetError, check_dataset, check_with_manifest
+
+    try:
+        (check_with_manifest if records else check_dataset)(prefix)
+    except (FileNotFoundError, IndexedDatasetError) as err:
+        raise DataError(f"{key}: {err}") from None
+
+
+def check_tokenized(tokenized_dir: Path, manifest: dict) -> None:
+    """Check the tokenize stage's datasets (the four, and ``train_general`` when written): each pair (:func:`check_indexed`; DataError), then each output
+    against the size and sampled digest the stage manifest records (``manifest.verify_outputs``; ManifestError;
+    the per-prefix manifests beside them record the same files and are not read again)."""
+    from megatron_ipt.manifest import verify_outputs
+
+    general = (GENERAL_PREFIX,) if (Path(tokenized_dir) / f"{GENERAL_PREFIX}.idx").is_file() else ()
+    for prefix in TRAIN_PREFIXES + general + HELDOUT_PREFIXES:
+        check_indexed(Path(tokenized_dir) / prefix, f"tokenize stage dataset {prefix}", records=False)
+    verify_outputs(tokenized_dir, manifest)
+
+
 def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
     """Number of tokens in the indexed dataset ``tokenized_dir/prefix`` (read from its ``.idx``)."""
     dataset = mcore.indexed_dataset(str(Path(tokenized_dir) / prefix))  # keep it alive: its arrays view its mmap
@@ -129,15 +154,17 @@ def _gpt_config(
 
 
 def check_extra_prefix(prefix: str | Path, key: str) -> Path:
-    """Check an extra dataset prefix named by config ``key``: both files exist and it holds a document.
+    """Check an extra dataset prefix named by config ``key``: both files exist, agree (:func:`check_indexed`) and
+    hold a document.
 
-    Raises :class:`DataError` naming the key and the missing file (or the empty dataset: megatron-core
+    Raises :class:`DataError` naming the key and the missing or mismatched file (or the empty dataset: megatron-core
     0.16.1's ``GPTDataset`` loops forever on a prefix without documents). Returns the prefix as a Path.
     """
     prefix = Path(prefix)
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
             raise DataError(f"{key} = {str(prefix)!r}: indexed dataset file missing: {prefix}{suffix}")
+    check_indexed(prefix, key)
     check_not_empty(prefix, key)
     return prefix
 

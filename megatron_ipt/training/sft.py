@@ -19,7 +19,7 @@ import torch
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.training import checkpoint, checkpoint_trust, data, mcore, train
 from megatron_ipt.training.presets import resolve_preset
-from megatron_ipt.training.sft_data import SFTDataset
+from megatron_ipt.training.sft_data import SFTDataset, check_sft_files
 
 TRAIN_PREFIX, VALID_PREFIX = "train", "valid"  # inside the stage's data folder
 VALID_KEY = "sft_valid"
@@ -73,6 +73,9 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out_dir: Path, fingerprint: str,
     manifest = read_data_manifest(data_dir)
     tok = manifest["tokenizer"]
     tokenizer = data.DatasetTokenizer(vocab_size=int(tok["vocab_size"]), eod=int(tok["eod_id"]), path=str(tok["path"]))
+    check_sft_files(data_dir / TRAIN_PREFIX, "sft.data")
+    if (data_dir / f"{VALID_PREFIX}.bin").is_file():
+        check_sft_files(data_dir / VALID_PREFIX, "sft.valid_data")
     if cfg.train.init_from and checkpoint.latest_iteration(out_dir / "checkpoints") is None:
         try:
             folder = checkpoint.resolve_checkpoint_dir(cfg.train.init_from)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from megatron_ipt.training import mcore
-from megatron_ipt.training.data import DataError
+from megatron_ipt.training.data import DataError, check_indexed
 
 MASK_SUFFIX = "_mask"  # data_prep.sft.MASK_SUFFIX (the training side does not import data_prep)
 
@@ -51,6 +51,14 @@ def pack(order: np.ndarray, positions: np.ndarray, seq_length: int, packed: bool
     if current:
         samples.append(current)
     return samples
+
+
+def check_sft_files(prefix: str | Path, key: str) -> None:
+    """Check ``prefix`` and ``prefix_mask`` before training reads them
+    (:func:`megatron_ipt.training.data.check_indexed`: header, sizes, and what ``PREFIX.manifest.json`` records for
+    all four files). Raises :class:`DataError` naming ``key``."""
+    check_indexed(prefix, key)
+    check_indexed(f"{prefix}{MASK_SUFFIX}", key)
 
 
 class SFTDataset(torch.utils.data.Dataset):

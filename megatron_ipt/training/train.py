@@ -190,15 +190,18 @@ def check_inputs(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path | Non
 
     ``out_dir`` None checks a run that starts fresh (``train.init_from`` must then hold a checkpoint);
     ``launcher`` skips the torchrun check (the caller starts the workers). Raises ManifestError (no or a
-    foreign tokenize manifest), ``data.DataError`` naming the config key (a missing prefix, ``train.init_from``
-    that holds no checkpoint, a bad ``blend.extra`` / ``blend.per_split`` prefix), UntrustedCheckpointError (an
-    ``init_from`` checkpoint whose pickles name a class other than data; see ``train.trust_checkpoint``) and
-    RuntimeError when ``parallel.nproc_per_node > 1`` without torchrun.
+    foreign tokenize manifest, an output that differs from its record), ``data.DataError`` naming the config key
+    (a missing prefix, a ``.bin`` / ``.idx`` pair that does not agree, ``train.init_from`` that holds no
+    checkpoint, a bad ``blend.extra`` / ``blend.per_split`` prefix), UntrustedCheckpointError (an ``init_from``
+    checkpoint whose pickles name a class other than data; see ``train.trust_checkpoint``) and RuntimeError when
+    ``parallel.nproc_per_node > 1`` without torchrun.
     """
     t = cfg.train
-    tokenizer = data.DatasetTokenizer.from_manifest(read_manifest(tokenized_dir, "tokenize"))
+    tokenized = read_manifest(tokenized_dir, "tokenize")
+    tokenizer = data.DatasetTokenizer.from_manifest(tokenized)
     data.check_prefixes(tokenized_dir, data.TRAIN_PREFIXES + data.HELDOUT_PREFIXES)
     data.check_general(tokenized_dir, cfg.blend.general_weight)
+    data.check_tokenized(tokenized_dir, tokenized)
     if t.init_from and (out_dir is None or checkpoint.latest_iteration(out_dir / "checkpoints") is None):
         try:
             folder = checkpoint.resolve_checkpoint_dir(t.init_from)
