@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,3 +183,19 @@ def test_async_saves_on_two_ranks_finalize_together_and_match_the_synchronous_ru
     assert all((checkpoint.checkpoint_dir(ckpts, it) / "layout.json").is_file() for it in (2, 4))
     # saving in the background changes nothing in training: the losses equal the synchronous run's
     assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_one_line_naming_the_tensor(tokenized_dir, tmp_path):
+    """Issue 16, item 13: the mismatch is named (checkpoint, tensor, shapes), not a 55-line megatron traceback."""
+    from megatron_ipt.errors import IptError
+
+    train_stage(tiny_config(train_iters=1, eval_iters=1, model__hidden_size=32), tokenized_dir, tmp_path / "narrow", "fp")
+    narrow = tmp_path / "narrow" / "checkpoints"
+    with pytest.raises(IptError) as err:
+        train_stage(tiny_config(train_iters=1, eval_iters=1, init_from=str(narrow)), tokenized_dir, tmp_path / "b", "fp")
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert message.startswith(f"train.init_from = {str(narrow)!r}: ") and "iter_0000001" in message, message
+    assert re.search(r"tensor \S+: shape \(.*\b32\) in the checkpoint, the model expects \(.*\b64\)$", message), message
+    assert not torch.distributed.is_initialized()
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -49,7 +49,8 @@ def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
     """megatron's optimizer over the model chunks (``get_megatron_optimizer``: Adam with decoupled weight decay, grad clipping,
     the distributed optimizer when ``parallel.use_distributed_optimizer``) and its
     ``OptimizerParamScheduler`` (linear warmup, then cosine / linear / constant decay to ``min_lr``,
-    stepped once per iteration)."""
+    stepped once per iteration; on resume the checkpoint's schedule wins, so a run whose ``train_iters`` grew keeps
+    the decay length it started with and stays at its end value afterwards)."""
     t = cfg.train
     bf16 = t.precision == "bf16"
     optimizer = mcore.optimizer(
@@ -61,6 +62,7 @@ def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
     scheduler = mcore.param_scheduler(
         optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, **lr_schedule(t),
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,  # a resumed run keeps its schedule when train_iters grew
     )
     return optimizer, scheduler
 
@@ -395,7 +397,7 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
     if run.rank0:
         (out_dir / STOPPED).unlink(missing_ok=True)
     if checkpoint.latest_iteration(ckpt_root) is None and t.init_from:
-        initialized_from = str(checkpoint.load_model_weights(t.init_from, run.model))
+        initialized_from = str(init_weights(t.init_from, run.model))
         reload = getattr(run.optimizer, "reload_model_params", None)
         if reload is not None:  # main (fp32) copies of bf16 params were taken when the optimizer was built
             reload()
@@ -410,6 +412,21 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
         progress = checkpoint.Progress(iteration=0, consumed_samples=0)
     progress.extra = {"heldout_before": before}
     return StartState(progress=progress, before=before, load_seconds=load_seconds, initialized_from=initialized_from)
+
+
+def init_weights(path: str, model: list[torch.nn.Module]) -> Path:
+    """Load the weights of ``train.init_from`` = ``path`` into ``model`` (:func:`checkpoint.load_model_weights`);
+    returns the folder read. A checkpoint of another shape raises DataError, one line naming the key, the folder
+    and the first tensor megatron-core found different (its shape in the checkpoint and in the model)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        return checkpoint.load_model_weights(path, model)
+    except FileNotFoundError as err:
+        raise data.DataError(f"train.init_from = {path!r}: {err}") from None
+    except (Exception, CheckpointException) as err:  # megatron's report is 50+ lines: keep the informative one
+        raise data.DataError(f"train.init_from = {path!r}: {checkpoint.resolve_checkpoint_dir(path)} does not fit the "
+                             f"model config: {checkpoint.load_error_reason(err)}") from None
 
 
 @dataclass
@@ -501,6 +518,17 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                 reporter.advance(progress.iteration)
             if stopping:
                 break
+        # The last save runs with the signal handlers still installed: a second SIGTERM / SIGUSR1 (a repeated
+        # scancel, Slurm's signal to every step) only sets the flag again instead of killing a half-written save.
+        result.trained = progress.iteration - resumed_from
+        if (t.save_checkpoint or stop < t.train_iters or result.stopped_by) and result.trained > 0:
+            result.save_seconds = save()
+        if async_queue is not None:
+            tick = time.perf_counter()
+            queue, async_queue = async_queue, None
+            queue.close()  # waits for the save in flight and finalizes it ('latest' moves)
+            if result.save_seconds is not None:
+                result.save_seconds += time.perf_counter() - tick
     except BaseException:
         if async_queue is not None:
             async_queue.close(abort=True)  # an error: 'latest' stays at the last finished checkpoint
@@ -509,15 +537,6 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
         stopper.__exit__()
         reporter.close()
         trackers.close()
-
-    result.trained = progress.iteration - resumed_from
-    if (t.save_checkpoint or stop < t.train_iters or result.stopped_by) and result.trained > 0:
-        result.save_seconds = save()
-    if async_queue is not None:
-        tick = time.perf_counter()
-        async_queue.close()  # waits for the save in flight and finalizes it ('latest' moves)
-        if result.save_seconds is not None:
-            result.save_seconds += time.perf_counter() - tick
     return result
 
 
