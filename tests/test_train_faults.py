@@ -199,3 +199,42 @@ def test_init_from_a_checkpoint_of_another_shape_is_one_line_naming_the_tensor(t
     assert re.search(r"tensor \S+: shape \(.*\b32\) in the checkpoint, the model expects \(.*\b64\)$", message), message
     assert not torch.distributed.is_initialized()
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.e2e
+def test_a_second_sigterm_during_the_final_save_does_not_kill_it(tokenized_dir, tmp_path):
+    """Issue 16, item 14: Slurm (or an impatient user) signals again while the stop's checkpoint is written; the save
+    completes, the run exits 3 with stopped.json, and the checkpoint resumes."""
+    iters = 100
+    config = _experiment(tmp_path, tokenized_dir, iters, "twice")
+    train = tmp_path / "twice" / "train"
+    ckpts = train / "checkpoints"
+    proc = _ipt("train", str(config))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (train / "metrics.jsonl").is_file() and '"iteration": 2,' in (train / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # the stop: the run saves at the end of its iteration
+    during_save = 0
+    while proc.poll() is None:  # then signal again and again while that checkpoint is being written
+        folders = checkpoint.iteration_folders(ckpts)
+        if folders and checkpoint.latest_iteration(ckpts) == folders[-1][0]:
+            break  # the save finished
+        if folders:
+            during_save += 1
+            proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=120)
+    assert during_save >= 1  # signals did arrive while the checkpoint was being written
+    assert proc.returncode == 3, err[-2000:]
+    assert "rerun the same command to resume" in err
+    stopped_at = checkpoint.latest_iteration(ckpts)
+    assert 2 <= stopped_at < iters
+    assert json.loads((train / "stopped.json").read_text()) == {"iteration": stopped_at, "reason": "SIGTERM"}
+    assert (checkpoint.checkpoint_dir(ckpts, stopped_at) / "layout.json").is_file()
+    proc = _ipt("train", str(config))  # the checkpoint is complete: the rerun resumes from it
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    manifest = json.loads((train / "manifest.json").read_text())
+    assert manifest["train"]["resumed_from_iteration"] == stopped_at and manifest["counts"]["iterations"] == iters
