@@ -238,3 +238,34 @@ def test_a_second_sigterm_during_the_final_save_does_not_kill_it(tokenized_dir, 
     assert proc.returncode == 0, err[-2000:]
     manifest = json.loads((train / "manifest.json").read_text())
     assert manifest["train"]["resumed_from_iteration"] == stopped_at and manifest["counts"]["iterations"] == iters
+
+
+@pytest.mark.e2e
+def test_ipt_train_resumes_with_another_layout_and_log_interval_and_grown_train_iters(tokenized_dir, tmp_path):
+    """Issue 16, item 3, through the CLI: a run finished at 3 iterations (TP=1, one process) rerun with train_iters 6,
+    TP=2 on two processes and another log_interval resumes at 3 in the same folder and continues the loss curve of a
+    straight 6-iteration run; rerunning that is up to date."""
+    config = _experiment(tmp_path, tokenized_dir, 3, "grown", lr_decay_style="constant")  # same LR at 3 and 6 iters
+    train = tmp_path / "grown" / "train"
+    first = _ipt("train", str(config))
+    assert first.wait(timeout=240) == 0, first.stderr.read()[-2000:]
+    assert json.loads((train / "manifest.json").read_text())["counts"]["iterations"] == 3
+    changed = ("--set", "train.train_iters=6", "--set", "train.log_interval=2", "--set", "parallel.nproc_per_node=2",
+               "--set", "parallel.tensor_model_parallel_size=2")
+    proc = _ipt("train", str(config), *changed)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "held a different run" not in err and not list(train.parent.glob("train.replaced-*"))
+    manifest = json.loads((train / "manifest.json").read_text())
+    assert manifest["train"]["resumed_from_iteration"] == 3 and manifest["counts"]["iterations"] == 6
+    assert manifest["parallel"]["tensor_model_parallel_size"] == 2
+    straight = train_stage(tiny_config(train_iters=6, eval_iters=1, lr_decay_style="constant"), tokenized_dir,
+                           tmp_path / "straight", "fp")
+    assert straight["completed"]
+    expected, got = losses(tmp_path / "straight"), losses(train)
+    assert sorted(got) == [1, 2, 3, 4, 6]  # log_interval 1, then 2
+    for it in (1, 2, 3, 4, 6):  # the same curve: only the TP split of the matmuls differs after iteration 3
+        assert got[it] == pytest.approx(expected[it], rel=1e-4), it
+    proc = _ipt("train", str(config), *changed)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "up to date" in err, err[-2000:]
