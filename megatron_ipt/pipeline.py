@@ -375,6 +375,14 @@ def train_record(cfg: ExperimentConfig, tokenized: dict) -> dict:
                                    "train.train_iters", cfg.train.train_iters, {"tokenized": tokenized["fingerprint"]})
 
 
+def _legacy_train_fingerprint(cfg: ExperimentConfig) -> str:
+    """What a train folder of an earlier version stamped in ``train/fingerprint`` (every key of the four sections):
+    a folder stamped with this config's is the same run, adopted instead of moved aside."""
+    return fingerprint("train", cfg.model.model_dump(mode="json"), cfg.parallel.model_dump(mode="json"),
+                       cfg.train.model_dump(mode="json"), cfg.blend.model_dump(mode="json"),
+                       _upstream(cfg, "tokenize")["fingerprint"])
+
+
 def train_fingerprint(cfg: ExperimentConfig, tokenized: dict) -> str:
     """The fingerprint a finished train folder's manifest holds: the run's identity and ``train.train_iters``."""
     return run_identity.stage_fingerprint(train_record(cfg, tokenized))
@@ -385,7 +393,8 @@ def prepare_train_data(cfg: ExperimentConfig, force: bool = False) -> dict[str, 
     caches built in it by this one process (:func:`megatron_ipt.training.train.prepare_data`); the train job that
     follows reads them. Returns the samples per set."""
     out = stage_path(cfg, "train")
-    _claim_training_dir(out, train_record(cfg, _upstream(cfg, "tokenize")), force, 0)
+    _claim_training_dir(out, train_record(cfg, _upstream(cfg, "tokenize")), force, 0,
+                        legacy=_legacy_train_fingerprint(cfg))
     from megatron_ipt.training.train import prepare_data
 
     counts = prepare_data(cfg, stage_path(cfg, "tokenize"), out)
@@ -416,7 +425,7 @@ def _train(cfg: ExperimentConfig, record: dict, out: Path, rank: int, lock: Path
 
         preflight(cfg, stage_path(cfg, "tokenize"), int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc_per_node)))
 
-    _claim_training_dir(out, record, force, rank, validate)
+    _claim_training_dir(out, record, force, rank, validate, legacy=_legacy_train_fingerprint(cfg))
     fp = run_identity.stage_fingerprint(record)
 
     from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
@@ -451,16 +460,19 @@ def _train(cfg: ExperimentConfig, record: dict, out: Path, rank: int, lock: Path
 
 
 def _claim_training_dir(out: Path, record: dict, force: bool, rank: int,
-                        validate: Callable[[], None] | None = None) -> None:
+                        validate: Callable[[], None] | None = None, legacy: str | None = None) -> None:
     """Rank 0, before any process group exists: a folder holding another run (its ``run.json`` names another
     identity or more iterations, it has none, or ``force``) is moved aside to ``NAME.replaced-<time>``, only
     after ``validate()`` (the new run's checks) passed, so a config error leaves the earlier run in place; the line
     says which keys changed (:mod:`megatron_ipt.run_identity`). A run that continues (restartable keys changed, or
     ``train_iters`` grew) keeps its folder and resumes from its latest checkpoint; a grown finished run loses its
-    manifest, which the continued run writes again. The new record is written last."""
+    manifest, which the continued run writes again. A folder of an earlier version (no ``run.json``) whose
+    ``fingerprint`` stamp equals ``legacy`` is this run too. The new record is written last."""
     if rank != 0:
         return
     diff = ["--force"] if force else run_identity.changes(run_identity.read_record(out), record)
+    if diff == ["no run.json"] and legacy and (out / "fingerprint").is_file():
+        diff = None if (out / "fingerprint").read_text().strip() == legacy else diff
     if out.exists() and diff is not None:
         if validate is not None:
             validate()
@@ -513,7 +525,7 @@ def run_sft(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     ``sft.init_from``, loss on the assistant tokens only; resumes from the stage folder's latest checkpoint."""
     data_dir, manifests = sft_data(cfg)
     # the same split as train's (train.train_iters plays no part; sft.train_iters may grow)
-    record = run_identity.run_record({"model": cfg.model.model_dump(mode="json"), "parallel": {},
+    record = run_identity.run_record({"model": cfg.model.model_dump(mode="json"), "parallel": cfg.parallel.model_dump(mode="json"),
                                       "train": cfg.train.model_dump(mode="json", exclude={"train_iters"}),
                                       "sft": cfg.sft.model_dump(mode="json")}, "sft.train_iters", cfg.sft.train_iters,
                                      {"data": {k: m["settings"] for k, m in manifests.items() if "settings" in m}})

@@ -73,3 +73,15 @@ def test_a_changed_run_is_moved_aside_naming_the_keys_and_a_continued_one_stays(
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("train.replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir() and not (out / "checkpoints").exists()
     assert f"{out} held a different run (train.seed: 1234 -> 7); moved it to {aside[0]}" in err, err
+
+
+def test_a_folder_of_an_earlier_version_is_adopted_when_its_stamp_is_this_runs(tmp_path):
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / "fingerprint").write_text("legacy-fp\n")
+    record = train_record(tiny_config(train_iters=6), TOKENIZED)
+    _claim_training_dir(out, record, False, 0, legacy="legacy-fp")  # the same run, stamped the earlier way
+    assert list(tmp_path.iterdir()) == [out] and run_identity.read_record(out) == record
+    (out / "run.json").unlink()
+    _claim_training_dir(out, record, False, 0, legacy="another-fp")  # another run: moved aside
+    assert len(list(tmp_path.glob("train.replaced-*"))) == 1

@@ -269,3 +269,19 @@ def test_ipt_train_resumes_with_another_layout_and_log_interval_and_grown_train_
     proc = _ipt("train", str(config), *changed)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "up to date" in err, err[-2000:]
+
+
+def test_a_grown_train_iters_keeps_the_schedule_the_run_started_with(tokenized_dir, tmp_path):
+    """A larger train_iters continues the run on its own learning-rate schedule (megatron-core's checkpointed
+    scheduler values), the warmup-stable-decay anneal included: stopped at 2 of 10 (anneal from 5), continued with
+    train_iters 20, iterations 3-6 still run at the peak LR and 7 anneals, as in the 10-iteration run."""
+    wsd = {"lr_decay_style": "wsd", "lr_wsd_decay_fraction": 0.5, "eval_iters": 1}
+    train_stage(tiny_config(train_iters=10, **wsd), tokenized_dir, tmp_path / "straight", "fp", exit_after_iterations=8)
+    train_stage(tiny_config(train_iters=10, **wsd), tokenized_dir, tmp_path / "grown", "fp", exit_after_iterations=2)
+    train_stage(tiny_config(train_iters=20, **wsd), tokenized_dir, tmp_path / "grown", "fp", exit_after_iterations=8)
+    lrs = {}
+    for name in ("straight", "grown"):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        lrs[name] = {r["iteration"]: r["lr"] for r in rows if "iteration" in r}
+    assert lrs["grown"] == pytest.approx(lrs["straight"], rel=1e-9)
+    assert lrs["grown"][3] == lrs["grown"][6] == tiny_config().train.lr > lrs["grown"][7] > lrs["grown"][8]

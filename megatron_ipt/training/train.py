@@ -406,6 +406,10 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
         tick = time.perf_counter()
         progress = checkpoint.load_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler)
         load_seconds = time.perf_counter() - tick
+        if t.lr_decay_style == "wsd":  # the checkpoint's decay length won (train_iters grew): anneal over its share
+            steps = lr_schedule(t.model_copy(update={"train_iters": run.scheduler.lr_decay_steps}))["wsd_decay_steps"]
+            run.scheduler.wsd_decay_steps = steps
+            run.scheduler.step(increment=0)  # the learning rate of the next iteration, from the corrected schedule
         before = progress.extra["heldout_before"]
     else:
         before = _evaluate_all(cfg, run, sets, sets.heldout)
