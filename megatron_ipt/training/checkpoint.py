@@ -395,6 +395,23 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
     return directory
 
 
+def load_init_weights(path: str, model) -> Path:
+    """Load the weights of ``train.init_from`` = ``path`` into ``model`` (:func:`load_model_weights`); returns the
+    folder read. Raises DataError, one line naming the key: no checkpoint there, or one of another shape (the
+    folder and the first tensor megatron-core found different, its shape in the checkpoint and in the model)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_ipt.training.data import DataError
+
+    try:
+        return load_model_weights(path, model)
+    except FileNotFoundError as err:
+        raise DataError(f"train.init_from = {path!r}: {err}") from None
+    except (Exception, CheckpointException) as err:  # megatron's report is 50+ lines: keep the informative one
+        raise DataError(f"train.init_from = {path!r}: {resolve_checkpoint_dir(path)} does not fit the model config: "
+                        f"{load_error_reason(err)}") from None
+
+
 # megatron-core's CheckpointingException: "Global shape mismatch for loaded (torch.Size([2, 32])) and expected
 # ((2, 64)) tensor for key decoder.layers...."
 _SHAPE_MISMATCH = re.compile(r"shape mismatch for loaded (.*?) and expected (.*?) tensor for key (\S+)", re.IGNORECASE)

@@ -397,7 +397,7 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
     if run.rank0:
         (out_dir / STOPPED).unlink(missing_ok=True)
     if checkpoint.latest_iteration(ckpt_root) is None and t.init_from:
-        initialized_from = str(init_weights(t.init_from, run.model))
+        initialized_from = str(checkpoint.load_init_weights(t.init_from, run.model))
         reload = getattr(run.optimizer, "reload_model_params", None)
         if reload is not None:  # main (fp32) copies of bf16 params were taken when the optimizer was built
             reload()
@@ -416,21 +416,6 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
         progress = checkpoint.Progress(iteration=0, consumed_samples=0)
     progress.extra = {"heldout_before": before}
     return StartState(progress=progress, before=before, load_seconds=load_seconds, initialized_from=initialized_from)
-
-
-def init_weights(path: str, model: list[torch.nn.Module]) -> Path:
-    """Load the weights of ``train.init_from`` = ``path`` into ``model`` (:func:`checkpoint.load_model_weights`);
-    returns the folder read. A checkpoint of another shape raises DataError, one line naming the key, the folder
-    and the first tensor megatron-core found different (its shape in the checkpoint and in the model)."""
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-    try:
-        return checkpoint.load_model_weights(path, model)
-    except FileNotFoundError as err:
-        raise data.DataError(f"train.init_from = {path!r}: {err}") from None
-    except (Exception, CheckpointException) as err:  # megatron's report is 50+ lines: keep the informative one
-        raise data.DataError(f"train.init_from = {path!r}: {checkpoint.resolve_checkpoint_dir(path)} does not fit the "
-                             f"model config: {checkpoint.load_error_reason(err)}") from None
 
 
 @dataclass
