@@ -8,7 +8,8 @@ iterations asked for. Everything else may change between restarts and the run re
 logging, save and evaluation intervals, ``keep_last``, trackers, ``async_save``, ``exit_duration_minutes``,
 the device, activation recompute and CUDA graphs, the attention backend, and the ``parallel`` section (TP / PP /
 VPP / DP / CP / EP, communication overlap): torch_dist checkpoints are resharded on load. Turning the distributed
-optimizer on or off is a new run (its optimizer state does not load into the other optimizer). The iteration count may grow (a larger ``train_iters`` continues the run; the learning-rate
+optimizer on or off is a new run (its optimizer state does not load into the other optimizer), and so, with it, is
+another gradient bucket layout (``bucket_size``, ``overlap_grad_reduce``). The iteration count may grow (a larger ``train_iters`` continues the run; the learning-rate
 schedule keeps the length the run started with, megatron-core's checkpoint scheduler values), not shrink.
 
 A run whose identity changed is another run: the caller moves the old folder aside and :func:`describe_change`
@@ -34,8 +35,11 @@ RESTARTABLE = frozenset({
     "train.exit_duration_minutes",
 })
 # ... except these: the distributed optimizer's checkpoint (megatron-core's ``dp_reshardable`` format) loads into a
-# distributed optimizer at any DP size, but not into the plain one, nor the plain one's into it
+# distributed optimizer at another DP size, but not into the plain one, nor the plain one's into it; and it is
+# saved per gradient bucket, so with it the bucket layout (bucket_size, and overlap_grad_reduce, without which
+# megatron-core makes one bucket) must stay too (tried: another bucket_size fails with a global shape mismatch)
 IDENTITY = frozenset({"parallel.use_distributed_optimizer"})
+DISTRIBUTED_OPTIMIZER_IDENTITY = frozenset({"parallel.bucket_size", "parallel.overlap_grad_reduce"})
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -59,7 +63,8 @@ def run_record(sections: dict[str, dict], iterations_key: str, iterations: int, 
     settings: dict[str, Any] = {}
     for name, dump in sections.items():
         _flatten(name, dump, settings)
-    settings = {k: v for k, v in settings.items() if not restartable(k) and k != iterations_key}
+    keep = DISTRIBUTED_OPTIMIZER_IDENTITY if settings.get("parallel.use_distributed_optimizer") else frozenset()
+    settings = {k: v for k, v in settings.items() if (k in keep or not restartable(k)) and k != iterations_key}
     settings.update({f"inputs.{k}": v for k, v in inputs.items()})
     return {"identity": fingerprint("run", settings), "settings": settings, "iterations": {iterations_key: iterations}}
 
@@ -94,8 +99,10 @@ def changes(old: dict | None, new: dict) -> list[str] | None:
     if old["identity"] == new["identity"] and isinstance(was, int) and n >= was:
         return None
     before, after = old["settings"], new["settings"]
-    diff = [f"{k}: {_show(before.get(k, '(unset)'))} -> {_show(after.get(k, '(unset)'))}"
-            for k in sorted(before.keys() | after.keys()) if before.get(k, "(unset)") != after.get(k, "(unset)")]
+    both = [k for k in sorted(before.keys() & after.keys()) if before[k] != after[k]]
+    # a key on one side only (one that defines the run only with another setting, or a newer version's key)
+    one = sorted(before.keys() ^ after.keys())
+    diff = [f"{k}: {_show(before.get(k, '(unset)'))} -> {_show(after.get(k, '(unset)'))}" for k in (both or one)]
     if not isinstance(was, int) or n < was:
         diff.append(f"{key}: {was} -> {n} (may only grow)")
     return diff or ["the run's identity fingerprint"]  # e.g. a record written by another version

@@ -43,6 +43,12 @@ def test_what_defines_the_run_is_named_when_it_changes():
     assert _changed(blend__raw_weight=0.3) == ["blend.raw_weight: 0.5 -> 0.3"]
     assert _changed(parallel__use_distributed_optimizer=True) == ["parallel.use_distributed_optimizer: false -> true"]
     assert _changed(train_iters=5) == ["train.train_iters: 6 -> 5 (may only grow)"]
+    # the distributed optimizer's state is saved per gradient bucket: with it, the bucket layout defines the run too
+    distopt = {"parallel__use_distributed_optimizer": True}
+    assert run_identity.changes(train_record(tiny_config(train_iters=6, **distopt), TOKENIZED), train_record(
+        tiny_config(train_iters=6, parallel__bucket_size=20000, parallel__overlap_grad_reduce=True, **distopt),
+        TOKENIZED)) == ["parallel.bucket_size: null -> 20000", "parallel.overlap_grad_reduce: false -> true"]
+    assert _changed(parallel__bucket_size=20000, parallel__overlap_grad_reduce=True) is None  # without it: free
     other_data = train_record(tiny_config(train_iters=6), {"fingerprint": "tok-2"})
     assert run_identity.changes(train_record(tiny_config(train_iters=6), TOKENIZED), other_data) == [
         'inputs.tokenized: "tok-1" -> "tok-2"']
