@@ -482,6 +482,8 @@ def _claim_training_dir(out: Path, record: dict, force: bool, rank: int,
     out.mkdir(parents=True, exist_ok=True)
     if diff is None and (out / "manifest.json").is_file() and not is_done(out, run_identity.stage_fingerprint(record)):
         (out / "manifest.json").unlink()  # finished with fewer iterations: not finished until the continued run is
+        (key, n), = record["iterations"].items()
+        _log(f"{out.name}: {out} holds this run, finished with fewer iterations; {key} = {n}: continuing it")
     atomic_write_text(out / run_identity.RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 

@@ -68,7 +68,9 @@ def test_a_changed_run_is_moved_aside_naming_the_keys_and_a_continued_one_stays(
     assert (out / "manifest.json").is_file() and (out / "checkpoints").is_dir()
     # more iterations: the same folder, no longer finished (the continued run writes the manifest again)
     grown = train_record(tiny_config(train_iters=9), TOKENIZED)
+    capsys.readouterr()
     _claim_training_dir(out, grown, False, 0)
+    assert "finished with fewer iterations; train.train_iters = 9: continuing it" in " ".join(capsys.readouterr().err.split())
     assert not (out / "manifest.json").exists() and (out / "checkpoints").is_dir()
     assert run_identity.read_record(out)["iterations"] == {"train.train_iters": 9}
     assert list(tmp_path.iterdir()) == [out]
