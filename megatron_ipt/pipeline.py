@@ -6,7 +6,7 @@ Run folder layout (``cfg.run_path``)::
     synthesis/    pairs.jsonl                          {"id", "split", "text", "pairs", "raw_output", "dropped"[, "round", "prev_id"]}
     formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs .jsonl   {"id", "text"}
     tokenized/    the same four names as Megatron indexed datasets (.bin/.idx)
-    train/        checkpoints/, metrics.jsonl
+    train/        checkpoints/, metrics.jsonl, run.json (what defines the run: megatron_ipt.run_identity)
     sft/          data/ (train, valid: tokens + loss mask, data_prep.sft), checkpoints/, metrics.jsonl   (ipt sft)
     config.yaml   the resolved experiment config
 
@@ -406,8 +406,10 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Train on the blend with Megatron-Core; resumes from the stage folder's latest checkpoint.
 
     The train folder is not replaced atomically (its checkpoints are what a rerun resumes from); the
-    manifest, written last, marks it finished. A folder left by a run with a different fingerprint is moved
-    aside to ``train.replaced-<time>`` rather than deleted. Rank 0 holds ``RUN/.train.lock`` throughout (a
+    manifest, written last, marks it finished. A rerun that changes only what may change between restarts
+    (:mod:`megatron_ipt.run_identity`: logging, intervals, the parallel layout, ...) or grows ``train_iters``
+    resumes the run in place; a folder left by another run is moved aside to ``train.replaced-<time>`` rather than
+    deleted, naming the keys that changed. Rank 0 holds ``RUN/.train.lock`` throughout (a
     launcher holds it for the torchrun workers it starts); a second run raises LockHeld before moving anything.
     """
     record = train_record(cfg, _upstream(cfg, "tokenize"))
