@@ -371,8 +371,9 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 def train_record(cfg: ExperimentConfig, tokenized: dict) -> dict:
     """The train run's record (:func:`megatron_ipt.run_identity.run_record`): ``model``, ``blend``, ``train`` and
     ``parallel`` less what may change between restarts, the tokenized inputs' fingerprint, ``train.train_iters``."""
-    return run_identity.run_record({s: getattr(cfg, s).model_dump(mode="json") for s in ("model", "blend", "train", "parallel")},
-                                   "train.train_iters", cfg.train.train_iters, {"tokenized": tokenized["fingerprint"]})
+    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in ("model", "blend", "train", "parallel")}
+    return run_identity.run_record(sections, "train.train_iters", cfg.train.train_iters,
+                                   {"tokenized": tokenized["fingerprint"]})
 
 
 def _legacy_train_fingerprint(cfg: ExperimentConfig) -> str:
@@ -529,9 +530,9 @@ def run_sft(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     ``sft.init_from``, loss on the assistant tokens only; resumes from the stage folder's latest checkpoint."""
     data_dir, manifests = sft_data(cfg)
     # the same split as train's (train.train_iters plays no part; sft.train_iters may grow)
-    record = run_identity.run_record({"model": cfg.model.model_dump(mode="json"), "parallel": cfg.parallel.model_dump(mode="json"),
-                                      "train": cfg.train.model_dump(mode="json", exclude={"train_iters"}),
-                                      "sft": cfg.sft.model_dump(mode="json")}, "sft.train_iters", cfg.sft.train_iters,
+    sections = {"model": cfg.model.model_dump(mode="json"), "parallel": cfg.parallel.model_dump(mode="json"),
+                "train": cfg.train.model_dump(mode="json", exclude={"train_iters"}), "sft": cfg.sft.model_dump(mode="json")}
+    record = run_identity.run_record(sections, "sft.train_iters", cfg.sft.train_iters,
                                      {"data": {k: m["settings"] for k, m in manifests.items() if "settings" in m}})
     fp = run_identity.stage_fingerprint(record)
     if done := _skip(cfg, "sft", fp, force):

@@ -9,8 +9,9 @@ logging, save and evaluation intervals, ``keep_last``, trackers, ``async_save``,
 the device, activation recompute and CUDA graphs, the attention backend, and the ``parallel`` section (TP / PP /
 VPP / DP / CP / EP, communication overlap): torch_dist checkpoints are resharded on load. Turning the distributed
 optimizer on or off is a new run (its optimizer state does not load into the other optimizer), and so, with it, is
-another gradient bucket layout (``bucket_size``, ``overlap_grad_reduce``). The iteration count may grow (a larger ``train_iters`` continues the run; the learning-rate
-schedule keeps the length the run started with, megatron-core's checkpoint scheduler values), not shrink.
+another gradient bucket layout (``bucket_size``, ``overlap_grad_reduce``). The iteration count may grow (a larger
+``train_iters`` continues the run; the learning-rate schedule keeps the length the run started with, megatron-core's
+checkpointed scheduler values), not shrink.
 
 A run whose identity changed is another run: the caller moves the old folder aside and :func:`describe_change`
 names the keys that changed (``train.seed: 1234 -> 7``).
