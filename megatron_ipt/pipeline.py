@@ -6,7 +6,7 @@ Run folder layout (``cfg.run_path``)::
     synthesis/    pairs.jsonl                          {"id", "split", "text", "pairs", "raw_output", "dropped"[, "round", "prev_id"]}
     formatted/    train_raw / train_ipt / heldout_raw / heldout_pairs [/ train_general] .jsonl   {"id", "text"}
     tokenized/    the same names as Megatron indexed datasets (.bin/.idx)
-    train/        checkpoints/, metrics.jsonl
+    train/        checkpoints/, metrics.jsonl, run.json (what defines the run: megatron_ipt.run_identity)
     sft/          data/ (train, valid: tokens + loss mask, data_prep.sft), checkpoints/, metrics.jsonl   (ipt sft)
     config.yaml   the resolved experiment config
 
@@ -33,6 +33,7 @@ from typing import Callable
 import yaml
 
 from data_prep.atomic import write_jsonl
+from megatron_ipt import run_identity
 from megatron_ipt.config import ExperimentConfig, resolved
 from megatron_ipt.errors import LaunchError, TrainingStopped
 from megatron_ipt.manifest import atomic_dir, check_replaceable, atomic_write_text, fingerprint, is_done, read_manifest, write_manifest
@@ -375,25 +376,34 @@ def run_tokenize(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     return StageResult("tokenize", stage_path(cfg, "tokenize"), manifest, False)
 
 
-def train_fingerprint(cfg: ExperimentConfig, tokenized: dict) -> str:
+def train_record(cfg: ExperimentConfig, tokenized: dict) -> dict:
+    """The train run's record (:func:`megatron_ipt.run_identity.run_record`): ``model``, ``blend``, ``train`` and
+    ``parallel`` less what may change between restarts, the tokenized inputs' fingerprint, ``train.train_iters``."""
+    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in ("model", "blend", "train", "parallel")}
+    return run_identity.run_record(sections, "train.train_iters", cfg.train.train_iters,
+                                   {"tokenized": tokenized["fingerprint"]})
+
+
+def _legacy_train_fingerprint(cfg: ExperimentConfig) -> str:
+    """What a train folder of an earlier version stamped in ``train/fingerprint`` (every key of the four sections):
+    a folder stamped with this config's is the same run, adopted instead of moved aside."""
     return fingerprint("train", cfg.model.model_dump(mode="json"), cfg.parallel.model_dump(mode="json"),
-                       cfg.train.model_dump(mode="json"), cfg.blend.model_dump(mode="json"), tokenized["fingerprint"])
+                       cfg.train.model_dump(mode="json"), cfg.blend.model_dump(mode="json"),
+                       _upstream(cfg, "tokenize")["fingerprint"])
+
+
+def train_fingerprint(cfg: ExperimentConfig, tokenized: dict) -> str:
+    """The fingerprint a finished train folder's manifest holds: the run's identity and ``train.train_iters``."""
+    return run_identity.stage_fingerprint(train_record(cfg, tokenized))
 
 
 def prepare_train_data(cfg: ExperimentConfig, force: bool = False) -> dict[str, int]:
     """``ipt train --prepare-data``: the train folder set up as ``run_train`` sets it up, then the blend's index
     caches built in it by this one process (:func:`megatron_ipt.training.train.prepare_data`); the train job that
     follows reads them. Returns the samples per set."""
-    tokenized = _upstream(cfg, "tokenize")
-    fp = train_fingerprint(cfg, tokenized)
     out = stage_path(cfg, "train")
-    stamp = out / "fingerprint"
-    if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
-        aside = out.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(out, aside)
-        _log(f"[yellow]train: {out} held a different run; moved it to {aside}[/yellow]")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, fp + "\n")
+    _claim_training_dir(out, train_record(cfg, _upstream(cfg, "tokenize")), force, 0,
+                        legacy=_legacy_train_fingerprint(cfg))
     from megatron_ipt.training.train import prepare_data
 
     counts = prepare_data(cfg, stage_path(cfg, "tokenize"), out)
@@ -405,27 +415,29 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Train on the blend with Megatron-Core; resumes from the stage folder's latest checkpoint.
 
     The train folder is not replaced atomically (its checkpoints are what a rerun resumes from); the
-    manifest, written last, marks it finished. A folder left by a run with a different fingerprint is moved
-    aside to ``train.replaced-<time>`` rather than deleted. Rank 0 holds ``RUN/.train.lock`` throughout (a
+    manifest, written last, marks it finished. A rerun that changes only what may change between restarts
+    (:mod:`megatron_ipt.run_identity`: logging, intervals, the parallel layout, ...) or grows ``train_iters``
+    resumes the run in place; a folder left by another run is moved aside to ``train.replaced-<time>`` rather than
+    deleted, naming the keys that changed. Rank 0 holds ``RUN/.train.lock`` throughout (a
     launcher holds it for the torchrun workers it starts); a second run raises LockHeld before moving anything.
     """
-    tokenized = _upstream(cfg, "tokenize")
-    fp = train_fingerprint(cfg, tokenized)
+    record = train_record(cfg, _upstream(cfg, "tokenize"))
     out = stage_path(cfg, "train")
     rank = int(os.environ.get("RANK", "0"))
     with stage_lock(cfg, "train") if rank == 0 else contextlib.nullcontext() as lock:  # rank 0 holds the lock
-        if done := _skip(cfg, "train", fp, force):
+        if done := _skip(cfg, "train", run_identity.stage_fingerprint(record), force):
             return done
-        return _train(cfg, fp, out, rank, lock, force)
+        return _train(cfg, record, out, rank, lock, force)
 
 
-def _train(cfg: ExperimentConfig, fp: str, out: Path, rank: int, lock: Path | None, force: bool) -> StageResult:
+def _train(cfg: ExperimentConfig, record: dict, out: Path, rank: int, lock: Path | None, force: bool) -> StageResult:
     def validate() -> None:  # a config error must not move the earlier run aside
         from megatron_ipt.training.train import preflight
 
         preflight(cfg, stage_path(cfg, "tokenize"), int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc_per_node)))
 
-    _claim_training_dir(out, fp, force, rank, validate)
+    _claim_training_dir(out, record, force, rank, validate, legacy=_legacy_train_fingerprint(cfg))
+    fp = run_identity.stage_fingerprint(record)
 
     from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
 
@@ -458,21 +470,32 @@ def _train(cfg: ExperimentConfig, fp: str, out: Path, rank: int, lock: Path | No
     return StageResult("train", out, read_manifest(out, "train"), False)
 
 
-def _claim_training_dir(out: Path, fp: str, force: bool, rank: int, validate: Callable[[], None] | None = None) -> None:
-    """Rank 0, before any process group exists: a folder holding another run (other fingerprint, or ``force``) is
-    moved aside to ``NAME.replaced-<time>``, only after ``validate()`` (the new run's checks) passed, so a config
-    error leaves the earlier run in place; the fingerprint is stamped."""
-    stamp = out / "fingerprint"
+def _claim_training_dir(out: Path, record: dict, force: bool, rank: int,
+                        validate: Callable[[], None] | None = None, legacy: str | None = None) -> None:
+    """Rank 0, before any process group exists: a folder holding another run (its ``run.json`` names another
+    identity or more iterations, it has none, or ``force``) is moved aside to ``NAME.replaced-<time>``, only
+    after ``validate()`` (the new run's checks) passed, so a config error leaves the earlier run in place; the line
+    says which keys changed (:mod:`megatron_ipt.run_identity`). A run that continues (restartable keys changed, or
+    ``train_iters`` grew) keeps its folder and resumes from its latest checkpoint; a grown finished run loses its
+    manifest, which the continued run writes again. A folder of an earlier version (no ``run.json``) whose
+    ``fingerprint`` stamp equals ``legacy`` is this run too. The new record is written last."""
     if rank != 0:
         return
-    if out.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+    diff = ["--force"] if force else run_identity.changes(run_identity.read_record(out), record)
+    if diff == ["no run.json"] and legacy and (out / "fingerprint").is_file():
+        diff = None if (out / "fingerprint").read_text().strip() == legacy else diff
+    if out.exists() and diff is not None:
         if validate is not None:
             validate()
         aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(out, aside)
-        _log(f"[yellow]{out.name}: {out} held a different run; moved it to {aside}[/yellow]")
+        _log(f"[yellow]{out.name}: {run_identity.describe_change(out, diff, aside)}[/yellow]")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, fp + "\n")
+    if diff is None and (out / "manifest.json").is_file() and not is_done(out, run_identity.stage_fingerprint(record)):
+        (out / "manifest.json").unlink()  # finished with fewer iterations: not finished until the continued run is
+        (key, n), = record["iterations"].items()
+        _log(f"{out.name}: {out} holds this run, finished with fewer iterations; {key} = {n}: continuing it")
+    atomic_write_text(out / run_identity.RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def _raise_if_stopped(out: Path) -> None:
@@ -514,14 +537,17 @@ def run_sft(cfg: ExperimentConfig, force: bool = False) -> StageResult:
     """Instruction tuning (``sft`` section): tokenize the conversations, then train through megatron-core from
     ``sft.init_from``, loss on the assistant tokens only; resumes from the stage folder's latest checkpoint."""
     data_dir, manifests = sft_data(cfg)
-    fp = fingerprint("sft", cfg.model.model_dump(mode="json"), cfg.parallel.model_dump(mode="json"),
-                     cfg.train.model_dump(mode="json"), cfg.sft.model_dump(mode="json"),
-                     {k: m["settings"] for k, m in manifests.items() if "settings" in m})
+    # the same split as train's (train.train_iters plays no part; sft.train_iters may grow)
+    sections = {"model": cfg.model.model_dump(mode="json"), "parallel": cfg.parallel.model_dump(mode="json"),
+                "train": cfg.train.model_dump(mode="json", exclude={"train_iters"}), "sft": cfg.sft.model_dump(mode="json")}
+    record = run_identity.run_record(sections, "sft.train_iters", cfg.sft.train_iters,
+                                     {"data": {k: m["settings"] for k, m in manifests.items() if "settings" in m}})
+    fp = run_identity.stage_fingerprint(record)
     if done := _skip(cfg, "sft", fp, force):
         return done
     out = stage_path(cfg, "sft")
     rank = int(os.environ.get("RANK", "0"))
-    _claim_training_dir(out, fp, force, rank)
+    _claim_training_dir(out, record, force, rank)
     from megatron_ipt.launch.torchrun import needs_relaunch, torchrun_command
 
     if needs_relaunch(cfg.parallel.nproc_per_node):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,3 +183,105 @@ def test_async_saves_on_two_ranks_finalize_together_and_match_the_synchronous_ru
     assert all((checkpoint.checkpoint_dir(ckpts, it) / "layout.json").is_file() for it in (2, 4))
     # saving in the background changes nothing in training: the losses equal the synchronous run's
     assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_one_line_naming_the_tensor(tokenized_dir, tmp_path):
+    """Issue 16, item 13: the mismatch is named (checkpoint, tensor, shapes), not a 55-line megatron traceback."""
+    from megatron_ipt.errors import IptError
+
+    train_stage(tiny_config(train_iters=1, eval_iters=1, model__hidden_size=32), tokenized_dir, tmp_path / "narrow", "fp")
+    narrow = tmp_path / "narrow" / "checkpoints"
+    with pytest.raises(IptError) as err:
+        train_stage(tiny_config(train_iters=1, eval_iters=1, init_from=str(narrow)), tokenized_dir, tmp_path / "b", "fp")
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert message.startswith(f"train.init_from = {str(narrow)!r}: ") and "iter_0000001" in message, message
+    assert re.search(r"tensor \S+: shape \(.*\b32\) in the checkpoint, the model expects \(.*\b64\)$", message), message
+    assert not torch.distributed.is_initialized()
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.e2e
+def test_a_second_sigterm_during_the_final_save_does_not_kill_it(tokenized_dir, tmp_path):
+    """Issue 16, item 14: Slurm (or an impatient user) signals again while the stop's checkpoint is written; the save
+    completes, the run exits 3 with stopped.json, and the checkpoint resumes."""
+    iters = 100
+    config = _experiment(tmp_path, tokenized_dir, iters, "twice")
+    train = tmp_path / "twice" / "train"
+    ckpts = train / "checkpoints"
+    proc = _ipt("train", str(config))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (train / "metrics.jsonl").is_file() and '"iteration": 2,' in (train / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # the stop: the run saves at the end of its iteration
+    during_save = 0
+    while proc.poll() is None:  # then signal again and again while that checkpoint is being written
+        folders = checkpoint.iteration_folders(ckpts)
+        if folders and checkpoint.latest_iteration(ckpts) == folders[-1][0]:
+            break  # the save finished
+        if folders:
+            during_save += 1
+            proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=120)
+    assert during_save >= 1  # signals did arrive while the checkpoint was being written
+    assert proc.returncode == 3, err[-2000:]
+    assert "rerun the same command to resume" in err
+    stopped_at = checkpoint.latest_iteration(ckpts)
+    assert 2 <= stopped_at < iters
+    assert json.loads((train / "stopped.json").read_text()) == {"iteration": stopped_at, "reason": "SIGTERM"}
+    assert (checkpoint.checkpoint_dir(ckpts, stopped_at) / "layout.json").is_file()
+    proc = _ipt("train", str(config))  # the checkpoint is complete: the rerun resumes from it
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    manifest = json.loads((train / "manifest.json").read_text())
+    assert manifest["train"]["resumed_from_iteration"] == stopped_at and manifest["counts"]["iterations"] == iters
+
+
+@pytest.mark.e2e
+def test_ipt_train_resumes_with_another_layout_and_log_interval_and_grown_train_iters(tokenized_dir, tmp_path):
+    """Issue 16, item 3, through the CLI: a run finished at 3 iterations (TP=1, one process) rerun with train_iters 6,
+    TP=2 on two processes and another log_interval resumes at 3 in the same folder and continues the loss curve of a
+    straight 6-iteration run; rerunning that is up to date."""
+    config = _experiment(tmp_path, tokenized_dir, 3, "grown", lr_decay_style="constant")  # same LR at 3 and 6 iters
+    train = tmp_path / "grown" / "train"
+    first = _ipt("train", str(config))
+    assert first.wait(timeout=240) == 0, first.stderr.read()[-2000:]
+    assert json.loads((train / "manifest.json").read_text())["counts"]["iterations"] == 3
+    changed = ("--set", "train.train_iters=6", "--set", "train.log_interval=2", "--set", "parallel.nproc_per_node=2",
+               "--set", "parallel.tensor_model_parallel_size=2")
+    proc = _ipt("train", str(config), *changed)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "held a different run" not in err and not list(train.parent.glob("train.replaced-*"))
+    manifest = json.loads((train / "manifest.json").read_text())
+    assert manifest["train"]["resumed_from_iteration"] == 3 and manifest["counts"]["iterations"] == 6
+    assert manifest["parallel"]["tensor_model_parallel_size"] == 2
+    straight = train_stage(tiny_config(train_iters=6, eval_iters=1, lr_decay_style="constant"), tokenized_dir,
+                           tmp_path / "straight", "fp")
+    assert straight["completed"]
+    expected, got = losses(tmp_path / "straight"), losses(train)
+    assert sorted(got) == [1, 2, 3, 4, 6]  # log_interval 1, then 2
+    for it in (1, 2, 3, 4, 6):  # the same curve: only the TP split of the matmuls differs after iteration 3
+        assert got[it] == pytest.approx(expected[it], rel=1e-4), it
+    proc = _ipt("train", str(config), *changed)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "up to date" in err, err[-2000:]
+
+
+def test_a_grown_train_iters_keeps_the_schedule_the_run_started_with(tokenized_dir, tmp_path):
+    """A larger train_iters continues the run on its own learning-rate schedule (megatron-core's checkpointed
+    scheduler values), the warmup-stable-decay anneal included: stopped at 2 of 10 (anneal from 5), continued with
+    train_iters 20, iterations 3-6 still run at the peak LR and 7 anneals, as in the 10-iteration run."""
+    wsd = {"lr_decay_style": "wsd", "lr_wsd_decay_fraction": 0.5, "eval_iters": 1}
+    train_stage(tiny_config(train_iters=10, **wsd), tokenized_dir, tmp_path / "straight", "fp", exit_after_iterations=8)
+    train_stage(tiny_config(train_iters=10, **wsd), tokenized_dir, tmp_path / "grown", "fp", exit_after_iterations=2)
+    train_stage(tiny_config(train_iters=20, **wsd), tokenized_dir, tmp_path / "grown", "fp", exit_after_iterations=8)
+    lrs = {}
+    for name in ("straight", "grown"):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        lrs[name] = {r["iteration"]: r["lr"] for r in rows if "iteration" in r}
+    assert lrs["grown"] == pytest.approx(lrs["straight"], rel=1e-9)
+    assert lrs["grown"][3] == lrs["grown"][6] == tiny_config().train.lr > lrs["grown"][7] > lrs["grown"][8]

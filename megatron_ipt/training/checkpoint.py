@@ -36,6 +36,7 @@ import contextlib
 import json
 import queue
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -399,10 +400,43 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, *, trust: bool 
     return directory
 
 
+def load_init_weights(path: str, model, *, trust: bool = False) -> Path:
+    """Load the weights of ``train.init_from`` = ``path`` into ``model`` (:func:`load_model_weights`, ``trust``
+    as there); returns the folder read. Raises DataError, one line naming the key: no checkpoint there, or one of
+    another shape (the folder and the first tensor megatron-core found different, its shape in the checkpoint
+    and in the model); UntrustedCheckpointError as :func:`load_model_weights`."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_ipt.training.data import DataError
+
+    from megatron_ipt.errors import IptError
+
+    try:
+        return load_model_weights(path, model, trust=trust)
+    except FileNotFoundError as err:
+        raise DataError(f"train.init_from = {path!r}: {err}") from None
+    except IptError:
+        raise
+    except (Exception, CheckpointException) as err:  # megatron's report is 50+ lines: keep the informative one
+        raise DataError(f"train.init_from = {path!r}: {resolve_checkpoint_dir(path)} does not fit the model config: "
+                        f"{load_error_reason(err)}") from None
+
+
+# megatron-core's CheckpointingException: "Global shape mismatch for loaded (torch.Size([2, 32])) and expected
+# ((2, 64)) tensor for key decoder.layers...."
+_SHAPE_MISMATCH = re.compile(r"shape mismatch for loaded (.*?) and expected (.*?) tensor for key (\S+)", re.IGNORECASE)
+
+
 def load_error_reason(error: BaseException) -> str:
-    """The informative line of a failed torch_dist load (megatron/torch wrap it in long multi-rank reports):
-    the first line naming a shape mismatch or a missing/unexpected key, else the first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """The informative line of a failed torch_dist load (megatron/torch wrap it in long multi-rank reports): a
+    global shape mismatch as ``tensor KEY: shape (a, b) in the checkpoint, the model expects (c, d)``, else the first
+    line naming a mismatch or a missing/unexpected key, else the first line."""
+    text = str(error)
+    if found := _SHAPE_MISMATCH.search(text):
+        saved, expected, key = found.groups()
+        shape = lambda dims: "(" + ", ".join(re.findall(r"\d+", dims)) + ")"  # noqa: E731
+        return f"tensor {key}: shape {shape(saved)} in the checkpoint, the model expects {shape(expected)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         if any(k in line for k in ("mismatch", "Missing key", "Unexpected key", "not found", "size")):
             return line[:300]

@@ -3,8 +3,10 @@ signalled with ``#SBATCH --signal=B:USR1@120``) or a wall-clock budget (``train.
 
 A signal only sets a flag; the trainer asks :meth:`StopRequest.should_stop` once per iteration, which
 agrees across all ranks (an all-reduce of each rank's flag, so every rank saves the same iteration), then
-saves a checkpoint and exits with :data:`EXIT_STOPPED`. Mirrors Megatron-LM's ``--exit-signal-handler``
-and ``--exit-duration-in-mins``.
+saves a checkpoint and exits with :data:`EXIT_STOPPED`. The trainer keeps the handlers installed until its
+last save finished, so a second signal (a repeated ``scancel``, Slurm signalling every step) only sets the flag
+again instead of killing a half-written checkpoint. Mirrors Megatron-LM's ``--exit-signal-handler`` and
+``--exit-duration-in-mins``.
 """
 
 from __future__ import annotations

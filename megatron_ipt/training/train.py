@@ -50,7 +50,8 @@ def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
     """megatron's optimizer over the model chunks (``get_megatron_optimizer``: Adam with decoupled weight decay, grad clipping,
     the distributed optimizer when ``parallel.use_distributed_optimizer``) and its
     ``OptimizerParamScheduler`` (linear warmup, then cosine / linear / constant decay to ``min_lr``,
-    stepped once per iteration)."""
+    stepped once per iteration; on resume the checkpoint's schedule wins, so a run whose ``train_iters`` grew keeps
+    the decay length it started with and stays at its end value afterwards)."""
     t = cfg.train
     bf16 = t.precision == "bf16"
     optimizer = mcore.optimizer(
@@ -62,6 +63,7 @@ def build_optimizer(cfg: ExperimentConfig, model: list[torch.nn.Module]):
     scheduler = mcore.param_scheduler(
         optimizer=optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, **lr_schedule(t),
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,  # a resumed run keeps its schedule when train_iters grew
     )
     return optimizer, scheduler
 
@@ -403,7 +405,7 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
     if run.rank0:
         (out_dir / STOPPED).unlink(missing_ok=True)
     if checkpoint.latest_iteration(ckpt_root) is None and t.init_from:
-        initialized_from = str(checkpoint.load_model_weights(t.init_from, run.model, trust=t.trust_checkpoint))
+        initialized_from = str(checkpoint.load_init_weights(t.init_from, run.model, trust=t.trust_checkpoint))
         reload = getattr(run.optimizer, "reload_model_params", None)
         if reload is not None:  # main (fp32) copies of bf16 params were taken when the optimizer was built
             reload()
@@ -413,6 +415,10 @@ def load_or_start(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets
         progress = checkpoint.load_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler,
                                               trust=t.trust_checkpoint)
         load_seconds = time.perf_counter() - tick
+        if t.lr_decay_style == "wsd":  # the checkpoint's decay length won (train_iters grew): anneal over its share
+            steps = lr_schedule(t.model_copy(update={"train_iters": run.scheduler.lr_decay_steps}))["wsd_decay_steps"]
+            run.scheduler.wsd_decay_steps = steps
+            run.scheduler.step(increment=0)  # the learning rate of the next iteration, from the corrected schedule
         before = progress.extra["heldout_before"]
     else:
         before = _evaluate_all(cfg, run, sets, sets.heldout)
@@ -510,6 +516,17 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
                 reporter.advance(progress.iteration)
             if stopping:
                 break
+        # The last save runs with the signal handlers still installed: a second SIGTERM / SIGUSR1 (a repeated
+        # scancel, Slurm's signal to every step) only sets the flag again instead of killing a half-written save.
+        result.trained = progress.iteration - resumed_from
+        if (t.save_checkpoint or stop < t.train_iters or result.stopped_by) and result.trained > 0:
+            result.save_seconds = save()
+        if async_queue is not None:
+            tick = time.perf_counter()
+            queue, async_queue = async_queue, None
+            queue.close()  # waits for the save in flight and finalizes it ('latest' moves)
+            if result.save_seconds is not None:
+                result.save_seconds += time.perf_counter() - tick
     except BaseException:
         if async_queue is not None:
             async_queue.close(abort=True)  # an error: 'latest' stays at the last finished checkpoint
@@ -518,15 +535,6 @@ def train_loop(cfg: ExperimentConfig, out_dir: Path, run: Run, sets: Datasets, s
         stopper.__exit__()
         reporter.close()
         trackers.close()
-
-    result.trained = progress.iteration - resumed_from
-    if (t.save_checkpoint or stop < t.train_iters or result.stopped_by) and result.trained > 0:
-        result.save_seconds = save()
-    if async_queue is not None:
-        tick = time.perf_counter()
-        async_queue.close()  # waits for the save in flight and finalizes it ('latest' moves)
-        if result.save_seconds is not None:
-            result.save_seconds += time.perf_counter() - tick
     return result
 
 
