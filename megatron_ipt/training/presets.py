@@ -3,7 +3,8 @@
 Every preset is one :class:`ModelPreset` row in :data:`PRESETS`; there are no per-model branches. The
 families differ only in fields: Qwen2 / 2.5 add a QKV bias, Qwen3 a per-head RMSNorm of queries and keys
 (``qk_layernorm``) and an explicit ``head_dim``, Llama 3.1 / 3.2 RoPE scaling, the small Qwen3 and Llama 3.2
-sizes tie the embeddings; Mistral (without sliding window) is the Llama architecture.
+sizes tie the embeddings; Mistral is the Llama architecture, with sliding-window attention in v0.1
+(``sliding_window``).
 ``ModelConfig`` fields (``num_layers``, ``hidden_size``, ...) override a preset's fields in
 :func:`resolve_preset`. The published sizes follow each model's Hugging Face ``config.json``; ``vocab_size``
 there is the model's own vocabulary, while a training run uses the tokenizer's vocabulary padded by
@@ -46,6 +47,9 @@ class ModelPreset:
     moe_ffn_hidden_size: int | None = None  # each expert's SwiGLU inner size (None: ffn_hidden_size)
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (Qwen3-MoE without norm_topk_prob)
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (Hugging Face router_aux_loss_coef)
+    # sliding-window attention in every layer: each token sees itself and the sliding_window - 1 tokens before it
+    # (Hugging Face Mistral / Mixtral sliding_window; megatron-core window_size (sliding_window - 1, 0)); None: full
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         # one spelling per architecture: a head_dim equal to hidden / heads is the default (None), so a preset
@@ -144,7 +148,7 @@ PRESETS.update({
 # Hugging Face model_type -> the preset fields that family fixes (all are the Llama architecture otherwise)
 HF_FAMILIES: dict[str, dict] = {
     "llama": {},  # Llama 3 / 3.1 / 3.2
-    "mistral": {},  # Mistral 7B v0.2 / v0.3 (no sliding window)
+    "mistral": {},  # Mistral 7B v0.1 (sliding window 4,096) / v0.2 / v0.3
     "qwen2": {"add_qkv_bias": True},  # Qwen2 / 2.5
     "qwen3": {"qk_layernorm": True},  # Qwen3 dense
     "qwen3_moe": {"qk_layernorm": True},  # Qwen3-MoE (every layer sparse, no shared expert)
@@ -179,11 +183,13 @@ def _refuse_unsupported(c: dict, file: Path) -> None:
     model_type = c.get("model_type")
     if model_type not in HF_FAMILIES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported ({', '.join(HF_FAMILIES)})")
-    # Mistral's window is on when sliding_window is set; Qwen2/3 configs carry one that use_sliding_window turns on
-    window = c.get("sliding_window") if c.get("use_sliding_window", model_type == "mistral") else None
-    if window:
-        raise ValueError(f"{file}: sliding_window {window}: sliding-window attention is not supported (Mistral 7B "
-                         "v0.2 / v0.3 have none)")
+    # Qwen2 / 3 configs carry a sliding_window that use_sliding_window turns on from layer max_window_layers on
+    if c.get("use_sliding_window") and c.get("sliding_window"):
+        raise ValueError(f"{file}: use_sliding_window true (sliding_window {c['sliding_window']}): Qwen's "
+                         "sliding-window layers are not supported (the published Qwen2 / 2.5 / 3 configs have it false)")
+    window = c.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{file}: sliding_window {window!r}: expected a positive number of tokens or null")
     if c.get("attention_bias") and model_type != "qwen2":
         raise ValueError(f"{file}: attention_bias true (biases of q/k/v/o projections) is not supported for "
                          f"{model_type}")
@@ -200,7 +206,8 @@ def preset_from_hf_config(path: str | Path) -> ModelPreset:
     embeddings and Llama-3.1 / 3.2 RoPE scaling
     (``rope_scaling.rope_type == "llama3"``; megatron-core implements the published low/high frequency factors
     1/4 and original context 8,192, so only the factor is carried).
-    Raises ValueError naming the file for other architectures (:data:`HF_FAMILIES`), sliding-window attention,
+    Mistral / Mixtral ``sliding_window`` (v0.1: 4,096) becomes the preset's ``sliding_window``.
+    Raises ValueError naming the file for other architectures (:data:`HF_FAMILIES`), Qwen's sliding-window layers,
     output-projection or MLP biases, other activations, dense layers between MoE layers, shared experts, or
     missing fields."""
     path = Path(path)
@@ -230,6 +237,8 @@ def preset_from_hf_config(path: str | Path) -> ModelPreset:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             rope_scaling_factor=float(scaling["factor"]) if scaling else None,
             head_dim=c.get("head_dim"), **HF_FAMILIES[c["model_type"]], **_moe_fields(c, file),
+            # Mistral / Mixtral: the window is on whenever sliding_window is set (Qwen's are refused above)
+            sliding_window=c.get("sliding_window") if c["model_type"] in ("mistral", "mixtral") else None,
         )
     except KeyError as e:
         raise ValueError(f"{file}: missing field {e}") from None
