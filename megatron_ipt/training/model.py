@@ -93,8 +93,8 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
 
 def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
     """``TransformerConfig`` fields of megatron-core's ``MoELayer`` for an MoE preset (empty for a dense one):
-    experts, top-k, expert size, router normalisation, auxiliary load-balancing loss, expert parallel size.
-    Tokens move with the all-gather dispatcher on CPU (gloo), with the all-to-all dispatcher on a GPU; the experts'
+    experts, top-k, expert size, router normalisation, auxiliary load-balancing loss, expert parallel and expert
+    tensor parallel sizes. Tokens move with the all-gather dispatcher on CPU (gloo), with the all-to-all dispatcher on a GPU; the experts'
     module (and ``moe_grouped_gemm``) follows the layer spec (:func:`build_model_chunks`)."""
     if not preset.num_moe_experts:
         return {}
@@ -103,7 +103,8 @@ def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
                 moe_router_load_balancing_type="aux_loss" if preset.moe_aux_loss_coeff else "none",
                 moe_aux_loss_coeff=preset.moe_aux_loss_coeff,
                 moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
-                expert_model_parallel_size=layout.expert_model_parallel_size)
+                expert_model_parallel_size=layout.expert_model_parallel_size,
+                expert_tensor_parallel_size=layout.expert_tensor_parallel_size)
 
 
 def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None, qk_layernorm: bool = False,

@@ -211,9 +211,8 @@ def problems(cfg, *, world_size: int) -> tuple[list[str], object | None]:
     te = device == "cuda" and cfg.model.transformer_impl != "local"  # a GPU stack ships Transformer Engine
     try:
         parallel.check_layout(cfg.parallel, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
-                              global_batch_size=cfg.train.global_batch_size, num_layers=preset.num_layers,
-                              num_attention_heads=preset.num_attention_heads, num_query_groups=preset.num_query_groups,
-                              seq_length=cfg.model.seq_length)
+                              global_batch_size=cfg.train.global_batch_size, seq_length=cfg.model.seq_length,
+                              **parallel.model_fields(preset))
     except IptError as err:
         found += [line.strip() for line in str(err).splitlines()[1:]]
     try:
