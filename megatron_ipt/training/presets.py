@@ -97,6 +97,8 @@ PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
+# meta-llama/Llama-3.1-8B config.json (every field checked against a public copy); llama3-8b is it without the RoPE
+# scaling at 8,192 positions; llama3-70b and qwen2.5-7b were not checked.
 PRESETS["llama3.1-8b"] = dataclasses.replace(PRESETS["llama3-8b"], max_position_embeddings=131072,
                                              rope_scaling_factor=8.0)
 
@@ -116,28 +118,35 @@ def _llama32(layers: int, hidden: int, heads: int) -> ModelPreset:
 
 
 PRESETS.update({
-    # Qwen/Qwen3-*B config.json (the 0.6B, 1.7B and 4B sizes tie the embeddings)
+    # Qwen/Qwen3-*B config.json (the 0.6B, 1.7B and 4B sizes tie the embeddings). Checked against public copies:
+    # 0.6B and 4B every field; 1.7B sizes, heads and groups; 8B sizes, heads and 40,960 positions (KV groups 8 and
+    # untied embeddings not checked); 14B not checked.
     "qwen3-0.6b": _qwen3(28, 1024, 3072, 16, tied=True),
     "qwen3-1.7b": _qwen3(28, 2048, 6144, 16, tied=True),
     "qwen3-4b": _qwen3(36, 2560, 9728, 32, tied=True),
     "qwen3-8b": _qwen3(36, 4096, 12288, 32, tied=False),
     "qwen3-14b": _qwen3(40, 5120, 17408, 40, tied=False),
-    # meta-llama/Llama-3.2-1B / -3B config.json
+    # meta-llama/Llama-3.2-1B / -3B config.json (3B: every field checked against a public copy; 1B not checked)
     "llama3.2-1b": _llama32(16, 2048, 32),
     "llama3.2-3b": _llama32(28, 3072, 24),
-    # mistralai/Mistral-7B-v0.3 config.json (no sliding window; vocabulary 32,768)
-    # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top-8 renormalised, no shared expert
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top-8 renormalised, no shared expert (sizes, heads, groups,
+    # head_dim, experts, top-k, theta, epsilon checked against a public Megatron script for it, slime
+    # scripts/models/qwen3-30B-A3B.sh; router_aux_loss_coef 0.001 not checked)
     "qwen3-30b-a3b": ModelPreset(
         num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4,
         vocab_size=151936, max_position_embeddings=40960, rotary_base=1000000.0, norm_epsilon=1e-6, head_dim=128,
         qk_layernorm=True, num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, moe_aux_loss_coeff=0.001,
     ),
-    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of 14,336, top-2
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of 14,336, top-2 (every field, router_aux_loss_coef 0.02
+    # included, checked against a public copy of its config; its sliding_window is null)
     "mixtral-8x7b": ModelPreset(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
         vocab_size=32000, max_position_embeddings=32768, rotary_base=1000000.0, norm_epsilon=1e-5,
         num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=0.02,
     ),
+    # mistralai/Mistral-7B-v0.3 config.json (no sliding window; vocabulary 32,768 per its model card): sizes, heads,
+    # groups, theta and epsilon checked against public copies of v0.2's (v0.3 is v0.2 with the larger vocabulary).
+    # v0.1 (sliding window 4,096, vocabulary 32,000, theta 1e4) has no preset: use model.hf_config.
     "mistral-7b": ModelPreset(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
         vocab_size=32768, max_position_embeddings=32768, rotary_base=1000000.0, norm_epsilon=1e-5,
