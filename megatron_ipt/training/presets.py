@@ -97,8 +97,10 @@ PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
-# meta-llama/Llama-3.1-8B config.json (every field checked against a public copy); llama3-8b is it without the RoPE
-# scaling at 8,192 positions; llama3-70b and qwen2.5-7b were not checked.
+# Checked against public copies of the config.json: meta-llama/Llama-3.1-8B (every field; llama3-8b is it without
+# the RoPE scaling, at 8,192 positions, not checked) and Meta-Llama-3-70B (every field). Qwen/Qwen2.5-7B: sizes,
+# heads, groups, QKV bias, theta, epsilon and its 152,064-row embedding checked against slime's
+# scripts/models/qwen2.5-7B.sh and a public Qwen2-7B config.json; max_position_embeddings not checked.
 PRESETS["llama3.1-8b"] = dataclasses.replace(PRESETS["llama3-8b"], max_position_embeddings=131072,
                                              rope_scaling_factor=8.0)
 
@@ -118,15 +120,16 @@ def _llama32(layers: int, hidden: int, heads: int) -> ModelPreset:
 
 
 PRESETS.update({
-    # Qwen/Qwen3-*B config.json (the 0.6B, 1.7B and 4B sizes tie the embeddings). Checked against public copies:
-    # 0.6B and 4B every field; 1.7B sizes, heads and groups; 8B sizes, heads and 40,960 positions (KV groups 8 and
-    # untied embeddings not checked); 14B not checked.
+    # Qwen/Qwen3-*B config.json (the 0.6B, 1.7B and 4B sizes tie the embeddings). Checked against public copies of
+    # the 0.6B and 4B config.json (every field) and slime's Megatron scripts/models/qwen3-{0.6B,1.7B,4B,8B,14B}.sh
+    # (layers, widths, heads, groups, head size 128, theta, epsilon, vocabulary, tying); the 1.7B / 8B / 14B
+    # max_position_embeddings (40,960) is not in those scripts.
     "qwen3-0.6b": _qwen3(28, 1024, 3072, 16, tied=True),
     "qwen3-1.7b": _qwen3(28, 2048, 6144, 16, tied=True),
     "qwen3-4b": _qwen3(36, 2560, 9728, 32, tied=True),
     "qwen3-8b": _qwen3(36, 4096, 12288, 32, tied=False),
     "qwen3-14b": _qwen3(40, 5120, 17408, 40, tied=False),
-    # meta-llama/Llama-3.2-1B / -3B config.json (3B: every field checked against a public copy; 1B not checked)
+    # meta-llama/Llama-3.2-1B / -3B config.json (every field checked against public copies of both)
     "llama3.2-1b": _llama32(16, 2048, 32),
     "llama3.2-3b": _llama32(28, 3072, 24),
     # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top-8 renormalised, no shared expert (sizes, heads, groups,
