@@ -284,6 +284,11 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = Field(False, description="Shard norm/dropout activations along the sequence over TP ranks (GPU only).")
     expert_model_parallel_size: int = Field(1, ge=1, description="Spread a mixture-of-experts model's experts over "
                                             "this many ranks (EP; the number of experts must be divisible by it).")
+    expert_tensor_parallel_size: int | None = Field(
+        None, ge=1, description="Split each expert's weight matrices over this many ranks (ETP; megatron-core's "
+        "expert_tensor_parallel_size). None: the tensor parallel size. Other than TP it needs "
+        "expert_model_parallel_size > 1; the world size must be divisible by ETP * EP * PP (the rest is the "
+        "experts' data parallel size) and each expert's inner size by ETP.")
     # Communication overlap (megatron-core's DistributedDataParallelConfig / OptimizerConfig; docs/training.md).
     overlap_grad_reduce: bool = Field(
         False, description="Reduce (all-reduce, or reduce-scatter with the distributed optimizer) each gradient bucket "

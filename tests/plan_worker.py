@@ -52,7 +52,8 @@ def main() -> None:
             inner = [o.optimizer for o in optimizers]
             states = [t for o in inner for s in o.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
             main = [p for o in inner for g in o.param_groups for p in g["params"]] if cfg.train.precision == "bf16" else []
-            buffers = [b for chunk in run.model for b in chunk.buffers]
+            # the experts have their own buffers when EP > 1
+            buffers = [b for chunk in run.model for b in [*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", [])]]
             if cfg.parallel.use_distributed_optimizer:
                 weights = sum(b.param_data.numel() * b.param_data.element_size() for b in buffers)
             else:

@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron conversion on tiny random Llama / Mistral / Qwen2 / Qwen3 models: megatron-core's logits (CPU
+"""Hugging Face <-> Megatron conversion on tiny random Llama / Mistral (with and without sliding window) / Qwen2 /
+Qwen3 / Qwen3-MoE / Mixtral models: megatron-core's logits (CPU
 backend, fp32) equal transformers' within 1e-4, and HF -> Megatron -> HF is bit-identical."""
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ CASES = {
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}),
     "mistral": lambda: transformers.MistralConfig(**SIZES, rope_theta=1000000.0, sliding_window=None),
+    # Mistral 7B v0.1's sliding-window attention, the window (8) shorter than the 24 tokens compared
+    "mistral-sliding-window": lambda: transformers.MistralConfig(**SIZES, sliding_window=8),
     # mixture of experts: 4 experts of 48, top-2; Qwen3-MoE keeps the softmax weights of the top 2 (norm_topk_prob
     # false: megatron's pre-softmax router), Mixtral renormalises them
     "qwen3-moe": lambda: transformers.Qwen3MoeConfig(
@@ -45,6 +48,9 @@ CASES = {
         rope_theta=1000000.0),
     "mixtral": lambda: transformers.MixtralConfig(**{**SIZES, "intermediate_size": 48}, num_local_experts=4,
                                                   num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None),
+    "mixtral-sliding-window": lambda: transformers.MixtralConfig(**{**SIZES, "intermediate_size": 48},
+                                                                 num_local_experts=4, num_experts_per_tok=2,
+                                                                 sliding_window=5),
 }
 
 
@@ -100,6 +106,43 @@ def test_logits_match_transformers_and_round_trip_is_bit_identical(case, tmp_pat
     files = json.loads((tmp_path / "back" / convert.CONVERT_MANIFEST).read_text())["hf_files"]
     assert "config.json" in files
 
+
+def test_sliding_window_holds_in_kv_cached_and_left_padded_batched_generation(tmp_path):
+    """Mistral with an 8-token window: greedy ids from megatron-core's KV cache (the prompt, then one token at a
+    time: the window mask aligned to the cache position) and from the left-padded batch over one cache (the
+    padding mask and the window together) equal transformers' greedy ids without a cache."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import tiny_config
+
+    from megatron_ipt.evaluate.scorers import MegatronScorer
+
+    model = hf_model(tmp_path / "hf", "mistral-sliding-window")
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "mg")
+    prompts = [[5, 6, 7], list(range(3, 60, 5)), [150, 17, 17, 90, 4, 4, 199, 1, 33, 8, 120, 60, 61, 2]]
+    expected = []
+    for prompt in prompts:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(10):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        expected.append(ids[len(prompt):])
+    with MegatronScorer(tiny_config(model__hf_config=str(tmp_path / "hf")), 200, tmp_path / "mg") as scorer:
+        single = [scorer.generate(p, 10) for p in prompts]
+        batched = scorer.generate_batch(prompts, 10)
+        assert scorer.no_kv_cache is None and scorer.no_batched_kv_cache is None
+    assert single == expected and batched == expected
+
+
+def test_unfused_attention_backend_refuses_a_sliding_window():
+    from megatron_ipt.training.attention import AttentionBackendError
+    from megatron_ipt.training.model import layer_spec
+
+    with pytest.raises(AttentionBackendError, match="^model.attention_backend = unfused: .*sliding_window 8"):
+        layer_spec(torch.device("cpu"), attention_backend="unfused", sliding_window=8)
+    assert layer_spec(torch.device("cpu"), attention_backend="sdpa", sliding_window=8) is not None
 
 def test_loading_a_checkpoint_prints_no_library_deprecation_warnings(tmp_path):
     """megatron-core's torch_dist load calls torch's deprecated ``load_state_dict`` and ShardedTensor: FutureWarnings

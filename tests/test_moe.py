@@ -1,6 +1,7 @@
 """Mixture of experts through the trainer: a tiny random Qwen3-MoE converted from transformers trains with
 megatron-core's MoELayer on CPU (router loss in the log lines), exports back to a model transformers loads and
-generates with, and expert parallel 2 on 2 gloo processes gives the EP=1 loss curve."""
+generates with, and expert parallel 2 or expert tensor parallel 2 on 2 gloo processes gives the one-process loss
+curve."""
 
 from __future__ import annotations
 
@@ -62,21 +63,49 @@ def test_moe_trains_logs_the_router_loss_and_exports_a_model_that_generates(conv
     assert generated.shape == (1, 8)
 
 
-@pytest.mark.dist
-def test_expert_parallel_2_gives_the_expert_parallel_1_loss_curve(converted, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(converted, tmp_path_factory):
+    """The one-process runs (EP = ETP = 1) the several-process layouts are compared with, by micro-batch size (the
+    router's load-balancing loss is taken per micro-batch): ``run(micro_batch_size) -> (summary, losses)``."""
     from megatron_ipt.training.train import train_stage
 
     root, tokenized = converted
-    reference = train_stage(moe_config(root), tokenized, tmp_path / "ep1", "fp-moe")
+    runs = {}
+
+    def run(micro_batch_size: int):
+        if micro_batch_size not in runs:
+            out = tmp_path_factory.mktemp("moe-one-process")
+            cfg = moe_config(root, micro_batch_size=micro_batch_size)
+            runs[micro_batch_size] = train_stage(cfg, tokenized, out, "fp-moe"), losses_by_iteration(out)
+        return runs[micro_batch_size]
+
+    return run
+
+
+# TP = 2 is not among them: megatron-core's MoELayer refuses to train with TP > 1 without sequence parallel, whose
+# activation collectives do not run on CPU (parallel.check_layout and check_runnable say so before starting). Expert
+# tensor parallel other than TP needs EP > 1 (parallel.check_layout), so it takes 4 processes: EP 2 x ETP 2.
+@pytest.mark.dist
+@pytest.mark.parametrize("args, sizes", [
+    (["--ep", "2"], dict(expert_model_parallel_size=2, expert_tensor_parallel_size=1, data_parallel_size=2,
+                         micro_batch_size=2)),
+    (["--procs", "4", "--ep", "2", "--set", "parallel.expert_tensor_parallel_size=2",  # the later --procs wins
+      "--set", "train.micro_batch_size=1"],
+     dict(expert_model_parallel_size=2, expert_tensor_parallel_size=2, data_parallel_size=4, micro_batch_size=1)),
+], ids=["ep2", "ep2-etp2-4procs"])
+def test_expert_parallel_layouts_on_several_processes_give_the_one_process_loss_curve(converted, one_process,
+                                                                                       tmp_path, args, sizes):
+    root, tokenized = converted
+    reference, expected = one_process(sizes["micro_batch_size"])
     worker = Path(__file__).parent / "dist_train_worker.py"
-    result = subprocess.run([sys.executable, str(worker), str(tokenized), str(tmp_path / "ep2"), "--procs", "2",
-                             "--ep", "2", "--init-from", str(root / "mg"), "--hf-config", str(root / "mg" / "hf")],
+    result = subprocess.run([sys.executable, str(worker), str(tokenized), str(tmp_path / "run"), "--procs", "2",
+                             *args, "--init-from", str(root / "mg"), "--hf-config", str(root / "mg" / "hf")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((tmp_path / "ep2" / "summary.json").read_text())
-    assert summary["parallel"]["expert_model_parallel_size"] == 2 and summary["parallel"]["data_parallel_size"] == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {k: summary["parallel"][k] for k in sizes} == sizes
     assert summary["parameters"] == reference["parameters"]  # experts counted over the expert-parallel ranks
-    expected, got = losses_by_iteration(tmp_path / "ep1"), losses_by_iteration(tmp_path / "ep2")
+    got = losses_by_iteration(tmp_path / "run")
     assert sorted(got) == [1, 2, 3, 4]
-    for it in got:  # same weights and samples; the experts and the micro-batches are split over 2 processes
+    for it in got:  # same weights and samples; the experts (or their matrices) and the micro-batches are split
         assert got[it] == pytest.approx(expected[it], abs=1e-5), (it, got, expected)

@@ -93,25 +93,50 @@ def test_relaunch_only_when_several_processes_and_not_under_torchrun(monkeypatch
     assert cmd == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_ipt.cli", "train"]
 
 
-def layout_with(world=8, layers=8, seq=256, experts=None, **parallel_fields):
+def layout_with(world=8, layers=8, seq=256, experts=None, expert_ffn=96, **parallel_fields):
     global_batch = parallel_fields.pop("global_batch", 16)
     return parallel.check_layout(
         ParallelConfig(**parallel_fields), world_size=world, micro_batch_size=1, global_batch_size=global_batch,
         num_layers=layers, num_attention_heads=8, num_query_groups=4, seq_length=seq, num_moe_experts=experts,
+        moe_ffn_hidden_size=expert_ffn if experts else None,
     )
 
 
 def test_expert_parallel_shares_the_data_parallel_ranks():
-    got = layout_with(world=8, experts=8, tensor_model_parallel_size=2, expert_model_parallel_size=4)
+    got = layout_with(world=8, experts=8, tensor_model_parallel_size=2, expert_model_parallel_size=4,
+                      sequence_parallel=True)
     assert (got.data_parallel_size, got.expert_model_parallel_size) == (4, 4)
+    # expert tensor parallel defaults to TP (megatron-core's default); the rest of the world is expert data parallel
+    assert (got.expert_tensor_parallel_size, got.expert_data_parallel_size) == (2, 1)
+
+
+def test_expert_tensor_parallel_takes_its_share_of_the_expert_ranks():
+    got = layout_with(world=8, experts=8, tensor_model_parallel_size=2, sequence_parallel=True,
+                      expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+    assert (got.data_parallel_size, got.expert_tensor_parallel_size, got.expert_data_parallel_size) == (4, 1, 4)
+    got = layout_with(world=8, experts=8, expert_model_parallel_size=2, expert_tensor_parallel_size=4)
+    assert (got.data_parallel_size, got.expert_tensor_parallel_size, got.expert_data_parallel_size) == (8, 4, 1)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(expert_model_parallel_size=2), "expert_model_parallel_size 2 needs a mixture-of-experts model"),
     (dict(experts=6, expert_model_parallel_size=4), "number of experts 6 is not divisible by expert_model_parallel_size 4"),
-    (dict(world=8, experts=8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2, expert_model_parallel_size=4),
-     "world size 8 is not divisible by tensor_model_parallel_size 2 * expert_model_parallel_size 4 * "
+    (dict(world=8, experts=8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2, expert_model_parallel_size=4,
+          sequence_parallel=True),
+     "world size 8 is not divisible by expert_tensor_parallel_size 2 * expert_model_parallel_size 4 * "
      "pipeline_model_parallel_size 2 = 16"),
+    (dict(expert_tensor_parallel_size=2), "expert_tensor_parallel_size 2 needs a mixture-of-experts model"),
+    (dict(world=8, experts=8, expert_model_parallel_size=2, expert_tensor_parallel_size=8),
+     "world size 8 is not divisible by expert_tensor_parallel_size 8 * expert_model_parallel_size 2 * "
+     "pipeline_model_parallel_size 1 = 16"),
+    (dict(experts=8, expert_tensor_parallel_size=2), "expert_tensor_parallel_size 2 other than "
+     "tensor_model_parallel_size 1 needs expert_model_parallel_size > 1"),
+    (dict(experts=8, expert_ffn=90, expert_tensor_parallel_size=4, expert_model_parallel_size=2), "expert inner size 90 is not divisible by "
+     "expert_tensor_parallel_size 4"),
+    (dict(world=12, experts=8, expert_model_parallel_size=8, global_batch=12),
+     "world size 12 is not divisible by expert_tensor_parallel_size 1 * expert_model_parallel_size 8"),
+    (dict(experts=8, tensor_model_parallel_size=2), "tensor_model_parallel_size 2 with a mixture-of-experts model "
+     "needs sequence_parallel true"),
 ])
 def test_expert_parallel_errors_name_the_numbers(kwargs, message):
     with pytest.raises(parallel.ParallelLayoutError) as err:

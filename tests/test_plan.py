@@ -69,6 +69,52 @@ def test_weights_grads_and_optimizer_states_match_the_tensors_the_trainer_builds
         assert getattr(estimate, key) == pytest.approx(value, rel=0.01), key
 
 
+
+@pytest.fixture(scope="module")
+def moe_hf_config(tmp_path_factory):
+    """A tiny Qwen3-MoE ``config.json`` (4 experts of 48, top-2, QK-norm) for ``model.hf_config``."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("moe-config")
+    transformers.Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=48).save_pretrained(folder)
+    return folder / "config.json"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
+@pytest.mark.parametrize("settings", [{}, {"precision": "bf16", "parallel__use_distributed_optimizer": True}],
+                         ids=["fp32", "bf16-distopt"])
+def test_moe_weights_grads_and_optimizer_states_match_the_tensors_the_trainer_builds(tokenized_dir, tmp_path,
+                                                                                     moe_hf_config, settings):
+    """Every expert's weights count (memory), not only the top-k active ones (FLOPs); the router is not split."""
+    cfg = tiny_config(model__hf_config=str(moe_hf_config), **settings)
+    built, vocab = built_bytes(cfg, tokenized_dir, tmp_path)
+    estimate = plan.estimate(cfg, resolve_preset(cfg.model), world_size=1, vocab_size=vocab, fused_attention=False)
+    for key, value in built.items():
+        assert getattr(estimate, key) == pytest.approx(value, rel=0.01), key
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
+def test_every_rank_of_an_expert_parallel_layout_holds_what_the_plan_says(tokenized_dir, tmp_path, moe_hf_config):
+    """EP = 2 on 2 processes, bf16 with the distributed optimizer: the experts live in their own buffer, sharded over
+    the expert data parallel ranks (1 here) while the rest is sharded over the 2 data parallel ranks."""
+    settings = ["parallel.expert_model_parallel_size=2", "parallel.use_distributed_optimizer=true",
+                "train.precision=bf16", f"model.hf_config={moe_hf_config}"]
+    out = tmp_path / "bytes.json"
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "plan_worker.py"), str(tokenized_dir), str(out),
+                             "--procs", "2", *[a for s in settings for a in ("--set", s)]],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    cfg = tiny_config(model__hf_config=str(moe_hf_config), precision="bf16", parallel__use_distributed_optimizer=True,
+                      parallel__expert_model_parallel_size=2)
+    (stage,) = plan.estimate_stages(cfg, resolve_preset(cfg.model), world_size=2, vocab_size=ranks[0]["vocab_size"],
+                                    fused_attention=False).values()
+    for rank in ranks:
+        for key in ("parameters", "weight_bytes", "gradient_bytes", "optimizer_bytes"):
+            assert getattr(stage, key) == pytest.approx(rank[key], rel=0.01), (rank["rank"], key)
+
 def test_buffer_padding_follows_megatron_core():
     # distributed optimizer: each parameter starts at a multiple of 64, the bucket ends at a multiple of lcm(DP, 128)
     assert plan.buffer_numel([10, 100], distributed_optimizer=True, dp=2, bucket_size=None) == 256

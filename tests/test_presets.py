@@ -44,8 +44,11 @@ def _hf_config(tmp_path, **fields):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window 4096: sliding-window attention is not supported"),
-    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4096}, "sliding_window 4096"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window 0: expected a positive number of tokens"),
+    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4096},
+     "use_sliding_window true \\(sliding_window 4096\\): Qwen's sliding-window layers are not supported"),
+    ({"model_type": "qwen3_moe", "use_sliding_window": True, "sliding_window": 4096, "num_experts": 4,
+      "num_experts_per_tok": 2, "moe_intermediate_size": 16}, "use_sliding_window true"),
     ({"model_type": "llama", "attention_bias": True}, "attention_bias true"),
     ({"model_type": "llama", "mlp_bias": True}, "mlp_bias true"),
     ({"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
@@ -64,6 +67,13 @@ def test_hf_configs_of_each_family_read_as_their_preset_fields(tmp_path):
     mistral = preset_from_hf_config(_hf_config(tmp_path, model_type="mistral", sliding_window=None, head_dim=16))
     assert mistral.head_dim is None and not mistral.qk_layernorm  # 16 = 64 / 4: the default spelling
     assert preset_from_hf_config(_hf_config(tmp_path, model_type="qwen2")).add_qkv_bias
+    # Mistral 7B v0.1 / Mixtral: the window is on whenever sliding_window is set; Qwen2's is off without
+    # use_sliding_window (its published configs carry sliding_window 32768 / 131072 with use_sliding_window false)
+    assert preset_from_hf_config(_hf_config(tmp_path, model_type="mistral", sliding_window=4096)).sliding_window == 4096
+    assert preset_from_hf_config(_hf_config(tmp_path, model_type="mixtral", sliding_window=16, num_local_experts=4,
+                                            num_experts_per_tok=2)).sliding_window == 16
+    assert preset_from_hf_config(_hf_config(tmp_path, model_type="qwen2", use_sliding_window=False,
+                                            sliding_window=131072)).sliding_window is None
 
 
 def _build(preset_name: str, seq_length: int = 64):

@@ -75,7 +75,8 @@ def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int
                      what: str = "the experiment's model config") -> Path:
     """Write ``folder`` as the Hugging Face reference of a checkpoint trained from ``preset``: ``config.json``
     (transformers' ``LlamaConfig``, ``Qwen2Config`` for presets with QKV bias, ``Qwen3Config`` for presets with
-    QK-norm, ``Qwen3MoeConfig`` / ``MixtralConfig`` for MoE presets with / without QK-norm) with the preset's sizes, RoPE,
+    QK-norm, ``MistralConfig`` for presets with a sliding window, ``Qwen3MoeConfig`` / ``MixtralConfig`` for MoE
+    presets with / without QK-norm) with the preset's sizes, RoPE, sliding window,
     norm epsilon, tied embeddings and Llama-3.1 RoPE scaling, ``vocab_size`` (the tokenizer's: the export cuts
     the checkpoint's padding rows) and the tokenizer's bos/eos ids, plus the tokenizer files of ``tokenizer``
     (a Hugging Face tokenizer folder or ``tokenizer.json``). Returns ``folder``. Raises ExportError naming
@@ -99,14 +100,14 @@ def preset_reference(preset: ModelPreset, folder: str | Path, *, vocab_size: int
     rope = {"rope_type": "llama3", "factor": p.rope_scaling_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192} if p.rope_scaling_factor else None
     cls = (transformers.Qwen3Config if p.qk_layernorm else transformers.Qwen2Config if p.add_qkv_bias
-           else transformers.LlamaConfig)
-    moe = {}
+           else transformers.MistralConfig if p.sliding_window else transformers.LlamaConfig)
+    moe = {"sliding_window": p.sliding_window} if cls is transformers.MistralConfig else {}
     if p.num_moe_experts:  # Qwen3-MoE (QK-norm) or Mixtral; a preset neither can express fails the read-back below
         cls = transformers.Qwen3MoeConfig if p.qk_layernorm else transformers.MixtralConfig
         moe = dict(num_experts_per_tok=p.moe_router_topk, router_aux_loss_coef=p.moe_aux_loss_coeff)
         moe.update(dict(num_experts=p.num_moe_experts, moe_intermediate_size=p.expert_ffn_hidden_size,
                         norm_topk_prob=not p.moe_router_pre_softmax) if p.qk_layernorm
-                   else dict(num_local_experts=p.num_moe_experts, sliding_window=None))
+                   else dict(num_local_experts=p.num_moe_experts, sliding_window=p.sliding_window))
     config = cls(head_dim=p.kv_channels, vocab_size=vocab_size, hidden_size=p.hidden_size,
                  intermediate_size=p.ffn_hidden_size, num_hidden_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
                  num_key_value_heads=p.num_query_groups, max_position_embeddings=p.max_position_embeddings,

@@ -42,8 +42,7 @@ class MegatronScorer:
         try:
             preset = resolve_preset(self.cfg.model)
             layout = parallel.setup(ParallelConfig(), self.device, micro_batch_size=1, global_batch_size=1,
-                                    num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-                                    num_query_groups=preset.num_query_groups, seed=self.cfg.train.seed)
+                                    seed=self.cfg.train.seed, **parallel.model_fields(preset))
             vocab = max(self.vocab_size, preset.vocab_size) if self.cfg.model.hf_config else self.vocab_size
             self.model_vocab = vocab
             # A checkpoint padded for TP > 1 (128 x TP rows) loads too: megatron-core allows the embedding and

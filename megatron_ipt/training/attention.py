@@ -23,10 +23,16 @@ Same results as the parent (tested within 1e-5 in float32, logits and gradients)
 - one query with no mask (KV-cached decoding, ``sq == 1``): no mask, as the parent;
 - dropout ``attention_dropout`` in training, under megatron's CUDA RNG tracker as the parent (other random draws,
   so not the same dropped entries);
-- ``softmax_scale`` (default ``1 / sqrt(head dim)``) as SDPA's ``scale``.
+- ``softmax_scale`` (default ``1 / sqrt(head dim)``) as SDPA's ``scale``;
+- sliding-window attention (``TransformerConfig.window_size = (left, 0)``, set from a Mistral / Mixtral
+  ``sliding_window`` W as ``(W - 1, 0)``): query ``i`` sees keys ``i - left <= j <= i``, positions counted
+  bottom-right aligned (the last query is the last key, as in KV-cached decoding), combined with any given mask
+  (:func:`sliding_window_mask`). The parent cannot stand in here: it builds its window mask on ``cuda`` and
+  drops the given padding / document mask (``fused_softmax.forward_torch_softmax``), so the ``unfused`` backend
+  refuses windows (:func:`megatron_ipt.training.model.layer_spec`).
 
-Cases SDPA cannot express run the parent's unfused ``forward``, with the same result: sliding-window attention,
-an off-by-one or learnable softmax offset, ``apply_query_key_layer_scaling``, a non-boolean mask, a causal
+Cases SDPA cannot express run the parent's unfused ``forward``, with the same result: a window open to the
+right, an off-by-one or learnable softmax offset, ``apply_query_key_layer_scaling``, a non-boolean mask, a causal
 call with ``sq != sk`` and no mask, attention bias or packed sequences (the parent refuses the last two).
 """
 
@@ -96,6 +102,17 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)  # [b, heads, sq, d] -> [sq, b, heads * d]
 
 
+def sliding_window_mask(sq: int, sk: int, left: int, device=None) -> torch.Tensor:
+    """Boolean ``[sq, sk]``, True = masked: query ``i`` sits at key position ``sk - sq + i`` (bottom-right
+    aligned) and sees the keys ``j`` with ``pos - left <= j <= pos`` (``left = W - 1`` for a Hugging Face
+    ``sliding_window`` W: ``pos - W < j <= pos``, transformers' ``sliding_window_overlay``); ``left < 0``: no
+    lower bound (causal only)."""
+    pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    key = torch.arange(sk, device=device).unsqueeze(0)
+    masked = key > pos
+    return masked | (key < pos - left) if left >= 0 else masked
+
+
 @lru_cache(maxsize=1)
 def _sdpa_class() -> type:
     base = mcore.dot_product_attention_class()
@@ -110,8 +127,14 @@ def _sdpa_class() -> type:
             # The parent ignores attn_mask_type too: its softmax follows the mask type given at construction.
             sq, sk = query.size(0), key.size(0)
             causal = self.attn_mask_type.name == "causal" and attention_mask is None and sq > 1
-            if (attention_bias is not None or packed_seq_params is not None
-                    or getattr(self.scale_mask_softmax, "window_size", None) is not None
+            # the parent resolves the layer's window (window_attn_skip_freq) into its softmax
+            window = getattr(self.scale_mask_softmax, "window_size", self.config.window_size)
+            if (window is not None and window[1] == 0
+                    and (attention_mask is None or attention_mask.dtype == torch.bool)):  # causal band + given mask
+                band = sliding_window_mask(sq, sk, window[0], device=query.device)
+                attention_mask = band if attention_mask is None else attention_mask | band
+                causal, window = False, None
+            if (attention_bias is not None or packed_seq_params is not None or window is not None
                     or getattr(self, "softmax_offset", None) is not None or self.config.apply_query_key_layer_scaling
                     or (attention_mask is not None and attention_mask.dtype != torch.bool) or (causal and sq != sk)):
                 return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ipt.training import mcore
-from megatron_ipt.training.attention import resolve_attention_backend, sdpa_core_attention, with_core_attention
+from megatron_ipt.training.attention import (AttentionBackendError, resolve_attention_backend, sdpa_core_attention,
+                                             with_core_attention)
 from megatron_ipt.training.parallel import Layout
 from megatron_ipt.training.presets import ModelPreset
 
@@ -67,6 +68,8 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
         add_bias_linear=False,
         add_qkv_bias=preset.add_qkv_bias,
         qk_layernorm=preset.qk_layernorm,
+        # Hugging Face's sliding_window W: the token and the W - 1 before it (megatron-core / TE: (left, right))
+        **({"window_size": (preset.sliding_window - 1, 0)} if preset.sliding_window else {}),
         **moe_fields(preset, layout, on_cpu=on_cpu),
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -90,8 +93,8 @@ def transformer_config(preset: ModelPreset, layout: Layout, *, device: torch.dev
 
 def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
     """``TransformerConfig`` fields of megatron-core's ``MoELayer`` for an MoE preset (empty for a dense one):
-    experts, top-k, expert size, router normalisation, auxiliary load-balancing loss, expert parallel size.
-    Tokens move with the all-gather dispatcher on CPU (gloo), with the all-to-all dispatcher on a GPU; the experts'
+    experts, top-k, expert size, router normalisation, auxiliary load-balancing loss, expert parallel and expert
+    tensor parallel sizes. Tokens move with the all-gather dispatcher on CPU (gloo), with the all-to-all dispatcher on a GPU; the experts'
     module (and ``moe_grouped_gemm``) follows the layer spec (:func:`build_model_chunks`)."""
     if not preset.num_moe_experts:
         return {}
@@ -100,11 +103,12 @@ def moe_fields(preset: ModelPreset, layout: Layout, *, on_cpu: bool) -> dict:
                 moe_router_load_balancing_type="aux_loss" if preset.moe_aux_loss_coeff else "none",
                 moe_aux_loss_coeff=preset.moe_aux_loss_coeff,
                 moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
-                expert_model_parallel_size=layout.expert_model_parallel_size)
+                expert_model_parallel_size=layout.expert_model_parallel_size,
+                expert_tensor_parallel_size=layout.expert_tensor_parallel_size)
 
 
 def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = None, qk_layernorm: bool = False,
-               num_experts: int | None = None, attention_backend: str = "auto"):
+               num_experts: int | None = None, attention_backend: str = "auto", sliding_window: int | None = None):
     """The transformer layer ``ModuleSpec``: TE spec on cuda when TE imports, else the local spec, whose core
     attention ``attention_backend`` picks (``model.attention_backend``: ``auto`` / ``sdpa`` = PyTorch's
     ``scaled_dot_product_attention``, :mod:`megatron_ipt.training.attention`; ``unfused`` = megatron-core's own).
@@ -112,7 +116,9 @@ def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = No
     ``qk_layernorm``: an RMSNorm over each query and key head (Qwen3; torch's ``RMSNorm`` in the local spec).
     ``num_experts``: an MoE layer instead of the MLP (grouped GEMM with TE, ``SequentialMLP`` in the local spec).
     ``use_transformer_engine=True`` on a machine without TE raises RuntimeError (no silent downgrade); ``sdpa`` or
-    ``unfused`` with TE raise ``AttentionBackendError`` naming the key.
+    ``unfused`` with TE raise ``AttentionBackendError`` naming the key. ``sliding_window`` (the preset's): TE's
+    attention and the SDPA one apply it; ``unfused`` raises ``AttentionBackendError`` (megatron-core's unfused
+    softmax builds its window mask on cuda and drops the padding / document mask).
     """
     if use_transformer_engine is None:
         use_transformer_engine = device.type == "cuda" and transformer_engine_available()
@@ -124,7 +130,12 @@ def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = No
                                                    moe_grouped_gemm=bool(num_experts))
     spec = mcore.local_layer_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm", num_experts=num_experts,
                                   moe_grouped_gemm=False)
-    if resolve_attention_backend(attention_backend, "local") == "sdpa":
+    backend = resolve_attention_backend(attention_backend, "local")
+    if sliding_window and backend == "unfused":
+        raise AttentionBackendError(
+            f"model.attention_backend = unfused: megatron-core's unfused attention cannot apply the model's "
+            f"sliding_window {sliding_window} with padding or document masks (nor on CPU); use auto or sdpa")
+    if backend == "sdpa":
         spec = with_core_attention(spec, sdpa_core_attention())
     return spec
 
@@ -188,7 +199,8 @@ def build_model_chunks(
         config.perform_initialization = False
     use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
     spec = layer_spec(real, use_transformer_engine=use_te, qk_layernorm=preset.qk_layernorm,
-                      num_experts=preset.num_moe_experts, attention_backend=attention_backend)
+                      num_experts=preset.num_moe_experts, attention_backend=attention_backend,
+                      sliding_window=preset.sliding_window)
     if preset.num_moe_experts:  # TE spec: grouped GEMM (TEGroupedMLP); local spec: SequentialMLP
         config.moe_grouped_gemm = use_te if use_te is not None else real.type == "cuda" and transformer_engine_available()
     vpp = layout.virtual_pipeline_model_parallel_size

@@ -47,6 +47,13 @@ class Layout:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """Replicas of each expert shard: ``world_size / (ETP * EP * PP)`` (megatron-core's expert data parallel)."""
+        return self.world_size // (self.expert_tensor_parallel_size * self.expert_model_parallel_size
+                                   * self.pipeline_model_parallel_size)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +70,7 @@ def check_layout(
     num_query_groups: int,
     seq_length: int | None = None,
     num_moe_experts: int | None = None,
+    moe_ffn_hidden_size: int | None = None,
 ) -> Layout:
     """Derive the data parallel size and check every divisibility rule of a Megatron layout.
 
@@ -74,9 +82,14 @@ def check_layout(
     interleaved schedule groups PP micro-batches per virtual stage, ``microbatch_group_size_per_vp_stage``, and
     refuses a remainder smaller than PP: ``pipeline_parallel/schedules.py``,
     ``forward_backward_pipelining_with_interleaving``). Expert parallel (EP) needs an MoE model
-    (``num_moe_experts``) whose experts it divides, and a world size divisible by TP * EP * PP (megatron-core's
-    expert groups: expert tensor parallel = TP, expert data parallel = world / (TP * EP * PP)). Raises :class:`ParallelLayoutError` with one line per
-    broken rule.
+    (``num_moe_experts``) whose experts it divides. Expert tensor parallel (ETP, ``expert_tensor_parallel_size``;
+    None = TP) other than TP needs an MoE model and EP > 1 (megatron-core marks the experts' parameters for the
+    expert data parallel gradient reduction only when EP > 1, ``tensor_parallel/layers.py`` ``allreduce``; with
+    EP = 1 it reduces them over the data parallel ranks, which hold other shards: measured as a different loss
+    curve), and each expert's inner size (``moe_ffn_hidden_size``) divisible by it. With experts, the world size must be divisible by ETP * EP * PP (megatron-core's
+    ``initialize_model_parallel``: expert data parallel = world / (ETP * EP * PP)), and TP > 1 needs
+    ``sequence_parallel`` (megatron-core's ``MoELayer`` refuses to train with TP > 1 without it). Raises
+    :class:`ParallelLayoutError` with one line per broken rule.
     """
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     cp, vpp, sp = parallel.context_parallel_size, parallel.virtual_pipeline_model_parallel_size, parallel.sequence_parallel
@@ -125,9 +138,21 @@ def check_layout(
         problems.append(f"expert_model_parallel_size {ep} needs a mixture-of-experts model (the model has no experts)")
     elif ep > 1 and num_moe_experts % ep:
         problems.append(f"number of experts {num_moe_experts} is not divisible by expert_model_parallel_size {ep}")
-    if ep > 1 and world_size % (tp * ep * pp):
-        problems.append(f"world size {world_size} is not divisible by tensor_model_parallel_size {tp} * "
-                        f"expert_model_parallel_size {ep} * pipeline_model_parallel_size {pp} = {tp * ep * pp}")
+    etp = parallel.expert_tensor_parallel_size or tp
+    if etp != tp and not num_moe_experts:
+        problems.append(f"expert_tensor_parallel_size {etp} needs a mixture-of-experts model (the model has no experts)")
+    elif etp != tp and ep == 1:
+        problems.append(f"expert_tensor_parallel_size {etp} other than tensor_model_parallel_size {tp} needs "
+                        "expert_model_parallel_size > 1 (megatron-core reduces the experts' gradients over the "
+                        "expert data parallel ranks only with expert parallel; otherwise it mixes different shards)")
+    if num_moe_experts and etp > 1 and moe_ffn_hidden_size and moe_ffn_hidden_size % etp:
+        problems.append(f"expert inner size {moe_ffn_hidden_size} is not divisible by expert_tensor_parallel_size {etp}")
+    if (num_moe_experts or ep > 1) and world_size % (etp * ep * pp):
+        problems.append(f"world size {world_size} is not divisible by expert_tensor_parallel_size {etp} * "
+                        f"expert_model_parallel_size {ep} * pipeline_model_parallel_size {pp} = {etp * ep * pp}")
+    if num_moe_experts and tp > 1 and not sp:
+        problems.append(f"tensor_model_parallel_size {tp} with a mixture-of-experts model needs sequence_parallel "
+                        "true (megatron-core's MoELayer refuses to train without it)")
     if problems:
         raise ParallelLayoutError("invalid parallel layout:\n  " + "\n  ".join(problems))
     return Layout(
@@ -142,7 +167,16 @@ def check_layout(
         context_parallel_size=cp,
         sequence_parallel=sp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
+
+
+def model_fields(preset) -> dict:
+    """The keywords :func:`check_layout` / :func:`setup` take from a model preset (a
+    :class:`~megatron_ipt.training.presets.ModelPreset`): layers, heads, query groups, experts and their inner size."""
+    return dict(num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
+                num_query_groups=preset.num_query_groups, num_moe_experts=preset.num_moe_experts,
+                moe_ffn_hidden_size=preset.expert_ffn_hidden_size if preset.num_moe_experts else None)
 
 
 def check_runnable(layout: Layout, device_type: str) -> None:
@@ -219,6 +253,7 @@ def initialize_model_parallel(layout: Layout, device: torch.device) -> None:
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
     )
 
 
@@ -248,6 +283,7 @@ def setup(
     seed: int,
     seq_length: int | None = None,
     num_moe_experts: int | None = None,
+    moe_ffn_hidden_size: int | None = None,
 ) -> Layout:
     """Initialise the process group, check the layout, build megatron's groups and seed. Returns the layout.
 
@@ -268,6 +304,7 @@ def setup(
             num_query_groups=num_query_groups,
             seq_length=seq_length,
             num_moe_experts=num_moe_experts,
+            moe_ffn_hidden_size=moe_ffn_hidden_size,
         )
         check_runnable(layout, device.type)
         initialize_model_parallel(layout, device)

@@ -11,7 +11,9 @@ The model: megatron-core's Llama ``GPTModel`` as :mod:`megatron_ipt.training.mod
 
 - **Weights**: every parameter tensor of the stage (QKV, projection, SwiGLU fc1/fc2, two RMSNorm weights per layer;
   word embeddings on the first stage, final norm and output layer on the last, a copy of tied embeddings on the last
-  stage when PP > 1), column/row-parallel matrices divided by TP; 2 bytes each in bf16, 4 in fp32. With the
+  stage when PP > 1), column/row-parallel matrices divided by TP; 2 bytes each in bf16, 4 in fp32. A
+  mixture-of-experts layer holds its router (``E x h``, not split) and ``E / EP`` whole experts, each matrix divided
+  by the expert tensor parallel size (every expert counts here; FLOPs count the top-k active ones). With the
   distributed optimizer the weights live in megatron-core's contiguous parameter buffer, padded as it pads
   (``param_and_grad_buffer.py``: every parameter starts at a multiple of 64 elements, every bucket ends at a multiple
   of lcm(DP, 128)).
@@ -19,14 +21,17 @@ The model: megatron-core's Llama ``GPTModel`` as :mod:`megatron_ipt.training.mod
   fp32), else 2.
 - **Optimizer states**: Adam's two moments in fp32 plus, in bf16, an fp32 main copy of the weights: 8 or 12 bytes per
   parameter; with the distributed optimizer one DP shard of the padded buffer per rank (Rajbhandari et al. 2020,
-  ZeRO stage 1; Megatron-LM's ``theoretical_memory_usage.py`` counts 6 + 12 / DP bytes per parameter the same way).
+  ZeRO stage 1; Megatron-LM's ``theoretical_memory_usage.py`` counts 6 + 12 / DP bytes per parameter the same way);
+  with EP > 1 the experts sit in a buffer of their own, sharded over the expert data parallel ranks,
+  world / (ETP * EP * PP).
 - **Activations**: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Table 2
   and section 4, per layer and micro-batch of ``s`` tokens (``s = seq_length / CP``), batch ``b``, generalised from
   multi-head attention with a 4h GeLU MLP to grouped-query attention (``a`` query heads, ``g`` key/value groups of
   ``d`` channels) and SwiGLU (``f`` = ffn_hidden_size; fc1 produces 2f), without dropout (Llama trains with none):
   the two norms' inputs and outputs 8sbh; Q, K, V and the attention output 2sb(2ad + 2gd); the attention scores
   and softmax 4as²b unless the attention is fused (Transformer Engine) or recomputed (selective ``core_attn``); the
-  MLP's fc1 output and fc2 input 6sbf (``mlp`` recompute keeps only its input). With FP8 the GEMM inputs after the
+  MLP's fc1 output and fc2 input 6sbf (``mlp`` recompute keeps only its input); an MoE layer instead keeps its
+  routed tokens' permuted inputs and fc1 / fc2 activations (``_activation_bytes_per_layer``; balanced routing). With FP8 the GEMM inputs after the
   norms and before fc2 are Transformer Engine's 1-byte copies (norms 6sbh, MLP 5sbf). Everything is divided by TP except
   the norm terms, which only sequence parallel divides. Full recompute keeps only the input of each recompute unit
   (2sbh, /TP with sequence parallel) plus one unit's activations while it is recomputed. The first pipeline stage holds
@@ -71,17 +76,30 @@ class Plan:
 
 
 def layer_parameter_numels(p, tp: int) -> list[int]:
-    """Numels of one transformer layer's parameter tensors on one TP rank, in registration order (``p``: a
-    ``ModelPreset``): input norm, QKV (+ bias), projection, pre-MLP norm, fc1 (gate and up), fc2."""
+    """Numels of one transformer layer's non-expert parameter tensors on one TP rank, in registration order (``p``:
+    a ``ModelPreset``): input norm, QKV (+ bias), Qwen3's per-head query / key norms, projection, pre-MLP norm, then
+    fc1 (gate and up) and fc2 for a dense MLP, or the router (``E x h``, not split) for an MoE layer."""
     d, a, g, h, f = p.kv_channels, p.num_attention_heads, p.num_query_groups, p.hidden_size, p.ffn_hidden_size
     qkv = (a + 2 * g) * d
-    numels = [h, h * qkv // tp] + ([qkv // tp] if p.add_qkv_bias else []) + [a * d * h // tp, h, h * 2 * f // tp,
-                                                                              f * h // tp]
-    return numels
+    numels = ([h, h * qkv // tp] + ([qkv // tp] if p.add_qkv_bias else []) + ([d, d] if p.qk_layernorm else [])
+              + [a * d * h // tp, h])
+    if p.num_moe_experts:
+        return numels + [p.num_moe_experts * h]
+    return numels + [h * 2 * f // tp, f * h // tp]
+
+
+def layer_expert_numels(p, *, ep: int, etp: int) -> list[int]:
+    """Numels of one MoE layer's expert tensors on one rank: ``E / EP`` local experts (megatron-core's
+    ``SequentialMLP``), each fc1 ``2 Fe / ETP x h`` and fc2 ``h x Fe / ETP``; empty for a dense preset."""
+    if not p.num_moe_experts:
+        return []
+    fe, h = p.expert_ffn_hidden_size, p.hidden_size
+    return [2 * fe * h // etp, fe * h // etp] * (p.num_moe_experts // ep)
 
 
 def stage_parameter_numels(p, *, vocab: int, tp: int, pp: int, vpp: int | None, first: bool, last: bool) -> list[int]:
-    """Numels of every parameter tensor one rank of a pipeline stage holds (all its model chunks)."""
+    """Numels of every non-expert parameter tensor one rank of a pipeline stage holds (all its model chunks);
+    the experts are :func:`stage_expert_numels`."""
     chunks = vpp or 1
     layers = p.num_layers // (pp * chunks)
     numels: list[int] = []
@@ -97,6 +115,11 @@ def stage_parameter_numels(p, *, vocab: int, tp: int, pp: int, vpp: int | None, 
             if not p.tie_word_embeddings or not pre:  # the output layer, or the last stage's copy of tied embeddings
                 numels.append(vocab * p.hidden_size // tp)
     return numels
+
+
+def stage_expert_numels(p, *, pp: int, ep: int, etp: int) -> list[int]:
+    """Numels of the expert tensors one rank of a pipeline stage holds (every layer of an MoE preset is MoE)."""
+    return layer_expert_numels(p, ep=ep, etp=etp) * (p.num_layers // pp)
 
 
 def buffer_numel(numels: list[int], *, distributed_optimizer: bool, dp: int, bucket_size: int | None) -> int:
@@ -119,16 +142,22 @@ def buffer_numel(numels: list[int], *, distributed_optimizer: bool, dp: int, buc
 
 
 def _activation_bytes_per_layer(p, *, s: int, b: int, tp: int, sp: bool, fused_attention: bool,
-                                modules: set[str], bytes_per: int, fp8: bool) -> int:
+                                modules: set[str], bytes_per: int, fp8: bool, etp: int = 1) -> int:
     """Korthikanti et al. 2022 generalised to GQA and SwiGLU (module docstring); selective ``modules`` dropped.
     ``bytes_per``: bytes of an activation (2 in bf16, 4 in fp32); with ``fp8`` the inputs of the GEMMs that follow a
-    norm (QKV, fc1) and of fc2 are kept as Transformer Engine's 1-byte FP8 copies."""
+    norm (QKV, fc1) and of fc2 are kept as Transformer Engine's 1-byte FP8 copies. An MoE layer (balanced routing,
+    no token dropping): the ``t = s b / (TP if SP)`` tokens of the rank, gathered over the ETP x EP ranks and routed
+    to the local experts, are ``ETP t k`` rows; each keeps its permuted input (h) and its fc1 output / fc2 input
+    (3 Fe / ETP), so ``ETP t k h`` plus ``3 t k Fe`` elements (the router's logits, ``t E``, are left out)."""
     d, a, g, h, f = p.kv_channels, p.num_attention_heads, p.num_query_groups, p.hidden_size, p.ffn_hidden_size
     gemm_in = 1 if fp8 else bytes_per
     norms = (2 * bytes_per + 2 * gemm_in) * s * b * h // (tp if sp else 1)  # two norms: input and output each
     attention = bytes_per * s * b * (2 * a * d + 2 * g * d) // tp  # Q, K, V and the attention output
     scores = 0 if fused_attention or "core_attn" in modules else 2 * bytes_per * a * s * s * b // tp
     mlp = 0 if "mlp" in modules else (2 * bytes_per + gemm_in) * s * b * f // tp  # fc1 output (2f), fc2 input (f)
+    if p.num_moe_experts and "mlp" not in modules:
+        t, k, fe = s * b // (tp if sp else 1), p.moe_router_topk, p.expert_ffn_hidden_size
+        mlp = gemm_in * etp * t * k * p.hidden_size + (2 * bytes_per + gemm_in) * t * k * fe
     return norms + attention + scores + mlp
 
 
@@ -148,6 +177,8 @@ def estimate_stages(cfg, preset, *, world_size: int, vocab_size: int, fused_atte
     tp, pp, cp, vpp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,
                        par.virtual_pipeline_model_parallel_size)
     dp = max(world_size // (tp * pp * cp), 1)
+    ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or tp
+    edp = max(world_size // (etp * ep * pp), 1)  # expert data parallel: the distributed optimizer's expert shards
     bf16 = t.precision == "bf16"
     weight_b, grad_b = (2 if bf16 else 4), (4 if scale.grad_reduce_in_fp32(cfg) or not bf16 else 2)
     bucket = (par.bucket_size or max(40_000_000, 1_000_000 * dp)) if par.overlap_grad_reduce else None
@@ -160,7 +191,7 @@ def estimate_stages(cfg, preset, *, world_size: int, vocab_size: int, fused_atte
     act_bytes = 2 if bf16 else 4
     per_layer = _activation_bytes_per_layer(preset, s=s, b=b, tp=tp, sp=par.sequence_parallel,
                                             fused_attention=fused_attention, modules=modules, bytes_per=act_bytes,
-                                            fp8=t.fp8 is not None)
+                                            fp8=t.fp8 is not None, etp=etp)
     layer_input = act_bytes * s * b * preset.hidden_size // (tp if par.sequence_parallel else 1)
     if t.recompute == "full":
         n = scale.recompute_num_layers(cfg, preset.num_layers)
@@ -177,12 +208,18 @@ def estimate_stages(cfg, preset, *, world_size: int, vocab_size: int, fused_atte
     plans = []
     for name, (first, last) in stages.items():
         numels = stage_parameter_numels(preset, vocab=vocab_size, tp=tp, pp=pp, vpp=vpp, first=first, last=last)
-        buffer = buffer_numel(numels, distributed_optimizer=par.use_distributed_optimizer, dp=dp, bucket_size=bucket)
-        params = sum(numels)
+        experts = stage_expert_numels(preset, pp=pp, ep=ep, etp=etp)
+        if ep == 1:  # megatron-core keeps experts in the dense buffer unless EP > 1 (their allreduce attribute)
+            numels, experts = numels + experts, []
+        distopt = par.use_distributed_optimizer
+        buffer = buffer_numel(numels, distributed_optimizer=distopt, dp=dp, bucket_size=bucket)
+        expert_buffer = buffer_numel(experts, distributed_optimizer=distopt, dp=edp, bucket_size=bucket) if experts else 0
+        params = sum(numels) + sum(experts)
         optimizer_per_param = 12 if bf16 else 8
-        optimizer = (optimizer_per_param * buffer // dp if par.use_distributed_optimizer
+        optimizer = (optimizer_per_param * (buffer // dp + expert_buffer // edp) if distopt
                      else optimizer_per_param * params)
-        weights = weight_b * (buffer if par.use_distributed_optimizer else params)
+        weights = weight_b * (buffer + expert_buffer if distopt else params)
+        buffer += expert_buffer
         logits = (6 if bf16 else 8) * s * b * vocab_size // tp if last else 0
         plans.append(Plan(stage=name, parameters=params, weight_bytes=weights, gradient_bytes=grad_b * buffer,
                           optimizer_bytes=optimizer, activation_bytes=activation if first else int(stored + transient),
@@ -211,9 +248,8 @@ def problems(cfg, *, world_size: int) -> tuple[list[str], object | None]:
     te = device == "cuda" and cfg.model.transformer_impl != "local"  # a GPU stack ships Transformer Engine
     try:
         parallel.check_layout(cfg.parallel, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
-                              global_batch_size=cfg.train.global_batch_size, num_layers=preset.num_layers,
-                              num_attention_heads=preset.num_attention_heads, num_query_groups=preset.num_query_groups,
-                              seq_length=cfg.model.seq_length)
+                              global_batch_size=cfg.train.global_batch_size, seq_length=cfg.model.seq_length,
+                              **parallel.model_fields(preset))
     except IptError as err:
         found += [line.strip() for line in str(err).splitlines()[1:]]
     try:

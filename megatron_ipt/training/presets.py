@@ -3,7 +3,8 @@
 Every preset is one :class:`ModelPreset` row in :data:`PRESETS`; there are no per-model branches. The
 families differ only in fields: Qwen2 / 2.5 add a QKV bias, Qwen3 a per-head RMSNorm of queries and keys
 (``qk_layernorm``) and an explicit ``head_dim``, Llama 3.1 / 3.2 RoPE scaling, the small Qwen3 and Llama 3.2
-sizes tie the embeddings; Mistral (without sliding window) is the Llama architecture.
+sizes tie the embeddings; Mistral is the Llama architecture, with sliding-window attention in v0.1
+(``sliding_window``).
 ``ModelConfig`` fields (``num_layers``, ``hidden_size``, ...) override a preset's fields in
 :func:`resolve_preset`. The published sizes follow each model's Hugging Face ``config.json``; ``vocab_size``
 there is the model's own vocabulary, while a training run uses the tokenizer's vocabulary padded by
@@ -46,6 +47,9 @@ class ModelPreset:
     moe_ffn_hidden_size: int | None = None  # each expert's SwiGLU inner size (None: ffn_hidden_size)
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (Qwen3-MoE without norm_topk_prob)
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (Hugging Face router_aux_loss_coef)
+    # sliding-window attention in every layer: each token sees itself and the sliding_window - 1 tokens before it
+    # (Hugging Face Mistral / Mixtral sliding_window; megatron-core window_size (sliding_window - 1, 0)); None: full
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         # one spelling per architecture: a head_dim equal to hidden / heads is the default (None), so a preset
@@ -93,6 +97,10 @@ PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
+# Checked against public copies of the config.json: meta-llama/Llama-3.1-8B (every field; llama3-8b is it without
+# the RoPE scaling, at 8,192 positions, not checked) and Meta-Llama-3-70B (every field). Qwen/Qwen2.5-7B: sizes,
+# heads, groups, QKV bias, theta, epsilon and its 152,064-row embedding checked against slime's
+# scripts/models/qwen2.5-7B.sh and a public Qwen2-7B config.json; max_position_embeddings not checked.
 PRESETS["llama3.1-8b"] = dataclasses.replace(PRESETS["llama3-8b"], max_position_embeddings=131072,
                                              rope_scaling_factor=8.0)
 
@@ -112,28 +120,36 @@ def _llama32(layers: int, hidden: int, heads: int) -> ModelPreset:
 
 
 PRESETS.update({
-    # Qwen/Qwen3-*B config.json (the 0.6B, 1.7B and 4B sizes tie the embeddings)
+    # Qwen/Qwen3-*B config.json (the 0.6B, 1.7B and 4B sizes tie the embeddings). Checked against public copies of
+    # the 0.6B and 4B config.json (every field) and slime's Megatron scripts/models/qwen3-{0.6B,1.7B,4B,8B,14B}.sh
+    # (layers, widths, heads, groups, head size 128, theta, epsilon, vocabulary, tying); the 1.7B / 8B / 14B
+    # max_position_embeddings (40,960) is not in those scripts.
     "qwen3-0.6b": _qwen3(28, 1024, 3072, 16, tied=True),
     "qwen3-1.7b": _qwen3(28, 2048, 6144, 16, tied=True),
     "qwen3-4b": _qwen3(36, 2560, 9728, 32, tied=True),
     "qwen3-8b": _qwen3(36, 4096, 12288, 32, tied=False),
     "qwen3-14b": _qwen3(40, 5120, 17408, 40, tied=False),
-    # meta-llama/Llama-3.2-1B / -3B config.json
+    # meta-llama/Llama-3.2-1B / -3B config.json (every field checked against public copies of both)
     "llama3.2-1b": _llama32(16, 2048, 32),
     "llama3.2-3b": _llama32(28, 3072, 24),
-    # mistralai/Mistral-7B-v0.3 config.json (no sliding window; vocabulary 32,768)
-    # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top-8 renormalised, no shared expert
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top-8 renormalised, no shared expert (sizes, heads, groups,
+    # head_dim, experts, top-k, theta, epsilon checked against a public Megatron script for it, slime
+    # scripts/models/qwen3-30B-A3B.sh; router_aux_loss_coef 0.001 not checked)
     "qwen3-30b-a3b": ModelPreset(
         num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4,
         vocab_size=151936, max_position_embeddings=40960, rotary_base=1000000.0, norm_epsilon=1e-6, head_dim=128,
         qk_layernorm=True, num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, moe_aux_loss_coeff=0.001,
     ),
-    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of 14,336, top-2
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of 14,336, top-2 (every field, router_aux_loss_coef 0.02
+    # included, checked against a public copy of its config; its sliding_window is null)
     "mixtral-8x7b": ModelPreset(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
         vocab_size=32000, max_position_embeddings=32768, rotary_base=1000000.0, norm_epsilon=1e-5,
         num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=0.02,
     ),
+    # mistralai/Mistral-7B-v0.3 config.json (no sliding window; vocabulary 32,768 per its model card): sizes, heads,
+    # groups, theta and epsilon checked against public copies of v0.2's (v0.3 is v0.2 with the larger vocabulary).
+    # v0.1 (sliding window 4,096, vocabulary 32,000, theta 1e4) has no preset: use model.hf_config.
     "mistral-7b": ModelPreset(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
         vocab_size=32768, max_position_embeddings=32768, rotary_base=1000000.0, norm_epsilon=1e-5,
@@ -144,7 +160,7 @@ PRESETS.update({
 # Hugging Face model_type -> the preset fields that family fixes (all are the Llama architecture otherwise)
 HF_FAMILIES: dict[str, dict] = {
     "llama": {},  # Llama 3 / 3.1 / 3.2
-    "mistral": {},  # Mistral 7B v0.2 / v0.3 (no sliding window)
+    "mistral": {},  # Mistral 7B v0.1 (sliding window 4,096) / v0.2 / v0.3
     "qwen2": {"add_qkv_bias": True},  # Qwen2 / 2.5
     "qwen3": {"qk_layernorm": True},  # Qwen3 dense
     "qwen3_moe": {"qk_layernorm": True},  # Qwen3-MoE (every layer sparse, no shared expert)
@@ -179,11 +195,13 @@ def _refuse_unsupported(c: dict, file: Path) -> None:
     model_type = c.get("model_type")
     if model_type not in HF_FAMILIES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported ({', '.join(HF_FAMILIES)})")
-    # Mistral's window is on when sliding_window is set; Qwen2/3 configs carry one that use_sliding_window turns on
-    window = c.get("sliding_window") if c.get("use_sliding_window", model_type == "mistral") else None
-    if window:
-        raise ValueError(f"{file}: sliding_window {window}: sliding-window attention is not supported (Mistral 7B "
-                         "v0.2 / v0.3 have none)")
+    # Qwen2 / 3 configs carry a sliding_window that use_sliding_window turns on from layer max_window_layers on
+    if c.get("use_sliding_window") and c.get("sliding_window"):
+        raise ValueError(f"{file}: use_sliding_window true (sliding_window {c['sliding_window']}): Qwen's "
+                         "sliding-window layers are not supported (the published Qwen2 / 2.5 / 3 configs have it false)")
+    window = c.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{file}: sliding_window {window!r}: expected a positive number of tokens or null")
     if c.get("attention_bias") and model_type != "qwen2":
         raise ValueError(f"{file}: attention_bias true (biases of q/k/v/o projections) is not supported for "
                          f"{model_type}")
@@ -200,7 +218,8 @@ def preset_from_hf_config(path: str | Path) -> ModelPreset:
     embeddings and Llama-3.1 / 3.2 RoPE scaling
     (``rope_scaling.rope_type == "llama3"``; megatron-core implements the published low/high frequency factors
     1/4 and original context 8,192, so only the factor is carried).
-    Raises ValueError naming the file for other architectures (:data:`HF_FAMILIES`), sliding-window attention,
+    Mistral / Mixtral ``sliding_window`` (v0.1: 4,096) becomes the preset's ``sliding_window``.
+    Raises ValueError naming the file for other architectures (:data:`HF_FAMILIES`), Qwen's sliding-window layers,
     output-projection or MLP biases, other activations, dense layers between MoE layers, shared experts, or
     missing fields."""
     path = Path(path)
@@ -230,6 +249,8 @@ def preset_from_hf_config(path: str | Path) -> ModelPreset:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             rope_scaling_factor=float(scaling["factor"]) if scaling else None,
             head_dim=c.get("head_dim"), **HF_FAMILIES[c["model_type"]], **_moe_fields(c, file),
+            # Mistral / Mixtral: the window is on whenever sliding_window is set (Qwen's are refused above)
+            sliding_window=c.get("sliding_window") if c["model_type"] in ("mistral", "mixtral") else None,
         )
     except KeyError as e:
         raise ValueError(f"{file}: missing field {e}") from None

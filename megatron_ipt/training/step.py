@@ -119,19 +119,22 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, forward_backw
 
 def parameter_count(model: list[torch.nn.Module]) -> int:
     """Parameters of the whole model: this rank's non-duplicated params (all chunks) summed over TP and PP ranks;
-    experts split by expert parallel (megatron marks them ``allreduce=False``) summed over the expert
-    tensor x expert x pipeline group instead."""
+    the experts' parameters (``...mlp.experts.*``), split by expert parallel and expert tensor parallel, summed
+    over the expert tensor x expert x pipeline group instead."""
     ps = mcore.parallel_state()
     dense = expert = 0
-    for p in (p for chunk in model for p in chunk.parameters() if mcore.param_is_not_tensor_parallel_duplicate(p)):
-        if getattr(p, "allreduce", True):
-            dense += p.numel()
-        else:
+    for name, p in (x for chunk in model for x in chunk.named_parameters()):
+        if not mcore.param_is_not_tensor_parallel_duplicate(p):
+            continue
+        if ".experts." in name:  # megatron's allreduce=False marks experts only when EP > 1
             expert += p.numel()
+        else:
+            dense += p.numel()
     totals = torch.tensor([dense, expert], dtype=torch.int64, device=collective_device())
     torch.distributed.all_reduce(totals[:1], group=ps.get_model_parallel_group())
-    if ps.get_expert_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(totals[1:], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    # every rank of an expert's expert-tensor x expert x pipeline group holds another part of the experts (with
+    # EP = 1 and expert tensor parallel 2 too: each rank holds half of every expert's matrices)
+    torch.distributed.all_reduce(totals[1:], group=ps.get_expert_tensor_model_pipeline_parallel_group())
     return int(totals.sum().item())
 
 

@@ -164,8 +164,7 @@ def prepare_data(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path) -> d
     preset, t = inputs.preset, cfg.train
     layout = parallel.check_layout(cfg.parallel, world_size=cfg.parallel.nproc_per_node,
                                    micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-                                   num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-                                   num_query_groups=preset.num_query_groups, seq_length=cfg.model.seq_length)
+                                   seq_length=cfg.model.seq_length, **parallel.model_fields(preset))
     out_dir.mkdir(parents=True, exist_ok=True)
     created = not torch.distributed.is_initialized()
     parallel.init_process_group(torch.device("cpu"))
@@ -233,9 +232,8 @@ def preflight(cfg: ExperimentConfig, tokenized_dir: Path, world_size: int) -> No
     inputs = check_inputs(cfg, Path(tokenized_dir), None, launcher=True)
     t, preset = cfg.train, inputs.preset
     parallel.check_layout(cfg.parallel, world_size=world_size, micro_batch_size=t.micro_batch_size,
-                          global_batch_size=t.global_batch_size, num_layers=preset.num_layers,
-                          num_attention_heads=preset.num_attention_heads, num_query_groups=preset.num_query_groups,
-                          seq_length=cfg.model.seq_length)
+                          global_batch_size=t.global_batch_size, seq_length=cfg.model.seq_length,
+                          **parallel.model_fields(preset))
 
 
 @dataclass
@@ -273,9 +271,7 @@ def setup_model_and_optimizer(cfg: ExperimentConfig, inputs: Inputs, device: tor
     scale.check(cfg, num_layers=preset.num_layers, device_type=device.type, te_available=te)
     layout = parallel.setup(
         cfg.parallel, device, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-        num_layers=preset.num_layers, num_attention_heads=preset.num_attention_heads,
-        num_query_groups=preset.num_query_groups, seed=t.seed, seq_length=cfg.model.seq_length,
-        num_moe_experts=preset.num_moe_experts,
+        seed=t.seed, seq_length=cfg.model.seq_length, **parallel.model_fields(preset),
     )
     # A model taken from Hugging Face keeps its own (possibly larger) embedding table, padded the same way.
     model_vocab = max(inputs.tokenizer.vocab_size, preset.vocab_size) if cfg.model.hf_config else inputs.tokenizer.vocab_size
