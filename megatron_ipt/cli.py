@@ -56,6 +56,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo the stage(s) even if a finished output exists")
 
 
+def _add_resource_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-resource-check", dest="resource_check", action="store_false",
+                   help="start training even when parallel.nproc_per_node exceeds this machine's CPU cores or the "
+                   "CPU memory estimate (ipt plan) exceeds the memory available (checked before any stage starts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipt",
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run corpus, synthesize, format, tokenize and train in order. " + EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
+    _add_resource_check(p)
     p.add_argument("--until", choices=["corpus", "synthesize", "format", "tokenize", "train"], default="train",
                    help="stop after this stage")
     for name, text in STAGE_HELP.items():
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(p, required=False)
         if name == "synthesize":
             _add_shard_arguments(p)
+        if name in ("train", "sft"):
+            _add_resource_check(p)
         if name == "train":
             p.add_argument("--prepare-data", action="store_true",
                            help="only build the blend's index caches (one process, then exit), as Megatron-LM's "
@@ -206,6 +215,21 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
+def _preflight(args, cfg) -> None:
+    """Check the inputs, device and resources of the stages this command runs before the first one starts
+    (:mod:`megatron_ipt.preflight`); not in the processes torchrun started (their launcher checked)."""
+    from megatron_ipt import pipeline, preflight
+
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    if args.command == "run":
+        stages = list(pipeline.STAGES[: pipeline.STAGES.index(args.until) + 1])
+    else:
+        stages = [args.command]
+    resources = getattr(args, "resource_check", True) and not getattr(args, "prepare_data", False)
+    preflight.check(cfg, stages, force=args.force, resources=resources)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_known_warnings()
@@ -241,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from megatron_ipt import pipeline
 
+        _preflight(args, cfg)
         if args.command == "run":
             results = pipeline.run_all(cfg, force=args.force, until=args.until)
             from rich.console import Console
@@ -258,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except known_errors as e:
         code = getattr(e, "exit_code", 2)
-        print(f"ipt {args.command}: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        from megatron_ipt.preflight import PreflightError
+
+        for line in str(e).splitlines() if isinstance(e, PreflightError) else [str(e)]:
+            print(f"ipt {args.command}: {'error: ' if code == 2 else ''}{line}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print(f"ipt {args.command}: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
