@@ -215,25 +215,28 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
-def _preflight(args, cfg) -> None:
+def _preflight(args, cfg) -> bool:
     """Check the inputs, device and resources of the stages this command runs before the first one starts
-    (:mod:`megatron_ipt.preflight`); not in the processes torchrun started (their launcher checked)."""
+    (:mod:`megatron_ipt.preflight`); not in the processes torchrun started (their launcher checked). Returns whether
+    it checked (False in such a process)."""
     from megatron_ipt import pipeline, preflight
 
     if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
-        return
+        return False
     if args.command == "run":
         stages = list(pipeline.STAGES[: pipeline.STAGES.index(args.until) + 1])
     else:
         stages = [args.command]
     resources = getattr(args, "resource_check", True) and not getattr(args, "prepare_data", False)
     preflight.check(cfg, stages, force=args.force, resources=resources)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_known_warnings()
-    from megatron_ipt.config import load_config, resolved
+    from megatron_ipt.config import resolved
+    from megatron_ipt.run_config import load_for_run
     from megatron_ipt.errors import IptError
 
     known_errors: tuple[type[BaseException], ...] = (IptError,)
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             return tokenize_standalone(args)
         if args.command == "config" and args.reference is not None:
             return _write_reference(args.reference)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_for_run(args.config, args.overrides, args.command)
         if args.command == "config":
             import yaml
 
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from megatron_ipt import pipeline
 
-        _preflight(args, cfg)
+        if _preflight(args, cfg):
+            pipeline.save_resolved_config(cfg)  # what later commands on this run read (megatron_ipt.run_config)
         if args.command == "run":
             results = pipeline.run_all(cfg, force=args.force, until=args.until)
             from rich.console import Console

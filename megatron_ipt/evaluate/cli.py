@@ -91,9 +91,13 @@ def run(args) -> int:
         raise IptError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if args.batch_size is not None and args.batch_size < 1:
         raise IptError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    from megatron_ipt.config import load_config
+    from pathlib import Path
 
-    cfg = load_config(args.target[0], args.overrides)
+    from megatron_ipt.run_config import load_for_run, prefer_run_config
+
+    cfg = load_for_run(args.target[0], args.overrides, "eval")
+    if not Path(args.target[0]).is_dir():  # the run trained with its own --set overrides: evaluate what it trained
+        cfg = prefer_run_config(cfg, args.overrides, "eval")
     source = dict(checkpoint=args.checkpoint, init=args.init, hf=args.hf, name=args.name)
     if args.hf_config_from and not (args.harness and not args.hf):
         raise IptError("--hf-config-from is for --harness on a checkpoint (not with --hf)")
