@@ -50,7 +50,8 @@ Standalone (no experiment file): give --input, --tokenizer and --output-prefix i
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="experiment YAML (e.g. examples/quickstart.yaml); defaults when omitted")
+    p.add_argument("config", nargs="?", help="experiment YAML (e.g. examples/quickstart.yaml), or a run folder (its "
+                   "resolved config.yaml, written by every stage command); defaults when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.train_iters=50 (repeatable)")
     p.add_argument("--force", action="store_true", help="redo the stage(s) even if a finished output exists")
@@ -215,21 +216,49 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
-def _preflight(args, cfg) -> bool:
+def _preflight(args, cfg) -> None:
     """Check the inputs, device and resources of the stages this command runs before the first one starts
-    (:mod:`megatron_ipt.preflight`); not in the processes torchrun started (their launcher checked). Returns whether
-    it checked (False in such a process)."""
+    (:mod:`megatron_ipt.preflight`); not in the processes torchrun started (their launcher checked)."""
     from megatron_ipt import pipeline, preflight
 
     if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
-        return False
+        return
     if args.command == "run":
         stages = list(pipeline.STAGES[: pipeline.STAGES.index(args.until) + 1])
     else:
         stages = [args.command]
     resources = getattr(args, "resource_check", True) and not getattr(args, "prepare_data", False)
     preflight.check(cfg, stages, force=args.force, resources=resources)
-    return True
+
+
+def _run_stages(args, cfg) -> None:
+    """Run the command's stage(s); then (also when training stopped early with a checkpoint) rank 0 writes the run's
+    resolved config, which later commands on the run read (:mod:`megatron_ipt.run_config`). Not after a failure: a
+    second run refused by a stage lock must not replace the running one's config."""
+    from megatron_ipt import pipeline
+    from megatron_ipt.errors import TrainingStopped
+
+    try:
+        if args.command == "run":
+            results = pipeline.run_all(cfg, force=args.force, until=args.until)
+            from rich.console import Console
+
+            rc = _reading_comprehension(cfg) if "train" in results else None
+            Console().print(summary_table(results, rc))
+            Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
+        elif args.command == "train" and args.prepare_data:
+            pipeline.prepare_train_data(cfg, force=args.force)
+        elif args.command == "synthesize" and (args.num_shards or args.merge):
+            num_shards, shard_index = _shard_options(args)
+            pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)
+        else:
+            pipeline.RUNNERS[args.command](cfg, force=args.force)
+    except TrainingStopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            pipeline.save_resolved_config(cfg)
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        pipeline.save_resolved_config(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,24 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(resolved(cfg), sort_keys=False), end="")
             return 0
-        from megatron_ipt import pipeline
-
-        if _preflight(args, cfg):
-            pipeline.save_resolved_config(cfg)  # what later commands on this run read (megatron_ipt.run_config)
-        if args.command == "run":
-            results = pipeline.run_all(cfg, force=args.force, until=args.until)
-            from rich.console import Console
-
-            rc = _reading_comprehension(cfg) if "train" in results else None
-            Console().print(summary_table(results, rc))
-            Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
-        elif args.command == "train" and args.prepare_data:
-            pipeline.prepare_train_data(cfg, force=args.force)
-        elif args.command == "synthesize" and (args.num_shards or args.merge):
-            num_shards, shard_index = _shard_options(args)
-            pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)
-        else:
-            pipeline.RUNNERS[args.command](cfg, force=args.force)
+        _preflight(args, cfg)
+        _run_stages(args, cfg)
         return 0
     except known_errors as e:
         code = getattr(e, "exit_code", 2)

@@ -1,4 +1,5 @@
-"""A run folder's resolved config: written by every stage command, read back by commands on an existing run.
+"""A run folder's resolved config: written by every stage command that finishes (or stops with a checkpoint), and by
+``ipt run`` and a torchrun relaunch before they start; read back by commands on an existing run.
 
 ``RUN/config.yaml`` holds the config a run was made with (defaults, file and ``--set`` overrides), starting with
 :data:`MARKER`. Commands on an existing run default to it, so the ``--set`` overrides a run was trained with need not

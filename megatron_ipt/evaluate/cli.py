@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
                        "perplexity, lm-evaluation-harness); 'ipt eval compare' tabulates results.",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="+", metavar="CONFIG | compare RESULTS...",
-                   help="the experiment YAML; or 'compare' followed by results JSON files")
+                   help="the experiment YAML (its run folder's resolved config.yaml is used when there is one, "
+                   "--set on top) or a run folder; or 'compare' followed by results JSON files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="torch_dist checkpoint (default: the run's train/checkpoints)")
