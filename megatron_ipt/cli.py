@@ -50,10 +50,17 @@ Standalone (no experiment file): give --input, --tokenizer and --output-prefix i
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="experiment YAML (e.g. examples/quickstart.yaml); defaults when omitted")
+    p.add_argument("config", nargs="?", help="experiment YAML (e.g. examples/quickstart.yaml), or a run folder (its "
+                   "resolved config.yaml, written by every stage command); defaults when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.train_iters=50 (repeatable)")
     p.add_argument("--force", action="store_true", help="redo the stage(s) even if a finished output exists")
+
+
+def _add_resource_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-resource-check", dest="resource_check", action="store_false",
+                   help="start training even when parallel.nproc_per_node exceeds this machine's CPU cores or the "
+                   "CPU memory estimate (ipt plan) exceeds the memory available (checked before any stage starts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run corpus, synthesize, format, tokenize and train in order. " + EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
+    _add_resource_check(p)
     p.add_argument("--until", choices=["corpus", "synthesize", "format", "tokenize", "train"], default="train",
                    help="stop after this stage")
     for name, text in STAGE_HELP.items():
@@ -81,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(p, required=False)
         if name == "synthesize":
             _add_shard_arguments(p)
+        if name in ("train", "sft"):
+            _add_resource_check(p)
         if name == "train":
             p.add_argument("--prepare-data", action="store_true",
                            help="only build the blend's index caches (one process, then exit), as Megatron-LM's "
@@ -206,10 +216,56 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
+def _preflight(args, cfg) -> None:
+    """Check the inputs, device and resources of the stages this command runs before the first one starts
+    (:mod:`megatron_ipt.preflight`); not in the processes torchrun started (their launcher checked)."""
+    from megatron_ipt import pipeline, preflight
+
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    if args.command == "run":
+        stages = list(pipeline.STAGES[: pipeline.STAGES.index(args.until) + 1])
+    else:
+        stages = [args.command]
+    resources = getattr(args, "resource_check", True) and not getattr(args, "prepare_data", False)
+    preflight.check(cfg, stages, force=args.force, resources=resources)
+
+
+def _run_stages(args, cfg) -> None:
+    """Run the command's stage(s); then (also when training stopped early with a checkpoint) rank 0 writes the run's
+    resolved config, which later commands on the run read (:mod:`megatron_ipt.run_config`). Not after a failure: a
+    second run refused by a stage lock must not replace the running one's config."""
+    from megatron_ipt import pipeline
+    from megatron_ipt.errors import TrainingStopped
+
+    try:
+        if args.command == "run":
+            results = pipeline.run_all(cfg, force=args.force, until=args.until)
+            from rich.console import Console
+
+            rc = _reading_comprehension(cfg) if "train" in results else None
+            Console().print(summary_table(results, rc))
+            Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
+        elif args.command == "train" and args.prepare_data:
+            pipeline.prepare_train_data(cfg, force=args.force)
+        elif args.command == "synthesize" and (args.num_shards or args.merge):
+            num_shards, shard_index = _shard_options(args)
+            pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)
+        else:
+            pipeline.RUNNERS[args.command](cfg, force=args.force)
+    except TrainingStopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            pipeline.save_resolved_config(cfg)
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        pipeline.save_resolved_config(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_known_warnings()
-    from megatron_ipt.config import load_config, resolved
+    from megatron_ipt.config import resolved
+    from megatron_ipt.run_config import load_for_run
     from megatron_ipt.errors import IptError
 
     known_errors: tuple[type[BaseException], ...] = (IptError,)
@@ -233,32 +289,21 @@ def main(argv: list[str] | None = None) -> int:
             return tokenize_standalone(args)
         if args.command == "config" and args.reference is not None:
             return _write_reference(args.reference)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_for_run(args.config, args.overrides, args.command)
         if args.command == "config":
             import yaml
 
             print(yaml.safe_dump(resolved(cfg), sort_keys=False), end="")
             return 0
-        from megatron_ipt import pipeline
-
-        if args.command == "run":
-            results = pipeline.run_all(cfg, force=args.force, until=args.until)
-            from rich.console import Console
-
-            rc = _reading_comprehension(cfg) if "train" in results else None
-            Console().print(summary_table(results, rc))
-            Console().print(f"artifacts: {cfg.run_path}/ (each stage folder has a manifest.json)")
-        elif args.command == "train" and args.prepare_data:
-            pipeline.prepare_train_data(cfg, force=args.force)
-        elif args.command == "synthesize" and (args.num_shards or args.merge):
-            num_shards, shard_index = _shard_options(args)
-            pipeline.run_synthesize_sharded(cfg, num_shards, shard_index, merge=args.merge, force=args.force)
-        else:
-            pipeline.RUNNERS[args.command](cfg, force=args.force)
+        _preflight(args, cfg)
+        _run_stages(args, cfg)
         return 0
     except known_errors as e:
         code = getattr(e, "exit_code", 2)
-        print(f"ipt {args.command}: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        from megatron_ipt.preflight import PreflightError
+
+        for line in str(e).splitlines() if isinstance(e, PreflightError) else [str(e)]:
+            print(f"ipt {args.command}: {'error: ' if code == 2 else ''}{line}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print(f"ipt {args.command}: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)

@@ -478,12 +478,34 @@ class ExperimentConfig(_Section):
         return Path(self.run_dir.replace("{name}", self.name))
 
 
+def nearest_key(loc: tuple) -> str | None:
+    """The valid dotted key closest in spelling to an unknown one (``train.itres`` -> ``train.train_iters``), among
+    the keys of the same section (:func:`difflib.get_close_matches`); None when nothing is close."""
+    import difflib
+
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        inner = [m for m in _union_members(field.annotation) | set(typing.get_args(field.annotation))
+                 if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([str(p) for p in loc[:-1]] + match) if match else None
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+            near = nearest_key(tuple(e["loc"]))
+            lines.append(f"{source}: unknown key '{key}'" + (f" (did you mean '{near}'?)" if near else ""))
         else:
             lines.append(f"{source}: {key} = {e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ Run folder layout (``cfg.run_path``)::
     tokenized/    the same names as Megatron indexed datasets (.bin/.idx)
     train/        checkpoints/, metrics.jsonl, run.json (what defines the run: megatron_ipt.run_identity)
     sft/          data/ (train, valid: tokens + loss mask, data_prep.sft), checkpoints/, metrics.jsonl   (ipt sft)
-    config.yaml   the resolved experiment config
+    config.yaml   the resolved experiment config (config.resolved.yaml when a config.yaml there is not ipt's)
 
 Each folder ends with a ``manifest.json`` (see :mod:`megatron_ipt.manifest`). A stage whose manifest
 fingerprint matches its config and inputs is skipped on rerun; data stages are written to a temporary
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
 from data_prep.atomic import write_jsonl
 from megatron_ipt import run_identity
@@ -108,11 +107,12 @@ def _skip(cfg: ExperimentConfig, stage: str, fp: str, force: bool) -> StageResul
 
 
 def save_resolved_config(cfg: ExperimentConfig) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (what a relaunched process reads)."""
-    cfg.run_path.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_path / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(resolved(cfg), sort_keys=False))
-    return path
+    """Write the resolved config to ``run_dir/config.yaml`` (what a relaunched process and later commands on the run
+    read), or to ``run_dir/config.resolved.yaml`` when a ``config.yaml`` there is not ipt's
+    (:func:`megatron_ipt.run_config.save`); returns the path."""
+    from megatron_ipt import run_config
+
+    return run_config.save(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- stages

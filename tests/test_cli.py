@@ -36,6 +36,15 @@ def test_unknown_key_is_one_line_error_with_status_2():
     assert "Traceback" not in r.stderr
 
 
+def test_an_unknown_key_suggests_the_nearest_valid_one():
+    r = ipt("config", "examples/quickstart.yaml", "--set", "tokenize.tokenizr=x", "--set", "trian.lr=1")
+    assert r.returncode == 2
+    assert "unknown key 'tokenize.tokenizr' (did you mean 'tokenize.tokenizer'?)" in r.stderr
+    assert "unknown key 'trian' (did you mean 'train'?)" in r.stderr
+    r = ipt("config", "--set", "blend.extra=[{prefix: a, weight: 1, name: x, prefx: b}]")
+    assert "unknown key 'blend.extra.0.prefx' (did you mean 'blend.extra.0.prefix'?)" in r.stderr
+
+
 def test_stage_without_its_input_names_the_missing_manifest(tmp_path):
     r = ipt("format", "examples/quickstart.yaml", "--set", f"run_dir={tmp_path}/run")
     assert r.returncode == 2

@@ -4,6 +4,8 @@ fails inside the job and must be reported as failed (NeMo-Run itself returns nor
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -200,3 +202,70 @@ def test_launch_trains_across_two_slurm_nodes_with_one_process_each(slurm_cluste
              slurm_cluster.run("sacct", "-n", "-P", "-j", job, "--format=JobID,NNodes").stdout.split()]
     # NeMo-Run's script runs a one-node step first (the head node's address), then torchrun on both nodes
     assert any(step.split(".")[-1].isdigit() and "." in step and nnodes == "2" for step, nnodes in steps), steps
+
+
+HOSTILE = "$(touch pwned_dollar) `touch pwned_tick`; touch pwned_semi && echo 'q\" x"  # relative: bash runs in tmp_path
+
+
+def _stub_slurm(bin_dir: Path, record: Path) -> None:
+    """srun / scontrol / sbatch / squeue / scancel stubs that only record their arguments and the task's hostile
+    environment (srun), so the sbatch script runs under bash without a cluster."""
+    bin_dir.mkdir()
+    for name in ("srun", "scontrol", "sbatch", "squeue", "scancel", "sacct"):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/bash\nprintf "%s\\0" {name} "$@" >> {shlex.quote(str(record))}\n'
+                        f'printf "X=%s\\0Y=%s\\0" "$X" "$Y" >> {shlex.quote(str(record))}\n'
+                        'case "$*" in *hostnames*) echo node1;; esac\n')
+        stub.chmod(0o755)
+
+
+def test_the_sbatch_script_nemo_run_writes_runs_no_hostile_value(tmp_path):
+    """NeMo-Run's own sbatch script (its dryrun, SlurmExecutor with a local tunnel and torchrun) with hostile
+    environment values, config path, overrides and working folder, run under bash with Slurm stubbed: nothing
+    executes, and the task's environment holds the values unchanged."""
+    pytest.importorskip("nemo_run")
+    evil = HOSTILE
+    work = tmp_path / f"work {evil}"
+    work.mkdir()
+    config = work / "c.yaml"
+    config.write_text("name: x\n")
+    record = tmp_path / "record"
+    _stub_slurm(tmp_path / "bin", record)
+    # the script exports this process's PATH behind the venv's bin: the stubs come before any real Slurm
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "megatron_ipt.cli", "launch", str(config), "--stage", "train", "--set",
+                        f"run_dir=/r/{evil}", "--set", f"train.wandb_name={evil}", "--set", "parallel.nproc_per_node=2",
+                        "--executor", "slurm", "--account", "acct", "--partition", "p", "--time", "00:10:00",
+                        "--workdir", str(work), "--python", f"/v {evil}/python", "--env", f"X={evil}", "--env",
+                        "Y=it's a b", "--nemo-run-home", str(tmp_path / "home"), "--dry-run"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    script = Path(r.stdout.strip().splitlines()[-1])
+    assert script.is_file()
+    env = {"PATH": env["PATH"], "SLURM_JOB_NODELIST": "node1", "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(tmp_path.glob("pwned*")), r.stderr[-3000:]
+    calls = record.read_text().split("\0")
+    assert f"X={evil}" in calls and "Y=it's a b" in calls  # the task sees the values as given
+    task = Path(calls[calls.index("--no-python") + 1])  # NeMo-Run's task script, which torchrun runs
+    assert shlex.split(task.read_text().splitlines()[-1])[1:4] == [f"/v {evil}/python", "-m", "megatron_ipt.cli"]
+    subprocess.run(["bash", "-n", str(task)], check=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"title": "ipt $(touch x)"}, "experiment name 'ipt $(touch x)'"),
+    ({"nemo_run_home": "/tmp/a b"}, "NeMo-Run home '/tmp/a b'"),
+    ({"slurm": SlurmOptions(account="a;touch x")}, "--account 'a;touch x'"),
+    ({"slurm": SlurmOptions(account="a", tunnel="ssh", host="h", user="u", job_dir="/j/$(touch x)")},
+     "--job-dir '/j/$(touch x)'"),
+    ({"env": {"A B": "1"}}, "--env 'A B': a variable name"),
+])
+def test_values_nemo_run_would_put_into_a_shell_unquoted_are_refused(tmp_path, options, message):
+    pytest.importorskip("nemo_run")
+    from megatron_ipt.launch.nemo import prepare_stage
+
+    options = {"slurm": SlurmOptions(account="a"), "nemo_run_home": tmp_path / "home", **options}
+    with pytest.raises(IptError, match=re.escape(message)):
+        prepare_stage(StageCommand("train", "/x.yaml", workdir=str(tmp_path)), executor="slurm", **options)
+    assert not list(tmp_path.glob("x"))

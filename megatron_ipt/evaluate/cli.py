@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
                        "perplexity, lm-evaluation-harness); 'ipt eval compare' tabulates results.",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="+", metavar="CONFIG | compare RESULTS...",
-                   help="the experiment YAML; or 'compare' followed by results JSON files")
+                   help="the experiment YAML (its run folder's resolved config.yaml is used when there is one, "
+                   "--set on top) or a run folder; or 'compare' followed by results JSON files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="torch_dist checkpoint (default: the run's train/checkpoints)")
@@ -93,9 +94,13 @@ def run(args) -> int:
         raise IptError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if args.batch_size is not None and args.batch_size < 1:
         raise IptError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    from megatron_ipt.config import load_config
+    from pathlib import Path
 
-    cfg = load_config(args.target[0], args.overrides)
+    from megatron_ipt.run_config import load_for_run, prefer_run_config
+
+    cfg = load_for_run(args.target[0], args.overrides, "eval")
+    if not Path(args.target[0]).is_dir():  # the run trained with its own --set overrides: evaluate what it trained
+        cfg = prefer_run_config(cfg, args.overrides, "eval")
     if args.trust_checkpoint:
         cfg.train.trust_checkpoint = True
     source = dict(checkpoint=args.checkpoint, init=args.init, hf=args.hf, name=args.name)

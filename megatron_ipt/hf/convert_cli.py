@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DESCRIPTION = """\
 Convert Llama 3 / 3.1 / 3.2, Mistral, Qwen2 / 2.5, Qwen3, Qwen3-MoE and Mixtral checkpoints between Hugging Face
@@ -41,6 +42,26 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def _hf_config_from(args) -> str | None:
+    """``--hf-config-from``, else (no ``hf/`` folder next to the checkpoint) ``model.hf_config`` of the run holding
+    the checkpoint, read from its resolved config (saying so); else None."""
+    from megatron_ipt import run_config
+    from megatron_ipt.config import load_config
+    from megatron_ipt.hf.convert import hf_files_next_to
+
+    if args.hf_config_from or hf_files_next_to(Path(args.src)) is not None:
+        return args.hf_config_from
+    run = run_config.run_holding(args.src)
+    if run is None:
+        return None
+    path = run_config.find(run)
+    hf_config = load_config(path).model.hf_config
+    if hf_config:
+        run_config.say_using(path, "convert")
+        return str(Path(hf_config).parent if Path(hf_config).is_file() else hf_config)
+    return None
+
+
 def run(args) -> int:
     from megatron_ipt.hf import convert
 
@@ -53,7 +74,7 @@ def run(args) -> int:
                   f"(scratch {m['scratch_bytes'] / 2**30:.2f} GiB, deleted)")
             print(f"train from it with: model.hf_config: {args.dst}/hf   train.init_from: {args.dst}")
         else:
-            m = convert.megatron_to_hf(args.src, args.dst, hf_config_from=args.hf_config_from, dtype=args.dtype,
+            m = convert.megatron_to_hf(args.src, args.dst, hf_config_from=_hf_config_from(args), dtype=args.dtype,
                                        max_shard_bytes=int(args.max_shard_size * 1e9), overwrite=args.overwrite,
                                        trust=args.trust_checkpoint)
             print(f"wrote {args.dst}: {len(m['shards'])} shard(s) ({m['dtype']}) in {m['seconds']} s")

@@ -260,16 +260,52 @@ def _check_rundir_substitution(command: StageCommand, nemo_run_home, local: bool
                            "container) rewrites to its job folder; use another folder name")
 
 
-def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_node: int = 1,
-                 slurm: SlurmOptions | None = None, env: dict[str, str] | None = None,
-                 title: str | None = None, nemo_run_home: str | Path | None = None) -> LaunchResult:
-    """Run one ``ipt`` stage through NeMo-Run (``executor`` local or slurm) and check that it succeeded.
+SHELL_SAFE = re.compile(r"[A-Za-z0-9_./~+@,:=-]+")
+"""Characters a value may hold where NeMo-Run 0.11 writes it into a shell command unquoted: the job folder
+(``$NEMORUN_HOME`` with a local tunnel, ``--job-dir`` with ssh) and the experiment title in the sbatch script's
+``srun --output`` and task path, in ``mkdir -p`` (locally, and on the login node through the ssh tunnel) and in
+the ``sbatch`` command line; the account in the job name, which is in the log path."""
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-    ``nproc_per_node`` processes (torchrun) are started for ``train`` only; other stages run as one task.
-    Raises IptError for bad options and :class:`LaunchFailed` when the task failed.
-    """
+
+def check_shell_safe(what: str, value: str | None) -> None:
+    """Refuse (IptError naming ``what``) a value NeMo-Run would pass to a shell unquoted, unless it holds only
+    :data:`SHELL_SAFE` characters (no space, quote, ``$``, backtick, ``;``, ``&``, ``|``, newline, glob)."""
+    if value is not None and not SHELL_SAFE.fullmatch(value):
+        raise IptError(f"{what} {value!r}: NeMo-Run writes it into shell commands unquoted; use only letters, digits "
+                       "and _ . / ~ + @ , : = -")
+
+
+def slurm_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for ``SlurmExecutor``: NeMo-Run 0.11 writes ``export KEY=VALUE`` lines into the sbatch script
+    without quoting (``SlurmBatchRequest.materialize``), so each value is passed already shell-quoted
+    (:func:`shlex.quote`: bash gives the task the value unchanged); a key that is not a shell name is refused."""
+    for key in env:
+        if not ENV_KEY.fullmatch(key):
+            raise IptError(f"--env {key!r}: a variable name must be letters, digits and _ (not starting with a digit)")
+    return {key: shlex.quote(value) for key, value in env.items()}
+
+
+def _check_slurm_shell_values(slurm: SlurmOptions, title: str, nemo_run_home) -> None:
+    """:func:`check_shell_safe` for every value NeMo-Run puts into a Slurm shell command unquoted."""
+    check_shell_safe("experiment name", title)
+    check_shell_safe("--account", slurm.account)
+    check_shell_safe("--partition", slurm.partition)
+    if slurm.tunnel == "ssh":
+        check_shell_safe("--job-dir", slurm.job_dir)
+    else:
+        home = Path(nemo_run_home or os.environ.get("NEMORUN_HOME", "~/.nemo_run")).expanduser().resolve()
+        check_shell_safe("NeMo-Run home", str(home))
+
+
+def prepare_stage(command: StageCommand, *, executor: str = "local", nproc_per_node: int = 1,
+                  slurm: SlurmOptions | None = None, env: dict[str, str] | None = None,
+                  title: str | None = None, nemo_run_home: str | Path | None = None):
+    """The checked ``(title, task, script, executor)`` of :func:`launch_stage`, nothing started. Raises IptError
+    for bad options and for values NeMo-Run would write into a Slurm shell command unquoted."""
     if command.stage not in STAGES:
         raise IptError(f"stage {command.stage!r}: expected one of {', '.join(STAGES)}")
+    title = title or f"ipt-{command.stage}"
     ntasks = nproc_per_node if command.stage == "train" else 1
     if executor == "slurm":
         slurm = slurm or SlurmOptions()
@@ -278,13 +314,40 @@ def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_no
         local = slurm.tunnel == "local"
         if slurm.container_image is None:
             _check_rundir_substitution(command, nemo_run_home, local, slurm.job_dir if not local else None)
-        ex = slurm_executor(slurm, ntasks, environment(local, env))
+        _check_slurm_shell_values(slurm, title, nemo_run_home)
+        ex = slurm_executor(slurm, ntasks, slurm_environment(environment(local, env)))
     elif executor == "local":
         ex = local_executor(ntasks, environment(True, env))
     else:
         raise IptError(f"--executor {executor!r}: expected local or slurm")
-    script = build_script(command)
-    return run_experiment(title or f"ipt-{command.stage}", command.stage, script, ex, nemo_run_home)
+    return title, command.stage, build_script(command), ex
+
+
+def materialise(command: StageCommand, *, nemo_run_home: str | Path, **options) -> Path:
+    """Write the scripts NeMo-Run would submit for ``command`` (its ``Experiment.dryrun``: nothing is submitted) under
+    ``nemo_run_home`` and return the sbatch script's path (Slurm; ``options`` as for :func:`launch_stage`)."""
+    run = _nemo_run()
+    title, task, script, ex = prepare_stage(command, nemo_run_home=nemo_run_home, **options)
+    home = str(Path(nemo_run_home).resolve())
+    os.environ["NEMORUN_HOME"] = home
+    run.config.set_nemorun_home(home)
+    with run.Experiment(title, executor=ex, log_level="WARN", enable_goodbye_message=False) as exp:
+        exp.add(script, name=task, tail_logs=False)
+        exp.dryrun(log=False, delete_exp_dir=False)
+        return Path(exp._exp_dir) / f"{task}_sbatch.sh"
+
+
+def launch_stage(command: StageCommand, *, executor: str = "local", nproc_per_node: int = 1,
+                 slurm: SlurmOptions | None = None, env: dict[str, str] | None = None,
+                 title: str | None = None, nemo_run_home: str | Path | None = None) -> LaunchResult:
+    """Run one ``ipt`` stage through NeMo-Run (``executor`` local or slurm) and check that it succeeded.
+
+    ``nproc_per_node`` processes (torchrun) are started for ``train`` only; other stages run as one task.
+    Raises IptError for bad options (:func:`prepare_stage`) and :class:`LaunchFailed` when the task failed.
+    """
+    title, task, script, ex = prepare_stage(command, executor=executor, nproc_per_node=nproc_per_node, slurm=slurm,
+                                            env=env, title=title, nemo_run_home=nemo_run_home)
+    return run_experiment(title, task, script, ex, nemo_run_home)
 
 
 # ---------------------------------------------------------------------------------------------- ipt launch
@@ -368,6 +431,8 @@ def add_parser(sub) -> None:
                    help="override a config key (repeatable); passed on to the stage")
     p.add_argument("--force", action="store_true", help="redo the stage even if finished (not for eval)")
     p.add_argument("--name", help="experiment name (default: ipt-STAGE-<config name>)")
+    p.add_argument("--dry-run", action="store_true", help="slurm: write the sbatch script NeMo-Run would submit (its "
+                   "dryrun, under the NeMo-Run home) and print its path; nothing is submitted")
     add_executor_arguments(p)
     p.set_defaults(handler=run)
 
@@ -385,8 +450,14 @@ def run(args) -> int:
     opts = slurm_options(args) if slurm else None
     if opts is not None and args.stage in ("train", "run"):
         align_time_limit(opts, cfg.train.exit_duration_minutes)
-    result = launch_stage(command, executor=args.executor or "local", nproc_per_node=cfg.parallel.nproc_per_node,
-                          slurm=opts, env=env_options(args.env),
-                          title=args.name or f"ipt-{args.stage}-{cfg.name}", nemo_run_home=args.nemo_run_home)
+    options = dict(executor=args.executor or "local", nproc_per_node=cfg.parallel.nproc_per_node, slurm=opts,
+                   env=env_options(args.env), title=args.name or f"ipt-{args.stage}-{cfg.name}")
+    if args.dry_run:
+        if not slurm:
+            raise IptError("--dry-run writes a Slurm job script: give --executor slurm")
+        home = args.nemo_run_home or os.environ.get("NEMORUN_HOME", str(Path("~/.nemo_run").expanduser()))
+        print(materialise(command, nemo_run_home=home, **options))
+        return 0
+    result = launch_stage(command, nemo_run_home=args.nemo_run_home, **options)
     print(f"ipt launch: task '{result.task}' of experiment {result.experiment_id} {result.status}; log: {result.log}")
     return 0

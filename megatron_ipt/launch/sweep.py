@@ -214,8 +214,10 @@ def check_data_from(cfg: ExperimentConfig) -> None:
     except ManifestError as e:
         raise IptError(f"data_from {run}: no finished tokenize stage ({e}); run its data stages first "
                        f"(ipt run CONFIG --until tokenize)") from None
-    saved = run / "config.yaml"
-    if not saved.is_file():
+    from megatron_ipt import run_config
+
+    saved = run_config.find(run)
+    if saved is None:
         return
     theirs, ours = load_config(saved).model_dump(mode="json"), cfg.model_dump(mode="json")
     for section in DATA_SECTIONS:
