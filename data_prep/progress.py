@@ -63,6 +63,7 @@ class StageProgress:
         self.interval = _interval() if interval is None else interval
         self.started = time.monotonic()
         self.last_line = self.started
+        self.last_printed: int | None = None  # ``done`` at the last plain line
         self.closed = False
         self.terminal = (terminal if terminal is not None else self.stream.isatty()) if enabled else False
         self._bar = self._task = None
@@ -107,7 +108,7 @@ class StageProgress:
         self.closed = True
         if self._bar is not None:
             self._bar.stop()
-        elif self.enabled:
+        elif self.enabled and self.last_printed != self.done:  # not the same line twice
             self._print_line()
 
     def __enter__(self) -> "StageProgress":
@@ -132,7 +133,7 @@ class StageProgress:
         return " | ".join(f"{value / elapsed:,.1f} {label}/s" for label, value in self.rates.items())
 
     def _print_line(self) -> None:
-        self.last_line = time.monotonic()
+        self.last_line, self.last_printed = time.monotonic(), self.done
         print(self.line(), file=self.stream, flush=True)
 
     def _start_bar(self) -> None:

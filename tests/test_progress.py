@@ -11,11 +11,18 @@ def test_redirected_output_gets_periodic_lines_and_a_last_line():
         for _ in range(10):
             p.advance(1, generated_tokens=50)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 11  # one per advance (interval 0) and one at close
+    assert len(lines) == 10  # one per advance (interval 0); close does not repeat the 10/10 line
     assert lines[0].startswith("synthesize: 1/10 prompts (10%) | ")
     assert "generated tokens/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("synthesize: 10/10 prompts (100%)") and "ETA" not in lines[-1]
     assert "\x1b" not in out.getvalue()  # no terminal control codes in a log file
+
+
+def test_close_prints_the_last_line_once_when_the_last_advance_did_not():
+    out = io.StringIO()
+    with StageProgress("tokenize", 3, "files", stream=out, interval=3600) as p:
+        p.advance(3)
+    assert out.getvalue().count("tokenize: 3/3 files (100%)") == 1
 
 
 def test_lines_wait_for_the_interval():
