@@ -25,11 +25,19 @@ Output, for ``PREFIX`` (the format ``megatron_ipt.training.sft_data`` reads):
 - ``PREFIX_mask.bin`` / ``PREFIX_mask.idx``: a second indexed dataset (uint8) with the same sequence lengths
   and document boundaries; ``mask[j] = 1`` where token ``j`` is a target (assistant) token. A training sample's
   ``loss_mask`` for the label at position ``j`` (the token ``j + 1``) is ``mask[j + 1]``.
-- ``PREFIX.manifest.json``: counts, skipped records (with reasons and examples), the tokenizer and settings; it
-  is written last, after both datasets were renamed into place, so a folder with a manifest is complete.
+- ``PREFIX.manifest.json``: counts, skipped records (with reasons and examples), the tokenizer and settings, the
+  four files' records (:func:`megatron_ipt.manifest.file_record`, what training checks); it is written last, after
+  both datasets were renamed into place, so a folder with a manifest is complete.
+- ``PREFIX.shards/``: one token and one mask dataset per input file (``NAME`` and ``NAME_mask``, same document
+  boundaries), each finished with ``NAME.done.json`` (the input's size and mtime, the tokenizer and settings, the
+  counts and the files' records); both are merged, in input order, into ``PREFIX`` and ``PREFIX_mask``.
 
-Deterministic: the same input, tokenizer and settings give the same bytes. Every file is written under a
-temporary name and renamed; a rerun with the same inputs, tokenizer and settings is skipped (resume).
+Streaming, deterministic, resumable like the tokenize stage (``data_prep.input_shards``): the same input,
+tokenizer and settings give the same bytes, whether in one run or resumed. Every file is written under a
+temporary name and renamed; a rerun with the same inputs, tokenizer and settings is skipped; a rerun after a crash
+or kill reads only the input files whose shard is not finished (``sft data: resuming: N of M input files already
+tokenized``). ``PREFIX.lock`` and ``PREFIX.shards/NAME.lock`` (``data_prep.locks``) stop a second run on the same
+output at once.
 """
 
 from __future__ import annotations

@@ -193,3 +193,17 @@ def test_the_standalone_command_writes_the_same_bytes(tmp_path, tiny_tokenizer_d
     assert main(["--input", str(tmp_path / "none.jsonl"), "--tokenizer", str(tiny_tokenizer_dir),
                  "--output-prefix", str(tmp_path / "x")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_the_sft_stage_data_drops_a_valid_set_no_longer_configured_with_its_shards(tmp_path, tiny_tokenizer_dir):
+    from megatron_ipt.config import load_config
+    from megatron_ipt.pipeline import sft_data
+
+    src = _write(tmp_path / "qa.jsonl", CONVERSATIONS)
+    sets = [f"run_dir={tmp_path}/run", f"sft.data=[{src}]", f"sft.tokenizer={tiny_tokenizer_dir}", "sft.template=plain"]
+    out, manifests = sft_data(load_config(None, sets + [f"sft.valid_data=[{src}]"]))
+    assert set(manifests) == {"train", "valid"} and (out / "valid.shards").is_dir()
+    out, manifests = sft_data(load_config(None, sets))
+    assert set(manifests) == {"train"} and not list(out.glob("valid*"))
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "train.idx", "train.manifest.json", "train.shards",
+                                                     f"train{MASK_SUFFIX}.bin", f"train{MASK_SUFFIX}.idx"]
