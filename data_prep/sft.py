@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", action="append", required=True, metavar="GLOB", help="JSONL conversations; repeatable")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with a chat template for chat)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_mask.bin/.idx, PREFIX.manifest.json")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin/.idx, PREFIX_mask.bin/.idx, PREFIX.shards/, PREFIX.manifest.json")
     p.add_argument("--template", choices=TEMPLATES, default="chat", help="chat (default) or plain")
     p.add_argument("--bad-input", choices=["skip", "fail"], default="skip")
     a = p.parse_args(argv)

@@ -14,8 +14,9 @@ The replacement for Megatron-LM's ``tools/preprocess_data.py``, with the same ou
 - output: one indexed dataset per input file under ``PREFIX.shards/``, merged into ``PREFIX.bin/.idx``
   (``data_prep.indexed``: exactly megatron-core's format); ``PREFIX.manifest.json`` with documents, tokens,
   the tokenizer fingerprint, source checksums and skipped records by reason;
-- resumable and atomic: a finished shard (``.done.json`` next to it, written last, matching the source's
-  size and mtime and the settings) is skipped on rerun; every file is written under a ``.tmp`` name first;
+- resumable and atomic (``data_prep.input_shards``): a finished shard (``.done.json`` next to it, written last,
+  matching the source's size and mtime and the settings) is skipped on rerun; every file is written under a
+  ``.tmp`` name first;
 - bad input (malformed JSON, a missing or non-string field, non-UTF-8 bytes, empty text): ``bad_input``
   ``skip`` (counted by reason, the first few reported as file:line) or ``fail`` (DataPrepError at file:line).
   A token id beyond the dtype is always an error.

@@ -207,3 +207,14 @@ def test_the_sft_stage_data_drops_a_valid_set_no_longer_configured_with_its_shar
     assert set(manifests) == {"train"} and not list(out.glob("valid*"))
     assert sorted(p.name for p in out.iterdir()) == ["train.bin", "train.idx", "train.manifest.json", "train.shards",
                                                      f"train{MASK_SUFFIX}.bin", f"train{MASK_SUFFIX}.idx"]
+
+
+def test_a_second_writer_of_the_same_sft_prefix_fails_at_once_naming_the_lock(tmp_path, tiny_tokenizer_dir):
+    from data_prep.locks import LockHeld, exclusive_lock
+
+    src = _write(tmp_path / "qa.jsonl", CONVERSATIONS)
+    with exclusive_lock(tmp_path / "sft.lock", "held by this test"):
+        with pytest.raises(LockHeld, match=rf"sft data prefix {tmp_path}/sft is in use by another run .*sft\.lock"):
+            tokenize_conversations([src], tmp_path / "sft", tiny_tokenizer_dir, SFTOptions(template="plain"),
+                                   log=lambda *_: None)
+    assert not list(tmp_path.glob("sft.*"))  # nothing written
