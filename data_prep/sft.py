@@ -25,15 +25,24 @@ Output, for ``PREFIX`` (the format ``megatron_ipt.training.sft_data`` reads):
 - ``PREFIX_mask.bin`` / ``PREFIX_mask.idx``: a second indexed dataset (uint8) with the same sequence lengths
   and document boundaries; ``mask[j] = 1`` where token ``j`` is a target (assistant) token. A training sample's
   ``loss_mask`` for the label at position ``j`` (the token ``j + 1``) is ``mask[j + 1]``.
-- ``PREFIX.manifest.json``: counts, skipped records (with reasons and examples), the tokenizer and settings; it
-  is written last, after both datasets were renamed into place, so a folder with a manifest is complete.
+- ``PREFIX.manifest.json``: counts, skipped records (with reasons and examples), the tokenizer and settings, the
+  four files' records (:func:`megatron_ipt.manifest.file_record`, what training checks); it is written last, after
+  both datasets were renamed into place, so a folder with a manifest is complete.
+- ``PREFIX.shards/``: one token and one mask dataset per input file (``NAME`` and ``NAME_mask``, same document
+  boundaries), each finished with ``NAME.done.json`` (the input's size and mtime, the tokenizer and settings, the
+  counts and the files' records); both are merged, in input order, into ``PREFIX`` and ``PREFIX_mask``.
 
-Deterministic: the same input, tokenizer and settings give the same bytes. Every file is written under a
-temporary name and renamed; a rerun with the same inputs, tokenizer and settings is skipped (resume).
+Streaming, deterministic, resumable like the tokenize stage (``data_prep.input_shards``): the same input,
+tokenizer and settings give the same bytes, whether in one run or resumed. Every file is written under a
+temporary name and renamed; a rerun with the same inputs, tokenizer and settings is skipped; a rerun after a crash
+or kill reads only the input files whose shard is not finished (``sft data: resuming: N of M input files already
+tokenized``). ``PREFIX.lock`` and ``PREFIX.shards/NAME.lock`` (``data_prep.locks``) stop a second run on the same
+output at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -47,9 +56,11 @@ from data_prep import atomic
 from data_prep.dataset_check import IndexedDatasetError, check_dataset, check_with_manifest
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
-from data_prep.indexed import IndexedDatasetWriter, token_dtype
+from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
+from data_prep.input_shards import claim_shard, source_stamp
+from data_prep.locks import exclusive_lock
 from data_prep.readers import expand_inputs, read_batches
-from megatron_ipt.manifest import file_record
+from megatron_ipt.manifest import file_record, record_mismatch
 
 MASK_SUFFIX = "_mask"
 MASK_DTYPE = np.uint8
@@ -193,11 +204,6 @@ def _chat_tokenizer(path: str | Path):
     return tok
 
 
-def _stamp(path: Path) -> dict:
-    st = path.stat()
-    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _intact(prefix: Path) -> bool:
     """Both datasets pass :func:`data_prep.dataset_check.check_with_manifest` (else a rerun writes them again)."""
     try:
@@ -208,12 +214,77 @@ def _intact(prefix: Path) -> bool:
     return True
 
 
+def _shard_intact(shard: Path, stats: dict) -> bool:
+    """A finished shard's two datasets pass :func:`data_prep.dataset_check.check_dataset`, hold the conversations
+    and tokens its ``.done.json`` records, and their files match the records in it (a one-input merge hard-links
+    the shard's ``.bin``, so a change to the merged file in place shows here too)."""
+    try:
+        tokens, mask = check_dataset(shard), check_dataset(f"{shard}{MASK_SUFFIX}")
+    except (OSError, IndexedDatasetError):
+        return False
+    if not (tokens.sequences == mask.sequences == stats["conversations"] and tokens.tokens == mask.tokens
+            == stats["tokens"]):
+        return False
+    done = shard.with_name(shard.name + ".done.json")
+    return not any(record_mismatch(shard.parent / name, record, done) for name, record in stats["files"].items())
+
+
+def _dataset_files(prefix: Path) -> dict:
+    """``{NAME: file_record}`` of the token and mask datasets' four files (what a later reader compares)."""
+    return {f"{prefix.name}{sfx}.{ext}": file_record(f"{prefix}{sfx}.{ext}") for sfx in ("", MASK_SUFFIX)
+            for ext in ("bin", "idx")}
+
+
+def _tokenize_file(path: Path, shard: Path, encoder: Encoder, chat, opts: SFTOptions, dtype) -> dict:
+    """Tokenize one JSONL file of conversations into the shard ``shard`` (tokens) and ``shard_mask`` (mask);
+    returns its stats (conversations, tokens, target tokens, the input's SHA-256, skipped records, the files'
+    records). Raises DataPrepError for a non-JSONL input or (``bad_input: fail``) the first bad record."""
+    tokens_out = IndexedDatasetWriter(shard, dtype)
+    mask_out = IndexedDatasetWriter(f"{shard}{MASK_SUFFIX}", MASK_DTYPE)
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    targets = 0
+    checksum: dict = {}
+    try:
+        for batch in read_batches(path, "text", opts.batch_docs, 1 << 22, checksum):
+            if batch.format != "jsonl":
+                raise DataPrepError(f"{path}: SFT data must be JSONL (one conversation per line)")
+            for k, line in enumerate(batch.items):
+                where = f"{path}:{batch.first + k}"
+                reason, rendered = _render_line(line, opts, chat, where)
+                if reason:
+                    if opts.bad_input == "fail":
+                        raise DataPrepError(f"{where}: {REASONS[reason]} (sft bad_input=fail)")
+                    skipped[reason] += 1
+                    if len(examples) < opts.max_examples:
+                        examples.append(f"{where}: {REASONS[reason]}")
+                    continue
+                if rendered is None:
+                    continue  # a blank line
+                ids, mask = encode_pieces(encoder, rendered, bos=chat is None and encoder.bos_id is not None,
+                                          eod_target=chat is None)
+                tokens_out.add_documents(np.asarray(ids, dtype=dtype), np.array([len(ids)], dtype=np.int32))
+                mask_out.add_documents(np.asarray(mask, dtype=MASK_DTYPE), np.array([len(mask)], dtype=np.int32))
+                targets += sum(mask)
+        mask_out.finalize()
+        tokens_out.finalize()
+    except BaseException:
+        tokens_out.abort()
+        mask_out.abort()
+        raise
+    return {"conversations": tokens_out.documents, "tokens": tokens_out.tokens, "target_tokens": targets,
+            "sha256": checksum.get("sha256"), "skipped": dict(skipped), "skipped_examples": examples,
+            "files": _dataset_files(shard)}
+
+
 def tokenize_conversations(inputs: list[str | Path], output_prefix: str | Path, tokenizer: str | Path,
                            opts: SFTOptions | None = None, log=print) -> dict:
     """Tokenize JSONL conversations into ``PREFIX`` and ``PREFIX_mask`` (format: module docstring); returns the
     manifest (also written to ``PREFIX.manifest.json``). Skipped when that manifest shows the same inputs,
-    tokenizer and settings. Raises DataPrepError for a missing input, a tokenizer without EOD (or without a chat
-    template for ``chat``), a non-JSONL input, or (``bad_input: fail``) the first bad record, naming file:line."""
+    tokenizer and settings; else an input whose shard an earlier run finished is not read again. Holds
+    ``PREFIX.lock`` (:class:`data_prep.locks.LockHeld` when another run writes the same prefix). Raises
+    DataPrepError for a missing input, a tokenizer without EOD (or without a chat template for ``chat``), a
+    non-JSONL input, or (``bad_input: fail``) the first bad record, naming file:line."""
     opts = opts or SFTOptions()
     if opts.template not in TEMPLATES:
         raise DataPrepError(f"sft template must be one of {TEMPLATES}, not {opts.template!r}")
@@ -226,64 +297,50 @@ def tokenize_conversations(inputs: list[str | Path], output_prefix: str | Path, 
         raise DataPrepError(f"tokenizer {tokenizer} has neither an end-of-text nor an EOS token to end conversations")
     chat = _chat_tokenizer(tokenizer) if opts.template == "chat" else None
     prefix = Path(output_prefix)
+    with contextlib.ExitStack() as held:  # the prefix, and each input's shard once claimed
+        held.enter_context(exclusive_lock(prefix.with_name(prefix.name + ".lock"), f"sft data prefix {prefix}"))
+        return _tokenize_locked(files, prefix, encoder, chat, opts, started, log, held)
+
+
+def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, chat, opts: SFTOptions, started: float,
+                     log, held: contextlib.ExitStack) -> dict:
     manifest_path = prefix.with_name(prefix.name + ".manifest.json")
-    settings = {"tokenizer": encoder.fingerprint, **opts.key(), "sources": [_stamp(p) for p in files]}
+    settings = {"tokenizer": encoder.fingerprint, **opts.key(), "sources": [source_stamp(p) for p in files]}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if old.get("settings") == settings and _intact(prefix):
             log(f"sft data: {prefix} is up to date ({old['conversations']:,} conversations)")
             return old
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    shard_dir = prefix.with_name(prefix.name + ".shards")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_settings = {"tokenizer": encoder.fingerprint, **opts.key()}
+    shards = [claim_shard(p, shard_dir, shard_settings, held, "sft data shard", _shard_intact) for p in files]
+    resumed = sum(s.stats is not None for s in shards)
+    if resumed:
+        log(f"sft data: resuming: {resumed} of {len(shards)} input files already tokenized (under {shard_dir})")
     dtype = token_dtype(encoder.vocab_size)
-    tokens_out = IndexedDatasetWriter(prefix, dtype)
-    mask_out = IndexedDatasetWriter(f"{prefix}{MASK_SUFFIX}", MASK_DTYPE)
-    skipped: Counter = Counter()
-    examples: list[str] = []
-    targets = 0
-    sources = []
-    try:
-        for path in files:
-            checksum: dict = {}
-            for batch in read_batches(path, "text", opts.batch_docs, 1 << 22, checksum):
-                if batch.format != "jsonl":
-                    raise DataPrepError(f"{path}: SFT data must be JSONL (one conversation per line)")
-                for k, line in enumerate(batch.items):
-                    where = f"{path}:{batch.first + k}"
-                    reason, rendered = _render_line(line, opts, chat, where)
-                    if reason:
-                        if opts.bad_input == "fail":
-                            raise DataPrepError(f"{where}: {REASONS[reason]} (sft bad_input=fail)")
-                        skipped[reason] += 1
-                        if len(examples) < opts.max_examples:
-                            examples.append(f"{where}: {REASONS[reason]}")
-                        continue
-                    if rendered is None:
-                        continue  # a blank line
-                    ids, mask = encode_pieces(encoder, rendered, bos=chat is None and encoder.bos_id is not None,
-                                              eod_target=chat is None)
-                    tokens_out.add_documents(np.asarray(ids, dtype=dtype), np.array([len(ids)], dtype=np.int32))
-                    mask_out.add_documents(np.asarray(mask, dtype=MASK_DTYPE), np.array([len(mask)], dtype=np.int32))
-                    targets += sum(mask)
-            sources.append({"path": str(path), "sha256": checksum.get("sha256")})
-        mask_out.finalize()
-        tokens_out.finalize()
-    except BaseException:
-        tokens_out.abort()
-        mask_out.abort()
-        raise
-    seconds = time.time() - started
+    for s in shards:
+        if s.stats is None:
+            s.finish(_tokenize_file(s.source, s.prefix, encoder, chat, opts, dtype))
+    merged = merge_datasets([s.prefix for s in shards], prefix)
+    merge_datasets([f"{s.prefix}{MASK_SUFFIX}" for s in shards], f"{prefix}{MASK_SUFFIX}")
+    stats = [s.stats for s in shards]
+    skipped = sum((Counter(st["skipped"]) for st in stats), Counter())
     manifest = {
         "output_prefix": str(prefix), "mask_prefix": f"{prefix}{MASK_SUFFIX}",
-        "conversations": tokens_out.documents, "tokens": tokens_out.tokens, "target_tokens": targets,
+        "conversations": merged["documents"], "tokens": merged["tokens"],
+        "target_tokens": sum(st["target_tokens"] for st in stats),
         "tokenizer": {**encoder.info(), "dtype": np.dtype(dtype).name},
-        "template": opts.template, "settings": settings, "sources": sources,
-        "skipped": dict(skipped), "skipped_examples": examples, "seconds": round(seconds, 3),
-        "files": {f"{prefix.name}{sfx}.{ext}": file_record(f"{prefix}{sfx}.{ext}") for sfx in ("", MASK_SUFFIX)
-                  for ext in ("bin", "idx")},  # what training compares (data_prep.dataset_check.check_with_manifest)
+        "template": opts.template, "settings": settings,
+        "sources": [{"path": str(s.source), "sha256": s.stats["sha256"]} for s in shards],
+        "shards_resumed": resumed, "skipped": dict(skipped),
+        "skipped_examples": [e for st in stats for e in st["skipped_examples"]][: opts.max_examples],
+        "seconds": round(time.time() - started, 3),
+        "files": _dataset_files(prefix),  # what training compares (data_prep.dataset_check.check_with_manifest)
     }
     atomic.write_json(manifest_path, manifest, indent=2)
-    log(f"sft data: {tokens_out.documents:,} conversations, {tokens_out.tokens:,} tokens ({targets:,} targets) "
-        f"-> {prefix}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    log(f"sft data: {manifest['conversations']:,} conversations, {manifest['tokens']:,} tokens "
+        f"({manifest['target_tokens']:,} targets) -> {prefix}" + (f"; skipped {dict(skipped)}" if skipped else ""))
     return manifest
 
 
@@ -313,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", action="append", required=True, metavar="GLOB", help="JSONL conversations; repeatable")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (with a chat template for chat)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_mask.bin/.idx, PREFIX.manifest.json")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin/.idx, PREFIX_mask.bin/.idx, PREFIX.shards/, PREFIX.manifest.json")
     p.add_argument("--template", choices=TEMPLATES, default="chat", help="chat (default) or plain")
     p.add_argument("--bad-input", choices=["skip", "fail"], default="skip")
     a = p.parse_args(argv)

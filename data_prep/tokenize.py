@@ -14,8 +14,9 @@ The replacement for Megatron-LM's ``tools/preprocess_data.py``, with the same ou
 - output: one indexed dataset per input file under ``PREFIX.shards/``, merged into ``PREFIX.bin/.idx``
   (``data_prep.indexed``: exactly megatron-core's format); ``PREFIX.manifest.json`` with documents, tokens,
   the tokenizer fingerprint, source checksums and skipped records by reason;
-- resumable and atomic: a finished shard (``.done.json`` next to it, written last, matching the source's
-  size and mtime and the settings) is skipped on rerun; every file is written under a ``.tmp`` name first;
+- resumable and atomic (``data_prep.input_shards``): a finished shard (``.done.json`` next to it, written last,
+  matching the source's size and mtime and the settings) is skipped on rerun; every file is written under a
+  ``.tmp`` name first;
 - bad input (malformed JSON, a missing or non-string field, non-UTF-8 bytes, empty text): ``bad_input``
   ``skip`` (counted by reason, the first few reported as file:line) or ``fail`` (DataPrepError at file:line).
   A token id beyond the dtype is always an error.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -46,6 +46,7 @@ from data_prep import atomic
 from data_prep.dataset_check import IndexedDatasetError, check_dataset
 from data_prep.encoders import Encoder, load_encoder
 from data_prep.errors import DataPrepError
+from data_prep.input_shards import claim_shard, shard_name as _shard_name  # noqa: F401 (tests import it here)
 from data_prep.locks import exclusive_lock
 from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
 from data_prep.readers import Batch, expand_inputs, read_batches
@@ -241,19 +242,9 @@ def _check_fast(enc, texts: list[str], lines: list[int], source: str, budget: in
 # ---- main side -----------------------------------------------------------------------------------------------
 
 
-def _shard_name(path: Path) -> str:
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-    return f"{path.name.split('.')[0]}-{digest}"
-
-
-def _source_stamp(path: Path) -> dict:
-    st = path.stat()
-    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _shard_intact(shard: Path, done: dict, log) -> bool:
+def _shard_intact(shard: Path, stats: dict, log) -> bool:
     """A finished shard's pair passes :func:`data_prep.dataset_check.check_dataset` and holds the tokens its
-    ``.done.json`` records; else it is tokenized again (logged)."""
+    ``.done.json`` records (``stats``); else it is tokenized again (logged)."""
     try:
         info = check_dataset(shard)
     except FileNotFoundError:
@@ -261,7 +252,7 @@ def _shard_intact(shard: Path, done: dict, log) -> bool:
     except IndexedDatasetError as e:
         log(f"tokenize: {e}; tokenizing it again")
         return False
-    return info.tokens == done["stats"]["tokens"] and info.sequences == done["stats"]["documents"]
+    return info.tokens == stats["tokens"] and info.sequences == stats["documents"]
 
 
 def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, workers: int = 1) -> dict:
@@ -329,13 +320,11 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
     sources, shard_prefixes, resumed = [], [], 0
     try:
         for path in files:
-            shard = shard_dir / _shard_name(path)
-            held.enter_context(exclusive_lock(shard.with_name(shard.name + ".lock"), f"tokenizer shard {shard}"))
-            done_file = shard.with_name(shard.name + ".done.json")
-            stamp = _source_stamp(path)
-            done = json.loads(done_file.read_text()) if done_file.is_file() else None
-            if done and done["source"] == stamp and done["settings"] == settings and _shard_intact(shard, done, log):
-                stats, resumed = done["stats"], resumed + 1
+            claimed = claim_shard(path, shard_dir, settings, held, "tokenizer shard",
+                                  lambda prefix, stats: _shard_intact(prefix, stats, log))
+            shard = claimed.prefix
+            if claimed.stats is not None:
+                stats, resumed = claimed.stats, resumed + 1
             elif opts.merge_only:
                 raise DataPrepError(f"{path}: no finished shard for this input and these settings under {shard_dir} "
                                     "(--merge-only merges only what earlier runs finished; tokenize it first)")
@@ -346,7 +335,7 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
                 t0 = time.time()
                 stats = tokenize_file(path, shard, pool, opts, dtype, workers)
                 stats["seconds"] = round(time.time() - t0, 3)
-                atomic.write_json(done_file, {"source": stamp, "settings": settings, "stats": stats}, indent=2)
+                claimed.finish(stats)
                 log(f"tokenize: {path} -> {stats['documents']:,} documents, {stats['tokens']:,} tokens"
                     + (f", skipped {stats['skipped']}" if stats["skipped"] else ""))
             sources.append({"path": str(path), "shard": str(shard), **stats})

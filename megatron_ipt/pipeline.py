@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -510,7 +511,8 @@ def _raise_if_stopped(out: Path) -> None:
 
 def sft_data(cfg: ExperimentConfig) -> tuple[Path, dict]:
     """Tokenize ``sft.data`` (and ``sft.valid_data``) into ``run_dir/sft_data/{train,valid}`` (tokens + loss mask,
-    ``data_prep.sft``; a rerun with the same inputs, tokenizer and settings reuses them). Returns the folder and
+    ``data_prep.sft``; a rerun with the same inputs, tokenizer and settings reuses them, one after a crash
+    tokenizes only the input files not finished yet). Returns the folder and
     the data manifests. Under torchrun only rank 0 writes; the others read what it (or the launcher) wrote."""
     from data_prep.sft import SFTFields, SFTOptions, tokenize_conversations
     from megatron_ipt.config import ConfigError
@@ -529,7 +531,10 @@ def sft_data(cfg: ExperimentConfig) -> tuple[Path, dict]:
         manifests["valid"] = tokenize_conversations(s.valid_data, out / "valid", tok, opts, log=_log)
     else:  # no held-out set configured: leave none behind for the trainer to find
         for stale in out.glob("valid*"):
-            stale.unlink()
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)  # valid.shards/: data_prep.sft's per-input shards
+            else:
+                stale.unlink()
     return out, manifests
 
 

@@ -115,6 +115,36 @@ def test_deterministic_atomic_and_resumed(tmp_path, tiny_tokenizer_dir):
     assert again == first and "up to date" in said[0]
 
 
+def test_a_crash_in_the_third_input_resumes_from_it_and_gives_the_uninterrupted_bytes(tmp_path, tiny_tokenizer_dir):
+    inputs = [_write(tmp_path / f"part{i}.jsonl", CONVERSATIONS[i:] + CONVERSATIONS[:i]) for i in range(3)]
+    good = inputs[2].read_text()
+    inputs[2].write_text(good + "not json\n" + good)  # fails partway through the third file
+    quiet = lambda *_: None  # noqa: E731
+    with pytest.raises(DataPrepError, match=r"part2\.jsonl:5: not a JSON object"):
+        tokenize_conversations(inputs, tmp_path / "run" / "sft", tiny_tokenizer_dir,
+                               SFTOptions(template="plain", bad_input="fail"), log=quiet)
+    shards = tmp_path / "run" / "sft.shards"
+    done = sorted(shards.glob("*.done.json"))
+    assert [d.name.split("-")[0] for d in done] == ["part0", "part1"]  # the first two finished, nothing else
+    assert not (tmp_path / "run" / "sft.bin").exists() and not (tmp_path / "run" / "sft.manifest.json").exists()
+    assert not list(shards.glob("*.tmp"))
+    stamps = {d: d.stat().st_mtime_ns for d in done}
+    inputs[2].write_text(good + good)  # fixed
+    said = []
+    m = tokenize_conversations(inputs, tmp_path / "run" / "sft", tiny_tokenizer_dir, SFTOptions(template="plain"),
+                               log=said.append)
+    assert said[0] == f"sft data: resuming: 2 of 3 input files already tokenized (under {shards})"
+    assert {d: d.stat().st_mtime_ns for d in done} == stamps  # not tokenized again
+    assert m["shards_resumed"] == 2 and m["conversations"] == 4 * 4
+    whole = tokenize_conversations(inputs, tmp_path / "whole" / "sft", tiny_tokenizer_dir,
+                                   SFTOptions(template="plain"), log=quiet)
+    for name in ("sft.bin", "sft.idx", f"sft{MASK_SUFFIX}.bin", f"sft{MASK_SUFFIX}.idx"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert whole["shards_resumed"] == 0 and whole["target_tokens"] == m["target_tokens"]
+    assert [s["sha256"] for s in whole["sources"]] == [s["sha256"] for s in m["sources"]]
+    _read(tmp_path / "run" / "sft")  # megatron-core reads both, same boundaries
+
+
 def test_a_changed_sft_dataset_is_refused_before_training_and_rewritten_on_rerun(tmp_path, tiny_tokenizer_dir):
     from megatron_ipt.training.data import DataError
     from megatron_ipt.training.sft_data import check_sft_files
@@ -163,3 +193,28 @@ def test_the_standalone_command_writes_the_same_bytes(tmp_path, tiny_tokenizer_d
     assert main(["--input", str(tmp_path / "none.jsonl"), "--tokenizer", str(tiny_tokenizer_dir),
                  "--output-prefix", str(tmp_path / "x")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_the_sft_stage_data_drops_a_valid_set_no_longer_configured_with_its_shards(tmp_path, tiny_tokenizer_dir):
+    from megatron_ipt.config import load_config
+    from megatron_ipt.pipeline import sft_data
+
+    src = _write(tmp_path / "qa.jsonl", CONVERSATIONS)
+    sets = [f"run_dir={tmp_path}/run", f"sft.data=[{src}]", f"sft.tokenizer={tiny_tokenizer_dir}", "sft.template=plain"]
+    out, manifests = sft_data(load_config(None, sets + [f"sft.valid_data=[{src}]"]))
+    assert set(manifests) == {"train", "valid"} and (out / "valid.shards").is_dir()
+    out, manifests = sft_data(load_config(None, sets))
+    assert set(manifests) == {"train"} and not list(out.glob("valid*"))
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "train.idx", "train.manifest.json", "train.shards",
+                                                     f"train{MASK_SUFFIX}.bin", f"train{MASK_SUFFIX}.idx"]
+
+
+def test_a_second_writer_of_the_same_sft_prefix_fails_at_once_naming_the_lock(tmp_path, tiny_tokenizer_dir):
+    from data_prep.locks import LockHeld, exclusive_lock
+
+    src = _write(tmp_path / "qa.jsonl", CONVERSATIONS)
+    with exclusive_lock(tmp_path / "sft.lock", "held by this test"):
+        with pytest.raises(LockHeld, match=rf"sft data prefix {tmp_path}/sft is in use by another run .*sft\.lock"):
+            tokenize_conversations([src], tmp_path / "sft", tiny_tokenizer_dir, SFTOptions(template="plain"),
+                                   log=lambda *_: None)
+    assert not list(tmp_path.glob("sft.*"))  # nothing written
