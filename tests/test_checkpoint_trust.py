@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import shutil
 import sys
 import zipfile
@@ -22,6 +23,9 @@ from megatron_ipt.training import checkpoint, checkpoint_trust
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import make_tokenized_dir, tiny_config  # noqa: E402
+
+
+OPEN = f"'{open.__module__}.open'"  # how pickle names open: io.open on Python 3.11, _io.open on 3.12
 
 
 class _Payload:
@@ -78,7 +82,7 @@ def test_a_crafted_metadata_is_refused_by_train_init_from_and_its_payload_never_
     with pytest.raises(UntrustedCheckpointError) as err:
         train_stage(cfg, tokenized, tmp_path / "run", "fp-crafted")
     message = str(err.value)
-    assert "'io.open'" in message and ".metadata" in message and "--trust-checkpoint" in message
+    assert OPEN in message and ".metadata" in message and "--trust-checkpoint" in message
     assert len(message.splitlines()) == 1
     assert not marker.exists()
 
@@ -98,8 +102,8 @@ def test_convert_and_eval_refuse_a_crafted_checkpoint_in_one_line(real, tmp_path
     root, marker = _crafted(real, tmp_path)
     assert main(["convert", "megatron-to-hf", str(root), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert "'io.open'" in err and len(err.strip().splitlines()) == 1, err
-    with pytest.raises(UntrustedCheckpointError, match="'io.open'"):
+    assert OPEN in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(UntrustedCheckpointError, match=re.escape(OPEN)):
         with MegatronScorer(tiny_config(), 250, root):
             pass
     assert not marker.exists() and not (tmp_path / "hf").exists()
@@ -147,11 +151,11 @@ def test_a_crafted_common_pt_or_sharded_object_is_refused(real, tmp_path):
     marker = tmp_path / "payload-ran"
     _, folder = _copy(real, tmp_path / "a")
     (folder / "common.pt").write_bytes(_torch_save({"iteration": 1, "x": _Payload(marker)}))
-    with pytest.raises(UntrustedCheckpointError, match=r"common\.pt.*'io\.open'"):
+    with pytest.raises(UntrustedCheckpointError, match=r"common\.pt.*" + re.escape(OPEN)):
         checkpoint_trust.scan(folder)
     # a sharded object (the RNG states) that is a torch.save'd payload
     folder = _replace_bytes_item(real, tmp_path / "b", "rng_state", _torch_save([_Payload(marker)]))
-    with pytest.raises(UntrustedCheckpointError, match=r"__9_0\.distcp \(item 'rng_state.*'io\.open'"):
+    with pytest.raises(UntrustedCheckpointError, match=r"__9_0\.distcp \(item 'rng_state.*" + re.escape(OPEN)):
         checkpoint_trust.scan(folder)
     meta = pickle.loads((folder / ".metadata").read_bytes())
     next(s for i, s in meta.storage_data.items() if s.relative_path == "__9_0.distcp").relative_path = "../x.distcp"
@@ -172,7 +176,7 @@ def test_the_pickle_inside_a_transformer_engine_extra_state_is_scanned(real, tmp
     folder = _replace_bytes_item(real, tmp_path / "a", "_extra_state", _extra_state(fp8))
     checkpoint_trust.scan(folder)  # tensors pickled with plain pickle: nested legacy torch.save files, scanned too
     folder = _replace_bytes_item(real, tmp_path / "b", "_extra_state", _extra_state({**fp8, "x": _Payload(marker)}))
-    with pytest.raises(UntrustedCheckpointError, match=r"_extra_state.*extra-state tensor\): .*'io\.open'"):
+    with pytest.raises(UntrustedCheckpointError, match=r"_extra_state.*extra-state tensor\): .*" + re.escape(OPEN)):
         checkpoint_trust.scan(folder)
     assert not marker.exists()
 
@@ -184,7 +188,7 @@ def test_legacy_torch_save_files_are_scanned_and_malformed_pickles_refused(tmp_p
     checkpoint_trust.scan_torch_save(buffer.getvalue(), "legacy.pt")
     buffer = io.BytesIO()
     torch.save({"w": _Payload(marker)}, buffer, _use_new_zipfile_serialization=False)
-    with pytest.raises(UntrustedCheckpointError, match=r"legacy\.pt \(legacy torch.save part 4\).*'io\.open'"):
+    with pytest.raises(UntrustedCheckpointError, match=r"legacy\.pt \(legacy torch.save part 4\).*" + re.escape(OPEN)):
         checkpoint_trust.scan_torch_save(buffer.getvalue(), "legacy.pt")
     (tmp_path / ".metadata").write_bytes(pickle.dumps({"a": 1})[:-3])
     with pytest.raises(UntrustedCheckpointError, match="cannot be read"):
@@ -216,7 +220,7 @@ def test_ipt_eval_refuses_a_crafted_checkpoint_and_trust_checkpoint_passes_the_s
     args = ["eval", str(config), "--checkpoint", str(root), "--data", str(task), "--output", str(tmp_path / "r.json")]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ipt eval: error: ") and "'io.open'" in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ipt eval: error: ") and OPEN in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
     # trusted: megatron-core unpickles the crafted .metadata (the payload runs), then fails on what it got
     assert main(args + ["--trust-checkpoint"]) == 2
