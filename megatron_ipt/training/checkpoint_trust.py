@@ -66,7 +66,9 @@ _DATA_CLASS_MODULES = frozenset({"torch.distributed.checkpoint.metadata", "torch
 _TENSOR_REBUILDS = frozenset(n for n in ALLOWED if n.startswith("torch._utils._rebuild"))
 # A tensor pickled with plain pickle (TransformerEngine's extra state) carries its storage as a nested legacy
 # torch.save file, which torch.load(weights_only=False) reads: scanned in turn.
-_NESTED_SAVE = "torch.storage._load_from_bytes"
+# megatron-core 0.19+ replaces it by its own weights_only loader (megatron.core.safe_globals.safe_load_from_bytes,
+# set on import), so its checkpoints name that one: the nested file is scanned the same way.
+_NESTED_SAVES = ("torch.storage._load_from_bytes", "megatron.core.safe_globals.safe_load_from_bytes")
 _RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles (torch.save's)
 # TransformerEngine keeps its FP8 state as a pickle inside a uint8 tensor (``*._extra_state`` sharded objects) and
 # unpickles it with plain pickle.loads on load: the recipe dataclasses and enums are what it holds.
@@ -103,7 +105,7 @@ class _Scanner(pickle.Unpickler):
         full = f"{module}.{name}"
         if full in _TENSOR_REBUILDS:
             return _not_materialised
-        if full == _NESTED_SAVE:
+        if full in _NESTED_SAVES:
             return lambda data, *_: scan_torch_save(bytes(data), f"{self.where} (a pickled tensor)",
                                                     extra_state=self.extra_state)
         if full in ALLOWED or _is_torch_value(module, name) or (self.extra_state and full.startswith(_TE_RECIPES)):
