@@ -163,11 +163,11 @@ class MegatronScorer:
 
     def _kv_forward(self, decoding: bool, **kwargs) -> torch.Tensor:
         """``self.model(**kwargs)``; a decoding step (``decoding``: the prompt is cached) on the CPU backend runs
-        with its function mode suspended (:func:`~megatron_ipt.training.cpu_backend.suspended`: a third less CPU
-        per token on a small model), as megatron-core names no cuda device there; the prefill keeps the mode (it
-        allocates the cache on ``torch.cuda.current_device()``). Should a megatron-core version need the mode
-        in a decoding step, the step fails without it and is rerun with it (it writes the same cache rows: the
-        caller advances the offset only after), and so are later steps; ``self.cpu_mode_in_decode`` says why."""
+        with its function mode suspended (:func:`~megatron_ipt.training.cpu_backend.suspended`: about a quarter
+        less CPU per token on a small model), as megatron-core names no cuda device there; the prefill keeps the
+        mode (it allocates the cache on ``torch.cuda.current_device()``). Should a megatron-core version need the
+        mode in a decoding step, the step fails without it and is rerun with it (it writes the same cache rows:
+        the caller advances the offset only after), and so are later steps; ``self.cpu_mode_in_decode`` says why."""
         if decoding and self.cpu_mode_in_decode is None and cpu_backend.is_active():
             try:
                 with cpu_backend.suspended():
@@ -256,21 +256,6 @@ class HFScorer:
         with torch.no_grad():
             logits = self.model(tokens, attention_mask=mask).logits
         return [logits[i, : len(ids)].float().cpu() for i, ids in enumerate(batch)]
-
-    def _kv_forward(self, decoding: bool, **kwargs) -> torch.Tensor:
-        """``self.model(**kwargs)``; a decoding step (``decoding``: the prompt is cached) on the CPU backend runs
-        with its function mode suspended (:func:`~megatron_ipt.training.cpu_backend.suspended`: a third less CPU
-        per token on a small model), as megatron-core names no cuda device there; the prefill keeps the mode (it
-        allocates the cache on ``torch.cuda.current_device()``). Should a megatron-core version need the mode
-        in a decoding step, the step fails without it and is rerun with it (it writes the same cache rows: the
-        caller advances the offset only after), and so are later steps; ``self.cpu_mode_in_decode`` says why."""
-        if decoding and self.cpu_mode_in_decode is None and cpu_backend.is_active():
-            try:
-                with cpu_backend.suspended():
-                    return self.model(**kwargs)
-            except Exception as e:  # noqa: BLE001 - a cuda device named in decoding: rerun under the mode
-                self.cpu_mode_in_decode = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return self.model(**kwargs)
 
     def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
         """Greedy continuation of ``ids`` (transformers ``generate``, ``do_sample=False``), without ``stop_id``."""

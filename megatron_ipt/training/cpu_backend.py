@@ -24,7 +24,7 @@ Use it only when the run's device is CPU; the trainer never activates it on a GP
 process (transformers generation, other tests) sees stock torch afterwards.
 
 :func:`suspended` pops the mode for a block of code that names no cuda device (the mode's Python hook on every
-torch call is a third of the CPU of a small model's KV-cached decoding step).
+torch call is about a quarter of the CPU of a small model's KV-cached decoding step).
 
 The mode is per thread (torch's function-mode stack is thread local): activate it in the thread that
 trains. State is kept in one private object of this module; ``activate`` is idempotent.
@@ -316,8 +316,8 @@ def suspended() -> Iterator[bool]:
     attributes stay). Yields True when it popped the mode; False, doing nothing, when the backend is not active or
     the mode is not the innermost one of this thread (another thread's, or a mode pushed on top).
 
-    Every torch call passes through the mode's Python ``__torch_function__`` while it is pushed: a third of the
-    CPU of a KV-cached decoding step of a small model. Code known to name no cuda device (megatron-core's
+    Every torch call passes through the mode's Python ``__torch_function__`` while it is pushed: about a quarter
+    of the CPU of a KV-cached decoding step of a small model. Code known to name no cuda device (megatron-core's
     decoding step once the prefill has allocated the cache) runs faster without it; inside the block a cuda
     device argument reaches stock torch again and fails ("Torch not compiled with CUDA enabled").
     """
