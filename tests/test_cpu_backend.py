@@ -86,3 +86,34 @@ def test_activate_is_idempotent_and_one_deactivate_undoes_it():
     assert len(torch.overrides._get_current_function_mode_stack()) == 1
     cpu_backend.deactivate()
     assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_suspended_pops_the_mode_for_the_block_only():
+    with cpu_backend.cpu_backend():
+        with cpu_backend.suspended() as popped:
+            assert popped
+            assert not torch.overrides._get_current_function_mode_stack()
+            assert torch.ones(2).type() == "torch.FloatTensor"  # stock torch inside
+            assert torch.cuda.current_device() == 0  # the replaced attributes stay
+            with pytest.raises((AssertionError, RuntimeError)):
+                torch.zeros(1, device="cuda")
+        assert torch.zeros(2, device="cuda").device.type == "cpu"  # the mode is back
+        with pytest.raises(ValueError, match="inside"):  # pushed back after an exception too
+            with cpu_backend.suspended():
+                raise ValueError("inside")
+        assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+
+
+def test_suspended_does_nothing_when_inactive_or_not_innermost():
+    with cpu_backend.suspended() as popped:
+        assert not popped
+    with cpu_backend.cpu_backend():
+        with _Passthrough():  # another mode on top of ours
+            with cpu_backend.suspended() as popped:
+                assert not popped
+                assert len(torch.overrides._get_current_function_mode_stack()) == 2
+
+
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))

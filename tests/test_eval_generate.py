@@ -34,6 +34,7 @@ def test_cached_greedy_tokens_equal_the_uncached_loop(scorer):
         assert scorer.generate(prompt, 20) == uncached, prompt
         assert len(uncached) == 20
     assert scorer.no_kv_cache is None  # the cache was used, no fallback
+    assert scorer.cpu_mode_in_decode is None  # decoding steps ran without the CPU backend's function mode
     # a stop token ends both loops at the same place, and is not returned
     prompt = PROMPTS[1]
     full = greedy_generate(scorer.logits, prompt, 20)
@@ -56,6 +57,37 @@ def test_cached_step_logits_match_the_full_forward(scorer):
         step(new)  # the cache is now full
         with pytest.raises(ValueError, match="KV cache holds"):
             step([1])
+
+
+def test_decoding_steps_run_without_the_cpu_backend_mode(scorer):
+    """The prefill allocates the cache under the CPU backend's function mode; later steps run without it."""
+    depth = []
+    hook = scorer.model.register_forward_pre_hook(
+        lambda m, args: depth.append(len(torch.overrides._get_current_function_mode_stack())))
+    try:
+        scorer.generate(PROMPTS[1], 4)
+    finally:
+        hook.remove()
+    assert depth == [1, 0, 0, 0]
+
+
+def test_a_decoding_step_that_needs_the_mode_is_rerun_with_it(scorer, monkeypatch):
+    """Stands in for a megatron-core version that names a cuda device while decoding: a real cuda request in a
+    forward hook fails without the mode; the step reruns under it, with the same ids."""
+    prompt = PROMPTS[3]
+    expected = scorer.generate(prompt, 12)
+    monkeypatch.setattr(scorer, "cpu_mode_in_decode", None)
+
+    def names_cuda(module, args):
+        torch.zeros(1, device="cuda")
+
+    hook = scorer.model.register_forward_pre_hook(names_cuda)
+    try:
+        assert scorer.generate(prompt, 12) == expected
+    finally:
+        hook.remove()
+    assert scorer.no_kv_cache is None
+    assert scorer.cpu_mode_in_decode is not None and "CUDA" in scorer.cpu_mode_in_decode
 
 
 def test_greedy_generate_cached_feeds_only_new_tokens():

@@ -31,6 +31,8 @@ class MegatronScorer:
         self.iteration = None
         self.no_kv_cache: str | None = None  # why greedy generation runs without a KV cache (None: it uses one)
         self.no_batched_kv_cache: str | None = None  # why generate_batch runs one prompt at a time (None: batched)
+        # why KV-cached decoding steps run under the CPU backend's function mode (None: without it, see _kv_forward)
+        self.cpu_mode_in_decode: str | None = None
 
     def __enter__(self) -> "MegatronScorer":
         from megatron_ipt.training.model import build_model
@@ -151,12 +153,28 @@ class MegatronScorer:
                 later = torch.ones(width, start + width, dtype=torch.bool).triu(start + 1)  # key after query
                 mask = (later.unsqueeze(0) | is_pad.unsqueeze(1)).unsqueeze(1).to(self.device)
             tokens = torch.tensor(rows, device=self.device)
-            with torch.no_grad():
-                logits = self.model(input_ids=tokens, position_ids=pos, attention_mask=mask, **kwargs)
+            with torch.inference_mode():  # the cache's tensors are inference tensors: every step runs in this mode
+                logits = self._kv_forward(start > 0, input_ids=tokens, position_ids=pos, attention_mask=mask, **kwargs)
+                logits = logits[:, -1, : self.model_vocab].float().cpu()
             context.sequence_len_offset = start + width
-            return logits[:, -1, : self.model_vocab].float().cpu()
+            return logits.clone()  # a normal tensor for the caller (in-place updates of inference tensors fail)
 
         return step
+
+    def _kv_forward(self, decoding: bool, **kwargs) -> torch.Tensor:
+        """``self.model(**kwargs)``; a decoding step (``decoding``: the prompt is cached) on the CPU backend runs
+        with its function mode suspended (:func:`~megatron_ipt.training.cpu_backend.suspended`: about a quarter
+        less CPU per token on a small model), as megatron-core names no cuda device there; the prefill keeps the
+        mode (it allocates the cache on ``torch.cuda.current_device()``). Should a megatron-core version need the
+        mode in a decoding step, the step fails without it and is rerun with it (it writes the same cache rows:
+        the caller advances the offset only after), and so are later steps; ``self.cpu_mode_in_decode`` says why."""
+        if decoding and self.cpu_mode_in_decode is None and cpu_backend.is_active():
+            try:
+                with cpu_backend.suspended():
+                    return self.model(**kwargs)
+            except Exception as e:  # noqa: BLE001 - a cuda device named in decoding: rerun under the mode
+                self.cpu_mode_in_decode = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return self.model(**kwargs)
 
     def generate(self, ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
         """Greedy continuation of ``ids`` with megatron-core's KV cache (:meth:`kv_step`: the prompt once, then

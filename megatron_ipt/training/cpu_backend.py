@@ -23,6 +23,9 @@ Use it only when the run's device is CPU; the trainer never activates it on a GP
 :func:`deactivate` restores every attribute it replaced and pops the mode, so other code in the same
 process (transformers generation, other tests) sees stock torch afterwards.
 
+:func:`suspended` pops the mode for a block of code that names no cuda device (the mode's Python hook on every
+torch call is about a quarter of the CPU of a small model's KV-cached decoding step).
+
 The mode is per thread (torch's function-mode stack is thread local): activate it in the thread that
 trains. State is kept in one private object of this module; ``activate`` is idempotent.
 """
@@ -40,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from megatron_ipt.training import mcore
 
-__all__ = ["activate", "deactivate", "is_active", "cpu_backend", "CudaToCpuMode"]
+__all__ = ["activate", "deactivate", "is_active", "cpu_backend", "suspended", "CudaToCpuMode"]
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -305,6 +308,29 @@ def deactivate() -> None:
         for owner, name, original in reversed(_STATE.saved):
             setattr(owner, name, original)
         _STATE.saved, _STATE.mode, _STATE.thread = [], None, None
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[bool]:
+    """Context manager: pop the function mode for the block, push it back after (the replaced ``torch.cuda``
+    attributes stay). Yields True when it popped the mode; False, doing nothing, when the backend is not active or
+    the mode is not the innermost one of this thread (another thread's, or a mode pushed on top).
+
+    Every torch call passes through the mode's Python ``__torch_function__`` while it is pushed: about a quarter
+    of the CPU of a KV-cached decoding step of a small model. Code known to name no cuda device (megatron-core's
+    decoding step once the prefill has allocated the cache) runs faster without it; inside the block a cuda
+    device argument reaches stock torch again and fails ("Torch not compiled with CUDA enabled").
+    """
+    mode = _STATE.mode
+    stack = torch.overrides._get_current_function_mode_stack()
+    if mode is None or not stack or stack[-1] is not mode:
+        yield False
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield True
+    finally:
+        mode.__enter__()
 
 
 @contextlib.contextmanager
