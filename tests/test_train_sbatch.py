@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_faults import _experiment, losses  # noqa: E402
@@ -50,7 +51,13 @@ def test_train_sbatch_trains_and_a_usr1_saves_stops_and_resumes_to_the_same_loss
     assert _manifest(tmp_path / "straight")["parallel"]["data_parallel_size"] == 2
 
     preempted = _experiment(tmp_path, tokenized, iters, "preempted", parallel__nproc_per_node=2)
-    proc = _script(preempted)
+    # the run folder comes from IPT_ARGS, not the file: the script must look for stopped.json where training
+    # wrote it (it once resolved the folder without the overrides and never requeued)
+    data = yaml.safe_load(preempted.read_text())
+    data["run_dir"] = str(tmp_path / "not-this-folder")
+    preempted.write_text(yaml.safe_dump(data))
+    overrides = {"IPT_ARGS": f"--set run_dir={tmp_path / 'preempted'}"}
+    proc = _script(preempted, **overrides)
     metrics = tmp_path / "preempted" / "train" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -65,12 +72,13 @@ def test_train_sbatch_trains_and_a_usr1_saves_stops_and_resumes_to_the_same_loss
     assert "ChildFailedError" not in out and "Traceback" not in out, out[-3000:]
     stopped = json.loads((tmp_path / "preempted" / "train" / "stopped.json").read_text())
     assert 3 <= stopped["iteration"] < iters
-    out = _script(preempted).communicate(timeout=600)[0]  # the requeued job
+    out = _script(preempted, **overrides).communicate(timeout=600)[0]  # the requeued job
     assert f"resuming from iteration {stopped['iteration']}" in out, out[-3000:]
     assert (tmp_path / "preempted" / "train" / "manifest.json").is_file(), out[-3000:]
     resumed, straight = losses(tmp_path / "preempted" / "train"), losses(tmp_path / "straight" / "train")
     assert sorted(resumed) == sorted(straight)  # the stopped iteration's record too
     assert resumed[iters] == pytest.approx(straight[iters], rel=1e-6, abs=1e-6)
+    assert not (tmp_path / "not-this-folder").exists()
 
 
 def test_processes_per_node_come_from_the_config_not_a_default_of_eight(tokenized, tmp_path):
