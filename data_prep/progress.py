@@ -48,13 +48,14 @@ class StageProgress:
     ``rates``: extra per-second rates shown beside the unit rate, as ``{label: initial_count}``
     (e.g. ``{"generated tokens": 0}``); :meth:`advance` takes their increments as keywords with the label's
     spaces replaced by underscores. ``done``: units already finished before this process started (resume).
-    ``enabled=False`` reports nothing. ``terminal`` overrides the terminal check (tests). Use as a context
-    manager, or call :meth:`close`.
+    ``enabled=False`` reports nothing. ``terminal`` overrides the terminal check (tests). ``quiet_when_quick``:
+    no closing line (and no bar) when the work ended within one ``interval`` (a short step of a longer stage, e.g.
+    tokenizing a small held-out set). Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, name: str, total: int, unit: str, *, rates: dict[str, float] | None = None, done: int = 0,
                  enabled: bool = True, stream: TextIO | None = None, terminal: bool | None = None,
-                 interval: float | None = None, byte_units: bool = False) -> None:
+                 interval: float | None = None, byte_units: bool = False, quiet_when_quick: bool = False) -> None:
         self.name, self.total, self.unit, self.enabled = name, int(total), unit, enabled
         self.done, self.start_done = int(done), int(done)
         self.rates = dict(rates or {})
@@ -66,8 +67,9 @@ class StageProgress:
         self.last_printed: int | None = None  # ``done`` at the last plain line
         self.closed = False
         self.terminal = (terminal if terminal is not None else self.stream.isatty()) if enabled else False
+        self.quiet_when_quick = quiet_when_quick
         self._bar = self._task = None
-        if self.enabled and self.terminal:
+        if self.enabled and self.terminal and not quiet_when_quick:
             self._start_bar()
 
     # ------------------------------------------------------------------------------------------ public
@@ -109,7 +111,9 @@ class StageProgress:
         if self._bar is not None:
             self._bar.stop()
         elif self.enabled and self.last_printed != self.done:  # not the same line twice
-            self._print_line()
+            quick = self.last_printed is None and time.monotonic() - self.started < self.interval
+            if not (self.quiet_when_quick and quick):
+                self._print_line()
 
     def __enter__(self) -> "StageProgress":
         return self

@@ -49,6 +49,7 @@ from data_prep.errors import DataPrepError
 from data_prep.input_shards import claim_shard, shard_name as _shard_name  # noqa: F401 (tests import it here)
 from data_prep.locks import exclusive_lock
 from data_prep.indexed import IndexedDatasetWriter, merge_datasets, token_dtype
+from data_prep.progress import StageProgress
 from data_prep.readers import Batch, expand_inputs, read_batches
 from megatron_ipt.manifest import file_record
 
@@ -255,8 +256,10 @@ def _shard_intact(shard: Path, stats: dict, log) -> bool:
     return info.tokens == stats["tokens"] and info.sequences == stats["documents"]
 
 
-def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, workers: int = 1) -> dict:
-    """Tokenize one input file into ``prefix.bin/.idx`` through ``pool`` (None: in-process)."""
+def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, workers: int = 1,
+                  progress=None) -> dict:
+    """Tokenize one input file into ``prefix.bin/.idx`` through ``pool`` (None: in-process); ``progress`` (a
+    :class:`data_prep.progress.StageProgress`) gets the documents and tokens of each batch as rates."""
     writer = IndexedDatasetWriter(prefix, dtype)
     skipped: Counter = Counter()
     examples: list[str] = []
@@ -264,6 +267,8 @@ def tokenize_file(path: Path, prefix: Path, pool, opts: TokenizeOptions, dtype, 
 
     def consume(result: Encoded) -> None:
         writer.add_documents(result.ids, result.lengths)
+        if progress is not None:
+            progress.advance(0, documents=len(result.lengths), tokens=int(result.lengths.sum()))
         skipped.update(result.skipped)
         examples.extend(result.examples[: opts.max_examples - len(examples)])
 
@@ -318,6 +323,8 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
         workers = 1
     pool = None
     sources, shard_prefixes, resumed = [], [], 0
+    progress = StageProgress(f"tokenize {prefix.name}", len(files), "files", rates={"documents": 0, "tokens": 0},
+                             stream=sys.stderr, quiet_when_quick=True)
     try:
         for path in files:
             claimed = claim_shard(path, shard_dir, settings, held, "tokenizer shard",
@@ -333,14 +340,16 @@ def _tokenize_locked(files: list[Path], prefix: Path, encoder: Encoder, dtype, o
                     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
                     pool = ctx.Pool(workers, _init_worker, (tokenizer, opts))
                 t0 = time.time()
-                stats = tokenize_file(path, shard, pool, opts, dtype, workers)
+                stats = tokenize_file(path, shard, pool, opts, dtype, workers, progress)
                 stats["seconds"] = round(time.time() - t0, 3)
                 claimed.finish(stats)
                 log(f"tokenize: {path} -> {stats['documents']:,} documents, {stats['tokens']:,} tokens"
                     + (f", skipped {stats['skipped']}" if stats["skipped"] else ""))
             sources.append({"path": str(path), "shard": str(shard), **stats})
+            progress.advance(1)
             shard_prefixes.append(shard)
     finally:
+        progress.close()
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -90,6 +90,25 @@ def bad_file(tmp_path):
     return p
 
 
+def test_progress_lines_go_to_stderr_for_long_runs_and_a_quick_run_stays_quiet(tmp_path, tiny_tokenizer_dir, capfd,
+                                                                                monkeypatch):
+    """Redirected output (Slurm, nohup) gets plain progress lines (files, documents/s, tokens/s) on stderr once a
+    run lasts an interval (IPT_PROGRESS_SECONDS; 0 here); a run shorter than the interval prints none."""
+    for i in range(3):
+        write_jsonl(tmp_path / f"part-{i}.jsonl", TEXTS[i:])
+    monkeypatch.setenv("IPT_PROGRESS_SECONDS", "0")
+    tokenize_corpus([str(tmp_path / "part-*.jsonl")], tmp_path / "a" / "corpus", tiny_tokenizer_dir, log=lambda _: None)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tokenize corpus: ")]
+    counts = [line.split(" | ")[0] for line in lines]  # a line per batch and per file at interval 0
+    assert {"tokenize corpus: 1/3 files (33%)", "tokenize corpus: 2/3 files (67%)"} <= set(counts), err
+    assert counts[-1] == "tokenize corpus: 3/3 files (100%)" and counts.count(counts[-1]) == 1, err
+    assert "documents/s" in lines[-1] and "tokens/s" in lines[-1]
+    monkeypatch.setenv("IPT_PROGRESS_SECONDS", "3600")
+    tokenize_corpus([str(tmp_path / "part-*.jsonl")], tmp_path / "b" / "corpus", tiny_tokenizer_dir, log=lambda _: None)
+    assert "tokenize corpus" not in capfd.readouterr().err
+
+
 def test_bad_records_are_skipped_and_counted_by_reason_with_file_and_line(tmp_path, tiny_tokenizer_dir):
     m = tokenize_corpus([bad_file(tmp_path)], tmp_path / "out", tiny_tokenizer_dir, log=lambda _: None)
     assert m["documents"] == 2
