@@ -87,7 +87,9 @@ def test_a_decoding_step_that_needs_the_mode_is_rerun_with_it(scorer, monkeypatc
     finally:
         hook.remove()
     assert scorer.no_kv_cache is None
-    assert scorer.cpu_mode_in_decode is not None and "CUDA" in scorer.cpu_mode_in_decode
+    # torch's words depend on its build: "Torch not compiled with CUDA enabled" (CPU wheel), "Found no NVIDIA
+    # driver on your system" (a CUDA wheel on a machine without a GPU, leg 2)
+    assert scorer.cpu_mode_in_decode is not None and scorer.cpu_mode_in_decode.startswith(("RuntimeError", "AssertionError"))
 
 
 def test_greedy_generate_cached_feeds_only_new_tokens():
