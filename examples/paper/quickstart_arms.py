@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "paper" / "quickstart-arms.yaml"
 GENERAL = REPO / "examples" / "data" / "general_instructions.jsonl"
 HELDOUT_INSTRUCTIONS = 8
-COLUMNS = {"raw": ("perplexity", "heldout_raw_nll"), "pairs": ("perplexity", "heldout_pairs_nll"),
+COLUMNS = {"raw": ("perplexity", "raw_nll"), "pairs": ("perplexity", "pairs_nll"),
            "rc": ("rc", "answer_nll"), "instructions": ("instructions", "answer_nll")}
 HEADERS = {"raw": "held-out raw NLL", "pairs": "held-out pairs NLL", "rc": "RC answer NLL",
            "instructions": "instruction response NLL"}
@@ -160,7 +160,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
         ax.tick_params(labelsize=8)
     fig.suptitle("Instruction Pre-Training arms at quickstart scale (tiny model on CPU: noisy)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> int:
