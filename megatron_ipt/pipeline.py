@@ -85,7 +85,7 @@ def _locked(stage: str):
 def _log(msg: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(msg)
+    Console(stderr=True, soft_wrap=True).print(msg)  # a log line is never folded (paths stay whole)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -200,10 +200,12 @@ def _file_backed_state_dict(model: torch.nn.Module, weights: ModelWeights, prese
 
 
 def _progress(enabled: bool, total: int, unit: str):
-    """A convert progress report on stderr; reports nothing when not ``enabled``. Bytes when ``unit`` is ''."""
+    """A convert progress report on stderr; reports nothing when not ``enabled``, nor for a conversion that ends
+    within one progress interval (the small ones of tests and ``ipt eval``'s exports). Bytes when ``unit`` is ''."""
     from data_prep.progress import StageProgress
 
-    return StageProgress("convert", total, unit, byte_units=not unit, enabled=enabled, stream=sys.stderr)
+    return StageProgress("convert", total, unit, byte_units=not unit, enabled=enabled, stream=sys.stderr,
+                         quiet_when_quick=True)
 
 
 class _StateDictHolder:

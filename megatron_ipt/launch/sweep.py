@@ -435,7 +435,7 @@ def _trained(cfg: ExperimentConfig) -> bool:
 def _log(msg: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(msg)
+    Console(stderr=True, soft_wrap=True).print(msg)  # a log line is never folded (paths stay whole)
 
 
 def run_sweep(sweep: SweepConfig, base: Path, *, executor: str | None = None, slurm=None,
