@@ -198,25 +198,10 @@ def test_legacy_torch_save_files_are_scanned_and_malformed_pickles_refused(tmp_p
 
 def test_ipt_eval_refuses_a_crafted_checkpoint_and_trust_checkpoint_passes_the_scan(real, tmp_path, tiny_tokenizer_dir,
                                                                                      capsys):
-    import json
-
-    import yaml
-
-    from data_prep.encoders import load_encoder
-    from megatron_ipt.manifest import write_manifest
-    from megatron_ipt.pipeline import stage_path
-    from test_eval_batching import TASK
+    from test_eval_batching import eval_experiment
 
     root, marker = _crafted(real, tmp_path)
-    cfg = tiny_config()
-    cfg.run_dir = str(tmp_path / "run")
-    encoder = load_encoder(tiny_tokenizer_dir)
-    write_manifest(stage_path(cfg, "tokenize"), stage="tokenize", fingerprint="test", config={},
-                   tokenizer={"path": str(tiny_tokenizer_dir), "vocab_size": encoder.vocab_size,
-                              "eod_id": encoder.eod_id})
-    config, task = tmp_path / "exp.yaml", tmp_path / "task.jsonl"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    task.write_text("".join(json.dumps(t) + "\n" for t in TASK))
+    config, task = eval_experiment(tmp_path, tiny_tokenizer_dir)
     args = ["eval", str(config), "--checkpoint", str(root), "--data", str(task), "--output", str(tmp_path / "r.json")]
     assert main(args) == 2
     err = capsys.readouterr().err

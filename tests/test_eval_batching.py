@@ -157,22 +157,28 @@ def test_hf_batched_logits_generation_and_rc_metrics_equal_batch_1(tmp_path, tin
     assert_same_results(one, three)
 
 
-def test_eval_cli_batch_size_is_validated_and_recorded(tmp_path, tiny_tokenizer_dir, capsys):
+def eval_experiment(tmp_path: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
+    """An experiment YAML for ``ipt eval`` (tiny config, run folder under ``tmp_path`` whose tokenize manifest names
+    ``tokenizer_dir``) and a reading-comprehension task JSONL of :data:`TASK`; returns ``(config, task)``."""
     from data_prep.encoders import load_encoder
     from megatron_ipt.manifest import write_manifest
     from megatron_ipt.pipeline import stage_path
 
-    assert main(["eval", str(tmp_path / "missing.yaml"), "--batch-size", "0"]) == 2
-    assert "--batch-size must be at least 1 (got 0)" in capsys.readouterr().err
     cfg = tiny_config()
     cfg.run_dir = str(tmp_path / "run")
-    encoder = load_encoder(tiny_tokenizer_dir)
+    encoder = load_encoder(tokenizer_dir)
     write_manifest(stage_path(cfg, "tokenize"), stage="tokenize", fingerprint="test", config={},
-                   tokenizer={"path": str(tiny_tokenizer_dir), "vocab_size": encoder.vocab_size,
-                              "eod_id": encoder.eod_id})
+                   tokenizer={"path": str(tokenizer_dir), "vocab_size": encoder.vocab_size, "eod_id": encoder.eod_id})
     config, task = tmp_path / "exp.yaml", tmp_path / "task.jsonl"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     task.write_text("".join(json.dumps(t) + "\n" for t in TASK))
+    return config, task
+
+
+def test_eval_cli_batch_size_is_validated_and_recorded(tmp_path, tiny_tokenizer_dir, capsys):
+    assert main(["eval", str(tmp_path / "missing.yaml"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1 (got 0)" in capsys.readouterr().err
+    config, task = eval_experiment(tmp_path, tiny_tokenizer_dir)
     records = {}
     for size in ("1", "3"):
         out = tmp_path / f"rc-{size}.json"

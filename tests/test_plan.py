@@ -101,12 +101,7 @@ def test_every_rank_of_an_expert_parallel_layout_holds_what_the_plan_says(tokeni
     the expert data parallel ranks (1 here) while the rest is sharded over the 2 data parallel ranks."""
     settings = ["parallel.expert_model_parallel_size=2", "parallel.use_distributed_optimizer=true",
                 "train.precision=bf16", f"model.hf_config={moe_hf_config}"]
-    out = tmp_path / "bytes.json"
-    result = subprocess.run([sys.executable, str(Path(__file__).parent / "plan_worker.py"), str(tokenized_dir), str(out),
-                             "--procs", "2", *[a for s in settings for a in ("--set", s)]],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = json.loads(out.read_text())
+    ranks = measured_on_two_ranks(tokenized_dir, tmp_path, settings)
     cfg = tiny_config(model__hf_config=str(moe_hf_config), precision="bf16", parallel__use_distributed_optimizer=True,
                       parallel__expert_model_parallel_size=2)
     (stage,) = plan.estimate_stages(cfg, resolve_preset(cfg.model), world_size=2, vocab_size=ranks[0]["vocab_size"],
@@ -208,6 +203,16 @@ def test_layer_activations_agree_with_megatron_lm_theoretical_memory_within_5_pe
     assert ours == pytest.approx(reference, rel=0.05)
 
 
+def measured_on_two_ranks(tokenized_dir: Path, tmp_path: Path, settings: list[str]) -> list[dict]:
+    """Run ``plan_worker.py`` on 2 gloo processes with ``--set`` ``settings``; returns each rank's measured bytes."""
+    out = tmp_path / "bytes.json"
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "plan_worker.py"), str(tokenized_dir), str(out),
+                             "--procs", "2", *[a for s in settings for a in ("--set", s)]],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.dist
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
 @pytest.mark.parametrize("settings", [
@@ -216,12 +221,7 @@ def test_layer_activations_agree_with_megatron_lm_theoretical_memory_within_5_pe
     ["parallel.use_distributed_optimizer=true", "train.precision=bf16"],
 ], ids=["tp2", "pp2", "dp2-distopt-bf16"])
 def test_every_rank_of_a_two_process_layout_holds_what_the_plan_says(tokenized_dir, tmp_path, settings):
-    out = tmp_path / "bytes.json"
-    result = subprocess.run([sys.executable, str(Path(__file__).parent / "plan_worker.py"), str(tokenized_dir), str(out),
-                             "--procs", "2", *[a for s in settings for a in ("--set", s)]],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = json.loads(out.read_text())
+    ranks = measured_on_two_ranks(tokenized_dir, tmp_path, settings)
     cfg = tiny_config()
     for item in settings:
         key, value = item.split("=", 1)
