@@ -6,11 +6,13 @@
   shape (layers, hidden, heads, query groups, SwiGLU size, vocabulary), ``torch.optim.AdamW``, gradient
   clipping, the same micro/global batch (gradient accumulation), sequence length and tokens.
 
-Both run in fresh processes with the same thread count; steady-state time per iteration excludes the first
-iterations (warm-up). The ratio plain / ours of iteration time is the framework's overhead factor (above 1:
-ours is faster). CPU only; on a GPU the comparison would be dominated by kernels (see gpu_throughput.py).
+Both run in fresh processes with the same thread count, alternating (ours, plain, ours, plain, ...) for
+``--rounds`` rounds so that a change of machine load hits both; each run's steady-state time per iteration is
+the median over its iterations after the warm-up ones, and each trainer's number is the median over its rounds.
+The ratio plain / ours of iteration time is the framework's overhead factor (above 1: ours is faster). CPU only;
+on a GPU the comparison would be dominated by kernels (see gpu_throughput.py).
 
-    python benchmarks/train_overhead.py --preset llama-tiny --iters 30
+    python benchmarks/train_overhead.py --preset llama-tiny --iters 30 --rounds 3
     python benchmarks/train_overhead.py --preset llama-tiny --iters 30 --attention-backend unfused   # before SDPA
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +47,7 @@ def run_ours(args) -> dict:
         train_stage(cfg, tok, Path(d) / "out", "bench")
         rows = [json.loads(x) for x in (Path(d) / "out" / "metrics.jsonl").read_text().splitlines()]
     times = [r["ms_per_iteration"] for r in rows if "iteration" in r and r["iteration"] > args.warmup]
-    return {"ms_per_iteration": sum(times) / len(times)}
+    return {"ms_per_iteration": statistics.median(times)}
 
 
 def run_plain(args) -> dict:
@@ -78,7 +81,7 @@ def run_plain(args) -> dict:
         opt.step()
         if it >= args.warmup:
             times.append(time.perf_counter() - tick)
-    return {"ms_per_iteration": 1000 * sum(times) / len(times)}
+    return {"ms_per_iteration": 1000 * statistics.median(times)}
 
 
 def main() -> None:
@@ -90,6 +93,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each trainer (median reported)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "unfused"],
                    help="model.attention_backend of ours (unfused: megatron-core's DotProductAttention)")
     p.add_argument("--json", default=str(HERE / "results" / "train_overhead.json"))
@@ -101,22 +105,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print("RESULT " + json.dumps(run_ours(args) if args.child == "ours" else run_plain(args)))
         return
-    results = {}
+    runs: dict[str, list[float]] = {"ours": [], "plain": []}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for which in ("ours", "plain"):
-        cmd = [sys.executable, __file__, "--child", which] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-        results[which] = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    for _ in range(args.rounds):
+        for which in ("ours", "plain"):
+            cmd = [sys.executable, __file__, "--child", which] + [a for a in sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            runs[which].append(json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])["ms_per_iteration"])
+    results = {k: {"ms_per_iteration": statistics.median(v), "rounds_ms_per_iteration": [round(x, 1) for x in v]} for k, v in runs.items()}
     tokens = args.global_batch_size * args.seq_length
     for r in results.values():
         r["tokens_per_s"] = tokens / (r["ms_per_iteration"] / 1000)
     ratio = results["plain"]["ms_per_iteration"] / results["ours"]["ms_per_iteration"]
     print(f"{args.preset}, seq {args.seq_length}, micro {args.micro_batch_size} / global {args.global_batch_size}, "
-          f"attention {args.attention_backend}, {args.threads} thread(s), {args.iters} iterations ({args.warmup} warm-up excluded)")
+          f"attention {args.attention_backend}, {args.threads} thread(s), {args.iters} iterations ({args.warmup} warm-up excluded), "
+          f"median of {args.rounds} alternating rounds")
     print(f"{'trainer':<28} {'ms/iteration':>12} {'tokens/s':>10}")
     print(f"{'megatron-ipt (megatron-core)':<28} {results['ours']['ms_per_iteration']:>12.1f} {results['ours']['tokens_per_s']:>10.0f}")
     print(f"{'plain PyTorch + transformers':<28} {results['plain']['ms_per_iteration']:>12.1f} {results['plain']['tokens_per_s']:>10.0f}")
-    print(f"plain / ours iteration time: {ratio:.2f}x")
+    print(f"plain / ours iteration time: {ratio:.2f}x (rounds, ms: ours {results['ours']['rounds_ms_per_iteration']}, "
+          f"plain {results['plain']['rounds_ms_per_iteration']})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
                                            **results, "plain_over_ours": ratio}, indent=2) + "\n")

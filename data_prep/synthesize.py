@@ -167,7 +167,7 @@ def synthesize_documents(
 
     Returns counts: documents, documents_with_pairs, pairs_kept, pairs_dropped {reason: n}, pair_structure,
     prompts, chunked_documents, rounds, chained_documents, resumed_prompts, generated_tokens, generation_seconds,
-    generated_tokens_per_second, model (resolved path), prompt_format, parse_mode. Raises DataPrepError for an
+    generated_tokens_per_second, model (resolved path), dtype (the engine's compute dtype), prompt_format, parse_mode. Raises DataPrepError for an
     empty list, a document missing a field, or a context too small for ``max_new_tokens``.
     """
     _check_documents(documents)
@@ -192,7 +192,7 @@ def synthesize_documents(
                 _parse_document(cfg, docs[i], documents[i]["text"], texts_out)
     _drop_shared_answers(docs)
     atomic.write_jsonl(out_path, [_record(cfg, doc, d, documents, plan.rounds) for doc, d in zip(documents, docs)])
-    return _counts(cfg, documents, docs, plan, gen, model_path)
+    return _counts(cfg, documents, docs, plan, gen, model_path, getattr(engine, "dtype", cfg.dtype))
 
 
 def _check_documents(documents: list[dict]) -> None:
@@ -307,7 +307,8 @@ def _resumed_prompts(documents: list[dict], docs: list[_Doc], done: dict) -> int
     return sum(1 for d, doc in zip(docs, documents) for c in range(len(d.contexts)) if (str(doc["id"]), c) in done)
 
 
-def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen: _Generation, model_path: Path) -> dict:
+def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen: _Generation, model_path: Path,
+            dtype: str) -> dict:
     """The counts :func:`synthesize_documents` returns."""
     pairs_dropped: Counter[str] = Counter()
     structure: Counter[str] = Counter()
@@ -329,6 +330,7 @@ def _counts(cfg, documents: list[dict], docs: list[_Doc], plan: _PromptPlan, gen
         "generation_seconds": round(gen.seconds, 3),
         "generated_tokens_per_second": round(gen.tokens / gen.seconds, 2) if gen.seconds > 0 else 0.0,
         "model": str(model_path),
+        "dtype": dtype,  # the compute dtype used (synthesis.dtype auto resolved: data_prep.engines.resolve_dtype)
         "prompt_format": cfg.prompt_format,
         "parse_mode": cfg.parse_mode,
     }

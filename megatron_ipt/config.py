@@ -123,7 +123,10 @@ class SynthesisConfig(_Section):
         "every prompt of a round in one call for vllm (the reference; vLLM schedules them itself), 8 for transformers.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="transformers engine: where the synthesizer runs; auto: cuda when torch sees a GPU, else cpu.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Synthesizer weights' dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Synthesizer compute dtype. auto: transformers uses bfloat16 on a GPU that supports it and "
+        "on a CPU with native bfloat16 (avx512_bf16, amx_bf16, Arm bf16), else float32; vllm resolves auto itself. "
+        "The dtype used is in the synthesis manifest and the stage fingerprint.")
     seed: int = Field(0, description="Sampling seed of the engine (matters only when temperature > 0).")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily (the reference).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")

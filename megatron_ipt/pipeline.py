@@ -150,8 +150,15 @@ def run_corpus(cfg: ExperimentConfig, force: bool = False) -> StageResult:
 
 
 def synthesis_fingerprint(cfg: ExperimentConfig) -> str:
-    """The synthesize stage's fingerprint: its config section and the corpus stage's fingerprint."""
-    return fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), _upstream(cfg, "corpus")["fingerprint"])
+    """The synthesize stage's fingerprint: its config section, with ``dtype: auto`` resolved for the transformers
+    engine (the same config on a machine that resolves it otherwise synthesizes anew; ``auto`` resolving to
+    ``float32`` matches a run that wrote ``float32``), and the corpus stage's fingerprint."""
+    section = cfg.synthesis.model_dump(mode="json")
+    if section["engine"] == "transformers" and section["dtype"] == "auto":
+        from data_prep.engines import resolve_device, resolve_dtype
+
+        section["dtype"] = resolve_dtype("auto", resolve_device(cfg.synthesis.device))
+    return fingerprint("synthesize", section, _upstream(cfg, "corpus")["fingerprint"])
 
 
 def synthesis_shard_dir(cfg: ExperimentConfig, fp: str | None = None) -> Path:

@@ -3,9 +3,10 @@
 import importlib.util
 
 import pytest
+import torch
 from fixtures_synth import tiny_llama_path  # noqa: F401 (fixture)
 
-from data_prep.engines import TransformersEngine
+from data_prep.engines import CPU_BF16_ATTENTION, TransformersEngine, native_bf16_cpu, resolve_dtype
 from data_prep.errors import DataPrepError
 from data_prep.synthesize import make_engine
 from megatron_ipt.config import SynthesisConfig
@@ -34,3 +35,51 @@ def test_sampling_with_a_seed_is_reproducible_and_greedy_is_default(tiny_llama_p
 def test_bad_sampling_settings_are_refused(tiny_llama_path, temperature, top_p):
     with pytest.raises(DataPrepError, match="synthesis.temperature"):
         TransformersEngine(tiny_llama_path, device="cpu", temperature=temperature, top_p=top_p)
+
+
+X86_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n"
+
+
+@pytest.mark.parametrize("cpuinfo,native", [
+    (X86_FLAGS.format(extra="avx512_bf16"), True),
+    (X86_FLAGS.format(extra="amx_bf16 amx_tile"), True),
+    ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),  # Arm (ARMv8.6-A BF16)
+    (X86_FLAGS.format(extra=""), False),  # AVX-512 without bf16: bfloat16 is emulated
+    ("", False),
+])
+def test_native_bfloat16_is_read_from_the_cpu_flags(cpuinfo, native):
+    assert native_bf16_cpu(cpuinfo) is native
+
+
+def test_dtype_auto_resolves_by_the_cpu_and_an_explicit_dtype_is_kept():
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
+    assert [resolve_dtype(d, "cpu") for d in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "float16"]
+    with pytest.raises(DataPrepError, match="synthesis.dtype"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_cpu_generation_with_the_static_cache_gives_the_dynamic_cache_ids(tiny_llama_path):
+    """The engine decodes with a preallocated (static) cache on CPU; greedy ids are those of transformers' default
+    dynamic cache on the same float32 weights (left-padded batch of two prompts of different lengths)."""
+    engine = TransformersEngine(tiny_llama_path, device="cpu", dtype="float32")
+    ours = engine.generate(PROMPTS, max_new_tokens=12, batch_size=2)
+    batch = engine.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = engine.model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id,
+                                    eos_token_id=engine.eos_token_ids)
+    dynamic = [engine.tokenizer.decode(ids[batch["input_ids"].shape[1]:], skip_special_tokens=True) for ids in out]
+    assert [r.text for r in ours] == dynamic
+
+
+def test_bfloat16_on_cpu_computes_attention_in_float32(tiny_llama_path):
+    """In bfloat16 on CPU the engine's attention is SDPA in float32 (CPU_BF16_ATTENTION): its logits match the
+    float32 model's to bfloat16 weight precision, and generation runs (static cache)."""
+    bf16 = TransformersEngine(tiny_llama_path, device="cpu", dtype="bfloat16")
+    fp32 = TransformersEngine(tiny_llama_path, device="cpu", dtype="float32")
+    assert bf16.model.config._attn_implementation == CPU_BF16_ATTENTION
+    assert fp32.model.config._attn_implementation == "sdpa"
+    batch = fp32.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        a, b = (e.model(**batch).logits.float() for e in (bf16, fp32))
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert all(r.num_generated_tokens <= 6 for r in bf16.generate(PROMPTS, max_new_tokens=6, batch_size=2))

@@ -18,7 +18,7 @@ RECORD_KEYS = {"id", "split", "text", "pairs", "raw_output", "dropped"}
 COUNT_KEYS = {
     "documents", "documents_with_pairs", "pairs_kept", "pairs_dropped", "generated_tokens", "generation_seconds",
     "generated_tokens_per_second", "model", "prompt_format", "parse_mode", "pair_structure", "prompts",
-    "chunked_documents", "rounds", "chained_documents", "resumed_prompts",
+    "chunked_documents", "rounds", "chained_documents", "resumed_prompts", "dtype",
 }
 
 
@@ -78,6 +78,7 @@ def test_synthesis_returns_counts(tiny_llama_path, tiny_engine, tmp_path):
     counts = synthesize_documents(_cfg(tiny_llama_path), DOCS, tmp_path / "s.jsonl", progress=False, engine=tiny_engine)
     assert set(counts) == COUNT_KEYS
     assert counts["documents"] == 3 and counts["model"] == str(tiny_llama_path)
+    assert counts["dtype"] == tiny_engine.dtype  # the compute dtype used, synthesis.dtype auto resolved
     assert 0 < counts["generated_tokens"] <= 3 * 8
     assert (counts["prompt_format"], counts["parse_mode"]) == ("lmops", "lenient")
     families = {k: v for k, v in counts["pair_structure"].items() if not k.startswith("issue:")}
