@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_ipt.config import ExperimentConfig
-from megatron_ipt.training import data, mcore, parallel
+from megatron_ipt.training import cpu_backend, data, mcore, parallel
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -35,13 +35,47 @@ def _forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     batch = next(data_iterator)
     device = next(model.parameters()).device  # batches are built on the host; a no-op on CPU
     batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    output = model(
-        input_ids=batch["tokens"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch.get("attention_mask"),
-        labels=batch["labels"],
-    )
-    return output, partial(_loss_func, batch["loss_mask"])
+    inputs = {"input_ids": batch["tokens"], "position_ids": batch["position_ids"],
+              "attention_mask": batch.get("attention_mask"), "labels": batch["labels"]}
+    return _model_forward(model, inputs), partial(_loss_func, batch["loss_mask"])
+
+
+def _model_forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """``model(**inputs)``; on the CPU backend, for a model whose forward runs no model-parallel collective
+    (tensor, pipeline, context and expert parallel size 1, dense), with the backend's function mode suspended
+    (:func:`~megatron_ipt.training.cpu_backend.suspended`) once a forward of the same input shape has run under it:
+    that first one moves RoPE's frequencies to ``torch.cuda.current_device()`` and caches the position embedding
+    for the sequence length (megatron-core's ``RotaryEmbedding``), after which megatron-core's forward names no cuda
+    device. The mode's Python hook on each of the ~2,800 torch calls of a llama-tiny iteration costs about 6% of
+    the step (docs/benchmarks.md, trainer overhead). The backward still runs under the mode (the backend re-enters
+    it around the autograd engine). Should a megatron-core version name a cuda device in a later forward, it fails
+    without the mode and is rerun with it, as is every later forward of that model (the reason is kept in
+    ``model.ipt_cpu_forward["needs_mode"]``).
+    """
+    if not cpu_backend.is_active() or not _forward_without_collectives(model):
+        return model(**inputs)
+    state = model.__dict__.setdefault("ipt_cpu_forward", {"shapes": set(), "needs_mode": None})
+    shape = tuple(inputs["input_ids"].shape)
+    if state["needs_mode"] is None and shape in state["shapes"]:
+        try:
+            with cpu_backend.suspended():
+                return model(**inputs)
+        except Exception as e:  # noqa: BLE001 - a cuda device named in the forward: rerun under the mode
+            state["needs_mode"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    output = model(**inputs)
+    state["shapes"].add(shape)
+    return output
+
+
+def _forward_without_collectives(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward runs no collective: tensor, pipeline, context and expert parallel size 1, and
+    no MoE layer (the router and token dispatcher allocate on ``torch.cuda.current_device()``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+             "expert_model_parallel_size")
+    return all(getattr(config, k, 1) in (1, None) for k in sizes) and not getattr(config, "num_moe_experts", None)
 
 
 def _reduce_losses(outputs: list[dict]) -> tuple[float, float]:
