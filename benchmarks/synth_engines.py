@@ -51,7 +51,7 @@ def worker(args) -> dict:
     else:
         from data_prep.engines import TransformersEngine
 
-        engine = TransformersEngine(path, device="cpu")
+        engine = TransformersEngine(path, device="cpu", dtype="float32")  # the comparison recorded: fp32 vs vLLM's bf16
     prompts = prompts_for(args.docs, args.context, engine.tokenizer)
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     results = engine.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
