@@ -149,11 +149,10 @@ def test_report_writes_csv_markdown_and_decodable_pngs(tmp_path):
 def _fake_synthesis(cfg) -> None:
     """The synthesize stage's output written by hand (no LLM): two pairs per document, one multiple-choice,
     under the fingerprint the real stage would compute, so later stages and the sweep take it as finished."""
-    from megatron_ipt.manifest import atomic_dir, fingerprint, read_manifest, write_manifest
-    from megatron_ipt.pipeline import stage_path
+    from megatron_ipt.manifest import atomic_dir, write_manifest
+    from megatron_ipt.pipeline import stage_path, synthesis_fingerprint
 
-    corpus = read_manifest(stage_path(cfg, "corpus"), "corpus")
-    fp = fingerprint("synthesize", cfg.synthesis.model_dump(mode="json"), corpus["fingerprint"])
+    fp = synthesis_fingerprint(cfg)
     docs = [json.loads(x) for x in (stage_path(cfg, "corpus") / "documents.jsonl").read_text().splitlines()]
     with atomic_dir(stage_path(cfg, "synthesize")) as out:
         with open(out / "pairs.jsonl", "w") as f:
