@@ -36,6 +36,8 @@ sys.path.insert(0, str(HERE))
 
 from synth_engines import _cpu_seconds, matching_prefix, prompts_for  # noqa: E402
 
+from data_prep import atomic  # noqa: E402
+
 VARIANTS = ("generate float32", "engine float32", "engine auto")
 
 
@@ -116,11 +118,7 @@ def main(argv=None) -> int:
     summary = {"settings": {k: getattr(args, k) for k in ("docs", "context", "max_new_tokens", "batch_size")},
                "threads": os.environ.get("OMP_NUM_THREADS"),
                "variants": {v: {k: x for k, x in r.items() if k != "output_ids"} for v, r in rows.items()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic.write_json(args.out, summary, indent=2)
     return 0
 
 

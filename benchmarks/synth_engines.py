@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from data_prep import atomic  # noqa: E402
+
 
 def prompts_for(docs: int, context: int, tokenizer) -> list[str]:
     from pydoc_data.topics import topics
@@ -129,11 +131,7 @@ def main(argv=None) -> int:
     print(f"vLLM / transformers tokens/s: {summary['ratio_tokens_per_s_vllm_over_transformers']:.2f}x; "
           f"CPU s/token transformers / vLLM: {summary['ratio_cpu_s_per_token_transformers_over_vllm']:.2f}x; "
           f"first 8 greedy tokens equal on {summary['greedy_agreement']['prompts_first_8_tokens_equal']}/{len(prefixes)} prompts")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic.write_json(args.out, summary, indent=2)
     return 0
 
 

@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     """The compute dtype for ``synthesis.dtype`` on ``device`` (``cpu`` / ``cuda``, already resolved).
 
     ``auto``: ``bfloat16`` on a GPU that supports it and on a CPU with native bfloat16 (:func:`native_bf16_cpu`:
-    about 2x the generated tokens/s of float32 for SmolLM2-135M on 2 cores, docs/benchmarks.md), else
+    1.73x the generated tokens/s of float32 for SmolLM2-135M on 2 cores, docs/benchmarks.md), else
     ``float32``. Any other value is returned as given. Raises DataPrepError for an unknown name.
     """
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
