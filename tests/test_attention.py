@@ -2,7 +2,8 @@
 unfused ``DotProductAttention``: same logits and gradients within 1e-5 (float32) for causal training, padding
 masks, document masks and grouped-query attention (2 and 1 key/value heads) at TP=1 and TP=2; same parameter names
 (checkpoints load either way); dropout in training only; greedy generation, cached and batched with left padding,
-gives the same ids with either backend. Runs on the installed megatron-core (both supported versions in CI)."""
+gives the same ids with either backend; the KV cache of generation holds keys after RoPE (the rotated-key-cache
+``SelfAttention``) and decodes as megatron-core's own. Runs on the installed megatron-core (both supported versions in CI)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,54 @@ def test_auto_builds_sdpa_in_every_layer_and_unfused_keeps_megatrons_own(world):
     assert [type(c).__name__ for c in core_attentions(models["auto"])] == ["SDPADotProductAttention"] * preset.num_layers
     assert all(type(c) is base for c in core_attentions(models["unfused"]))
     assert all(mcore.applies_attention_masks(m) for m in models.values())  # batched generation keeps its mask
+    names = {b: [type(m.self_attention).__name__ for m in model.modules() if hasattr(m, "self_attention")]
+             for b, model in models.items()}
+    assert names == {"auto": ["RotatedKeyCacheSelfAttention"] * preset.num_layers,
+                     "unfused": ["SelfAttention"] * preset.num_layers}
+
+
+def _cached_decode(model, prompt: list[int], steps: int, max_len: int):
+    """Logits of the prefill and of ``steps`` greedy decoding steps over megatron-core's static KV cache, and the
+    context (its ``key_value_memory_dict``: layer -> (keys, values) ``[max_len, b, groups, d]``)."""
+    kwargs = mcore.kv_cache_forward_kwargs(model.forward, max_batch_size=1, max_sequence_length=max_len)
+    context = kwargs.get("inference_context", kwargs.get("inference_params"))
+    rows, new = [], list(prompt)
+    with torch.inference_mode():
+        for _ in range(steps + 1):
+            start = context.sequence_len_offset
+            if start and hasattr(context, "enable_decode_mode"):
+                context.enable_decode_mode()
+            pos = torch.arange(start, start + len(new)).unsqueeze(0)
+            logits = model(input_ids=torch.tensor([new]), position_ids=pos, attention_mask=None, **kwargs)[0, -1]
+            context.sequence_len_offset = start + len(new)
+            rows.append(logits.clone())
+            new = [int(logits.argmax())]
+    return torch.stack(rows), context
+
+
+def test_kv_cache_holds_keys_after_rope_and_decodes_as_megatrons_own(world):
+    """megatron-core caches keys before RoPE and rotates them all again at every step; the SDPA backend's
+    self-attention caches them rotated: the cache is megatron's rotated by the positions' embedding, the logits
+    of prefill and decoding steps are the same within 1e-5, and the parameter names are the same (state dicts
+    load across)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    preset, layout = world
+    models = {b: build_model(preset, layout, vocab_size=256, seq_length=32, device=torch.device("cpu"),
+                             attention_backend=b).eval() for b in ("auto", "unfused")}
+    models["auto"].load_state_dict(models["unfused"].state_dict())  # strict: the same names
+    prompt, steps, max_len = [3, 17, 250, 9, 9, 41, 2], 6, 16
+    (ours, our_cache), (theirs, their_cache) = (_cached_decode(models[b], prompt, steps, max_len)
+                                                for b in ("auto", "unfused"))
+    assert torch.allclose(ours, theirs, atol=TOLERANCE, rtol=0), float((ours - theirs).abs().max())
+    n = len(prompt) + steps
+    freqs = models["unfused"].rotary_pos_emb(max_len)[:n]  # [n, 1, 1, d]
+    for layer, (keys, values) in their_cache.key_value_memory_dict.items():
+        our_keys, our_values = our_cache.key_value_memory_dict[layer]
+        rotated = apply_rotary_pos_emb(keys[:n].clone(), freqs, config=models["unfused"].config)
+        assert not torch.allclose(keys[:n], our_keys[:n], atol=1e-3)  # megatron's own holds them before RoPE
+        torch.testing.assert_close(our_keys[:n], rotated, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(our_values[:n], values[:n], atol=TOLERANCE, rtol=0)
 
 
 def test_dropout_applies_in_training_only_and_follows_the_model_parallel_rng(world):

@@ -34,6 +34,12 @@ Same results as the parent (tested within 1e-5 in float32, logits and gradients)
 Cases SDPA cannot express run the parent's unfused ``forward``, with the same result: a window open to the
 right, an off-by-one or learnable softmax offset, ``apply_query_key_layer_scaling``, a non-boolean mask, a causal
 call with ``sq != sk`` and no mask, attention bias or packed sequences (the parent refuses the last two).
+
+The same backend also swaps the self-attention module for :func:`rotated_key_cache_self_attention`'s subclass of
+megatron-core's ``SelfAttention``, which keeps the KV cache of static-batch generation (``StaticInferenceContext``)
+with RoPE already applied to the keys: megatron-core stores keys before RoPE and rotates every cached key again at
+every decoding step, in every layer (its ``flash_decode`` option rotates before caching but decodes with a
+CUDA-only kernel). Training and any forward without an inference context are the parent's, untouched.
 """
 
 from __future__ import annotations
@@ -76,6 +82,35 @@ def with_core_attention(spec, core_attention: type):
     attention = spec.submodules.self_attention
     attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
     return replace(spec, submodules=replace(spec.submodules, self_attention=attention))
+
+
+def with_self_attention(spec, self_attention: type):
+    """A copy of a GPT layer ``ModuleSpec`` whose self-attention module is ``self_attention`` (a subclass of the
+    spec's own, same constructor and submodules); the spec itself where its module is not a superclass of it."""
+    attention = spec.submodules.self_attention
+    if not (isinstance(attention.module, type) and issubclass(self_attention, attention.module)):
+        return spec
+    return replace(spec, submodules=replace(spec.submodules, self_attention=replace(attention, module=self_attention)))
+
+
+def rotated_key_cache_self_attention() -> type:
+    """megatron-core's ``SelfAttention`` with the static-batch KV cache holding keys after RoPE.
+
+    megatron-core's ``_adjust_key_value_for_inference`` (static batching) writes the new keys into the cache
+    before RoPE and returns the whole cache with the rotary embedding of every cached position, which
+    ``Attention.forward`` then applies to all of them: per decoding step, ``cos`` / ``sin`` and a rotation of
+    ``[positions, b, groups, d]`` per layer, growing with the context. The subclass rotates only the new keys
+    (their positions ``offset .. offset + n``, with the same ``apply_rotary_pos_emb`` call, YaRN scale and
+    config the parent's forward uses) before they are cached, together with the queries (the same positions:
+    one call on both, concatenated over heads), and returns no rotary embedding, so ``forward`` rotates
+    nothing more. The attention scores are the same up to float rounding (RoPE is elementwise per
+    position); the ids of greedy generation are the same (``tests/test_attention_kv_cache.py``).
+
+    Falls back to the parent's path, unchanged: outside generation (no inference context: training, scoring),
+    with a dynamic-batching context, with ``flash_decode`` (the parent rotates before caching there), with
+    context parallelism, without RoPE in this layer, or where this megatron-core version lacks the helpers.
+    Parameters and ``sharded_state_dict`` are the parent's: checkpoints are the same."""
+    return _rotated_key_cache_class()
 
 
 def sdpa_core_attention() -> type:
@@ -150,3 +185,51 @@ def _sdpa_class() -> type:
     SDPADotProductAttention.__module__ = __name__
     SDPADotProductAttention.__qualname__ = "SDPADotProductAttention"
     return SDPADotProductAttention
+
+
+@lru_cache(maxsize=1)
+def _rotated_key_cache_class() -> type:
+    from megatron.core.transformer import attention as mcore_attention
+
+    rotate = getattr(mcore_attention, "apply_rotary_pos_emb", None)
+    yarn_scale = getattr(mcore_attention, "_yarn_get_concentration_factor_from_config", None)
+
+    class RotatedKeyCacheSelfAttention(mcore_attention.SelfAttention):
+        """``SelfAttention`` whose static-batch KV cache holds keys after RoPE (see
+        :func:`megatron_ipt.training.attention.rotated_key_cache_self_attention`)."""
+
+        def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args,
+                                            **kwargs):
+            if not self._rotates_before_cache(inference_context, rotary_pos_emb):
+                return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
+                                                               *args, **kwargs)
+            q_pos_emb, k_pos_emb = rotary_pos_emb  # [max_sequence_length, 1, 1, d] each
+            start, n = inference_context.sequence_len_offset, key.size(0)
+            scale = getattr(self, "_yarn_concentration_factor", None)
+            scale = yarn_scale(self.config) if scale is None else scale
+
+            def rope(t, freqs):
+                return rotate(t, freqs[start:start + n], config=self.config, mscale=scale,
+                              cp_group=self.pg_collection.cp)
+
+            if q_pos_emb is k_pos_emb and query.size(0) == n and query.shape[1] == key.shape[1]:
+                # queries and new keys sit at the same positions: one rotation of both ([n, b, heads + groups, d])
+                heads = query.size(2)
+                both = rope(torch.cat((query, key), dim=2), k_pos_emb)
+                query, key = both[:, :, :heads], both[:, :, heads:]
+            else:
+                query, key = rope(query, q_pos_emb), rope(key, k_pos_emb)
+            query, key, value, _, *rest = super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, None, *args, **kwargs)
+            return (query, key, value, None, *rest)  # rotated: forward applies no rotary embedding
+
+        def _rotates_before_cache(self, inference_context, rotary_pos_emb) -> bool:
+            return (inference_context is not None and rotate is not None and yarn_scale is not None
+                    and getattr(inference_context, "is_static_batching", lambda: False)()
+                    and isinstance(rotary_pos_emb, tuple) and rotary_pos_emb[1] is not None
+                    and not self.config.flash_decode and self.config.context_parallel_size == 1
+                    and not self.config.apply_rope_fusion and hasattr(self, "pg_collection"))
+
+    RotatedKeyCacheSelfAttention.__module__ = __name__
+    RotatedKeyCacheSelfAttention.__qualname__ = "RotatedKeyCacheSelfAttention"
+    return RotatedKeyCacheSelfAttention

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ipt.training import mcore
-from megatron_ipt.training.attention import (AttentionBackendError, resolve_attention_backend, sdpa_core_attention,
-                                             with_core_attention)
+from megatron_ipt.training.attention import (AttentionBackendError, resolve_attention_backend,
+                                             rotated_key_cache_self_attention, sdpa_core_attention,
+                                             with_core_attention, with_self_attention)
 from megatron_ipt.training.parallel import Layout
 from megatron_ipt.training.presets import ModelPreset
 
@@ -135,8 +136,8 @@ def layer_spec(device: torch.device, *, use_transformer_engine: bool | None = No
         raise AttentionBackendError(
             f"model.attention_backend = unfused: megatron-core's unfused attention cannot apply the model's "
             f"sliding_window {sliding_window} with padding or document masks (nor on CPU); use auto or sdpa")
-    if backend == "sdpa":
-        spec = with_core_attention(spec, sdpa_core_attention())
+    if backend == "sdpa":  # and the KV cache of generation keeps keys after RoPE
+        spec = with_self_attention(with_core_attention(spec, sdpa_core_attention()), rotated_key_cache_self_attention())
     return spec
 
 
