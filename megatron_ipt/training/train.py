@@ -28,7 +28,7 @@ import torch
 
 from megatron_ipt.config import ExperimentConfig
 from megatron_ipt.manifest import atomic_write_text, read_manifest, write_manifest
-from megatron_ipt.training import (checkpoint, checkpoint_trust, cpu_backend, data, mcore, metrics, parallel, plan, scale,
+from megatron_ipt.training import (checkpoint, checkpoint_trust, cpu_backend, cpu_memory, data, mcore, metrics, parallel, plan, scale,
                                    signals)
 from megatron_ipt.training.model import build_model_chunks
 from megatron_ipt.training.presets import ModelPreset, padded_vocab_size, resolve_preset
@@ -127,10 +127,12 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
 
 
 def on_training_device(cfg: ExperimentConfig, run: Callable[[torch.device], dict]) -> dict:
-    """``run(device)`` on ``train.device``, inside the CPU backend when that is the CPU; the process groups are torn
-    down afterwards, whatever happens. The entry of every training stage (train, sft)."""
+    """``run(device)`` on ``train.device``, inside the CPU backend when that is the CPU (and with freed memory kept
+    in the process: :mod:`megatron_ipt.training.cpu_memory`); the process groups are torn down afterwards, whatever
+    happens. The entry of every training stage (train, sft)."""
     device = parallel.resolve_device(cfg.train.device)
-    with cpu_backend.cpu_backend(enabled=device.type == "cpu"):
+    on_cpu = device.type == "cpu"
+    with cpu_backend.cpu_backend(enabled=on_cpu), cpu_memory.reuse_freed_memory(enabled=on_cpu):
         try:
             return run(device)
         finally:
