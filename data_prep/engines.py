@@ -9,6 +9,7 @@ reference decodes greedily with vLLM, ``max_tokens=400``). Both decode greedily 
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ class TransformersEngine:
         with library_bars_when_terminal():  # no 'Loading weights' bar fragments in a log file
             self.model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=getattr(torch, self.dtype), **_attention(self.device, self.dtype)).to(self.device).eval()
+        forward = inspect.signature(self.model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if self.tokenizer.eos_token_id is not None:
@@ -133,22 +136,37 @@ class TransformersEngine:
 
         Prompts are sorted by token length (longest first) and generated ``batch_size`` at a time; a
         batch stops early once every sequence has produced EOS or one of the ``stop`` strings. No
-        repetition penalty. ``add_special_tokens`` is passed to the tokenizer (False for
+        repetition penalty. On CPU, the tokens every prompt starts with (few-shot demonstrations, a system
+        prompt: :func:`shared_prefix`, at least :data:`MIN_SHARED_PREFIX`) are run through the model once (and
+        held for later calls whose prompts start with them) and their keys and values copied into every batch's
+        static cache; each batch then feeds only the rest
+        of its prompts, padded between the prefix and the rest (:func:`_padded_after_prefix`: the positions of
+        every prompt's tokens are those it has alone). About half the prompt tokens of the quickstart's
+        few-shot prompts (``docs/benchmarks.md``, "Shared prompt prefix"). ``add_special_tokens`` is passed to the tokenizer (False for
         prompts that carry their own BOS text, e.g. the lmops format).
         """
         import torch
 
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1 (got {batch_size}, {max_new_tokens})")
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        encoded = self.tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
         pad_id = self.tokenizer.pad_token_id
+        prefix, prefix_cache = self._prefix_for(shared_prefix(encoded) if self.device == "cpu" else [])
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = self.tokenizer(
-                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-            ).to(self.device)
+            if prefix_cache is None:
+                batch = self.tokenizer(
+                    [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+                ).to(self.device)
+                # CPU: a preallocated cache; the default one concatenates every layer's keys and values at every
+                # step (a third of bfloat16 generation time on CPU, docs/benchmarks.md)
+                cache = {"cache_implementation": "static"} if self.device == "cpu" else {}
+            else:
+                batch = _padded_after_prefix([encoded[i] for i in idx], len(prefix), pad_id, self.device)
+                cache = {self._cache_keyword: self._cache_from_prefix(
+                    prefix_cache, len(idx), batch["input_ids"].shape[1] + max_new_tokens)}
             extra = {"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}
             with torch.inference_mode():
                 out = self.model.generate(
@@ -162,9 +180,7 @@ class TransformersEngine:
                     repetition_penalty=None,
                     eos_token_id=self.eos_token_ids,
                     pad_token_id=pad_id,
-                    # CPU: a preallocated cache; the default one concatenates every layer's keys and values
-                    # at every step (a third of bfloat16 generation time on CPU, docs/benchmarks.md)
-                    **({"cache_implementation": "static"} if self.device == "cpu" else {}),
+                    **cache,
                     **extra,
                 )
             new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
@@ -172,6 +188,69 @@ class TransformersEngine:
                 n = _generated_length(ids, set(self.eos_token_ids) | {pad_id})
                 results[i] = GenerationResult(self.tokenizer.decode(ids[:n], skip_special_tokens=True), n)
         return results  # type: ignore[return-value]
+
+
+    def _prefix_for(self, shared: list[int]) -> tuple[list[int], object]:
+        """``(prefix, its batch-1 static cache)`` for prompts whose common first tokens are ``shared``; ``([], None)``
+        below :data:`MIN_SHARED_PREFIX`. The last prefix computed is held for later calls: one whose prompts start
+        with it (the synthesis driver calls once per batch of the same few-shot prompt) reuses it."""
+        if len(shared) < MIN_SHARED_PREFIX:
+            return [], None
+        held = getattr(self, "_held_prefix", None)
+        if held is None or not (MIN_SHARED_PREFIX <= len(held[0]) <= len(shared) and shared[:len(held[0])] == held[0]):
+            held = self._held_prefix = (list(shared), self._prefix_cache(shared))
+        return held
+
+    def _prefix_cache(self, prefix: list[int]):
+        """A static cache of batch 1 holding the keys and values of ``prefix`` (one forward of the prefix)."""
+        import torch
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=len(prefix))
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                       **{self._cache_keyword: cache})
+        return cache
+
+    def _cache_from_prefix(self, prefix_cache, batch_size: int, max_cache_len: int):
+        """A fresh static cache for ``batch_size`` rows of up to ``max_cache_len`` tokens whose first positions hold
+        ``prefix_cache``'s keys and values in every row (``StaticCache.update`` appends them)."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+        for layer, held in enumerate(prefix_cache.layers):
+            rows = (t.expand(batch_size, -1, -1, -1) for t in (held.keys, held.values))  # [b, heads, prefix, d]
+            cache.update(*rows, layer)
+        return cache
+
+
+MIN_SHARED_PREFIX = 32  # tokens: below this, computing the prefix once saves less than it costs
+
+
+def shared_prefix(encoded: list[list[int]]) -> list[int]:
+    """The longest run of token ids every prompt starts with, short of each prompt's last token (a prompt must
+    keep one token to feed: its logits give the first generated token)."""
+    if not encoded:
+        return []
+    first, n = encoded[0], min(len(ids) for ids in encoded) - 1
+    for ids in encoded[1:]:
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    return first[:max(n, 0)]
+
+
+def _padded_after_prefix(rows: list[list[int]], prefix_length: int, pad_id: int, device) -> dict:
+    """``input_ids`` and ``attention_mask`` (``[len(rows), prefix + longest rest]``) for prompts sharing their first
+    ``prefix_length`` tokens: ``prefix, pads, rest``, the pads masked out. transformers derives each token's position
+    from the mask (its cumulative sum), so the rest of a prompt sits right after the prefix, as it does alone."""
+    import torch
+
+    longest = max(len(r) for r in rows) - prefix_length
+    ids, mask = [], []
+    for r in rows:
+        pad = longest - (len(r) - prefix_length)
+        ids.append(r[:prefix_length] + [pad_id] * pad + r[prefix_length:])
+        mask.append([1] * prefix_length + [0] * pad + [1] * (len(r) - prefix_length))
+    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device)}
 
 
 CPU_BF16_ATTENTION = "ipt_sdpa_float32"

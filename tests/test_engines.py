@@ -6,7 +6,7 @@ import pytest
 import torch
 from fixtures_synth import tiny_llama_path  # noqa: F401 (fixture)
 
-from data_prep.engines import CPU_BF16_ATTENTION, TransformersEngine, native_bf16_cpu, resolve_dtype
+from data_prep.engines import CPU_BF16_ATTENTION, TransformersEngine, native_bf16_cpu, resolve_dtype, shared_prefix
 from data_prep.errors import DataPrepError
 from data_prep.synthesize import make_engine
 from megatron_ipt.config import SynthesisConfig
@@ -83,3 +83,50 @@ def test_bfloat16_on_cpu_computes_attention_in_float32(tiny_llama_path):
         a, b = (e.model(**batch).logits.float() for e in (bf16, fp32))
     assert (a - b).abs().max() < 0.05 * b.abs().max()
     assert all(r.num_generated_tokens <= 6 for r in bf16.generate(PROMPTS, max_new_tokens=6, batch_size=2))
+
+
+def test_shared_prefix_keeps_each_prompts_last_token():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]) == [1, 2]
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]  # the shorter prompt keeps its last token
+    assert shared_prefix([[1, 2, 3]]) == [1, 2]
+    assert shared_prefix([[9], [9, 1]]) == [] and shared_prefix([]) == []
+
+
+HEADER = ("Read the following texts and write questions about them, each followed by its answer. "
+          "The answers must come from the text. ") * 3
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_gives_the_same_ids(tiny_llama_path, monkeypatch):
+    """On CPU the prompts' common first tokens (few-shot demonstrations) go through the model once per call; each
+    batch feeds only the rest, padded after the prefix; a later call reuses it. Same greedy texts as without it (float32), batches of
+    prompts whose rests differ in length."""
+    import data_prep.engines as engines
+
+    prompts = [HEADER + tail for tail in ("Text: the cat sat.", "Text: a longer text about dogs and their owners.",
+                                          "Text: x, y.", "Text: rivers flow to the sea, mostly.")]
+    engine = TransformersEngine(tiny_llama_path, device="cpu", dtype="float32")
+    encoded = engine.tokenizer(prompts)["input_ids"]
+    prefix = shared_prefix(encoded)
+    assert len(prefix) >= engines.MIN_SHARED_PREFIX
+    fed = []
+    hook = engine.model.register_forward_pre_hook(lambda m, a, kw: fed.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+    try:
+        ours = engine.generate(prompts, max_new_tokens=10, batch_size=3)
+    finally:
+        hook.remove()
+    rests = sorted((len(ids) - len(prefix) for ids in encoded), reverse=True)
+    assert fed[0] == (1, len(prefix))  # the prefix, once
+    prefills = [shape for shape in fed[1:] if shape[1] > 1]
+    assert prefills == [(3, rests[0]), (1, rests[3])]  # each batch: only the rest of its prompts
+    fed.clear()
+    hook = engine.model.register_forward_pre_hook(lambda m, a, kw: fed.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+    try:
+        again = engine.generate(prompts[1:], max_new_tokens=10, batch_size=3)  # a later call: the prefix is held
+    finally:
+        hook.remove()
+    assert fed[0][0] == 3 and [r.text for r in again] == [r.text for r in ours[1:]]
+    monkeypatch.setattr(engines, "MIN_SHARED_PREFIX", 10**9)  # the whole prompts, left-padded
+    assert [r.text for r in ours] == [r.text for r in engine.generate(prompts, max_new_tokens=10, batch_size=3)]
+    assert all(r.num_generated_tokens > 0 for r in ours)
