@@ -17,7 +17,7 @@ fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 log="$venv/install.log"
 pip_install() {
-  if ! "$venv/bin/python" -m pip install --disable-pip-version-check "$@" >>"$log" 2>&1; then
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check --no-compile "$@" >>"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -40 >&2
     echo "pip install $* failed; full log: $log" >&2
     exit 1
