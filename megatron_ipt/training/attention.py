@@ -189,8 +189,7 @@ def _sdpa_class() -> type:
 
 @lru_cache(maxsize=1)
 def _rotated_key_cache_class() -> type:
-    from megatron.core.transformer import attention as mcore_attention
-
+    mcore_attention = mcore.attention_module()
     rotate = getattr(mcore_attention, "apply_rotary_pos_emb", None)
     yarn_scale = getattr(mcore_attention, "_yarn_get_concentration_factor_from_config", None)
 

@@ -190,6 +190,15 @@ def dot_product_attention_class() -> type:
     return DotProductAttention
 
 
+def attention_module():
+    """``megatron.core.transformer.attention``: its ``SelfAttention`` (the base of
+    ``megatron_ipt.training.attention``'s rotated-key-cache one) and the RoPE helpers its ``forward`` calls
+    (``apply_rotary_pos_emb``, ``_yarn_get_concentration_factor_from_config``), as that version binds them."""
+    from megatron.core.transformer import attention
+
+    return attention
+
+
 def applies_attention_masks(model) -> bool:
     """True when every core attention in ``model`` is megatron-core's own ``DotProductAttention`` or a subclass
     (the local layer spec, unfused or SDPA: ``megatron_ipt.training.attention``), whose softmax applies a given boolean ``attention_mask`` (``[b, 1, sq, sk]``, True = masked) as
