@@ -254,3 +254,14 @@ def test_prepared_index_caches_are_read_not_rebuilt_and_give_the_same_samples(to
 
 def records_by_iteration(out: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in records(out) if "iteration" in r}
+
+
+def test_an_empty_heldout_dataset_is_not_evaluated_and_training_runs(tmp_path, capsys):
+    """No held-out document got a pair (a small synthesizer can write none): the tokenize stage writes an empty
+    heldout_pairs (a 0-byte .bin, which cannot be memory-mapped); training skips it with a line instead of failing."""
+    tokenized = make_tokenized_dir(tmp_path / "tok", train_docs=60, heldout_docs=4)
+    write_indexed(tokenized / "heldout_pairs", [])
+    assert (tokenized / "heldout_pairs.bin").stat().st_size == 0
+    summary = train_stage(tiny_config(train_iters=1, eval_iters=1), tokenized, tmp_path / "out", "fp")
+    assert list(summary["losses"]) == ["heldout_raw"]
+    assert "heldout_pairs has 0 tokens, too few to evaluate" in capsys.readouterr().out

@@ -110,7 +110,10 @@ def check_tokenized(tokenized_dir: Path, manifest: dict) -> None:
 
 
 def prefix_tokens(tokenized_dir: Path, prefix: str) -> int:
-    """Number of tokens in the indexed dataset ``tokenized_dir/prefix`` (read from its ``.idx``)."""
+    """Number of tokens in the indexed dataset ``tokenized_dir/prefix`` (read from its ``.idx``); 0 for an empty one
+    (a 0-byte ``.bin``, e.g. ``heldout_pairs`` when no held-out document got a pair: it cannot be memory-mapped)."""
+    if (Path(tokenized_dir) / f"{prefix}.bin").stat().st_size == 0:
+        return 0
     dataset = mcore.indexed_dataset(str(Path(tokenized_dir) / prefix))  # keep it alive: its arrays view its mmap
     return int(dataset.sequence_lengths.sum())
 
