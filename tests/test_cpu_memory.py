@@ -58,7 +58,18 @@ def test_inside_large_tensors_come_from_the_heap_and_stay_there_until_exit():
         assert mallinfo().fordblks >= SIZE  # freed, kept in the heap for the next allocations
         kept = resident()
     assert resident() < kept - SIZE // 2  # returned to the system on exit (malloc_trim)
-    test_outside_a_large_tensor_is_mmapped_and_returned()  # glibc's defaults are back
+    test_outside_a_large_tensor_is_mmapped_and_returned()  # large blocks are mmapped again
+
+
+def test_after_exit_blocks_under_32_mib_are_not_mmapped():
+    """Setting glibc's thresholds turns its dynamic ones off for good: on exit the mmap threshold is left at 32 MiB
+    (where the dynamic one ends up), not at the static 128 KiB default that would mmap every block above it."""
+    with cpu_memory.reuse_freed_memory():
+        pass
+    before = mallinfo().hblkhd
+    t = torch.empty(8 * MIB // 4).fill_(1.0)
+    assert mallinfo().hblkhd < before + 8 * MIB
+    del t
 
 
 def test_disabled_changes_nothing():

@@ -11,8 +11,9 @@ kernel's zeroing, about a fifth of the quickstart's iteration time on a 2-core m
 :func:`reuse_freed_memory` sets two of glibc's ``mallopt`` parameters for the duration of a CPU run (documented
 in ``mallopt(3)``): ``M_MMAP_MAX = 0`` (large blocks come from the heap too, where freed blocks are reused) and
 ``M_TRIM_THRESHOLD`` at its maximum (free memory at the top of the heap is kept, not returned). The process's
-resident memory then stays near its peak while training, as a caching allocator's does; on exit the parameters
-go back to glibc's defaults and ``malloc_trim(0)`` returns the free memory to the system. Elsewhere (musl,
+resident memory then stays near its peak while training, as a caching allocator's does; on exit large blocks are
+mmapped again (above 32 MiB: where glibc's dynamic threshold ends up, see ``AFTER_MMAP_THRESHOLD``) and
+``malloc_trim(0)`` returns the free memory to the system. Elsewhere (musl,
 macOS, Windows: no ``mallopt``) it does nothing and says so. PyTorch's own knob for this,
 ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for large CPU tensors), is read once at its first allocation,
 so it cannot be set from inside a running process.
@@ -27,8 +28,13 @@ import platform
 from typing import Iterator
 
 # glibc <malloc.h>
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+DEFAULT_MMAP_MAX = 65536
+# Setting any of these turns off glibc's dynamic thresholds for the rest of the process (there is no call to turn
+# them back on), and their static defaults (128 KiB) would then mmap every block above 128 KiB. On exit they are
+# set where the dynamic ones end up after large blocks were freed: the mmap threshold at its 64-bit maximum
+# (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB) and the trim threshold at twice that, as glibc's free() sets them.
+AFTER_MMAP_THRESHOLD, AFTER_TRIM_THRESHOLD = 32 * 1024 * 1024, 64 * 1024 * 1024
 KEEP_ALL = 2**31 - 1  # mallopt takes an int: the largest trim threshold it accepts
 
 
@@ -61,5 +67,6 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
         yield tuned
     finally:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
         libc.malloc_trim(0)
