@@ -139,8 +139,7 @@ class TransformersEngine:
         repetition penalty. On CPU, the tokens every prompt starts with (few-shot demonstrations, a system
         prompt: :func:`shared_prefix`, at least :data:`MIN_SHARED_PREFIX`) are run through the model once (and
         held for later calls whose prompts start with them) and their keys and values copied into every batch's
-        static cache; each batch then feeds only the rest
-        of its prompts, padded between the prefix and the rest (:func:`_padded_after_prefix`: the positions of
+        static cache; each batch then feeds only the rest of its prompts, padded between the prefix and the rest (:func:`_padded_after_prefix`: the positions of
         every prompt's tokens are those it has alone). About half the prompt tokens of the quickstart's
         few-shot prompts (``docs/benchmarks.md``, "Shared prompt prefix"). ``add_special_tokens`` is passed to the tokenizer (False for
         prompts that carry their own BOS text, e.g. the lmops format).
@@ -197,7 +196,7 @@ class TransformersEngine:
         if len(shared) < MIN_SHARED_PREFIX:
             return [], None
         held = getattr(self, "_held_prefix", None)
-        if held is None or not (MIN_SHARED_PREFIX <= len(held[0]) <= len(shared) and shared[:len(held[0])] == held[0]):
+        if held is None or shared[:len(held[0])] != held[0]:  # held prefixes are at least MIN_SHARED_PREFIX long
             held = self._held_prefix = (list(shared), self._prefix_cache(shared))
         return held
 

@@ -104,7 +104,7 @@ def rotated_key_cache_self_attention() -> type:
     config the parent's forward uses) before they are cached, together with the queries (the same positions:
     one call on both, concatenated over heads), and returns no rotary embedding, so ``forward`` rotates
     nothing more. The attention scores are the same up to float rounding (RoPE is elementwise per
-    position); the ids of greedy generation are the same (``tests/test_attention_kv_cache.py``).
+    position); the ids of greedy generation are the same (``tests/test_attention.py``).
 
     Falls back to the parent's path, unchanged: outside generation (no inference context: training, scoring),
     with a dynamic-batching context, with ``flash_decode`` (the parent rotates before caching there), with
