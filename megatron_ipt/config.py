@@ -327,9 +327,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when torch sees a GPU, else cpu (megatron-core through the CPU backend); cuda "
         "without a GPU is an error.")
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="bf16: parameters in bf16 (megatron's Float16Module), fp32 main weights in the optimizer, "
-        "gradients reduced in fp32; on CPU and GPU.")
+        "gradients reduced in fp32; on CPU and GPU. auto: bf16 on a GPU with bf16 (Ampere and newer) and on a CPU with "
+        "native bf16 (avx512_bf16, amx_bf16, Arm bf16), else fp32; the run records the resolved value.")
     fp8: Literal["hybrid", "e4m3"] | None = Field(
         None, description="FP8 through Transformer Engine on a GPU (on top of bf16): hybrid = e4m3 forward, e5m2 grads.")
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(

@@ -77,7 +77,7 @@ def test_cpu_training_runs_inside_it():
 
     from megatron_ipt.training.train import on_training_device
 
-    def run(device):
+    def run(cfg, device):
         before = mallinfo().hblkhd
         t = big_tensor()
         return {"mmapped": mallinfo().hblkhd - before, "numel": t.numel()}

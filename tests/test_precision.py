@@ -78,3 +78,26 @@ def test_bf16_training_on_cpu_learns(tmp_path):
     summary = train_stage(tiny_config(train_iters=12, precision="bf16", eval_iters=1), tokenized, tmp_path / "out", "fp")
     raw = summary["losses"]["heldout_raw"]
     assert summary["completed"] and raw["after"] < raw["before"] - 0.3
+
+
+def test_auto_precision_resolves_per_device():
+    from data_prep.engines import native_bf16_cpu
+    from megatron_ipt.training.precision import resolve_precision
+
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16_cpu() else "fp32")
+    gpu_bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    assert resolve_precision("auto", "cuda") == ("bf16" if gpu_bf16 else "fp32")
+    # FP8 runs on top of the resolved precision
+    assert fields(precision="auto", fp8="hybrid", fp8_recipe="tensorwise")["bf16"] is gpu_bf16
+    assert fields(precision="auto", device="cpu", te=False, impl="local") == {"bf16": native_bf16_cpu()}
+
+
+def test_training_stages_see_the_resolved_precision_and_the_callers_config_is_unchanged():
+    from megatron_ipt.training.precision import resolve_precision
+    from megatron_ipt.training.train import on_training_device
+
+    cfg = tiny_config(precision="auto")
+    seen = on_training_device(cfg, lambda run_cfg, device: (run_cfg.train.precision, device.type))
+    assert seen == (resolve_precision("auto", "cpu"), "cpu") and seen[0] in ("fp32", "bf16")
+    assert cfg.train.precision == "auto"

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from megatron_ipt.training import checkpoint, cpu_backend, mcore, parallel
 from megatron_ipt.config import ExperimentConfig, ParallelConfig
 from megatron_ipt.errors import IptError
+from megatron_ipt.training.precision import resolve_precision
 
 
 class MegatronScorer:
@@ -50,7 +51,8 @@ class MegatronScorer:
             # A checkpoint padded for TP > 1 (128 x TP rows) loads too: megatron-core allows the embedding and
             # output layer shapes to differ in their padding rows.
             model = build_model(preset, layout, vocab_size=padded_vocab_size(vocab, 1),
-                                seq_length=self.cfg.model.seq_length, device=self.device, precision=self.cfg.train.precision,
+                                seq_length=self.cfg.model.seq_length, device=self.device,
+                                precision=resolve_precision(self.cfg.train.precision, self.device.type),
                                 attention_backend=self.cfg.model.attention_backend)
             if self.checkpoint_path is not None:
                 try:

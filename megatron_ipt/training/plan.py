@@ -172,7 +172,9 @@ def estimate(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: 
 def estimate_stages(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: bool) -> dict[str, Plan]:
     """One :class:`Plan` per distinct pipeline stage: ``only`` (PP = 1), or ``first`` and ``last``."""
     from megatron_ipt.training import scale
+    from megatron_ipt.training.precision import with_resolved_precision
 
+    cfg = with_resolved_precision(cfg, "cpu" if cfg.train.device == "cpu" else "cuda")
     par, t = cfg.parallel, cfg.train
     tp, pp, cp, vpp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,
                        par.virtual_pipeline_model_parallel_size)

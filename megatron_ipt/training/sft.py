@@ -62,8 +62,8 @@ def sft_stage(cfg: ExperimentConfig, data_dir: Path, out_dir: Path, fingerprint:
     ``exit_after_iterations`` saves and stops early (as for ``train``). Must be called on every rank. Raises
     DataError naming the config key for a missing dataset or ``init_from``."""
     cfg = sft_train_config(cfg)
-    return train.on_training_device(cfg, lambda device: _run(cfg, Path(data_dir), Path(out_dir), fingerprint, device,
-                                                             exit_after_iterations))
+    return train.on_training_device(cfg, lambda cfg, device: _run(cfg, Path(data_dir), Path(out_dir), fingerprint,
+                                                                  device, exit_after_iterations))
 
 
 def _run(cfg: ExperimentConfig, data_dir: Path, out_dir: Path, fingerprint: str, device: torch.device,

@@ -122,19 +122,23 @@ def train_stage(cfg: ExperimentConfig, tokenized_dir: Path, out_dir: Path, finge
     config key) for bad inputs, before any process group is built, and ParallelLayoutError for a layout
     that does not divide.
     """
-    return on_training_device(cfg, lambda device: _run(cfg, Path(tokenized_dir), Path(out_dir), fingerprint, device,
-                                                       exit_after_iterations))
+    return on_training_device(cfg, lambda cfg, device: _run(cfg, Path(tokenized_dir), Path(out_dir), fingerprint,
+                                                            device, exit_after_iterations))
 
 
-def on_training_device(cfg: ExperimentConfig, run: Callable[[torch.device], dict]) -> dict:
-    """``run(device)`` on ``train.device``, inside the CPU backend when that is the CPU (and with freed memory kept
-    in the process: :mod:`megatron_ipt.training.cpu_memory`); the process groups are torn down afterwards, whatever
-    happens. The entry of every training stage (train, sft)."""
+def on_training_device(cfg: ExperimentConfig, run: Callable[[ExperimentConfig, torch.device], dict]) -> dict:
+    """``run(cfg, device)`` on ``train.device``, with ``train.precision`` resolved for that device
+    (:func:`megatron_ipt.training.precision.resolve_precision`), inside the CPU backend when that is the CPU (and
+    with freed memory kept in the process: :mod:`megatron_ipt.training.cpu_memory`); the process groups are torn
+    down afterwards, whatever happens. The entry of every training stage (train, sft)."""
+    from megatron_ipt.training.precision import with_resolved_precision
+
     device = parallel.resolve_device(cfg.train.device)
+    cfg = with_resolved_precision(cfg, device.type)
     on_cpu = device.type == "cpu"
     with cpu_backend.cpu_backend(enabled=on_cpu), cpu_memory.reuse_freed_memory(enabled=on_cpu):
         try:
-            return run(device)
+            return run(cfg, device)
         finally:
             parallel.teardown()
 
