@@ -256,13 +256,16 @@ CPU_BF16_ATTENTION = "ipt_sdpa_float32"
 
 
 def _attention(device: str, dtype: str) -> dict:
-    """``from_pretrained`` keywords for the attention: on CPU in bfloat16, PyTorch's SDPA computed in float32
-    (registered as :data:`CPU_BF16_ATTENTION` through transformers' ``AttentionInterface``), else the default.
+    """``from_pretrained`` keywords for the attention: on CPU in bfloat16, transformers' SDPA attention with the
+    prompts' forward computed in float32 (registered as :data:`CPU_BF16_ATTENTION` through transformers'
+    ``AttentionInterface``), else the default.
 
-    PyTorch's CPU flash-attention kernel is about 7x slower in bfloat16 than in float32 for a decoding step (one
-    query over 550 cached keys, SmolLM2's 9 heads: 2.1 vs 0.3 ms, torch 2.13); upcasting the step's query, keys
-    and values costs far less. Prompts' attention is as fast in either dtype, so every call is upcast alike. A
-    decoding step itself (one query per row) goes through :func:`decode_step_attention` where it can.
+    A prompt's forward (many queries) is upcast: PyTorch's CPU flash-attention kernel is no faster in bfloat16
+    there (about 150 ms per layer either way for 24 prompts of 400 tokens over 850 positions). A decoding step (one
+    query per row) stays in bfloat16: transformers packs the query heads of each key head into one SDPA call
+    (``pack_gqa``), the kernel accumulates in float32, and no copy of the whole cache is made at every step: about
+    2.2 ms per layer against 2.9-13.3 ms upcast at the quickstart's batch of 24 over 850 cached positions, with the
+    same largest difference from float32 SDPA (``benchmarks/decode_attention.py``, docs/benchmarks.md).
     """
     if device != "cpu" or dtype != "bfloat16":
         return {}
@@ -271,8 +274,8 @@ def _attention(device: str, dtype: str) -> dict:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
-        if _plain_decode_step(query, key, attention_mask, kwargs):
-            return decode_step_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
+        if query.shape[2] == 1:  # a decoding step
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
@@ -281,41 +284,6 @@ def _attention(device: str, dtype: str) -> dict:
     AttentionInterface.register(CPU_BF16_ATTENTION, sdpa_in_float32)
     AttentionMaskInterface.register(CPU_BF16_ATTENTION, sdpa_mask)
     return {"attn_implementation": CPU_BF16_ATTENTION}
-
-
-def _plain_decode_step(query, key, attention_mask, kwargs: dict) -> bool:
-    """Whether :func:`decode_step_attention` computes this attention call: one query per row, query heads a
-    multiple of key heads, no dropout, soft-capping or position bias, and a boolean mask (or none) shared by the
-    heads, as transformers' ``sdpa_mask`` builds it."""
-    import torch
-
-    shared_mask = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
-                                             and attention_mask.shape[1] == attention_mask.shape[2] == 1)
-    return (query.shape[2] == 1 and query.shape[1] % key.shape[1] == 0 and not kwargs.get("dropout")
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and shared_mask)
-
-
-def decode_step_attention(query, key, value, attention_mask, scaling: float | None = None):
-    """Attention of one decoding step on CPU in bfloat16, as two batched matrix products per key head.
-
-    ``query`` ``[b, h_q, 1, d]``; ``key`` and ``value`` ``[b, h_kv, L, d]`` (the static cache, never repeated
-    per query head: the ``h_q / h_kv`` queries of a group are the rows of one product, as transformers'
-    ``pack_gqa``); ``attention_mask`` ``[b or 1, 1, 1, L]`` boolean (True = attend) or None; ``scaling``
-    defaults to ``d ** -0.5``. Returns ``[b, 1, h_q, d]`` in ``query``'s dtype, the layout transformers'
-    attention functions return. The scores and the softmax are in float32 (the keys are upcast for the first
-    product); the probabilities meet the values in ``value``'s dtype with float32 accumulation, within one
-    bfloat16 rounding of float32 SDPA. About 4x faster than upcasting for PyTorch's SDPA at the quickstart's
-    batch of 16 rows over ~850 cached positions (docs/benchmarks.md, "Decoding attention in bfloat16")."""
-    import torch
-
-    b, heads, _, d = query.shape
-    groups = key.shape[1]
-    q = query.reshape(b, groups, heads // groups, d).float()  # query head j*g + i uses key head j
-    scores = torch.matmul(q, key.float().transpose(-1, -2)).mul_(d ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        scores.masked_fill_(~attention_mask.reshape(attention_mask.shape[0], 1, 1, -1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(b, 1, heads, d).to(query.dtype)
 
 
 def _generated_length(ids: list[int], end_ids: set[int]) -> int:
