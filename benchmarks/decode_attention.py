@@ -87,8 +87,8 @@ def main(argv=None) -> int:
                                          scale=q.shape[-1] ** -0.5).transpose(1, 2)
     fns = variants(q, k, v, mask)
     us = median_us(fns, args.repeats)
-    rows = [{"variant": name, "us_per_call": us[name], "max_abs_diff_vs_float32": (fn().float() - ref).abs().max().item()}
-            for name, fn in fns.items()]
+    rows = [{"variant": name, "us_per_call": us[name],
+             "max_abs_diff_vs_float32": (fn().float() - ref).abs().max().item()} for name, fn in fns.items()]
     base = next(r["us_per_call"] for r in rows if r["variant"] == "upcast + sdpa float32")
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, cache {args.cache}, torch {torch.__version__}")
     print(f"{'variant':<24}{'us/call':>10}{'speed-up':>10}{'max |diff|':>12}")

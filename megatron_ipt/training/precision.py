@@ -46,7 +46,7 @@ def resolve_precision(precision: str, device_type: str) -> str:
     ``auto``: ``bf16`` on a GPU that computes it (``torch.cuda.is_bf16_supported()``: Ampere and newer; a GPU
     job planned where no GPU is visible is taken to have one), and on a CPU with native bfloat16
     (:func:`data_prep.engines.native_bf16_cpu`: ``avx512_bf16`` / ``amx_bf16`` / Arm ``bf16``, where a
-    llama-tiny step at the quickstart's shape takes 0.77x the fp32 time, docs/benchmarks.md); else ``fp32``,
+    llama-tiny step at the quickstart's shape takes 0.75x the fp32 time, docs/benchmarks.md); else ``fp32``,
     since bf16 without these instructions is emulated and slower than fp32. Any other value is returned as given.
     """
     if precision != "auto":
