@@ -233,3 +233,24 @@ def test_every_rank_of_a_two_process_layout_holds_what_the_plan_says(tokenized_d
         stage = stages["only"] if "only" in stages else stages["first" if rank["pp_rank"] == 0 else "last"]
         for key in ("parameters", "weight_bytes", "gradient_bytes", "optimizer_bytes"):
             assert getattr(stage, key) == pytest.approx(rank[key], rel=0.01), (rank["rank"], key)
+
+
+def test_precision_auto_plans_as_bf16_for_a_gpu_and_as_resolved_for_cpu():
+    """``ipt plan`` resolves ``train.precision: auto`` for the device the job will run on: a GPU job (planned here,
+    where no GPU is visible) as bf16; a CPU job as this CPU resolves it."""
+    from megatron_ipt.training.precision import resolve_precision
+
+    cfg = load_config(ROOT / "examples/llama3-8b-cpt.yaml", ["model.hf_config=null", "model.preset=llama3-8b",
+                                                             "train.fp8=null"])
+    preset = resolve_preset(cfg.model)
+
+    def planned(device: str, precision: str):
+        cfg.train.device, cfg.train.precision = device, precision
+        p = plan.estimate(cfg, preset, world_size=8, vocab_size=128256, fused_attention=True)
+        return p.weight_bytes, p.gradient_bytes, p.optimizer_bytes, p.activation_bytes
+
+    if not torch.cuda.is_available():
+        assert planned("cuda", "auto") == planned("cuda", "bf16") != planned("cuda", "fp32")
+    on_cpu = planned("cpu", "auto")
+    assert cfg.train.precision == "auto"  # the caller's config is left as it was
+    assert on_cpu == planned("cpu", resolve_precision("auto", "cpu"))
