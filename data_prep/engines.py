@@ -134,15 +134,16 @@ class TransformersEngine:
     ) -> list[GenerationResult]:
         """Continuation of every prompt (greedy, or sampled when ``temperature > 0``), in input order.
 
-        Prompts are sorted by token length (longest first) and generated ``batch_size`` at a time; a
-        batch stops early once every sequence has produced EOS or one of the ``stop`` strings. No
-        repetition penalty. On CPU, the tokens every prompt starts with (few-shot demonstrations, a system
-        prompt: :func:`shared_prefix`, at least :data:`MIN_SHARED_PREFIX`) are run through the model once (and
-        held for later calls whose prompts start with them) and their keys and values copied into every batch's
-        static cache; each batch then feeds only the rest of its prompts, padded between the prefix and the rest (:func:`_padded_after_prefix`: the positions of
-        every prompt's tokens are those it has alone). About half the prompt tokens of the quickstart's
-        few-shot prompts (``docs/benchmarks.md``, "Shared prompt prefix"). ``add_special_tokens`` is passed to the tokenizer (False for
-        prompts that carry their own BOS text, e.g. the lmops format).
+        Prompts are sorted by token length (longest first) and generated ``batch_size`` at a time; a batch stops
+        early once every sequence has produced EOS or one of the ``stop`` strings. No repetition penalty. On
+        CPU, the tokens every prompt starts with (few-shot demonstrations, a system prompt:
+        :func:`shared_prefix`, at least :data:`MIN_SHARED_PREFIX`) are run through the model once (and held for
+        later calls whose prompts start with them) and their keys and values copied into every batch's static
+        cache; each batch then feeds only the rest of its prompts, padded between the prefix and the rest
+        (:func:`_padded_after_prefix`: the positions of every prompt's tokens are those it has alone). About
+        half the prompt tokens of the quickstart's few-shot prompts (``docs/benchmarks.md``, "Shared prompt
+        prefix"). ``add_special_tokens`` is passed to the tokenizer (False for prompts that carry their own BOS
+        text, e.g. the lmops format).
         """
         import torch
 

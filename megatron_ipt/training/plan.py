@@ -169,12 +169,18 @@ def estimate(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: 
                                fused_attention=fused_attention).values(), key=lambda x: x.total_bytes)
 
 
+def job_device(cfg) -> str:
+    """The device type the planned job will run on: ``cpu`` only when ``train.device`` says so (``auto`` plans
+    for the GPUs of the cluster, not for the machine that runs ``ipt plan``)."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
 def estimate_stages(cfg, preset, *, world_size: int, vocab_size: int, fused_attention: bool) -> dict[str, Plan]:
     """One :class:`Plan` per distinct pipeline stage: ``only`` (PP = 1), or ``first`` and ``last``."""
     from megatron_ipt.training import scale
     from megatron_ipt.training.precision import with_resolved_precision
 
-    cfg = with_resolved_precision(cfg, "cpu" if cfg.train.device == "cpu" else "cuda")
+    cfg = with_resolved_precision(cfg, job_device(cfg))
     par, t = cfg.parallel, cfg.train
     tp, pp, cp, vpp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,
                        par.virtual_pipeline_model_parallel_size)
@@ -246,7 +252,7 @@ def problems(cfg, *, world_size: int) -> tuple[list[str], object | None]:
         preset = resolve_preset(cfg.model)
     except (IptError, OSError, ValueError, KeyError) as err:
         return [f"model: {err}"], None
-    device = "cpu" if cfg.train.device == "cpu" else "cuda"  # the device the job will run on
+    device = job_device(cfg)
     te = device == "cuda" and cfg.model.transformer_impl != "local"  # a GPU stack ships Transformer Engine
     try:
         parallel.check_layout(cfg.parallel, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
