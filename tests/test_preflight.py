@@ -3,6 +3,7 @@ naming the key, exit status 2, no traceback, nothing started (no stage folder wr
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,9 +78,10 @@ def test_a_model_too_large_for_this_machines_memory_is_refused_with_the_numbers(
     r = ipt("train", "--set", f"run_dir={tmp_path}/run", "--set", "train.device=cpu", "--set", "model.preset=llama3-70b")
     assert r.returncode == 2
     [line] = error_lines(r)
-    available = available_memory_bytes() / 1e9
     assert line.startswith("ipt train: error: model.preset = 'llama3-70b': training on CPU needs about ")
-    assert f"but {available:.0f}" in line or f"but {available:.1f} GB" in line
+    # available memory moves while other processes run (CI failed once on 23.8 vs 24.0), so compare within 1 GB
+    said = float(re.search(r"but ([0-9.]+) GB is available here", line).group(1))
+    assert abs(said - available_memory_bytes() / 1e9) < 1.0
     assert "--no-resource-check" in line
 
 
