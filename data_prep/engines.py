@@ -253,7 +253,7 @@ def _padded_after_prefix(rows: list[list[int]], prefix_length: int, pad_id: int,
     return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device)}
 
 
-CPU_BF16_ATTENTION = "ipt_sdpa_float32"
+CPU_BF16_ATTENTION = "ipt_sdpa_cpu_bf16"
 
 
 def _attention(device: str, dtype: str) -> dict:
@@ -274,7 +274,7 @@ def _attention(device: str, dtype: str) -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
+    def sdpa_prompts_in_float32(module, query, key, value, attention_mask, **kwargs):
         if query.shape[2] == 1:  # a decoding step
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
@@ -282,7 +282,7 @@ def _attention(device: str, dtype: str) -> dict:
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
         return out.to(query.dtype), weights
 
-    AttentionInterface.register(CPU_BF16_ATTENTION, sdpa_in_float32)
+    AttentionInterface.register(CPU_BF16_ATTENTION, sdpa_prompts_in_float32)
     AttentionMaskInterface.register(CPU_BF16_ATTENTION, sdpa_mask)
     return {"attn_implementation": CPU_BF16_ATTENTION}
 

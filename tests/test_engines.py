@@ -71,9 +71,9 @@ def test_cpu_generation_with_the_static_cache_gives_the_dynamic_cache_ids(tiny_l
     assert [r.text for r in ours] == dynamic
 
 
-def test_bfloat16_on_cpu_computes_attention_in_float32(tiny_llama_path):
-    """In bfloat16 on CPU the engine's attention is SDPA in float32 (CPU_BF16_ATTENTION): its logits match the
-    float32 model's to bfloat16 weight precision, and generation runs (static cache)."""
+def test_bfloat16_on_cpu_computes_prompt_attention_in_float32(tiny_llama_path):
+    """In bfloat16 on CPU the engine's attention over prompts is SDPA in float32 (CPU_BF16_ATTENTION): its logits
+    match the float32 model's to bfloat16 weight precision, and generation runs (static cache)."""
     bf16 = TransformersEngine(tiny_llama_path, device="cpu", dtype="bfloat16")
     fp32 = TransformersEngine(tiny_llama_path, device="cpu", dtype="float32")
     assert bf16.model.config._attn_implementation == CPU_BF16_ATTENTION
